@@ -1,0 +1,161 @@
+"""Atomic, self-describing output: every file is written to a temporary name and renamed into place,
+and every run directory records its config, the package versions and the model it was run on."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from probing.errors import CorruptFileError, RunDirError
+
+RUN_MARKER = "config.json"
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if hasattr(obj, "tolist"):  # torch tensors
+        return obj.tolist()
+    return obj
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed onto ``path`` in one step,
+    on failure it is removed, so a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike, what: str = "result file") -> Any:
+    """Read JSON, turning a truncated or malformed file into one clear error."""
+    path = Path(path)
+    if not path.exists():
+        raise CorruptFileError(f"{what} {path} does not exist; run the step that writes it first.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptFileError(
+            f"{what} {path} is not valid JSON ({e}); it is truncated or not ours. "
+            "Delete it and re-run the step that writes it."
+        ) from e
+
+
+def write_npz(path: str | os.PathLike, **arrays: Any) -> Path:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+    return Path(path)
+
+
+def read_npz(path: str | os.PathLike, what: str = "array file") -> dict[str, np.ndarray]:
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except FileNotFoundError as e:
+        raise CorruptFileError(f"{what} {path} does not exist; run the step that writes it first.") from e
+    except Exception as e:  # zipfile.BadZipFile, ValueError, EOFError ...
+        raise CorruptFileError(
+            f"{what} {path} cannot be read ({type(e).__name__}: {e}); it is truncated or not ours. "
+            "Delete it and re-run the step that writes it."
+        ) from e
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Build a directory under a temporary name and rename it into place when complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and of every package whose numbers the results depend on."""
+    from importlib import metadata
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for dist in ("wordpos", "torch", "transformer-lens", "transformers", "nnsight", "scikit-learn",
+                 "numpy", "einops", "networkx", "plotly", "wordfreq"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def prepare_run_dir(out: str | os.PathLike, config: dict[str, Any], *, overwrite: bool = False,
+                    resume: bool = True) -> Path:
+    """Create ``out`` for a run with ``config``; refuse a directory holding a different run.
+
+    A directory whose ``config.json`` equals ``config`` (ignoring versions) is reused so that a
+    re-run resumes; any other existing run is refused unless ``overwrite`` is given.
+    """
+    out = Path(out)
+    marker = out / RUN_MARKER
+    record = {"config": _jsonable(config), "versions": versions()}
+    if marker.exists() and not overwrite:
+        try:
+            old = json.loads(marker.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            old = None
+        if not (resume and isinstance(old, dict) and old.get("config") == record["config"]):
+            raise RunDirError(
+                f"{out} already holds the results of another run (its {RUN_MARKER} differs from this "
+                "run's settings). Choose a new --out directory, or pass --overwrite to replace it."
+            )
+    elif out.exists() and any(out.iterdir()) and not overwrite and not marker.exists():
+        raise RunDirError(
+            f"{out} exists and is not empty but holds no wordpos run. Choose a new --out directory, "
+            "or pass --overwrite to write into it anyway."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(marker, record)
+    return out
