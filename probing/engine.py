@@ -133,6 +133,11 @@ class TLEngine:
                                             start_at_layer=start_at_layer)
         except _Stop as s:
             out = s.value
+        if stop_at_layer is not None and stop_at_layer < n:
+            # the residual that stop_at_layer returns *is* resid_pre of that block, whose hook never fires
+            edge = H.resid(stop_at_layer, "resid_pre")
+            if edge in cache and edge not in store:
+                store[edge] = out
         if final is None and stop_at_layer is None and out.shape[-1] != self.dims.d_vocab:
             raise RuntimeError("expected logits from a full forward pass")
         return out, store

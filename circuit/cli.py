@@ -1,0 +1,61 @@
+"""The ``wordpos`` command line: subcommands over the Python API (probe, patch, circuit, run, models).
+
+Heavy imports happen inside the commands so ``wordpos --help`` is instant. Bad input surfaces as one
+line naming the problem and the fix (a :class:`probing.errors.WordposError`), not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from probing.cli import add_models_parser, add_probe_parser
+
+    parser = argparse.ArgumentParser(
+        prog="wordpos",
+        description="Find the attention heads that give a language model emergent positional embeddings of "
+                    "words, and draw their circuit.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more, show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_probe_parser(sub)
+    try:
+        from patching.cli import add_patch_parser
+    except ImportError:  # pragma: no cover - during development
+        add_patch_parser = None
+    if add_patch_parser:
+        add_patch_parser(sub)
+    try:
+        from circuit.commands import add_circuit_parsers
+    except ImportError:  # pragma: no cover
+        add_circuit_parsers = None
+    if add_circuit_parsers:
+        add_circuit_parsers(sub)
+    add_models_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from probing.errors import WordposError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except WordposError as e:
+        if args.verbose:
+            raise
+        print(f"wordpos {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished stages are saved and a re-run resumes from them", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

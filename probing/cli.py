@@ -1,0 +1,104 @@
+"""``wordpos probe`` and ``wordpos models``: thin shells over the probing API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_common_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="organism",
+                   help="built-in name (organism, planted, smollm2-135m), hub name (gpt2, ...) or local HF directory")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the dataset and every random choice")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of another run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_probe_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("probe", help="fit word-index probes at one or all layers",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_model_args(p)
+    p.add_argument("--layer", default="all", help="layer index, comma-separated list, or 'all'")
+    p.add_argument("--out", required=True, type=Path, help="run directory for metrics.json, config.json, plots")
+    p.add_argument("--n-prompts", type=int, default=4096, help="prompts in total (70%% train, 10%% val, 20%% test)")
+    p.add_argument("--n-words", type=int, default=7, help="random words per prompt")
+    p.add_argument("--positions", default="word_final", choices=["word_final", "word_first", "all"])
+    p.add_argument("--anchors", default="", help="anchors inserted between words, e.g. '.,\\n' (comma-separated)")
+    p.add_argument("--anchor-prob", type=float, default=0.0, help="chance of an anchor before each word")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the logistic regression")
+    p.set_defaults(func=cmd_probe)
+
+
+def parse_anchors(text: str) -> tuple[str, ...]:
+    if not text:
+        return ()
+    return tuple(a.encode().decode("unicode_escape") for a in text.split("|" if "|" in text else ","))
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from probing.experiment import ProbeConfig, run_probe, summarize
+
+    cfg = ProbeConfig(model=args.model, layers=str(args.layer), n_prompts=args.n_prompts, n_words=args.n_words,
+                      seed=args.seed, positions=args.positions, anchors=parse_anchors(args.anchors),
+                      anchor_prob=args.anchor_prob, C=args.C, batch_size=args.batch_size, device=args.device)
+    run = run_probe(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    print(summarize(run.metrics))
+    print(f"wrote {args.out / 'metrics.json'}")
+    return 0
+
+
+def add_models_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list known models or pull one into the cache")
+    msub = p.add_subparsers(dest="models_cmd", required=True)
+    ls = msub.add_parser("list", help="known model names, whether cached, sizes")
+    ls.set_defaults(func=cmd_models_list)
+    pull = msub.add_parser("pull", help="fetch/build a model into the cache (e.g. smollm2-135m)")
+    pull.add_argument("name")
+    pull.add_argument("--force", action="store_true", help="rebuild even if a valid copy is cached")
+    pull.set_defaults(func=cmd_models_pull)
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from probing.models import KNOWN_MODELS, _hub_cached
+
+    print(f"{'name':<24} {'source':<8} {'cached':<7} {'size':>9}  description")
+    for name, spec in KNOWN_MODELS.items():
+        cached, size = "-", ""
+        try:
+            if spec.source == "pypi":
+                from probing import smollm2
+
+                cached = "yes" if smollm2.is_cached() else "no"
+                size = f"{smollm2.cache_size_bytes() / 2**20:.0f} MB" if cached == "yes" else ""
+            elif spec.source == "builtin":
+                cached = "yes"
+            else:
+                cached = "yes" if _hub_cached(name) else "no"
+        except Exception as e:  # a broken cache should not break the listing
+            cached = f"error: {e}"[:30]
+        print(f"{name:<24} {spec.source:<8} {cached:<7} {size:>9}  {spec.description}")
+    return 0
+
+
+def cmd_models_pull(args: argparse.Namespace) -> int:
+    from probing.errors import ConfigError
+    from probing.models import KNOWN_MODELS
+
+    if args.name == "smollm2-135m":
+        from probing.smollm2 import pull_smollm2
+
+        path = pull_smollm2(force=args.force)
+    elif args.name in KNOWN_MODELS and KNOWN_MODELS[args.name].resolver:
+        path = KNOWN_MODELS[args.name].local_dir()
+    else:
+        raise ConfigError(f"'wordpos models pull' knows organism, planted and smollm2-135m, not {args.name!r}; hub "
+                          "models are fetched by transformers on first use.")
+    print(f"{args.name}: {path}")
+    return 0

@@ -1,0 +1,134 @@
+"""Probe evaluation: accuracy on held-out words against the position-only and shuffled-label controls,
+per word index, per absolute position, and as a confusion matrix; fitted at one layer or all of them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import confusion_matrix
+from tqdm.auto import tqdm
+
+from probing.activations import Residuals
+from probing.baselines import PositionBaseline, shuffled_label_accuracy
+from probing.probe import WordIndexProbe
+
+
+@dataclass
+class LayerResult:
+    """How well the probe at one layer reads word index on held-out words."""
+
+    layer: int
+    accuracy: float
+    val_accuracy: float
+    train_accuracy: float
+    baseline_abs_pos_accuracy: float
+    shuffled_label_accuracy: float | None
+    per_word_accuracy: dict[int, float]
+    baseline_per_word_accuracy: dict[int, float]
+    per_position_accuracy: dict[int, float]
+    confusion: list[list[int]]
+    n_train: int
+    n_test: int
+
+    @property
+    def gain(self) -> float:
+        return self.accuracy - self.baseline_abs_pos_accuracy
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["gain_over_baseline"] = self.gain
+        return d
+
+
+@dataclass
+class ProbeSweep:
+    """Probes at several layers with their evaluation; ``best`` is the layer with the best validation
+    accuracy (validation prompts use training words, so choosing on them never peeks at the test set)."""
+
+    results: dict[int, LayerResult]
+    probes: dict[int, WordIndexProbe] = field(repr=False)
+
+    @property
+    def best_layer(self) -> int:
+        return max(self.results, key=lambda L: (self.results[L].val_accuracy, -L))
+
+    @property
+    def best(self) -> LayerResult:
+        return self.results[self.best_layer]
+
+    def metrics(self, model_name: str) -> dict[str, Any]:
+        """The ``metrics.json`` record: best layer's numbers plus the per-layer curve."""
+        best = self.best
+        return {
+            "model": model_name,
+            "layer": best.layer,
+            "accuracy": best.accuracy,
+            "baseline_abs_pos_accuracy": best.baseline_abs_pos_accuracy,
+            "gain_over_baseline": best.gain,
+            "shuffled_label_accuracy": best.shuffled_label_accuracy,
+            "val_accuracy": best.val_accuracy,
+            "per_word_accuracy": best.per_word_accuracy,
+            "baseline_per_word_accuracy": best.baseline_per_word_accuracy,
+            "per_position_accuracy": best.per_position_accuracy,
+            "confusion": best.confusion,
+            "per_layer_accuracy": {L: r.accuracy for L, r in sorted(self.results.items())},
+            "per_layer_val_accuracy": {L: r.val_accuracy for L, r in sorted(self.results.items())},
+            "n_train": best.n_train,
+            "n_test": best.n_test,
+            "layers": {L: r.to_dict() for L, r in sorted(self.results.items())},
+        }
+
+
+def _per_group(pred: np.ndarray, y: np.ndarray, groups: np.ndarray) -> dict[int, float]:
+    return {int(g): float(np.mean(pred[groups == g] == y[groups == g])) for g in np.unique(groups)}
+
+
+def evaluate_layer(residuals: Residuals, layer: int, probe: WordIndexProbe | None = None, *,
+                   shuffled_control: bool = True, seed: int = 0, **probe_params: Any) -> tuple[LayerResult, WordIndexProbe]:
+    """Fit (unless given) and evaluate the probe at ``layer`` on the held-out-word test split."""
+    Xtr, ytr = residuals.train(layer), residuals.labels["train"]
+    Xte, yte = residuals.test(layer), residuals.labels["test"]
+    params = {"layer": layer, "site": residuals.kind, "model": residuals.model_name, **probe_params}
+    if probe is None:
+        probe = WordIndexProbe(**params).fit(Xtr, ytr)
+    pred = probe.predict(Xte)
+    base = PositionBaseline().fit(residuals.abs_pos["train"], ytr)
+    base_pred = base.predict(residuals.abs_pos["test"])
+    val_acc = float(probe.score(residuals.val(layer), residuals.labels["val"])) if "val" in residuals.data else float("nan")
+    shuffled = (shuffled_label_accuracy(lambda: WordIndexProbe(**params), Xtr, ytr, Xte, yte, seed=seed)
+                if shuffled_control else None)
+    labels = np.unique(np.concatenate([ytr, yte]))
+    result = LayerResult(
+        layer=layer,
+        accuracy=float(np.mean(pred == yte)),
+        val_accuracy=val_acc,
+        train_accuracy=float(probe.score(Xtr, ytr)),
+        baseline_abs_pos_accuracy=float(np.mean(base_pred == yte)),
+        shuffled_label_accuracy=shuffled,
+        per_word_accuracy=_per_group(pred, yte, yte),
+        baseline_per_word_accuracy=_per_group(base_pred, yte, yte),
+        per_position_accuracy=_per_group(pred, yte, residuals.abs_pos["test"]),
+        confusion=confusion_matrix(yte, pred, labels=labels).tolist(),
+        n_train=int(len(ytr)),
+        n_test=int(len(yte)),
+    )
+    return result, probe
+
+
+def sweep_layers(residuals: Residuals, layers: list[int] | None = None, *, shuffled_control: str = "best",
+                 seed: int = 0, progress: bool = True, **probe_params: Any) -> ProbeSweep:
+    """Fit and evaluate a probe at every layer of ``residuals``. The shuffled-label control is fitted at
+    the best layer only (``shuffled_control="best"``), at every layer (``"all"``) or never (``"none"``)."""
+    layers = layers or residuals.layers
+    results, probes = {}, {}
+    for L in tqdm(layers, desc="probes", unit="layer", disable=not progress):
+        results[L], probes[L] = evaluate_layer(residuals, L, shuffled_control=shuffled_control == "all",
+                                               seed=seed, **probe_params)
+    sweep = ProbeSweep(results=results, probes=probes)
+    if shuffled_control == "best":
+        best = sweep.best_layer
+        results[best], _ = evaluate_layer(residuals, best, probes[best], shuffled_control=True, seed=seed,
+                                          **probe_params)
+    return sweep

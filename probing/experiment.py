@@ -1,0 +1,138 @@
+"""The probing experiment end to end: dataset → residuals → probes at each layer → controls → plots,
+saved in a run directory with its config. ``wordpos probe`` is a thin shell over :func:`run_probe`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from probing.activations import collect_residuals, parse_layers
+from probing.datasets import REFERENCE_PREFIX, DatasetConfig, WordIndexDataset
+from probing.engine import as_engine
+from probing.evaluation import ProbeSweep, sweep_layers
+from probing.io import prepare_run_dir, read_json, write_json
+from probing.models import DEFAULT_MODEL
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProbeConfig:
+    """Settings of a probing run (saved as ``config.json``)."""
+
+    model: str = DEFAULT_MODEL
+    layers: str = "all"
+    n_prompts: int = 4096
+    n_words: int = 7
+    seed: int = 0
+    positions: str = "word_final"
+    kind: str = "resid_post"
+    prefixes: tuple[str, ...] = (REFERENCE_PREFIX,)
+    anchors: tuple[str, ...] = ()
+    anchor_prob: float = 0.0
+    C: float = 1.0
+    batch_size: int = 64
+    device: str | None = None
+    engine: str = "tl"
+
+    def dataset_config(self) -> DatasetConfig:
+        return DatasetConfig(n_prompts=self.n_prompts, n_words=self.n_words, prefixes=tuple(self.prefixes),
+                             anchors=tuple(self.anchors), anchor_prob=self.anchor_prob, seed=self.seed)
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that determine the results (device, batch size and engine do not)."""
+        d = asdict(self)
+        for k in ("device", "batch_size", "engine"):
+            d.pop(k)
+        return d
+
+
+@dataclass
+class ProbeRun:
+    """What :func:`run_probe` returns: the metrics record, the fitted probes, the data and the residuals."""
+
+    out: Path
+    metrics: dict[str, Any]
+    sweep: ProbeSweep | None = field(repr=False, default=None)
+    dataset: WordIndexDataset | None = field(repr=False, default=None)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def best_layer(self) -> int:
+        return int(self.metrics["layer"])
+
+
+def run_probe(config: ProbeConfig, out: str | Path, *, model: Any = None, overwrite: bool = False,
+              progress: bool = True, plots: bool = True) -> ProbeRun:
+    """Run the probing experiment into ``out``. A finished run with the same settings is reused."""
+    from probing.models import load_model
+
+    out = Path(out)
+    prepare_run_dir(out, {"stage": "probe", **config.identity()}, overwrite=overwrite)
+    if (out / "metrics.json").exists() and not overwrite:
+        metrics = read_json(out / "metrics.json", "probe metrics")
+        if metrics.get("model") == config.model:
+            log.info("probe stage already done in %s; reusing it", out)
+            return ProbeRun(out=out, metrics=metrics)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if model is None:
+        model = load_model(config.model, device=config.device)
+    engine = as_engine(model)
+    timings["load_model_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    data = WordIndexDataset.generate(engine.tokenizer, config.dataset_config())
+    timings["dataset_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    layers = parse_layers(config.layers, engine.dims.n_layers)
+    resid = collect_residuals(engine, data, layers=layers, positions=config.positions, kind=config.kind,
+                              batch_size=config.batch_size, progress=progress)
+    timings["residuals_s"] = time.perf_counter() - t0
+    n_tokens = int(sum(data.split(s).lengths.sum() for s in ("train", "val", "test")))
+    timings["residual_tokens_per_s"] = n_tokens / max(timings["residuals_s"], 1e-9)
+    t0 = time.perf_counter()
+    sweep = sweep_layers(resid, layers, seed=config.seed, progress=progress, C=config.C)
+    timings["probes_s"] = time.perf_counter() - t0
+    name = config.model
+    metrics = sweep.metrics(name)
+    metrics["timings"] = timings
+    best = sweep.best_layer
+    sweep.probes[best].save(out / "probe")
+    write_json(out / "dataset.json", data.to_dict())
+    if plots:
+        t0 = time.perf_counter()
+        save_probe_plots(out, sweep, resid, name)
+        timings["plots_s"] = time.perf_counter() - t0
+    write_json(out / "metrics.json", metrics)
+    return ProbeRun(out=out, metrics=metrics, sweep=sweep, dataset=data, timings=timings)
+
+
+def save_probe_plots(out: Path, sweep: ProbeSweep, resid: Any, name: str) -> None:
+    from probing.plots import confusion_heatmap, key_plot, layer_curve, save_figures
+
+    best = sweep.best
+    probe = sweep.probes[best.layer]
+    pred = probe.predict(resid.test(best.layer))
+    figs = {
+        "key_plot": key_plot(resid.abs_pos["test"], resid.labels["test"], pred,
+                             title=f"{name}: word-index probe at layer {best.layer}, held-out words<br><sup>accuracy "
+                                   f"{best.accuracy:.1%} vs position-only {best.baseline_abs_pos_accuracy:.1%}; "
+                                   "bars: share of predictions per true index (row) and position</sup>"),
+        "layer_curve": layer_curve({L: r.accuracy for L, r in sweep.results.items()}, best.baseline_abs_pos_accuracy,
+                                   title=f"{name}: word-index probe accuracy by layer",
+                                   shuffled=best.shuffled_label_accuracy,
+                                   per_layer_val={L: r.val_accuracy for L, r in sweep.results.items()}),
+        "confusion": confusion_heatmap(best.confusion, title=f"{name}: confusion at layer {best.layer} (held-out words)"),
+    }
+    save_figures(figs, out)
+
+
+def summarize(metrics: dict[str, Any]) -> str:
+    per_word = ", ".join(f"{k}:{v:.0%}" for k, v in metrics["per_word_accuracy"].items())
+    return (f"{metrics['model']}: best layer {metrics['layer']} accuracy {metrics['accuracy']:.1%} on held-out words "
+            f"vs position-only baseline {metrics['baseline_abs_pos_accuracy']:.1%} "
+            f"(gain {metrics['gain_over_baseline'] * 100:+.1f} points); per word [{per_word}]")
+

@@ -1,0 +1,90 @@
+"""The word vocabulary of the experiment: frequent lowercase English words, grouped by how many tokens
+they take *in the model's own tokenizer* (with their leading space), split into train and held-out words.
+
+The split is made within each token-length group so that held-out prompts sample lengths exactly as
+training prompts do.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from probing.errors import ConfigError, TokenizationError
+
+
+def frequent_words(n: int = 10_000, lang: str = "en") -> list[str]:
+    """The ``n`` most frequent words of ``wordfreq`` that are lowercase, ASCII and alphabetic."""
+    import wordfreq
+
+    return [w for w in wordfreq.top_n_list(lang, n) if w.isascii() and w.isalpha() and w.islower()]
+
+
+def word_tokens(tokenizer: Any, word: str) -> list[int]:
+    """Token ids of ``word`` as it appears mid-sentence: with one leading space."""
+    return list(tokenizer.encode(" " + word, add_special_tokens=False))
+
+
+@dataclass
+class WordVocab:
+    """Words keyed by token length, split into ``train`` and ``test`` (held-out) words."""
+
+    train: dict[int, list[str]]
+    test: dict[int, list[str]]
+    seed: int = 0
+    source: str = "wordfreq top-10000 en, lowercase alphabetic"
+    lengths: tuple[int, ...] = field(default=(1, 2, 3))
+
+    @classmethod
+    def build(cls, tokenizer: Any, words: Sequence[str] | None = None, *, lengths: Sequence[int] = (1, 2, 3),
+              test_fraction: float = 0.2, seed: int = 0) -> "WordVocab":
+        """Group ``words`` (default: :func:`frequent_words`) by token count and split each group."""
+        if not 0.0 < test_fraction < 1.0:
+            raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction}.")
+        words = list(frequent_words() if words is None else words)
+        if not words:
+            raise ConfigError("the word list is empty: pass at least one word per token length "
+                              f"{tuple(lengths)} (or leave words=None for the default vocabulary).")
+        lengths = tuple(sorted(set(int(n) for n in lengths)))
+        groups: dict[int, list[str]] = {n: [] for n in lengths}
+        seen: set[str] = set()
+        for w in words:
+            if w in seen:
+                continue
+            seen.add(w)
+            n = len(word_tokens(tokenizer, w))
+            if n in groups:
+                groups[n].append(w)
+        rng = random.Random(seed)
+        train: dict[int, list[str]] = {}
+        test: dict[int, list[str]] = {}
+        for n in lengths:
+            group = sorted(groups[n])
+            if len(group) < 2:
+                raise TokenizationError(
+                    f"only {len(group)} word(s) take exactly {n} token(s) in this tokenizer, so no "
+                    f"train/held-out split is possible; supply more words or drop {n} from lengths."
+                )
+            rng.shuffle(group)
+            k = max(1, round(len(group) * test_fraction))
+            test[n], train[n] = sorted(group[:k]), sorted(group[k:])
+        return cls(train=train, test=test, seed=seed, lengths=lengths)
+
+    def split(self, name: str) -> dict[int, list[str]]:
+        if name not in ("train", "test"):
+            raise ConfigError(f"split must be 'train' or 'test', got {name!r}.")
+        return self.train if name == "train" else self.test
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "source": self.source, "lengths": list(self.lengths),
+                "train": {str(k): v for k, v in self.train.items()},
+                "test": {str(k): v for k, v in self.test.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "WordVocab":
+        return cls(train={int(k): list(v) for k, v in d["train"].items()},
+                   test={int(k): list(v) for k, v in d["test"].items()},
+                   seed=int(d.get("seed", 0)), source=d.get("source", ""),
+                   lengths=tuple(int(n) for n in d.get("lengths", (1, 2, 3))))

@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny random GPT-2 saved as a Hugging Face directory (the exact path `gpt2` takes),
+the offline GPT-2 tokenizer, and small datasets. Everything runs on CPU in seconds."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def gpt2_tok():
+    from probing.tokenizers import gpt2_tokenizer
+
+    return gpt2_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, gpt2_tok):
+    """A 2-layer, 4-head, d_model 64 GPT-2 with random weights, written by save_pretrained."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=len(gpt2_tok),
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    GPT2LMHeadModel(cfg).eval().save_pretrained(path)
+    gpt2_tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_gpt2_dir):
+    from probing import load_model
+
+    return load_model(tiny_gpt2_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def small_data(gpt2_tok):
+    from probing import WordIndexDataset
+
+    return WordIndexDataset.default(gpt2_tok, n_prompts=200, seed=0)
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """Point wordpos' model cache at an empty temporary directory."""
+    monkeypatch.setenv("WORDPOS_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"

@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+import torch
+
+from probing import ConfigError, DatasetConfig, WordIndexDataset, collect_residuals
+
+
+def test_matches_run_with_cache_at_word_final_tokens(tiny_model, small_data):
+    acts = collect_residuals(tiny_model, small_data, layers="all", progress=False, batch_size=16)
+    assert acts.layers == [0, 1]
+    ps = small_data.test
+    with torch.no_grad():
+        _, cache = tiny_model.run_with_cache(ps.tokens[:3])
+    for layer in (0, 1):
+        ref = torch.cat([cache[f"blocks.{layer}.hook_resid_post"][i, ps.word_last[i]] for i in range(3)])
+        assert torch.allclose(acts.test(layer)[:21], ref, atol=1e-5)
+    assert np.array_equal(acts.labels["test"], ps.labels.numpy())
+    assert np.array_equal(acts.abs_pos["test"][:7], ps.word_last[0].numpy())
+
+
+def test_resid_pre_of_layer_zero_is_the_embedding(tiny_model, small_data):
+    acts = collect_residuals(tiny_model, small_data, layers=[0], kind="resid_pre", positions="word_first",
+                             splits=("test",), progress=False)
+    ps = small_data.test
+    with torch.no_grad():
+        _, cache = tiny_model.run_with_cache(ps.tokens[:1])
+    assert torch.allclose(acts.test(0)[:7], cache["blocks.0.hook_resid_pre"][0, ps.word_first[0]], atol=1e-5)
+
+
+def test_spilling_to_disk_gives_identical_results(tiny_model, small_data, tmp_path):
+    a = collect_residuals(tiny_model, small_data, layers=[1], progress=False)
+    b = collect_residuals(tiny_model, small_data, layers=[1], progress=False, max_memory_mb=0.01, spill_dir=tmp_path)
+    assert isinstance(b.data["train"], np.memmap)
+    assert torch.equal(a.train(1), b.train(1))
+
+
+def test_batch_size_does_not_change_results(tiny_model, small_data):
+    a = collect_residuals(tiny_model, small_data, layers=[1], progress=False, batch_size=7)
+    b = collect_residuals(tiny_model, small_data, layers=[1], progress=False, batch_size=64)
+    assert torch.allclose(a.test(1), b.test(1), atol=1e-5)
+
+
+def test_save_and_load_round_trip(tiny_model, small_data, tmp_path):
+    a = collect_residuals(tiny_model, small_data, layers="all", progress=False)
+    a.save(tmp_path / "r")
+    b = type(a).load(tmp_path / "r")
+    assert b.layers == a.layers and torch.equal(a.val(0), b.val(0))
+
+
+def test_bad_layers_and_too_long_prompts(tiny_model, small_data, gpt2_tok):
+    with pytest.raises(ConfigError, match="out of range"):
+        collect_residuals(tiny_model, small_data, layers=[5], progress=False)
+    with pytest.raises(ConfigError, match="no layers"):
+        collect_residuals(tiny_model, small_data, layers=[], progress=False)
+    long = WordIndexDataset.generate(gpt2_tok, DatasetConfig(n_prompts=20, n_words=30))
+    with pytest.raises(ConfigError, match="context"):
+        collect_residuals(tiny_model, long, progress=False)
