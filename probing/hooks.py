@@ -37,10 +37,12 @@ def mlp_out(layer: int) -> str:
     return f"blocks.{layer}.hook_mlp_out"
 
 
-def attn_input(layer: int, which: Literal["q", "k", "v"]) -> str:
-    """The residual input to a head's query, key or value (``hook_{q,k,v}_input`` in TransformerLens),
-    here the block's ``ln1`` input, which is the residual stream before the block."""
-    return f"blocks.{layer}.hook_resid_pre"
+def attn_qkv(layer: int, which: Literal["q", "k", "v"]) -> str:
+    """Queries, keys or values ``[batch, pos, head, d_head]`` (keys and values have one slot per
+    key/value head in grouped-query attention)."""
+    if which not in ("q", "k", "v"):
+        raise ValueError(f"which must be 'q', 'k' or 'v', got {which!r}")
+    return f"blocks.{layer}.attn.hook_{which}"
 
 
 def parse_resid(name: str) -> tuple[int, ResidKind]:

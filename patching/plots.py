@@ -1,0 +1,37 @@
+"""Patching heatmaps: layer × head (and layer × position), diverging colour scale centred on 0."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+
+
+def head_heatmap(effects: np.ndarray, title: str, colorbar: str = "effect", text_fmt: str = ".2f") -> go.Figure:
+    """``effects[layer, head]`` as a heatmap with heads on x and layers on y (layer 0 at the bottom)."""
+    e = np.asarray(effects, dtype=float)
+    lim = float(np.nanmax(np.abs(e))) if np.isfinite(e).any() else 1.0
+    fig = go.Figure(go.Heatmap(
+        z=e, x=[str(h) for h in range(e.shape[1])], y=[str(L) for L in range(e.shape[0])],
+        colorscale="RdBu", zmid=0, zmin=-lim, zmax=lim, colorbar=dict(title=colorbar),
+        text=np.vectorize(lambda v: "" if not np.isfinite(v) else format(v, text_fmt))(e) if e.size <= 400 else None,
+        texttemplate="%{text}" if e.size <= 400 else None,
+        hovertemplate="head %{y}.%{x}<br>" + colorbar + " %{z:.3f}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="head", yaxis_title="layer", template="plotly_white",
+                      height=max(320, 40 * e.shape[0] + 160), width=max(480, 28 * e.shape[1] + 220))
+    return fig
+
+
+def position_heatmap(effects: np.ndarray, title: str, tokens: Sequence[str] | None = None,
+                     colorbar: str = "effect") -> go.Figure:
+    """``effects[layer, pos]`` with the (first pair's) tokens as x labels."""
+    e = np.asarray(effects, dtype=float)
+    x = [f"{i}: {t!r}" for i, t in enumerate(tokens)] if tokens is not None else [str(i) for i in range(e.shape[1])]
+    lim = float(np.nanmax(np.abs(e))) if np.isfinite(e).any() else 1.0
+    fig = go.Figure(go.Heatmap(z=e, x=x, y=[str(L) for L in range(e.shape[0])], colorscale="RdBu", zmid=0,
+                               zmin=-lim, zmax=lim, colorbar=dict(title=colorbar),
+                               hovertemplate="layer %{y}, position %{x}<br>%{z:.3f}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="position (token)", yaxis_title="layer (resid_pre)",
+                      template="plotly_white", height=max(320, 40 * e.shape[0] + 200))
+    return fig
