@@ -88,7 +88,8 @@ def confusion_heatmap(confusion: Sequence[Sequence[int]], title: str = "Confusio
 
 def save_figures(figures: dict[str, go.Figure], directory: str | Path, png: bool = True, svg: bool = False,
                  scale: float = 2.0) -> dict[str, list[Path]]:
-    """Write each figure as ``{name}.html`` (plotly.js embedded: opens offline) and ``{name}.png``.
+    """Write each figure as ``{name}.html`` (plotly.js embedded: opens offline), ``{name}.png`` and
+    ``{name}.plotly.json`` (the figure itself, for reports).
 
     Static images need kaleido with a Chrome/Chromium; when none is found the HTML is still written
     and a warning says how to get the PNGs (``apt-get install chromium``)."""
@@ -100,7 +101,9 @@ def save_figures(figures: dict[str, go.Figure], directory: str | Path, png: bool
     for name, fig in figures.items():
         with atomic_path(directory / f"{name}.html") as tmp:
             fig.write_html(tmp, include_plotlyjs=True, full_html=True)
-        written[name].append(directory / f"{name}.html")
+        with atomic_path(directory / f"{name}.plotly.json") as tmp:  # for reports that re-embed the figure
+            fig.write_json(tmp)
+        written[name] += [directory / f"{name}.html", directory / f"{name}.plotly.json"]
     formats = (["png"] if png else []) + (["svg"] if svg else [])
     for fmt in formats:
         try:

@@ -1,0 +1,170 @@
+"""``wordpos run``: the whole experiment in one command, stage by stage, each stage saved and reused.
+
+probe at every layer → activation + attribution patching at the best layer → path patching → ablation
+of the top heads (with a random-heads control) → circuit graph, pruning, faithfulness → ``report.html``
+and ``summary.json``. An interrupted run resumes: finished stages are read back from disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from patching.experiment import PatchConfig, load_probe, run_patching
+from patching.results import EffectResult
+from probing.experiment import ProbeConfig, run_probe
+from probing.io import prepare_run_dir, read_json, write_json
+from probing.models import DEFAULT_MODEL
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunConfig:
+    """Settings of ``wordpos run`` (saved as ``config.json``); defaults are sized for a 2-core CPU."""
+
+    model: str = DEFAULT_MODEL
+    n_prompts: int = 2048
+    n_pairs: int = 32
+    top_k: int = 3
+    n_random: int = 10
+    receivers: int = 4
+    keep: float = 0.9
+    threshold: float | None = None
+    circuit_top_k: int | None = None
+    seed: int = 0
+    device: str | None = None
+
+    def identity(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("device")
+        return d
+
+
+@dataclass
+class RunResult:
+    out: Path
+    summary: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _stage(name: str, timings: dict[str, float], progress: bool):
+    class _T:
+        def __enter__(self):
+            if progress:
+                print(f"[wordpos run] {name} ...", flush=True)
+            self.t0 = time.perf_counter()
+
+        def __exit__(self, *exc):
+            timings[name] = round(time.perf_counter() - self.t0, 2)
+            if progress and exc[0] is None:
+                print(f"[wordpos run] {name} done in {timings[name]:.1f} s", flush=True)
+
+    return _T()
+
+
+def run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
+                 model: Any = None) -> RunResult:
+    """Run every stage into ``out`` (``out/probe``, ``out/patch_*``, ``out/ablation``, ``out/circuit``)."""
+    from probing.models import load_model
+
+    out = Path(out)
+    prepare_run_dir(out, {"stage": "run", **config.identity()}, overwrite=overwrite)
+    timings: dict[str, float] = {}
+    with _stage("load model", timings, progress):
+        model = model if model is not None else load_model(config.model, device=config.device)
+    with _stage("probe (all layers)", timings, progress):
+        probe_run = run_probe(ProbeConfig(model=config.model, layers="all", n_prompts=config.n_prompts,
+                                          seed=config.seed, device=config.device),
+                              out / "probe", model=model, overwrite=overwrite, progress=progress)
+    metrics = probe_run.metrics
+    common = dict(model=config.model, probe=str(out / "probe"), n_pairs=config.n_pairs, seed=config.seed,
+                  device=config.device, top_k=config.top_k, n_random=config.n_random, receivers=config.receivers,
+                  n_prompts=min(config.n_prompts, 1024))
+    stages = {}
+    for method in ("activation", "attribution", "path", "ablation"):
+        with _stage(f"{method} patching" if method != "ablation" else "ablation", timings, progress):
+            stages[method] = run_patching(PatchConfig(method=method, **common), out / f"patch_{method}",
+                                          model=model, overwrite=overwrite, progress=progress)
+    with _stage("circuit", timings, progress):
+        circuit_summary = build_circuit_stage(config, out, model=model, overwrite=overwrite)
+    summary = {
+        "model": config.model,
+        "probe": {k: metrics[k] for k in ("layer", "accuracy", "baseline_abs_pos_accuracy", "gain_over_baseline",
+                                          "shuffled_label_accuracy", "per_word_accuracy", "per_layer_accuracy",
+                                          "n_train", "n_test")},
+        "top_heads": {m: stages[m].summary["top_heads"][:5] for m in stages},
+        "attribution_vs_activation_correlation": stages["attribution"].summary.get("correlation_with_activation"),
+        "ablation": stages["ablation"].summary.get("top_k_ablation"),
+        "circuit": circuit_summary,
+        "timings_s": timings,
+    }
+    write_json(out / "summary.json", summary)
+    with _stage("report", timings, progress):
+        from circuit.report import write_report
+
+        write_report(out, summary)
+    summary["timings_s"] = timings
+    write_json(out / "summary.json", summary)
+    return RunResult(out=out, summary=summary, timings=timings)
+
+
+def build_circuit_stage(config: RunConfig, out: Path, *, model: Any = None, overwrite: bool = False,
+                        probe_path: Path | None = None, path_dir: Path | None = None,
+                        mlp_dir: Path | None = None) -> dict[str, Any]:
+    """Graph from the path-patching stage, pruned, checked for faithfulness, rendered and exported."""
+    from circuit.faithfulness import faithfulness
+    from circuit.graph import build_graph
+    from circuit.prune import prune_min_edges, prune_threshold, prune_top_k
+    from circuit.render import render_circuit, save_circuit_figure
+    from circuit.export import save_graph
+    from patching.experiment import _vocab_for
+    from patching.roles import HeadRoles
+    from probing.datasets import DatasetConfig, WordIndexDataset
+    from probing.engine import as_engine
+    from probing.models import load_model
+
+    cdir = out / "circuit"
+    if (cdir / "circuit.json").exists() and not overwrite:
+        return read_json(cdir / "circuit.json", "circuit summary")
+    path_dir = path_dir or out / "patch_path"
+    mlp_dir = mlp_dir or out / "patch_activation" / "mlp"
+    direct = EffectResult.load(path_dir)
+    edges = EffectResult.load(path_dir / "edges") if (path_dir / "edges" / "effects.json").exists() else None
+    mlp = EffectResult.load(mlp_dir) if (mlp_dir / "effects.json").exists() else None
+    roles_raw = read_json(path_dir / "roles.json", "head roles")
+    import numpy as np
+
+    roles = HeadRoles(scores={k: np.asarray(v) for k, v in roles_raw["scores"].items()},
+                      n_prompts=roles_raw["n_prompts"], config=roles_raw.get("config", {}))
+    probe, probe_dir = load_probe(probe_path or out / "probe")
+    engine = as_engine(model if model is not None else load_model(config.model, device=config.device))
+    G = build_graph(direct, edges, roles, mlp, model=config.model, probe_layer=int(probe.layer),
+                    metric=direct.metric, n_prompts=direct.n_prompts, n_heads=engine.dims.n_heads)
+    if config.threshold is not None:
+        pruned = prune_threshold(G, config.threshold)
+    elif config.circuit_top_k is not None:
+        pruned = prune_top_k(G, config.circuit_top_k)
+    else:
+        pruned = prune_min_edges(G, keep=config.keep)
+    heads = sorted({(d["layer"], d["head"]) for _, d in pruned.graph.nodes(data=True) if d.get("kind") == "head"})
+    vocab = _vocab_for(probe_dir, engine.tokenizer, config.seed)
+    data = WordIndexDataset.generate(engine.tokenizer, DatasetConfig(n_prompts=min(config.n_prompts, 1024),
+                                                                     n_words=len(probe.classes_), seed=config.seed),
+                                     vocab=vocab)
+    faith = faithfulness(engine, probe, data, heads, method="mean")
+    cdir.mkdir(parents=True, exist_ok=True)
+    save_graph(G, cdir / "graph_full.json")
+    for suffix in ("json", "graphml", "gexf", "dot"):
+        save_graph(pruned.graph, cdir / f"graph.{suffix}")
+    fig = render_circuit(pruned.graph)
+    save_circuit_figure(fig, cdir, name="circuit")
+    summary = {"nodes": pruned.graph.number_of_nodes(), "edges": pruned.graph.number_of_edges(),
+               "heads": [f"{L}.{h}" for L, h in heads], "prune": pruned.describe() if hasattr(pruned, "describe")
+               else {"kept_share": getattr(pruned, "kept_share", None)},
+               "faithfulness": faith.to_dict() if hasattr(faith, "to_dict") else asdict(faith)}
+    write_json(cdir / "circuit.json", summary)
+    return summary

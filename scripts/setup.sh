@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv (Python 3.11+) and install wordpos with its test extras. Idempotent: a second run is fast.
+# TORCH_SPEC picks the torch build (default: the CPU build 2.13.0; e.g. TORCH_SPEC="torch==2.13.0 --index-url ..."
+# for a CUDA build on a GPU machine).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+"$PY" -c 'import sys; assert sys.version_info >= (3, 11), "wordpos needs Python 3.11+"'
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+.venv/bin/python -m pip install -q ${TORCH_SPEC:-torch==2.13.0} 2>&1 | grep -v "is ignored" || true
+.venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v "is ignored" || true
+.venv/bin/python -c "import torch, transformer_lens, nnsight, probing, patching, circuit" \
+  || { echo "setup.sh: the install did not complete; see the pip output above" >&2; exit 1; }
