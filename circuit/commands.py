@@ -40,12 +40,13 @@ def cmd_circuit(args: argparse.Namespace) -> int:
     from circuit.pipeline import RunConfig, build_circuit_stage
     from patching.experiment import PatchConfig, run_patching
     from probing.io import prepare_run_dir
-    from probing.models import load_model
+    from probing.engine import make_engine
 
     cfg = RunConfig(model=args.model, n_pairs=args.n_pairs, receivers=args.receivers, keep=args.keep,
-                    threshold=args.threshold, circuit_top_k=args.top_k, seed=args.seed, device=args.device)
+                    threshold=args.threshold, circuit_top_k=args.top_k, seed=args.seed, device=args.device,
+                    engine=args.engine, remote=args.remote)
     prepare_run_dir(args.out, {"stage": "circuit", "probe": str(args.probe), **cfg.identity()}, overwrite=args.overwrite)
-    model = load_model(args.model, device=args.device)
+    model = make_engine(args.model, args.engine, args.device, args.remote)
     common = dict(model=args.model, probe=str(args.probe), n_pairs=args.n_pairs, seed=args.seed, device=args.device,
                   receivers=args.receivers)
     run_patching(PatchConfig(method="path", **common), args.out / "patch_path", model=model, overwrite=args.overwrite,
@@ -65,7 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = RunConfig(model=args.model, n_prompts=args.n_prompts, n_pairs=args.n_pairs, top_k=args.top_k,
                     n_random=args.n_random, receivers=args.receivers, keep=args.keep, seed=args.seed,
-                    device=args.device)
+                    device=args.device, engine=args.engine, remote=args.remote)
     res = run_pipeline(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
     p = res.summary["probe"]
     print(f"probe: layer {p['layer']} accuracy {p['accuracy']:.1%} vs position-only {p['baseline_abs_pos_accuracy']:.1%}")

@@ -37,10 +37,13 @@ class RunConfig:
     circuit_top_k: int | None = None
     seed: int = 0
     device: str | None = None
+    engine: str = "tl"
+    remote: bool = False
 
     def identity(self) -> dict[str, Any]:
         d = asdict(self)
-        d.pop("device")
+        for k in ("device", "engine", "remote"):
+            d.pop(k)
         return d
 
 
@@ -69,13 +72,13 @@ def _stage(name: str, timings: dict[str, float], progress: bool):
 def run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
                  model: Any = None) -> RunResult:
     """Run every stage into ``out`` (``out/probe``, ``out/patch_*``, ``out/ablation``, ``out/circuit``)."""
-    from probing.models import load_model
+    from probing.engine import make_engine
 
     out = Path(out)
     prepare_run_dir(out, {"stage": "run", **config.identity()}, overwrite=overwrite)
     timings: dict[str, float] = {}
     with _stage("load model", timings, progress):
-        model = model if model is not None else load_model(config.model, device=config.device)
+        model = model if model is not None else make_engine(config.model, config.engine, config.device, config.remote)
     with _stage("probe (all layers)", timings, progress):
         probe_run = run_probe(ProbeConfig(model=config.model, layers="all", n_prompts=config.n_prompts,
                                           seed=config.seed, device=config.device),
@@ -124,8 +127,7 @@ def build_circuit_stage(config: RunConfig, out: Path, *, model: Any = None, over
     from patching.experiment import _vocab_for
     from patching.roles import HeadRoles
     from probing.datasets import DatasetConfig, WordIndexDataset
-    from probing.engine import as_engine
-    from probing.models import load_model
+    from probing.engine import as_engine, make_engine
 
     cdir = out / "circuit"
     if (cdir / "circuit.json").exists() and not overwrite:
@@ -141,7 +143,8 @@ def build_circuit_stage(config: RunConfig, out: Path, *, model: Any = None, over
     roles = HeadRoles(scores={k: np.asarray(v) for k, v in roles_raw["scores"].items()},
                       n_prompts=roles_raw["n_prompts"], config=roles_raw.get("config", {}))
     probe, probe_dir = load_probe(probe_path or out / "probe")
-    engine = as_engine(model if model is not None else load_model(config.model, device=config.device))
+    engine = as_engine(model) if model is not None else make_engine(config.model, config.engine, config.device,
+                                                                    config.remote)
     G = build_graph(direct, edges, roles, mlp, model=config.model, probe_layer=int(probe.layer),
                     metric=direct.metric, n_prompts=direct.n_prompts, n_heads=engine.dims.n_heads)
     if config.threshold is not None:

@@ -35,7 +35,8 @@ def cmd_patch(args: argparse.Namespace) -> int:
     cfg = PatchConfig(model=args.model, probe=str(args.probe), method=args.method, metric=args.metric,
                       direction=args.direction, n_pairs=args.n_pairs, corruption=args.corruption, by_pos=args.by_pos,
                       ablation=args.ablation, top_k=args.top_k, n_random=args.n_random, receivers=args.receivers,
-                      seed=args.seed, device=args.device, max_tokens=args.max_tokens)
+                      seed=args.seed, device=args.device, max_tokens=args.max_tokens, engine=args.engine,
+                      remote=args.remote)
     run = run_patching(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
     for h in run.summary["top_heads"][:5]:
         print(f"  head {h['head']:>6}  effect {h['effect']:+.3f}  role: {h['role']}")

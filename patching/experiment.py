@@ -20,7 +20,7 @@ from patching.plots import head_heatmap, position_heatmap
 from patching.results import EffectResult
 from patching.roles import head_roles
 from probing.datasets import DatasetConfig, WordIndexDataset
-from probing.engine import as_engine
+from probing.engine import as_engine, make_engine
 from probing.errors import ConfigError, CorruptFileError
 from probing.io import prepare_run_dir, read_json, write_json
 from probing.probe import WordIndexProbe
@@ -50,6 +50,8 @@ class PatchConfig:
     seed: int = 0
     device: str | None = None
     max_tokens: int | None = None
+    engine: str = "tl"
+    remote: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -57,7 +59,7 @@ class PatchConfig:
 
     def identity(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("device", "max_tokens"):
+        for k in ("device", "max_tokens", "engine", "remote"):
             d.pop(k)
         return d
 
@@ -92,8 +94,6 @@ def _vocab_for(probe_dir: Path, tokenizer: Any, seed: int) -> WordVocab:
 def run_patching(config: PatchConfig, out: str | Path, *, model: Any = None, overwrite: bool = False,
                  progress: bool = True) -> PatchRun:
     """Run one patching method for the probe in ``config.probe`` and save it into ``out``."""
-    from probing.models import load_model
-
     out = Path(out)
     probe, probe_dir = load_probe(config.probe)
     prepare_run_dir(out, {"stage": "patch", **config.identity()}, overwrite=overwrite)
@@ -105,8 +105,8 @@ def run_patching(config: PatchConfig, out: str | Path, *, model: Any = None, ove
         raise ConfigError(f"the probe in {config.probe} was fitted on {probe.model!r}, not {config.model!r}; pass the "
                           f"matching --model or fit a probe on {config.model!r}.")
     t0 = time.perf_counter()
-    model = model if model is not None else load_model(config.model, device=config.device)
-    engine = as_engine(model)
+    engine = as_engine(model) if model is not None else make_engine(config.model, config.engine, config.device,
+                                                                    config.remote)
     if probe.model is None:
         probe.model = engine.name
     vocab = _vocab_for(probe_dir, engine.tokenizer, config.seed)

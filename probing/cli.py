@@ -14,6 +14,10 @@ def add_common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for the dataset and every random choice")
     p.add_argument("--overwrite", action="store_true", help="replace the results of another run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--engine", default="tl", choices=["tl", "nnsight"],
+                   help="TransformerLens TransformerBridge, or nnsight on the Hugging Face model")
+    p.add_argument("--remote", action="store_true",
+                   help="with --engine nnsight: run on NDIF's remote models (needs NDIF_API_KEY and network)")
 
 
 def add_probe_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,7 +47,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
     cfg = ProbeConfig(model=args.model, layers=str(args.layer), n_prompts=args.n_prompts, n_words=args.n_words,
                       seed=args.seed, positions=args.positions, anchors=parse_anchors(args.anchors),
-                      anchor_prob=args.anchor_prob, C=args.C, batch_size=args.batch_size, device=args.device)
+                      anchor_prob=args.anchor_prob, C=args.C, batch_size=args.batch_size, device=args.device,
+                      engine=args.engine, remote=args.remote)
     run = run_probe(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(summarize(run.metrics))
     print(f"wrote {args.out / 'metrics.json'}")

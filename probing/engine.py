@@ -167,7 +167,7 @@ def as_engine(model: Any) -> Engine:
     """Accept an ``Engine``, a ``TransformerBridge`` or an nnsight ``LanguageModel``."""
     if isinstance(model, (TLEngine,)) or (hasattr(model, "run") and hasattr(model, "dims")):
         return model
-    if type(model).__name__ == "LanguageModel":
+    if type(model).__name__ in ("LanguageModel", "TransformersModel"):
         from probing.engine_nnsight import NNsightEngine
 
         return NNsightEngine(model)
@@ -177,3 +177,24 @@ def as_engine(model: Any) -> Engine:
         f"expected a TransformerBridge (from probing.load_model), an nnsight LanguageModel or an Engine, "
         f"got {type(model).__name__}"
     )
+
+
+def make_engine(model_or_name: Any, engine: str = "tl", device: str | None = None, remote: bool = False) -> Engine:
+    """An ``Engine`` from a model or a model name: ``engine="tl"`` (TransformerBridge via
+    ``probing.load_model``) or ``"nnsight"`` (``NNsightEngine.from_model``: shares a bridge's weights,
+    loads a directory / built-in / hub name, or with ``remote=True`` runs a hub model on NDIF)."""
+    if engine == "nnsight":
+        from probing.engine_nnsight import NNsightEngine
+
+        if isinstance(model_or_name, NNsightEngine):
+            return model_or_name
+        return NNsightEngine.from_model(model_or_name, device=device, remote=remote)
+    if engine != "tl":
+        raise ConfigError(f"engine {engine!r} is not one of 'tl', 'nnsight'.")
+    if remote:
+        raise ConfigError("remote=True needs engine='nnsight' (TransformerLens runs locally only).")
+    if isinstance(model_or_name, (str, bytes)) or hasattr(model_or_name, "__fspath__"):
+        from probing.models import load_model
+
+        return TLEngine(load_model(model_or_name, device=device))
+    return as_engine(model_or_name)

@@ -11,7 +11,7 @@ from typing import Any
 
 from probing.activations import collect_residuals, parse_layers
 from probing.datasets import REFERENCE_PREFIX, DatasetConfig, WordIndexDataset
-from probing.engine import as_engine
+from probing.engine import as_engine, make_engine
 from probing.evaluation import ProbeSweep, sweep_layers
 from probing.io import prepare_run_dir, read_json, write_json
 from probing.models import DEFAULT_MODEL
@@ -37,6 +37,7 @@ class ProbeConfig:
     batch_size: int = 64
     device: str | None = None
     engine: str = "tl"
+    remote: bool = False
 
     def dataset_config(self) -> DatasetConfig:
         return DatasetConfig(n_prompts=self.n_prompts, n_words=self.n_words, prefixes=tuple(self.prefixes),
@@ -45,7 +46,7 @@ class ProbeConfig:
     def identity(self) -> dict[str, Any]:
         """The settings that determine the results (device, batch size and engine do not)."""
         d = asdict(self)
-        for k in ("device", "batch_size", "engine"):
+        for k in ("device", "batch_size", "engine", "remote"):
             d.pop(k)
         return d
 
@@ -68,8 +69,6 @@ class ProbeRun:
 def run_probe(config: ProbeConfig, out: str | Path, *, model: Any = None, overwrite: bool = False,
               progress: bool = True, plots: bool = True) -> ProbeRun:
     """Run the probing experiment into ``out``. A finished run with the same settings is reused."""
-    from probing.models import load_model
-
     out = Path(out)
     prepare_run_dir(out, {"stage": "probe", **config.identity()}, overwrite=overwrite)
     if (out / "metrics.json").exists() and not overwrite:
@@ -79,9 +78,8 @@ def run_probe(config: ProbeConfig, out: str | Path, *, model: Any = None, overwr
             return ProbeRun(out=out, metrics=metrics)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    if model is None:
-        model = load_model(config.model, device=config.device)
-    engine = as_engine(model)
+    engine = as_engine(model) if model is not None else make_engine(config.model, config.engine, config.device,
+                                                                    config.remote)
     timings["load_model_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     data = WordIndexDataset.generate(engine.tokenizer, config.dataset_config())
