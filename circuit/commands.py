@@ -17,7 +17,7 @@ def add_circuit_parsers(sub: argparse._SubParsersAction) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--threshold", type=float, default=None, help="keep edges with |effect| >= T")
     g.add_argument("--top-k", type=int, default=None, help="keep the K strongest edges")
-    p.add_argument("--keep", type=float, default=0.9,
+    p.add_argument("--keep", type=float, default=0.95,
                    help="without --threshold/--top-k: the fewest edges keeping this share of the |effect|")
     p.add_argument("--n-pairs", type=int, default=32)
     p.add_argument("--receivers", type=int, default=4, help="top heads used as path-patching receivers")
@@ -29,10 +29,10 @@ def add_circuit_parsers(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--out", type=Path, default=Path("runs/organism"), help="run directory")
     r.add_argument("--n-prompts", type=int, default=2048, help="prompts for the probe (70/10/20 split)")
     r.add_argument("--n-pairs", type=int, default=32, help="clean/corrupted pairs for patching")
-    r.add_argument("--top-k", type=int, default=3, help="heads ablated together")
+    r.add_argument("--top-k", type=int, default=2, help="heads ablated together (resample ablation, refit probe)")
     r.add_argument("--n-random", type=int, default=10, help="random-head control draws")
     r.add_argument("--receivers", type=int, default=4, help="top heads used as path-patching receivers")
-    r.add_argument("--keep", type=float, default=0.9, help="share of |effect| the pruned circuit keeps")
+    r.add_argument("--keep", type=float, default=0.95, help="share of |effect| the pruned circuit keeps")
     r.set_defaults(func=cmd_run)
 
 
@@ -72,7 +72,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"probe: layer {p['layer']} accuracy {p['accuracy']:.1%} vs position-only {p['baseline_abs_pos_accuracy']:.1%}")
     ab = res.summary.get("ablation") or {}
     if ab:
-        print(f"ablating {ab['heads']}: accuracy {ab['accuracy']:.1%} (random heads: {ab.get('random_mean', 0):.1%})")
+        heads = ", ".join(f"{L}.{h}" for L, h in ab["heads"])
+        print(f"{ab['method']}-ablating {heads}: re-fitted probe {ab['refit_accuracy']:.1%} vs position-only "
+              f"{ab['baseline_abs_pos_accuracy']:.1%}; {len(ab['heads'])} random heads: {ab['random_refit_mean']:.1%}")
     f = res.summary["circuit"]["faithfulness"]
     print(f"circuit heads {', '.join(res.summary['circuit']['heads'])}; faithfulness {f.get('share', float('nan')):.1%}")
     print(f"wrote {args.out / 'report.html'}")

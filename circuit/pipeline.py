@@ -29,10 +29,10 @@ class RunConfig:
     model: str = DEFAULT_MODEL
     n_prompts: int = 2048
     n_pairs: int = 32
-    top_k: int = 3
+    top_k: int = 2
     n_random: int = 10
     receivers: int = 4
-    keep: float = 0.9
+    keep: float = 0.95
     threshold: float | None = None
     circuit_top_k: int | None = None
     seed: int = 0

@@ -19,7 +19,7 @@ FIGURES = [
     ("patch_activation/resid", "Residual-stream patching by layer and position"),
     ("patch_attribution/heads", "Attribution patching (gradient approximation)"),
     ("patch_path/heads", "Path patching: each head's direct effect on the probe"),
-    ("patch_ablation/heads", "Probe accuracy drop when each head is mean-ablated"),
+    ("patch_ablation/heads", "Probe accuracy drop when each head is ablated"),
     ("circuit/circuit", "The circuit: heads → probe, pruned"),
 ]
 
@@ -60,8 +60,9 @@ def write_report(out: str | Path, summary: dict[str, Any]) -> Path:
         heads.append({"head": h["head"], "activation effect": h["effect"], "role": h.get("role", ""), **r})
     role_cols = ["head", "activation effect", "role", "to_anchor", "to_space", "to_prev", "to_bos", "counter_score"]
     ab = summary.get("ablation") or {}
-    ab_rows = [{"quantity": k, "value": ab.get(k)} for k in ("heads", "method", "clean_accuracy", "accuracy",
-                                                             "baseline_abs_pos_accuracy", "random_mean", "random_std")]
+    ab_rows = [{"quantity": k, "value": ab.get(k)} for k in (
+        "heads", "method", "clean_accuracy", "accuracy", "refit_accuracy", "baseline_abs_pos_accuracy", "random_mean",
+        "random_refit_mean", "random_refit_std")]
     circ = summary.get("circuit") or {}
     faith = circ.get("faithfulness", {})
     circ_rows = [{"quantity": "heads in circuit", "value": ", ".join(circ.get("heads", []))},

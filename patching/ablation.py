@@ -59,6 +59,8 @@ class AblationResult:
     per_word_accuracy: dict[int, float]
     random_accuracies: list[float] = field(default_factory=list)
     random_heads: list[list[tuple[int, int]]] = field(default_factory=list)
+    refit_accuracy: float | None = None
+    random_refit_accuracies: list[float] = field(default_factory=list)
     n_samples: int = 0
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -72,9 +74,13 @@ class AblationResult:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        r, rr = self.random_accuracies, self.random_refit_accuracies
         d.update(drop=self.drop, gap_to_baseline=self.gap_to_baseline,
-                 random_mean=float(np.mean(self.random_accuracies)) if self.random_accuracies else None,
-                 random_std=float(np.std(self.random_accuracies)) if self.random_accuracies else None)
+                 random_mean=float(np.mean(r)) if r else None, random_std=float(np.std(r)) if r else None,
+                 refit_gap_to_baseline=(self.refit_accuracy - self.baseline_abs_pos_accuracy
+                                        if self.refit_accuracy is not None else None),
+                 random_refit_mean=float(np.mean(rr)) if rr else None,
+                 random_refit_std=float(np.std(rr)) if rr else None)
         return d
 
 
@@ -105,18 +111,18 @@ def head_means(engine: Engine, prompts: PromptSet, layers: Sequence[int], batch_
 
 
 @torch.no_grad()
-def ablated_predictions(engine: Engine, probe: WordIndexProbe, prompts: PromptSet, heads: Sequence[tuple[int, int]],
-                        method: AblationMethod = "mean", means: dict[int, Tensor] | None = None,
-                        batch_size: int = 64, seed: int = 0) -> np.ndarray:
-    """Probe predictions at word-final tokens of ``prompts`` with ``heads`` ablated."""
-    layer = int(probe.layer)
+def ablated_residuals(engine: Engine, layer: int, prompts: PromptSet, heads: Sequence[tuple[int, int]],
+                      method: AblationMethod = "mean", means: dict[int, Tensor] | None = None, batch_size: int = 64,
+                      seed: int = 0) -> Tensor:
+    """Residual stream after block ``layer`` at the word-final tokens of ``prompts`` with ``heads`` ablated:
+    ``[sample, d_model]`` in (prompt, word) order."""
     by_layer: dict[int, list[int]] = {}
     for L, h in heads:
         by_layer.setdefault(L, []).append(h)
-    if method == "mean" and means is None:
+    if method == "mean" and means is None and heads:
         raise ConfigError("mean ablation needs reference means (patching.ablation.head_means).")
     g = torch.Generator().manual_seed(seed)
-    preds = []
+    out = []
     T = prompts.max_len()
     for b0 in range(0, len(prompts), batch_size):
         sub = prompts.subset(range(b0, min(b0 + batch_size, len(prompts))))
@@ -143,16 +149,37 @@ def ablated_predictions(engine: Engine, probe: WordIndexProbe, prompts: PromptSe
             hooks.append((H.attn_z(L), hook))
         resid, _ = engine.run(toks, hooks=hooks, stop_at_layer=layer + 1)
         prompt, pos = sub.positions("word_final")
-        x = resid[prompt.to(engine.device), pos.to(engine.device)]
-        preds.append(probe.logits(x.float()).argmax(-1).cpu().numpy())
-    return np.concatenate(preds)
+        out.append(resid[prompt.to(engine.device), pos.to(engine.device)].float().cpu())
+    return torch.cat(out)
+
+
+def ablated_predictions(engine: Engine, probe: WordIndexProbe, prompts: PromptSet, heads: Sequence[tuple[int, int]],
+                        method: AblationMethod = "mean", means: dict[int, Tensor] | None = None,
+                        batch_size: int = 64, seed: int = 0) -> np.ndarray:
+    """Probe predictions at word-final tokens of ``prompts`` with ``heads`` ablated."""
+    x = ablated_residuals(engine, int(probe.layer), prompts, heads, method, means, batch_size, seed)
+    return probe.logits(x).argmax(-1).numpy()
+
+
+def refit_accuracy(engine: Engine, probe: WordIndexProbe, data: WordIndexDataset, heads: Sequence[tuple[int, int]],
+                   method: AblationMethod, means: dict[int, Tensor] | None, split: str = "test", batch_size: int = 64,
+                   seed: int = 0) -> float:
+    """Accuracy of a probe re-fitted on ablated activations: how much word-index information is *left*
+    (the fixed probe also fails when ablation merely shifts the activations it was fitted on)."""
+    layer = int(probe.layer)
+    xtr = ablated_residuals(engine, layer, data.train, heads, method, means, batch_size, seed)
+    xte = ablated_residuals(engine, layer, data.split(split), heads, method, means, batch_size, seed)
+    refit = WordIndexProbe(C=probe.C, layer=layer, model=probe.model).fit(xtr, data.train.labels)
+    return float(refit.score(xte, data.split(split).labels))
 
 
 def ablate_heads(model: Any, probe: WordIndexProbe, data: WordIndexDataset, heads: str | Sequence[Any], *,
                  method: AblationMethod = "mean", n_random: int = 0, split: str = "test", seed: int = 0,
-                 batch_size: int = 64, progress: bool = True) -> AblationResult:
+                 refit: bool = True, batch_size: int = 64, progress: bool = True) -> AblationResult:
     """Ablate ``heads`` and score the probe on ``split`` (held-out words by default). With ``n_random``,
-    also ablate that many random sets of as many heads drawn from the same layers (seeded)."""
+    also ablate that many random sets of as many heads drawn from the same layers (seeded). With
+    ``refit``, also re-fit a probe on the ablated activations (``refit_accuracy``): the word-index
+    information that survives, to compare with the position-only baseline."""
     engine = as_engine(model)
     layer = check_probe(engine, probe)
     if method not in ABLATIONS:
@@ -166,25 +193,30 @@ def ablate_heads(model: Any, probe: WordIndexProbe, data: WordIndexDataset, head
     y = prompts.labels.numpy()
     layers = sorted({L for L, _ in heads})
     means = head_means(engine, data.train, list(range(layer + 1)), batch_size) if method == "mean" else None
-    with torch.no_grad():
-        clean = ablated_predictions(engine, probe, prompts, [], "zero", batch_size=batch_size)
+    clean = ablated_predictions(engine, probe, prompts, [], "zero", batch_size=batch_size)
     pred = ablated_predictions(engine, probe, prompts, heads, method, means, batch_size, seed)
     _, pos = prompts.positions("word_final")
     tr_prompt, tr_pos = data.train.positions("word_final")
     base = PositionBaseline().fit(tr_pos.numpy(), data.train.labels.numpy()).score(pos.numpy(), y)
     rng = np.random.default_rng(seed)
     pool = [(L, h) for L in layers for h in range(engine.dims.n_heads)]
-    rand_acc, rand_heads = [], []
+    rand_acc, rand_heads, rand_refit = [], [], []
     for _ in tqdm(range(n_random), desc="random-head controls", disable=not progress or n_random == 0):
-        pick = [pool[i] for i in rng.choice(len(pool), size=min(len(heads), len(pool)), replace=False)]
-        rand_heads.append(sorted(pick))
+        for _try in range(100):  # a draw identical to the ablated set is no control: draw again when possible
+            pick = sorted(pool[i] for i in rng.choice(len(pool), size=min(len(heads), len(pool)), replace=False))
+            if pick != heads:
+                break
+        rand_heads.append(pick)
         rand_acc.append(float(np.mean(ablated_predictions(engine, probe, prompts, pick, method, means, batch_size,
                                                           seed) == y)))
+        if refit:
+            rand_refit.append(refit_accuracy(engine, probe, data, pick, method, means, split, batch_size, seed))
+    refit_acc = refit_accuracy(engine, probe, data, heads, method, means, split, batch_size, seed) if refit else None
     per_word = {int(k): float(np.mean(pred[y == k] == k)) for k in np.unique(y)}
     return AblationResult(heads=heads, method=method, accuracy=float(np.mean(pred == y)),
                           clean_accuracy=float(np.mean(clean == y)), baseline_abs_pos_accuracy=float(base),
                           per_word_accuracy=per_word, random_accuracies=rand_acc, random_heads=rand_heads,
-                          n_samples=int(len(y)),
+                          refit_accuracy=refit_acc, random_refit_accuracies=rand_refit, n_samples=int(len(y)),
                           config={"model": engine.name, "probe_layer": layer, "split": split, "seed": seed,
                                   "method": method, "n_random": n_random})
 

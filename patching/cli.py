@@ -21,8 +21,8 @@ def add_patch_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--corruption", default="split", choices=["split", "merge"],
                    help="split: one 3-token word -> three 1-token words (indices +2); merge: the reverse")
     p.add_argument("--no-by-pos", dest="by_pos", action="store_false", help="skip the head x position sweep")
-    p.add_argument("--ablation", default="mean", choices=["zero", "mean", "resample"])
-    p.add_argument("--top-k", type=int, default=3, help="heads ablated together (ablation method)")
+    p.add_argument("--ablation", default="resample", choices=["zero", "mean", "resample"])
+    p.add_argument("--top-k", type=int, default=2, help="heads ablated together (ablation method)")
     p.add_argument("--n-random", type=int, default=10, help="random-head control draws (ablation method)")
     p.add_argument("--receivers", type=int, default=6, help="top heads used as path-patching receivers")
     p.add_argument("--max-tokens", type=int, default=None, help="tokens per batched forward (default by device)")

@@ -42,8 +42,8 @@ class PatchConfig:
     n_pairs: int = 64
     corruption: str = "split"
     by_pos: bool = True
-    ablation: str = "mean"
-    top_k: int = 3
+    ablation: str = "resample"
+    top_k: int = 2
     n_random: int = 10
     n_prompts: int = 1024
     receivers: int = 6

@@ -2,8 +2,8 @@
 matches the "count from an anchor" signature of the original post (score ~3 on the last full stop,
 comma or newline, ~1 on each token that starts a word since then, nothing elsewhere).
 
-``counter_score`` is ``1 - TV(pattern, ideal)``, averaged over word tokens: 1 for a perfect anchor
-counter, ~0 for a head that looks elsewhere.
+````counter_score`` is ``1 - TV(pattern, ideal)``, averaged over word tokens, where the ideal pattern scores 3 on
+anchors and 1 on word-initial tokens: 1 for a perfect anchor counter, ~0 for a head that looks elsewhere.
 """
 
 from __future__ import annotations
@@ -37,18 +37,17 @@ def token_classes(tokenizer: Any) -> tuple[Tensor, Tensor]:
 
 def ideal_counter_pattern(is_anchor: Tensor, is_space: Tensor, anchor_score: float = 3.0,
                           space_score: float = 1.0) -> Tensor:
-    """The post's hypothesised pattern ``[batch, q, k]``: softmax of 3 on the last anchor at or before
-    the query, 1 on each word-initial token after it, -inf elsewhere."""
+    """The post's hypothesised pattern ``[batch, q, k]``, literally: softmax of 3 on every anchor token, 1 on
+    every word-initial token, -inf elsewhere (causal). Its value-weighted sum of "starts a word" is
+    ``n·e / (a·e³ + n·e)``: a count of words that an anchor nearby dominates and that saturates with
+    distance, as the post predicts. Queries with nothing to attend to put all weight on BOS."""
     B, T = is_anchor.shape
     idx = torch.arange(T)
-    anchor_pos = torch.where(is_anchor, idx, torch.full_like(idx, -1))
-    last_anchor = torch.cummax(anchor_pos, dim=1).values  # [B, q]
     k, q = idx[None, None, :], idx[None, :, None]
-    la = last_anchor[:, :, None]
     causal = k <= q
     scores = torch.full((B, T, T), float("-inf"))
-    scores = torch.where(causal & (k == la), torch.tensor(anchor_score), scores)
-    scores = torch.where(causal & (k > la) & is_space[:, None, :], torch.tensor(space_score), scores)
+    scores = torch.where(causal & is_anchor[:, None, :], torch.tensor(anchor_score), scores)
+    scores = torch.where(causal & is_space[:, None, :], torch.tensor(space_score), scores)
     none = torch.isinf(scores).all(-1, keepdim=True)
     scores = torch.where(none & (k == 0), torch.tensor(0.0), scores)
     return torch.softmax(scores, dim=-1)

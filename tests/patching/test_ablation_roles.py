@@ -48,14 +48,14 @@ def test_ablation_bad_input(tiny_model, tiny_probe, small_data):
 
 
 def test_ideal_counter_pattern_by_hand():
-    # tokens: BOS, anchor, word, cont, word  → from the last token: e^3 on the anchor, e^1 on each word start
-    is_anchor = torch.tensor([[False, True, False, False, False]])
-    is_space = torch.tensor([[False, False, True, False, True]])
+    # tokens: BOS, word, anchor, word, cont, word → from the last token: e^3 on the anchor, e^1 on each word start
+    is_anchor = torch.tensor([[False, False, True, False, False, False]])
+    is_space = torch.tensor([[False, True, False, True, False, True]])
     pat = ideal_counter_pattern(is_anchor, is_space)
     e3, e1 = np.exp(3), np.exp(1)
-    expected = torch.tensor([0, e3, e1, 0, e1]) / (e3 + 2 * e1)
-    assert torch.allclose(pat[0, 4], expected.float(), atol=1e-6)
-    assert torch.allclose(pat[0, 0], torch.tensor([1.0, 0, 0, 0, 0]))
+    expected = torch.tensor([0, e1, e3, e1, 0, e1]) / (e3 + 3 * e1)
+    assert torch.allclose(pat[0, 5], expected.float(), atol=1e-6)
+    assert torch.allclose(pat[0, 0], torch.tensor([1.0, 0, 0, 0, 0, 0]))
 
 
 def test_head_roles_shapes_and_ranges(tiny_model, small_data):
