@@ -28,6 +28,8 @@ def add_circuit_parsers(sub: argparse._SubParsersAction) -> None:
     add_common_model_args(r)
     r.add_argument("--out", type=Path, default=Path("runs/organism"), help="run directory")
     r.add_argument("--n-prompts", type=int, default=2048, help="prompts for the probe (70/10/20 split)")
+    r.add_argument("--layer", type=int, default=None,
+                   help="probe layer to patch and draw (default: the layer with the best validation accuracy)")
     r.add_argument("--n-pairs", type=int, default=32, help="clean/corrupted pairs for patching")
     r.add_argument("--top-k", type=int, default=2, help="heads ablated together (resample ablation, refit probe)")
     r.add_argument("--n-random", type=int, default=10, help="random-head control draws")
@@ -64,7 +66,7 @@ def cmd_circuit(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from circuit.pipeline import RunConfig, run_pipeline
 
-    cfg = RunConfig(model=args.model, n_prompts=args.n_prompts, n_pairs=args.n_pairs, top_k=args.top_k,
+    cfg = RunConfig(model=args.model, n_prompts=args.n_prompts, layer=args.layer, n_pairs=args.n_pairs, top_k=args.top_k,
                     n_random=args.n_random, receivers=args.receivers, keep=args.keep, seed=args.seed,
                     device=args.device, engine=args.engine, remote=args.remote)
     res = run_pipeline(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)

@@ -35,6 +35,7 @@ class RunConfig:
     keep: float = 0.95
     threshold: float | None = None
     circuit_top_k: int | None = None
+    layer: int | None = None
     seed: int = 0
     device: str | None = None
     engine: str = "tl"
@@ -84,7 +85,13 @@ def run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool = False,
                                           seed=config.seed, device=config.device),
                               out / "probe", model=model, overwrite=overwrite, progress=progress)
     metrics = probe_run.metrics
-    common = dict(model=config.model, probe=str(out / "probe"), n_pairs=config.n_pairs, seed=config.seed,
+    probe_path = out / "probe" if config.layer is None else out / "probe" / "probes" / f"layer{config.layer}"
+    if config.layer is not None and not (probe_path / "probe.json").exists():
+        from probing.errors import ConfigError
+
+        raise ConfigError(f"layer {config.layer} has no probe in {out / 'probe'}; layers run: "
+                          f"{sorted(metrics['per_layer_accuracy'])}.")
+    common = dict(model=config.model, probe=str(probe_path), n_pairs=config.n_pairs, seed=config.seed,
                   device=config.device, top_k=config.top_k, n_random=config.n_random, receivers=config.receivers,
                   n_prompts=min(config.n_prompts, 1024))
     stages = {}
@@ -93,9 +100,10 @@ def run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool = False,
             stages[method] = run_patching(PatchConfig(method=method, **common), out / f"patch_{method}",
                                           model=model, overwrite=overwrite, progress=progress)
     with _stage("circuit", timings, progress):
-        circuit_summary = build_circuit_stage(config, out, model=model, overwrite=overwrite)
+        circuit_summary = build_circuit_stage(config, out, model=model, overwrite=overwrite, probe_path=probe_path)
     summary = {
         "model": config.model,
+        "patched_layer": int(load_probe(probe_path)[0].layer),
         "probe": {k: metrics[k] for k in ("layer", "accuracy", "baseline_abs_pos_accuracy", "gain_over_baseline",
                                           "shuffled_label_accuracy", "per_word_accuracy", "per_layer_accuracy",
                                           "n_train", "n_test")},

@@ -99,6 +99,8 @@ def run_probe(config: ProbeConfig, out: str | Path, *, model: Any = None, overwr
     metrics["timings"] = timings
     best = sweep.best_layer
     sweep.probes[best].save(out / "probe")
+    for L, probe in sweep.probes.items():  # every layer's probe, for patching at a layer of one's choice
+        probe.save(out / "probes" / f"layer{L}")
     write_json(out / "dataset.json", data.to_dict())
     if plots:
         t0 = time.perf_counter()

@@ -53,3 +53,54 @@ def isolated_cache(tmp_path, monkeypatch):
     """Point wordpos' model cache at an empty temporary directory."""
     monkeypatch.setenv("WORDPOS_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+@pytest.fixture(scope="session")
+def planted_model(tmp_path_factory):
+    """The planted-circuit model, built into a session cache directory and loaded as a TransformerBridge."""
+    import os
+
+    from probing import load_model
+
+    old = os.environ.get("WORDPOS_CACHE")
+    os.environ["WORDPOS_CACHE"] = str(tmp_path_factory.mktemp("planted-cache"))
+    try:
+        model = load_model("planted", device="cpu")
+    finally:
+        if old is None:
+            os.environ.pop("WORDPOS_CACHE")
+        else:
+            os.environ["WORDPOS_CACHE"] = old
+    return model
+
+
+@pytest.fixture(scope="session")
+def planted_data(planted_model):
+    from probing import WordIndexDataset
+
+    return WordIndexDataset.default(planted_model.tokenizer, n_prompts=600, seed=0)
+
+
+@pytest.fixture(scope="session")
+def planted_probe(planted_model, planted_data):
+    from probing import WordIndexProbe, as_engine, collect_residuals
+
+    acts = collect_residuals(planted_model, planted_data, layers=[1], progress=False)
+    return WordIndexProbe(layer=1, model=as_engine(planted_model).name).fit(acts.train(1), acts.labels["train"])
+
+
+@pytest.fixture(scope="session")
+def planted_ctx(planted_model, planted_data, planted_probe):
+    from patching import make_pairs, prepare
+
+    pairs = make_pairs(planted_model.tokenizer, 12, vocab=planted_data.vocab, seed=0)
+    return prepare(planted_model, pairs, planted_probe)
+
+
+@pytest.fixture(scope="session")
+def tiny_probe(tiny_model, small_data):
+    """A word-index probe at the tiny model's last layer (random weights: it reads what it can)."""
+    from probing import WordIndexProbe, as_engine, collect_residuals
+
+    acts = collect_residuals(tiny_model, small_data, layers=[1], progress=False)
+    return WordIndexProbe(layer=1, model=as_engine(tiny_model).name).fit(acts.train(1), acts.labels["train"])

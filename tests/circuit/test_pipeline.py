@@ -1,0 +1,77 @@
+"""`wordpos run` and `wordpos circuit` end to end on the planted model (small sizes), plus re-runs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from circuit.cli import main
+from circuit.export import load_graph
+from probing.planted import PLANTED
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def planted_run(tmp_path_factory):
+    import os
+
+    os.environ.setdefault("WORDPOS_CACHE", str(tmp_path_factory.mktemp("cache")))
+    out = tmp_path_factory.mktemp("run") / "planted"
+    args = ["run", "--model", "planted", "--out", str(out), "--n-prompts", "300", "--n-pairs", "8", "--n-random", "3",
+            "--layer", "1", "--quiet"]
+    assert main(args) == 0
+    return out, args
+
+
+def test_run_writes_report_summary_and_circuit(planted_run):
+    out, _ = planted_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["probe"]["accuracy"] > summary["probe"]["baseline_abs_pos_accuracy"] + 0.3
+    assert summary["patched_layer"] == 1
+    assert summary["top_heads"]["activation"][0]["head"] == "{}.{}".format(*PLANTED.counter)
+    assert sorted(summary["circuit"]["heads"]) == PLANTED.circuit_heads
+    assert set(summary["timings_s"]) >= {"probe (all layers)", "activation patching", "circuit", "report"}
+    report = (out / "report.html").read_text()
+    assert report.count('class="plotly-graph-div"') >= 8 and "Top heads" in report
+    G = load_graph(out / "circuit" / "graph.graphml")
+    assert G.graph["model"] == "planted"
+    for f in ("graph.json", "graph.gexf", "graph.dot", "circuit.html", "circuit.png", "circuit.svg"):
+        assert (out / "circuit" / f).exists(), f
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["config"]["seed"] == 0 and "transformer-lens" in cfg["versions"]
+
+
+def test_rerun_reuses_finished_stages(planted_run):
+    out, args = planted_run
+    before = {p: p.stat().st_mtime_ns for p in [out / "probe" / "metrics.json", out / "patch_path" / "effects.npz"]}
+    assert main(args) == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+
+
+def test_run_refuses_another_runs_directory(planted_run, capsys):
+    out, args = planted_run
+    other = [a if a != "300" else "400" for a in args]
+    assert main(other) == 2
+    assert "another run" in capsys.readouterr().err
+
+
+def test_export_script(planted_run, tmp_path):
+    out, _ = planted_run
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "export_circuit.py"), str(out), "--formats",
+                           "gexf,dot,html", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert load_graph(tmp_path / "graph.dot").number_of_nodes() == load_graph(out / "circuit" / "graph.json").number_of_nodes()
+    assert (tmp_path / "graph.html").exists()
+
+
+def test_circuit_command_with_threshold(planted_run, tmp_path, capsys):
+    out, _ = planted_run
+    assert main(["circuit", "--model", "planted", "--probe", str(out / "probe"), "--out", str(tmp_path / "c"),
+                 "--threshold", "0.2", "--n-pairs", "8", "--quiet"]) == 0
+    assert "faithfulness" in capsys.readouterr().out
+    assert main(["circuit", "--model", "planted", "--probe", str(out / "probe"), "--out", str(tmp_path / "d"),
+                 "--threshold", "50", "--n-pairs", "8", "--quiet"]) == 2
+    assert "leaves no edge" in capsys.readouterr().err
