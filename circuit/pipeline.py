@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from patching.experiment import PatchConfig, load_probe, run_patching
 from patching.results import EffectResult
 from probing.experiment import ProbeConfig, run_probe
-from probing.io import prepare_run_dir, read_json, write_json
+from probing.io import config_identity, prepare_run_dir, read_json, write_json
 from probing.models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -42,10 +42,7 @@ class RunConfig:
     remote: bool = False
 
     def identity(self) -> dict[str, Any]:
-        d = asdict(self)
-        for k in ("device", "engine", "remote"):
-            d.pop(k)
-        return d
+        return config_identity(self, exclude=("device", "engine", "remote"))
 
 
 @dataclass
@@ -174,8 +171,7 @@ def build_circuit_stage(config: RunConfig, out: Path, *, model: Any = None, over
     fig = render_circuit(pruned.graph)
     save_circuit_figure(fig, cdir, name="circuit")
     summary = {"nodes": pruned.graph.number_of_nodes(), "edges": pruned.graph.number_of_edges(),
-               "heads": [f"{L}.{h}" for L, h in heads], "prune": pruned.describe() if hasattr(pruned, "describe")
-               else {"kept_share": getattr(pruned, "kept_share", None)},
-               "faithfulness": faith.to_dict() if hasattr(faith, "to_dict") else asdict(faith)}
+               "heads": [f"{L}.{h}" for L, h in heads], "prune": pruned.describe(),
+               "faithfulness": faith.to_dict()}
     write_json(cdir / "circuit.json", summary)
     return summary

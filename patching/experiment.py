@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from patching.roles import head_roles
 from probing.datasets import DatasetConfig, WordIndexDataset
 from probing.engine import as_engine, make_engine
 from probing.errors import ConfigError, CorruptFileError
-from probing.io import prepare_run_dir, read_json, write_json
+from probing.io import config_identity, prepare_run_dir, read_json, write_json
 from probing.probe import WordIndexProbe
 from probing.vocab import WordVocab
 
@@ -58,10 +58,7 @@ class PatchConfig:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}.")
 
     def identity(self) -> dict[str, Any]:
-        d = asdict(self)
-        for k in ("device", "max_tokens", "engine", "remote"):
-            d.pop(k)
-        return d
+        return config_identity(self, exclude=("device", "max_tokens", "engine", "remote"))
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ from probing.activations import collect_residuals, parse_layers
 from probing.datasets import REFERENCE_PREFIX, DatasetConfig, WordIndexDataset
 from probing.engine import as_engine, make_engine
 from probing.evaluation import ProbeSweep, sweep_layers
-from probing.io import prepare_run_dir, read_json, write_json
+from probing.io import config_identity, prepare_run_dir, read_json, write_json
 from probing.models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,7 @@ class ProbeConfig:
 
     def identity(self) -> dict[str, Any]:
         """The settings that determine the results (device, batch size and engine do not)."""
-        d = asdict(self)
-        for k in ("device", "batch_size", "engine", "remote"):
-            d.pop(k)
-        return d
+        return config_identity(self, exclude=("device", "batch_size", "engine", "remote"))
 
 
 @dataclass

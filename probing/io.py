@@ -117,6 +117,26 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def config_identity(config: Any, exclude: tuple[str, ...]) -> dict[str, Any]:
+    """A config dataclass as a dict without the settings that do not change results (device, engine, ...):
+    what decides whether a run directory holds "the same run"."""
+    d = dataclasses.asdict(config)
+    for k in exclude:
+        d.pop(k, None)
+    return d
+
+
 def versions() -> dict[str, str]:
     """Versions of Python and of every package whose numbers the results depend on."""
     from importlib import metadata

@@ -20,7 +20,6 @@ The trained weights ship in ``probing/assets/organism`` (fp16 safetensors + a sh
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -34,7 +33,7 @@ import torch
 from probing.cache import cache_root
 from probing.datasets import REFERENCE_PREFIX
 from probing.errors import CorruptFileError
-from probing.io import atomic_dir, write_json
+from probing.io import atomic_dir, sha256_file, write_json
 from probing.tokenizers import gpt2_tokenizer
 from probing.vocab import frequent_words, word_tokens
 
@@ -115,13 +114,6 @@ class Corpus:
         return torch.tensor([self.sequence(length) for _ in range(n)], dtype=torch.long)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def train_organism(out_dir: str | Path, config: OrganismConfig | None = None, progress: bool = True,
                    half: bool = True) -> Path:
@@ -174,7 +166,7 @@ def train_organism(out_dir: str | Path, config: OrganismConfig | None = None, pr
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
     (model.half() if half else model).save_pretrained(out_dir)  # no tokenizer files: load_model supplies GPT-2's
-    files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(out_dir.iterdir())
+    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(out_dir.iterdir())
              if p.is_file() and p.name != MANIFEST}
     write_json(out_dir / MANIFEST, {"format": "wordpos.organism/1", "config": asdict(cfg),
                                     "data_rule": __doc__.split("**Data rule.**")[1].split("\n\n")[0].strip(),
@@ -203,7 +195,7 @@ def verify(directory: str | Path) -> dict[str, Any]:
         raise CorruptFileError(f"organism manifest {manifest} is missing or unreadable ({e}).") from e
     for name, info in files.items():
         p = directory / name
-        if not p.exists() or p.stat().st_size != info["bytes"] or _sha256(p) != info["sha256"]:
+        if not p.exists() or p.stat().st_size != info["bytes"] or sha256_file(p) != info["sha256"]:
             raise CorruptFileError(f"organism file {p} is missing or does not match its sha256 in {manifest}.")
     return meta
 

@@ -8,7 +8,6 @@ and differentiate through them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch

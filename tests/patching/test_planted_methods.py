@@ -32,7 +32,6 @@ def test_counter_ranks_first_and_distractors_below(planted_model, planted_ctx, m
 
 
 def test_ablation_ranks_the_counter_among_the_top(planted_model, planted_probe, planted_data):
-    drop = planted_probe.score  # noqa: F841 - keep the fixture alive
     acc = ablation_sweep(planted_model, planted_probe, planted_data, method="resample", progress=False)
     clean = acc.max()
     drops = clean - acc

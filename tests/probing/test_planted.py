@@ -4,7 +4,6 @@ claim, a probe that must beat position, and a gain that disappears with the coun
 import time
 
 import numpy as np
-import pytest
 import torch
 
 from patching import ablate_heads
