@@ -222,19 +222,18 @@ def ablate_heads(model: Any, probe: WordIndexProbe, data: WordIndexDataset, head
 
 
 def ablation_sweep(model: Any, probe: WordIndexProbe, data: WordIndexDataset, *, method: AblationMethod = "mean",
-                   split: str = "test", seed: int = 0, batch_size: int = 64, progress: bool = True) -> np.ndarray:
-    """Probe accuracy with each single head ablated: ``[layer, head]`` for layers up to the probe's."""
+                   heads: Sequence[tuple[int, int]] | None = None, split: str = "test", seed: int = 0,
+                   batch_size: int = 64, progress: bool = True) -> np.ndarray:
+    """Probe accuracy with each single head ablated: ``[layer, head]`` for layers up to the probe's (only
+    ``heads`` when given; the others are NaN)."""
     engine = as_engine(model)
     layer = check_probe(engine, probe)
     prompts = data.split(split)
     y = prompts.labels.numpy()
     means = head_means(engine, data.train, list(range(layer + 1)), batch_size) if method == "mean" else None
-    out = np.zeros((layer + 1, engine.dims.n_heads))
-    bar = tqdm(total=out.size, desc=f"{method}-ablating heads", unit="head", disable=not progress)
-    for L in range(layer + 1):
-        for h in range(engine.dims.n_heads):
-            out[L, h] = np.mean(ablated_predictions(engine, probe, prompts, [(L, h)], method, means, batch_size,
-                                                    seed) == y)
-            bar.update()
-    bar.close()
+    heads = parse_heads(heads, engine.dims) if heads is not None else \
+        [(L, h) for L in range(layer + 1) for h in range(engine.dims.n_heads)]
+    out = np.full((layer + 1, engine.dims.n_heads), np.nan)
+    for L, h in tqdm(heads, desc=f"{method}-ablating heads", unit="head", disable=not progress):
+        out[L, h] = np.mean(ablated_predictions(engine, probe, prompts, [(L, h)], method, means, batch_size, seed) == y)
     return out

@@ -49,6 +49,17 @@ class PatchContext:
     def max_target_pos(self) -> int:
         return int(self.pairs.target_pos[self.pairs.target_mask].max())
 
+    @property
+    def first_diff_pos(self) -> int:
+        """The first position where any clean and corrupted prompt differ. Before it both runs are identical
+        (causal attention), so patching there is exactly a no-op and is not run."""
+        diff = (self.pairs.clean != self.pairs.corrupted).any(0).nonzero()
+        return int(diff.min()) if len(diff) else self.max_target_pos + 1
+
+    def sweep_positions(self) -> range:
+        """Positions where a patch can change a target: from the first difference to the last target."""
+        return range(self.first_diff_pos, self.max_target_pos + 1)
+
     def config(self, **extra: Any) -> dict[str, Any]:
         return {"model": self.engine.name, "probe_layer": self.probe.layer, "metric": self.metric.name,
                 "direction": self.direction, "pairs": self.pairs.config, "n_pairs": len(self.pairs),
@@ -122,7 +133,8 @@ def patch_heads(model: Any, pairs: PatchingPairs | PatchContext, probe: WordInde
                 progress: bool = True) -> EffectResult:
     """Patch each attention head's output (``hook_z``) at all positions (axes ``layer, head``) or at each
     position (axes ``layer, head, pos``). Positions after the last target cannot reach it (causal
-    attention) and keep the unpatched value without being run."""
+    attention), and positions before the first clean/corrupted difference hold identical activations in both
+    runs: both keep the unpatched value without being run."""
     ctx = _ctx(model, pairs, probe, metric, direction)
     dims = ctx.engine.dims
     heads = heads if heads is not None else [(L, h) for L in ctx.layers for h in range(dims.n_heads)]
@@ -132,15 +144,14 @@ def patch_heads(model: Any, pairs: PatchingPairs | PatchContext, probe: WordInde
         raise ConfigError("the head list is empty; pass at least one (layer, head).")
     T = ctx.pairs.clean.shape[1]
     if by_pos:
-        last = ctx.max_target_pos
-        patches = [Patch("z", L, h, p) for L, h in heads for p in range(last + 1)]
+        patches = [Patch("z", L, h, p) for L, h in heads for p in ctx.sweep_positions()]
     else:
         patches = [Patch("z", L, h) for L, h in heads]
     vals = _run(ctx, patches, checkpoint_dir, max_tokens, progress, "head patching", sweep="heads", by_pos=by_pos)
     shape = (ctx.stop_at_layer, dims.n_heads) + ((T,) if by_pos else ())
     effects = torch.full(shape, float("nan"), dtype=torch.float64)
     if by_pos:
-        effects[[L for L, _ in heads], [h for _, h in heads], ctx.max_target_pos + 1:] = _unpatched_value(ctx)
+        effects[[L for L, _ in heads], [h for _, h in heads], :] = _unpatched_value(ctx)
     for p, v in zip(patches, vals):
         effects[(p.layer, p.head) + ((p.pos,) if by_pos else ())] = v
     axes = ("layer", "head", "pos") if by_pos else ("layer", "head")
@@ -154,8 +165,7 @@ def patch_resid(model: Any, pairs: PatchingPairs | PatchContext, probe: WordInde
     """Patch the residual stream before each block at each position (axes ``layer, pos``)."""
     ctx = _ctx(model, pairs, probe, metric, direction)
     T = ctx.pairs.clean.shape[1]
-    last = ctx.max_target_pos
-    patches = [Patch("resid_pre", L, None, p) for L in ctx.layers for p in range(last + 1)]
+    patches = [Patch("resid_pre", L, None, p) for L in ctx.layers for p in ctx.sweep_positions()]
     vals = _run(ctx, patches, checkpoint_dir, max_tokens, progress, "residual patching", sweep="resid")
     effects = torch.full((ctx.stop_at_layer, T), _unpatched_value(ctx), dtype=torch.float64)
     for p, v in zip(patches, vals):

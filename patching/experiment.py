@@ -47,6 +47,9 @@ class PatchConfig:
     n_random: int = 10
     n_prompts: int = 1024
     receivers: int = 6
+    senders: int = 12
+    by_pos_heads: int = 8
+    candidates: int = 16
     seed: int = 0
     device: str | None = None
     max_tokens: int | None = None
@@ -116,11 +119,20 @@ def run_patching(config: PatchConfig, out: str | Path, *, model: Any = None, ove
     if config.method == "ablation":
         data = WordIndexDataset.generate(engine.tokenizer, DatasetConfig(n_prompts=config.n_prompts, n_words=n_words,
                                                                          seed=config.seed), vocab=vocab)
-        acc = ablation_sweep(engine, probe, data, method=config.ablation, seed=config.seed, progress=progress)
+        n_before = (int(probe.layer) + 1) * engine.dims.n_heads
+        candidates = None
+        if config.candidates < n_before:  # big models: ablate the heads attribution patching ranks highest
+            pairs = make_pairs(engine.tokenizer, config.n_pairs, vocab=vocab, words="test", kind=config.corruption,
+                               n_words=n_words, seed=config.seed)
+            att = attribute_heads(engine, prepare(engine, pairs, probe, metric="logit_diff"))
+            candidates = [(h["layer"], h["index"]) for h in att.top_heads(config.candidates)]
+        acc = ablation_sweep(engine, probe, data, method=config.ablation, heads=candidates, seed=config.seed,
+                             progress=progress)
         clean = float(np.mean(ablated_predictions(engine, probe, data.test, [], "zero") == data.test.labels.numpy()))
-        res = EffectResult(clean - acc, ("layer", "head"), "ablation", f"probe_accuracy_drop ({config.ablation})",
-                           direction="ablation", n_prompts=len(data.test),
-                           config={**config.identity(), "clean_accuracy": clean})
+        res = EffectResult(np.nan_to_num(clean - acc, nan=0.0), ("layer", "head"), "ablation",
+                           f"probe_accuracy_drop ({config.ablation})", direction="ablation", n_prompts=len(data.test),
+                           config={**config.identity(), "clean_accuracy": clean,
+                                   "candidates": None if candidates is None else [f"{L}.{h}" for L, h in candidates]})
         results["heads"] = res
         top = [(h["layer"], h["index"]) for h in res.top_heads(config.top_k, by_abs=False)]
         ab = ablate_heads(engine, probe, data, top, method=config.ablation, n_random=config.n_random, seed=config.seed,
@@ -142,8 +154,9 @@ def run_patching(config: PatchConfig, out: str | Path, *, model: Any = None, ove
             results["resid"] = patch_resid(engine, ctx, max_tokens=config.max_tokens, checkpoint_dir=out / "checkpoints",
                                            **kw)
             results["mlp"] = patch_layer_outputs(engine, ctx, site="mlp_out", **kw)
-            if config.by_pos:
-                results["heads_by_pos"] = patch_heads(engine, ctx, by_pos=True, max_tokens=config.max_tokens,
+            if config.by_pos:  # per-position detail for the heads that matter
+                top = [(h["layer"], h["index"]) for h in results["heads"].top_heads(config.by_pos_heads)]
+                results["heads_by_pos"] = patch_heads(engine, ctx, by_pos=True, heads=top, max_tokens=config.max_tokens,
                                                       checkpoint_dir=out / "checkpoints", **kw)
             tokens = engine.tokenizer.convert_ids_to_tokens(ctx.base[0].tolist())
             figs["resid"] = position_heatmap(results["resid"].effects, f"Residual-stream patching ({label})", tokens)
@@ -159,8 +172,11 @@ def run_patching(config: PatchConfig, out: str | Path, *, model: Any = None, ove
             results["activation_heads"] = act
             ranked = [(h["layer"], h["index"]) for h in act.top_heads(config.receivers)]
             receivers = [(L, h) for L, h in ranked if L > 0] or None
-            if receivers:
-                results["edges"] = path_patch_edges(engine, ctx, receivers=receivers, max_tokens=config.max_tokens, **kw)
+            senders = [(h["layer"], h["index"]) for h in act.top_heads(config.senders)]
+            senders = [s for s in senders if receivers and s[0] < max(L for L, _ in receivers)]
+            if receivers and senders:
+                results["edges"] = path_patch_edges(engine, ctx, receivers=receivers, senders=senders,
+                                                    max_tokens=config.max_tokens, **kw)
         figs["heads"] = head_heatmap(results["heads"].head_effects(),
                                      f"{config.method.capitalize()} patching of heads ({label})",
                                      "normalised effect")
