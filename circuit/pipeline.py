@@ -90,7 +90,7 @@ def run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool = False,
                           f"{sorted(metrics['per_layer_accuracy'])}.")
     common = dict(model=config.model, probe=str(probe_path), n_pairs=config.n_pairs, seed=config.seed,
                   device=config.device, top_k=config.top_k, n_random=config.n_random, receivers=config.receivers,
-                  n_prompts=min(config.n_prompts, 768))
+                  n_prompts=min(config.n_prompts, 768), checkpoint_dir=str(out / "checkpoints"))
     stages = {}
     for method in ("activation", "attribution", "path", "ablation"):
         with _stage(f"{method} patching" if method != "ablation" else "ablation", timings, progress):

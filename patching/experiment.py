@@ -55,13 +55,14 @@ class PatchConfig:
     max_tokens: int | None = None
     engine: str = "tl"
     remote: bool = False
+    checkpoint_dir: str | None = None  # sweeps are keyed by their settings, so stages can share one
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}.")
 
     def identity(self) -> dict[str, Any]:
-        return config_identity(self, exclude=("device", "max_tokens", "engine", "remote"))
+        return config_identity(self, exclude=("device", "max_tokens", "engine", "remote", "checkpoint_dir"))
 
 
 @dataclass
@@ -147,28 +148,29 @@ def run_patching(config: PatchConfig, out: str | Path, *, model: Any = None, ove
         ctx = prepare(engine, pairs, probe, metric=config.metric, direction=config.direction)
         summary["metric_ends"] = {"clean": ctx.metric.clean_value, "corrupted": ctx.metric.corrupted_value}
         kw = dict(progress=progress)
+        ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir else out / "checkpoints"
         label = f"{config.model}, {config.direction}, {ctx.metric.name}, {len(pairs)} pairs"
         if config.method == "activation":
             results["heads"] = patch_heads(engine, ctx, max_tokens=config.max_tokens,
-                                           checkpoint_dir=out / "checkpoints", **kw)
-            results["resid"] = patch_resid(engine, ctx, max_tokens=config.max_tokens, checkpoint_dir=out / "checkpoints",
+                                           checkpoint_dir=ckpt, **kw)
+            results["resid"] = patch_resid(engine, ctx, max_tokens=config.max_tokens, checkpoint_dir=ckpt,
                                            **kw)
             results["mlp"] = patch_layer_outputs(engine, ctx, site="mlp_out", **kw)
             if config.by_pos:  # per-position detail for the heads that matter
                 top = [(h["layer"], h["index"]) for h in results["heads"].top_heads(config.by_pos_heads)]
                 results["heads_by_pos"] = patch_heads(engine, ctx, by_pos=True, heads=top, max_tokens=config.max_tokens,
-                                                      checkpoint_dir=out / "checkpoints", **kw)
+                                                      checkpoint_dir=ckpt, **kw)
             tokens = engine.tokenizer.convert_ids_to_tokens(ctx.base[0].tolist())
             figs["resid"] = position_heatmap(results["resid"].effects, f"Residual-stream patching ({label})", tokens)
         elif config.method == "attribution":
             results["heads"] = attribute_heads(engine, ctx)
-            act = patch_heads(engine, ctx, max_tokens=config.max_tokens, checkpoint_dir=out / "checkpoints", **kw)
+            act = patch_heads(engine, ctx, max_tokens=config.max_tokens, checkpoint_dir=ckpt, **kw)
             results["activation_heads"] = act
             summary["correlation_with_activation"] = correlation(results["heads"], act)
         elif config.method == "path":
             direct = path_patch_direct(engine, ctx, max_tokens=config.max_tokens, **kw)
             results["heads"] = direct
-            act = patch_heads(engine, ctx, max_tokens=config.max_tokens, checkpoint_dir=out / "checkpoints", **kw)
+            act = patch_heads(engine, ctx, max_tokens=config.max_tokens, checkpoint_dir=ckpt, **kw)
             results["activation_heads"] = act
             ranked = [(h["layer"], h["index"]) for h in act.top_heads(config.receivers)]
             receivers = [(L, h) for L, h in ranked if L > 0] or None
