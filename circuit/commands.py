@@ -27,10 +27,12 @@ def add_circuit_parsers(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_model_args(r)
     r.add_argument("--out", type=Path, default=Path("runs/organism"), help="run directory")
-    r.add_argument("--n-prompts", type=int, default=2048, help="prompts for the probe (70/10/20 split)")
+    r.add_argument("--n-prompts", type=int, default=None,
+                   help="prompts for the probe, 70/10/20 split (default: 2048, or 1024 for models over 64 heads)")
     r.add_argument("--layer", type=int, default=None,
                    help="probe layer to patch and draw (default: the layer with the best validation accuracy)")
-    r.add_argument("--n-pairs", type=int, default=32, help="clean/corrupted pairs for patching")
+    r.add_argument("--n-pairs", type=int, default=None,
+                   help="clean/corrupted pairs for patching (default: 32, or 16 for models over 64 heads)")
     r.add_argument("--top-k", type=int, default=2, help="heads ablated together (resample ablation, refit probe)")
     r.add_argument("--n-random", type=int, default=10, help="random-head control draws")
     r.add_argument("--receivers", type=int, default=4, help="top heads used as path-patching receivers")

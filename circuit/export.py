@@ -1,14 +1,28 @@
-"""Saving and loading circuit graphs: node-link JSON, GraphML, GEXF and Graphviz DOT, chosen by suffix.
+"""Saving and loading circuit graphs: node-link JSON, GraphML, GEXF and Graphviz DOT, chosen by the suffix
+(``.json``, ``.graphml``, ``.gexf``, ``.dot``).
 
-Every format round-trips to an equal graph (same nodes, edges and attributes with the same types): node and
-edge attributes are scalars by construction (:mod:`circuit.graph`), and the DOT writer/reader here quotes and
-types every value. A file that is not ours (no ``wordpos_format`` graph attribute) or is truncated raises
-``CorruptFileError``.
+Every format round-trips to an equal graph: same nodes, edges and graph/node/edge attributes, with the same
+Python types. Attributes are flat scalars by construction (:mod:`circuit.graph`: role scores are
+``role_<name>`` floats); GraphML and GEXF refuse anything else (``ConfigError`` naming the attribute).
+
+* **JSON**: networkx node-link data (``{"graph", "nodes", "edges"}``), the form a run directory keeps.
+* **GraphML**: networkx's writer (typed keys).
+* **GEXF**: networkx's writer; GEXF has no graph attributes, so they travel as JSON in ``<meta><description>``.
+* **DOT**: written and read here (no pydot / pygraphviz). It is plain Graphviz (``dot -Tsvg graph.dot`` draws
+  it: layers as ranks, coloured edges whose pen width follows |effect|); every value is a quoted string and the
+  graph attribute ``wordpos_types`` (JSON) gives each data attribute's type per scope (``str``, ``int``,
+  ``float``, ``bool``, or ``json`` for anything else). Attributes not listed there (``rankdir``, ``fillcolor``,
+  ``color``, ``penwidth``, the ``rank=same`` groups) are presentation and are dropped on load. The reader
+  reads this writer's format only.
+
+Writes are atomic (:func:`probing.io.atomic_path`). Loading a file that is truncated, not in the format its
+suffix says, or not a wordpos circuit graph (graph attribute ``wordpos_format``) raises ``CorruptFileError``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -20,43 +34,66 @@ from probing.errors import ConfigError, CorruptFileError
 from probing.io import atomic_path
 
 FORMATS = (".json", ".graphml", ".gexf", ".dot")
+SCALARS = (str, int, float, bool)
+
+
+def _suffix(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in FORMATS:
+        raise ConfigError(f"unknown graph format {suffix or path.name!r} for {path}; use one of {', '.join(FORMATS)}.")
+    return suffix
 
 
 def _check(G: nx.DiGraph, path: Path) -> nx.DiGraph:
-    if G.graph.get("wordpos_format") != FORMAT:
-        raise CorruptFileError(f"{path} is not a wordpos circuit graph (no wordpos_format={FORMAT!r}); export one with "
-                               "`wordpos circuit` or scripts/export_circuit.py.")
+    got = G.graph.get("wordpos_format")
+    if got != FORMAT:
+        raise CorruptFileError(f"{path} is not a wordpos circuit graph (wordpos_format is {got!r}, expected "
+                               f"{FORMAT!r}); export one with `wordpos circuit` or scripts/export_circuit.py.")
     return G
 
 
+def _check_scalar_attrs(G: nx.DiGraph, fmt: str) -> None:
+    items = [("graph", "", G.graph)] + [("node", n, d) for n, d in G.nodes(data=True)] + \
+            [("edge", f"{u} -> {v}", d) for u, v, d in G.edges(data=True)]
+    for scope, where, d in items:
+        for k, v in d.items():
+            if type(v) not in SCALARS:
+                raise ConfigError(f"{fmt} keeps only str/int/float/bool attributes, but {scope} {where} has {k}="
+                                  f"{v!r} ({type(v).__name__}); flatten it into scalar attributes (as build_graph "
+                                  "does for role scores) or save as .json / .dot.")
+    for n in G:
+        if not isinstance(n, str):
+            raise ConfigError(f"node names must be strings for {fmt}; got {n!r}.")
+
+
 def save_graph(G: nx.DiGraph, path: str | Path) -> Path:
+    """Write ``G`` in the format its suffix names (atomically); returns the path."""
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in FORMATS:
-        raise ConfigError(f"unknown graph format {suffix!r}; use one of {', '.join(FORMATS)}.")
+    suffix = _suffix(path)
+    if suffix in (".graphml", ".gexf"):
+        _check_scalar_attrs(G, suffix[1:].upper())
     with atomic_path(path) as tmp:
         if suffix == ".json":
-            tmp.write_text(json.dumps(graph_to_dict(G), indent=1))
+            tmp.write_text(json.dumps(graph_to_dict(G), indent=1), encoding="utf-8")
         elif suffix == ".graphml":
             nx.write_graphml(G, tmp)
         elif suffix == ".gexf":
             nx.write_gexf(G, tmp)
             _gexf_put_graph_attrs(tmp, G.graph)
         else:
-            tmp.write_text(to_dot(G))
+            tmp.write_text(to_dot(G), encoding="utf-8")
     return path
 
 
 def load_graph(path: str | Path) -> nx.DiGraph:
+    """Read a graph written by :func:`save_graph` (format by suffix) back into an equal ``DiGraph``."""
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in FORMATS:
-        raise ConfigError(f"unknown graph format {suffix!r}; use one of {', '.join(FORMATS)}.")
-    if not path.exists():
-        raise CorruptFileError(f"{path} does not exist.")
+    suffix = _suffix(path)
+    if not path.is_file():
+        raise CorruptFileError(f"{path} does not exist; write it with circuit.save_graph or scripts/export_circuit.py.")
     try:
         if suffix == ".json":
-            G = graph_from_dict(json.loads(path.read_text()))
+            G = graph_from_dict(json.loads(path.read_text(encoding="utf-8")))
         elif suffix == ".graphml":
             G = nx.read_graphml(path)
             G.graph.pop("node_default", None)
@@ -68,12 +105,15 @@ def load_graph(path: str | Path) -> nx.DiGraph:
             for *_, d in G.edges(data=True):
                 d.pop("id", None)
         else:
-            G = from_dot(path.read_text())
-    except CorruptFileError:
-        raise
-    except Exception as e:
+            G = from_dot(path.read_text(encoding="utf-8"))
+    except CorruptFileError as e:
+        raise CorruptFileError(f"{path}: {e}") from e
+    except Exception as e:  # XML / JSON parse errors, wrong structure, undecodable bytes
         raise CorruptFileError(f"{path} cannot be read as {suffix[1:]} ({type(e).__name__}: {str(e)[:200]}); it is "
-                               "truncated or not a graph. Re-export it from the run directory.") from e
+                               "truncated or not a graph. Re-export it from the run directory "
+                               "(scripts/export_circuit.py).") from e
+    if isinstance(G, (nx.MultiDiGraph, nx.MultiGraph)) or not G.is_directed():
+        raise CorruptFileError(f"{path} holds a {type(G).__name__}, not a wordpos circuit graph (a DiGraph).")
     return _check(nx.DiGraph(G), path)
 
 
@@ -84,16 +124,18 @@ _GEXF_TAG = "wordpos-graph-attributes:"
 def _gexf_put_graph_attrs(path: Path, attrs: dict[str, Any]) -> None:
     import xml.etree.ElementTree as ET
 
-    ns = "http://www.gexf.net/1.2draft"
-    ET.register_namespace("", ns)
+    root_ns = ET.parse(path).getroot().tag.split("}")[0].lstrip("{")
+    ET.register_namespace("", root_ns)
     ET.register_namespace("xsi", "http://www.w3.org/2001/XMLSchema-instance")
     tree = ET.parse(path)
     root = tree.getroot()
-    meta = root.find(f"{{{ns}}}meta")
+    meta = root.find(f"{{{root_ns}}}meta")
     if meta is None:
-        meta = ET.Element(f"{{{ns}}}meta")
+        meta = ET.Element(f"{{{root_ns}}}meta")
         root.insert(0, meta)
-    desc = ET.SubElement(meta, f"{{{ns}}}description")
+    for old in meta.findall(f"{{{root_ns}}}description"):
+        meta.remove(old)
+    desc = ET.SubElement(meta, f"{{{root_ns}}}description")
     desc.text = _GEXF_TAG + json.dumps(attrs)
     tree.write(path, encoding="utf-8", xml_declaration=True)
 
@@ -107,56 +149,153 @@ def _gexf_get_graph_attrs(path: Path) -> dict[str, Any]:
     return {}
 
 
-# ---- Graphviz DOT, typed: every attribute value is written as a JSON literal inside a DOT string ------------
-def _attrs(d: dict[str, Any]) -> str:
-    items = [f'{k}="{_esc(json.dumps(v))}"' for k, v in d.items()]
+# ---- Graphviz DOT: plain quoted strings + a type table (wordpos_types) -----------------------------------------
+_TYPES_KEY = "wordpos_types"
+_HEADER = "// wordpos circuit graph: data attributes and their types are listed in wordpos_types"
+_POS, _NEG = "#2166ac", "#b2182b"
+_FILL = {"embed": "#bdbdbd", "probe": "#a6d96a", "head": "#fdae61", "mlp": "#abd9e9"}
+
+
+def _type_of(v: Any) -> str:
+    return {bool: "bool", int: "int", float: "float", str: "str"}.get(type(v), "json")
+
+
+def _types(dicts: list[dict[str, Any]]) -> dict[str, str]:
+    seen: dict[str, set[str]] = {}
+    for d in dicts:
+        for k, v in d.items():
+            seen.setdefault(str(k), set()).add(_type_of(v))
+    return {k: (t.pop() if len(t) == 1 else "json") for k, t in seen.items()}
+
+
+def _encode(v: Any, t: str) -> str:
+    if t == "json":
+        return json.dumps(v)
+    if t == "bool":
+        return "true" if v else "false"
+    if t == "float":
+        return repr(float(v))
+    return str(v)
+
+
+def _decode(s: str, t: str) -> Any:
+    if t == "json":
+        return json.loads(s)
+    if t == "bool":
+        if s not in ("true", "false"):
+            raise CorruptFileError(f"bad bool {s!r}")
+        return s == "true"
+    if t == "int":
+        return int(s)
+    if t == "float":
+        return float(s)
+    if t == "str":
+        return s
+    raise CorruptFileError(f"unknown attribute type {t!r} in {_TYPES_KEY}")
+
+
+def _q(s: Any) -> str:
+    s = str(s).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+    return f'"{s}"'
+
+
+def _attr_list(d: dict[str, Any], types: dict[str, str], extra: dict[str, Any] | None = None) -> str:
+    items = [f"{_q(k)}={_q(_encode(v, types[str(k)]))}" for k, v in d.items()]
+    items += [f"{_q(k)}={_q(v)}" for k, v in (extra or {}).items() if k not in d]
     return f" [{', '.join(items)}]" if items else ""
 
 
-def _esc(s: str) -> str:
-    return s.replace("\\", "\\\\").replace('"', '\\"')
-
-
 def to_dot(G: nx.DiGraph) -> str:
-    lines = ["digraph circuit {", "  rankdir=LR;"]
-    lines += [f'  graph{_attrs({k: v})};' for k, v in G.graph.items()]
+    """Graphviz DOT text for ``G`` (see the module docstring); :func:`from_dot` reads it back."""
+    nodes = [d for _, d in G.nodes(data=True)]
+    edges = [d for *_, d in G.edges(data=True)]
+    types = {"graph": _types([G.graph]), "node": _types(nodes), "edge": _types(edges)}
+    graph_attrs = {**G.graph, _TYPES_KEY: json.dumps(types, sort_keys=True)}
+    gtypes = {**types["graph"], _TYPES_KEY: "str"}
+    scale = max((abs(d["effect"]) for d in edges if isinstance(d.get("effect"), (int, float))
+                 and math.isfinite(d["effect"])), default=0.0) or 1.0
+    lines = [_HEADER, "digraph circuit {", f"  graph{_attr_list(graph_attrs, gtypes, {'rankdir': 'LR'})};",
+             '  node [shape="box", style="rounded,filled"];']
     for n, d in G.nodes(data=True):
-        lines.append(f'  "{_esc(n)}"{_attrs(d)};')
+        lines.append(f"  {_q(n)}{_attr_list(d, types['node'], {'fillcolor': _FILL.get(d.get('kind'), '#ffffff')})};")
     for u, v, d in G.edges(data=True):
-        lines.append(f'  "{_esc(u)}" -> "{_esc(v)}"{_attrs(d)};')
+        e = d.get("effect")
+        extra = {}
+        if isinstance(e, (int, float)) and math.isfinite(e):
+            extra = {"color": _POS if e >= 0 else _NEG, "penwidth": f"{0.5 + 5.5 * abs(e) / scale:.2f}"}
+        lines.append(f"  {_q(u)} -> {_q(v)}{_attr_list(d, types['edge'], extra)};")
+    by_layer: dict[Any, list[str]] = {}
+    for n, d in G.nodes(data=True):
+        if d.get("kind") in ("head", "mlp"):
+            by_layer.setdefault(d.get("layer"), []).append(n)
+    for _, names in sorted(by_layer.items(), key=lambda kv: str(kv[0])):
+        lines.append("  { rank=same; " + " ".join(f"{_q(n)};" for n in names) + " }")
     lines.append("}")
     return "\n".join(lines) + "\n"
 
 
 _STR = r'"((?:[^"\\]|\\.)*)"'
-_ATTR = re.compile(r'(\w+)=' + _STR)
-_NODE = re.compile(r'^\s*' + _STR + r'(?:\s*\[(.*)\])?;\s*$')
-_EDGE = re.compile(r'^\s*' + _STR + r'\s*->\s*' + _STR + r'(?:\s*\[(.*)\])?;\s*$')
-_GRAPH = re.compile(r'^\s*graph\s*\[(.*)\];\s*$')
+_ATTR = re.compile(_STR + r"\s*=\s*" + _STR + r"\s*(?:,\s*|$)")
+_NODE = re.compile(r"^" + _STR + r"(?:\s*\[(.*)\])?;$")
+_EDGE = re.compile(r"^" + _STR + r"\s*->\s*" + _STR + r"(?:\s*\[(.*)\])?;$")
+_GRAPH = re.compile(r"^graph\s*\[(.*)\];$")
+_RANK = re.compile(r"^\{\s*rank=same;.*\}$")
+_NODE_DEFAULT = re.compile(r"^node\s*\[.*\];$")
 
 
-def _unesc(s: str) -> str:
-    return re.sub(r"\\(.)", r"\1", s)
+def _unq(s: str) -> str:
+    return re.sub(r"\\(.)", lambda m: {"n": "\n", "r": "\r"}.get(m.group(1), m.group(1)), s)
 
 
-def _parse_attrs(text: str | None) -> dict[str, Any]:
-    return {k: json.loads(_unesc(v)) for k, v in _ATTR.findall(text or "")}
+def _parse_attrs(text: str | None, lineno: int) -> dict[str, str]:
+    text = (text or "").strip()
+    out, pos = {}, 0
+    while pos < len(text):
+        m = _ATTR.match(text, pos)
+        if not m:
+            raise CorruptFileError(f"line {lineno}: unreadable attribute list near {text[pos:pos + 60]!r}")
+        out[_unq(m.group(1))] = _unq(m.group(2))
+        pos = m.end()
+    return out
+
+
+def _typed(raw: dict[str, str], types: dict[str, str]) -> dict[str, Any]:
+    return {k: _decode(v, types[k]) for k, v in raw.items() if k in types}
 
 
 def from_dot(text: str) -> nx.DiGraph:
-    lines = text.strip().splitlines()
-    if not lines or not lines[0].startswith("digraph") or lines[-1].strip() != "}":
-        raise CorruptFileError("not a complete DOT digraph (missing header or closing brace).")
-    G = nx.DiGraph()
-    for line in lines[1:-1]:
-        if line.strip() in ("", "rankdir=LR;"):
-            continue
+    """Read DOT text written by :func:`to_dot`; anything else raises ``CorruptFileError``."""
+    lines = [(i + 1, line.strip()) for i, line in enumerate(text.splitlines())]
+    lines = [(i, s) for i, s in lines if s and not s.startswith("//")]
+    if not lines or not re.match(r"^digraph\b.*\{$", lines[0][1]):
+        raise CorruptFileError("not a DOT digraph written by wordpos (no 'digraph ... {' header).")
+    if lines[-1][1] != "}":
+        raise CorruptFileError("the DOT file is truncated (no closing brace).")
+    graph_raw: dict[str, str] = {}
+    nodes: list[tuple[str, dict[str, str]]] = []
+    edges: list[tuple[str, str, dict[str, str]]] = []
+    for lineno, line in lines[1:-1]:
         if m := _GRAPH.match(line):
-            G.graph.update(_parse_attrs(m.group(1)))
+            graph_raw.update(_parse_attrs(m.group(1), lineno))
+        elif _NODE_DEFAULT.match(line) or _RANK.match(line):
+            continue
         elif m := _EDGE.match(line):
-            G.add_edge(_unesc(m.group(1)), _unesc(m.group(2)), **_parse_attrs(m.group(3)))
+            edges.append((_unq(m.group(1)), _unq(m.group(2)), _parse_attrs(m.group(3), lineno)))
         elif m := _NODE.match(line):
-            G.add_node(_unesc(m.group(1)), **_parse_attrs(m.group(2)))
+            nodes.append((_unq(m.group(1)), _parse_attrs(m.group(2), lineno)))
         else:
-            raise CorruptFileError(f"unreadable DOT line: {line[:80]!r}")
+            raise CorruptFileError(f"line {lineno} is not a statement of wordpos' DOT format: {line[:80]!r}")
+    if _TYPES_KEY not in graph_raw:
+        raise CorruptFileError(f"not a wordpos circuit graph (no {_TYPES_KEY} graph attribute); the DOT reader only "
+                               "reads files written by circuit.save_graph.")
+    try:
+        types = json.loads(graph_raw.pop(_TYPES_KEY))
+        G = nx.DiGraph()
+        G.graph.update(_typed(graph_raw, types["graph"]))
+        for n, raw in nodes:
+            G.add_node(n, **_typed(raw, types["node"]))
+        for u, v, raw in edges:
+            G.add_edge(u, v, **_typed(raw, types["edge"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptFileError(f"attribute values do not match their declared types ({type(e).__name__}: {e}).") from e
     return G

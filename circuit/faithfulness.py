@@ -3,7 +3,11 @@ much of the probe's above-baseline accuracy on held-out words survives.
 
 ``share = (acc_circuit - baseline) / (acc_full - baseline)`` with ``baseline`` the position-only classifier's
 accuracy: 1 means the circuit's heads alone carry everything the probe reads beyond position; 0 means
-nothing. MLPs and embeddings are kept (the circuit is a set of heads).
+nothing. The circuit is a set of heads: MLPs, embeddings and the heads after the probe's layer (which
+cannot change it) are never ablated. ``method`` is the ablation of the heads outside the circuit (``mean``:
+each head's position-wise mean output over the *train* prompts, :func:`patching.ablation.head_means`).
+The accuracies are on the held-out words (``data.test``); ``share`` is NaN when the probe is no better than
+the baseline (nothing to keep).
 """
 
 from __future__ import annotations
@@ -13,16 +17,19 @@ from typing import Any
 
 import numpy as np
 
-from patching.ablation import AblationMethod, ablated_predictions, head_means
+from patching.ablation import ABLATIONS, AblationMethod, ablated_predictions, head_means, parse_heads
 from patching.activation import check_probe
 from probing.baselines import PositionBaseline
 from probing.datasets import WordIndexDataset
 from probing.engine import as_engine
+from probing.errors import ConfigError
 from probing.probe import WordIndexProbe
 
 
 @dataclass
 class FaithfulnessResult:
+    """``share`` = (accuracy_circuit − baseline) / (accuracy_full − baseline), with the raw numbers."""
+
     share: float
     accuracy_circuit: float
     accuracy_full: float
@@ -38,9 +45,17 @@ class FaithfulnessResult:
 
 def faithfulness(model: Any, probe: WordIndexProbe, data: WordIndexDataset, circuit_heads: list[tuple[int, int]], *,
                  method: AblationMethod = "mean", batch_size: int = 64, seed: int = 0) -> FaithfulnessResult:
+    """Probe accuracy on held-out words with every head outside ``circuit_heads`` (``[(L, H)]`` or ``"L.H"``
+    strings; layers up to the probe's) ablated, against the full model and the position-only baseline."""
     engine = as_engine(model)
     layer = check_probe(engine, probe)
-    keep = {(int(L), int(h)) for L, h in circuit_heads}
+    if method not in ABLATIONS:
+        raise ConfigError(f"method must be one of {ABLATIONS}, got {method!r}.")
+    keep = set(parse_heads(list(circuit_heads), engine.dims)) if len(circuit_heads) else set()
+    late = sorted(f"{L}.{h}" for L, h in keep if L > layer)
+    if late:
+        raise ConfigError(f"circuit heads {late} are after the probe's layer {layer}; a circuit for this probe holds "
+                          f"heads of layers 0..{layer}.")
     outside = [(L, h) for L in range(layer + 1) for h in range(engine.dims.n_heads) if (L, h) not in keep]
     y = data.test.labels.numpy()
     means = head_means(engine, data.train, list(range(layer + 1)), batch_size) if method == "mean" else None

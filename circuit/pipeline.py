@@ -27,8 +27,8 @@ class RunConfig:
     """Settings of ``wordpos run`` (saved as ``config.json``); defaults are sized for a 2-core CPU."""
 
     model: str = DEFAULT_MODEL
-    n_prompts: int = 2048
-    n_pairs: int = 32
+    n_prompts: int | None = None  # None: sized to the model (see ``sized``)
+    n_pairs: int | None = None
     top_k: int = 2
     n_random: int = 10
     receivers: int = 4
@@ -40,6 +40,15 @@ class RunConfig:
     device: str | None = None
     engine: str = "tl"
     remote: bool = False
+
+    def sized(self, n_layers: int, n_heads: int) -> "RunConfig":
+        """Defaults sized for a 2-core CPU: 2048 prompts and 32 pairs for small models (<= 64 heads),
+        1024 prompts and 16 pairs for bigger ones (SmolLM2-135M: 270 heads)."""
+        small = n_layers * n_heads <= 64
+        from dataclasses import replace
+
+        return replace(self, n_prompts=self.n_prompts or (2048 if small else 1024),
+                       n_pairs=self.n_pairs or (32 if small else 16))
 
     def identity(self) -> dict[str, Any]:
         return config_identity(self, exclude=("device", "engine", "remote"))
@@ -70,13 +79,15 @@ def _stage(name: str, timings: dict[str, float], progress: bool):
 def run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
                  model: Any = None) -> RunResult:
     """Run every stage into ``out`` (``out/probe``, ``out/patch_*``, ``out/ablation``, ``out/circuit``)."""
-    from probing.engine import make_engine
+    from probing.engine import as_engine, make_engine
 
     out = Path(out)
-    prepare_run_dir(out, {"stage": "run", **config.identity()}, overwrite=overwrite)
     timings: dict[str, float] = {}
     with _stage("load model", timings, progress):
         model = model if model is not None else make_engine(config.model, config.engine, config.device, config.remote)
+    dims = as_engine(model).dims
+    config = config.sized(dims.n_layers, dims.n_heads)
+    prepare_run_dir(out, {"stage": "run", **config.identity()}, overwrite=overwrite)
     with _stage("probe (all layers)", timings, progress):
         probe_run = run_probe(ProbeConfig(model=config.model, layers="all", n_prompts=config.n_prompts,
                                           seed=config.seed, device=config.device),
@@ -160,7 +171,7 @@ def build_circuit_stage(config: RunConfig, out: Path, *, model: Any = None, over
         pruned = prune_min_edges(G, keep=config.keep)
     heads = sorted({(d["layer"], d["head"]) for _, d in pruned.graph.nodes(data=True) if d.get("kind") == "head"})
     vocab = _vocab_for(probe_dir, engine.tokenizer, config.seed)
-    data = WordIndexDataset.generate(engine.tokenizer, DatasetConfig(n_prompts=min(config.n_prompts, 1024),
+    data = WordIndexDataset.generate(engine.tokenizer, DatasetConfig(n_prompts=min(config.n_prompts or 1024, 1024),
                                                                      n_words=len(probe.classes_), seed=config.seed),
                                      vocab=vocab)
     faith = faithfulness(engine, probe, data, heads, method="mean")
