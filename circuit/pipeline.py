@@ -161,8 +161,14 @@ def build_circuit_stage(config: RunConfig, out: Path, *, model: Any = None, over
     probe, probe_dir = load_probe(probe_path or out / "probe")
     engine = as_engine(model) if model is not None else make_engine(config.model, config.engine, config.device,
                                                                     config.remote)
-    G = build_graph(direct, edges, roles, mlp, model=config.model, probe_layer=int(probe.layer),
-                    metric=direct.metric, n_prompts=direct.n_prompts, n_heads=engine.dims.n_heads)
+    act_dir = out / "patch_activation"
+    total = EffectResult.load(act_dir) if (act_dir / "effects.json").exists() else None
+    graph_args = dict(model=config.model, probe_layer=int(probe.layer), metric=direct.metric,
+                      n_prompts=direct.n_prompts, n_heads=engine.dims.n_heads, total=total)
+    G_full = build_graph(direct, edges, roles, mlp, **graph_args)
+    # the circuit is a set of heads (faithfulness ablates heads, never MLPs): MLP edges, whose effects are
+    # total rather than direct, stay in graph_full but do not compete for the pruning share
+    G = build_graph(direct, edges, roles, None, **graph_args)
     if config.threshold is not None:
         pruned = prune_threshold(G, config.threshold)
     elif config.circuit_top_k is not None:
@@ -176,7 +182,7 @@ def build_circuit_stage(config: RunConfig, out: Path, *, model: Any = None, over
                                      vocab=vocab)
     faith = faithfulness(engine, probe, data, heads, method="mean")
     cdir.mkdir(parents=True, exist_ok=True)
-    save_graph(G, cdir / "graph_full.json")
+    save_graph(G_full, cdir / "graph_full.json")
     for suffix in ("json", "graphml", "gexf", "dot"):
         save_graph(pruned.graph, cdir / f"graph.{suffix}")
     fig = render_circuit(pruned.graph)

@@ -24,6 +24,7 @@ edges, i.e. ``head → probe``, ``mlp → probe`` and ``head → head``):
 * ``embed`` is kept, with its edges to the kept heads that have no kept head → head in-edge (where the circuit
   first reads the prompt), when there is any such head.
 
+The pruned graph keeps the input's graph attributes plus ``prune_rule`` and ``prune_parameter``.
 A rule that keeps nothing raises :class:`~probing.errors.ConfigError` naming the largest ``|e|`` available.
 """
 

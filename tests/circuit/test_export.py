@@ -1,3 +1,8 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import networkx as nx
 import pytest
 
@@ -5,6 +10,7 @@ from circuit import load_graph, save_graph
 from circuit.export import FORMATS
 from probing import ConfigError, CorruptFileError
 
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("suffix", FORMATS)
@@ -36,3 +42,49 @@ def test_foreign_graph_and_unknown_format(tmp_path):
         load_graph(tmp_path / "x.graphml")
     with pytest.raises(ConfigError, match="unknown graph format"):
         save_graph(nx.DiGraph(), tmp_path / "x.pdf")
+
+
+def test_pruned_graph_round_trips_and_dot_is_graphviz_shaped(synthetic, tmp_path):
+    from circuit import prune_min_edges
+
+    G = prune_min_edges(synthetic, 0.9).graph
+    for suffix in FORMATS:
+        H = load_graph(save_graph(G, tmp_path / f"p{suffix}"))
+        assert nx.utils.graphs_equal(G, H), suffix
+    text = (tmp_path / "p.dot").read_text()
+    assert text.splitlines()[1].startswith("digraph") and "rank=same" in text and "penwidth" in text
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_foreign_files_are_refused(synthetic, tmp_path):
+    (tmp_path / "x.dot").write_text('digraph G {\n  a -> b;\n}\n')
+    (tmp_path / "x.json").write_text(json.dumps(nx.node_link_data(nx.path_graph(3), edges="edges")))
+    nx.write_gexf(nx.path_graph(3, create_using=nx.DiGraph), tmp_path / "x.gexf")
+    (tmp_path / "y.graphml").write_bytes(b"\x89PNG not xml")
+    for name in ("x.dot", "x.json", "x.gexf", "y.graphml"):
+        with pytest.raises(CorruptFileError, match="not a wordpos|cannot be read|not a statement"):
+            load_graph(tmp_path / name)
+    with pytest.raises(CorruptFileError, match="does not exist"):
+        load_graph(tmp_path / "missing.json")
+    bad = synthetic.copy()
+    bad.nodes["0.2"]["scores"] = {"a": 1.0}
+    with pytest.raises(ConfigError, match="flatten"):
+        save_graph(bad, tmp_path / "bad.graphml")
+    H = load_graph(save_graph(bad, tmp_path / "bad.dot"))  # DOT and JSON keep any JSON value
+    assert H.nodes["0.2"]["scores"] == {"a": 1.0}
+
+
+def test_export_script(synthetic, tmp_path):
+    run = tmp_path / "run"
+    save_graph(synthetic, run / "circuit" / "graph.json")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "export_circuit.py"), str(run), "--formats",
+                           "json,graphml,gexf,dot,html", "--out", str(out)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for suffix in ("json", "graphml", "gexf", "dot"):
+        assert nx.utils.graphs_equal(load_graph(out / f"graph.{suffix}"), synthetic)
+    assert (out / "graph.html").stat().st_size > 1_000_000
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "export_circuit.py"), str(run), "--formats", "pdf"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert bad.returncode != 0 and "pdf" in bad.stderr

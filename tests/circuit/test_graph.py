@@ -29,16 +29,54 @@ def test_pruning_recovers_the_planted_structure(synthetic):
         ranked = {(u, v) for u, v in res.graph.edges if u != "embed"}
         assert heads == {"0.2", "1.1"}, res.rule
         assert ranked == {("0.2", "probe"), ("1.1", "probe"), ("0.2", "1.1")}, res.rule
-        assert set(res.graph.successors("embed")) == heads
+        assert set(res.graph.successors("embed")) == {"0.2"}  # where the circuit first reads the prompt
+        assert res.kept_share == pytest.approx(1.1 / probe_inflow(synthetic)) and res.threshold == pytest.approx(0.3)
+    assert synthetic.number_of_edges() == 34  # pruning does not touch its input
+
+
+def test_min_edges_definition(synthetic):
+    total = probe_inflow(synthetic)
+    # only 0.2 → probe is needed for half of the effect into the probe; 1.1 is not kept, so neither is 0.2 → 1.1
+    half = prune_min_edges(synthetic, 0.5)
+    assert set(half.graph.edges) == {("0.2", "probe"), ("embed", "0.2")} and half.kept_share >= 0.5
+    for keep in (0.8, 0.9, 0.95, 0.99):
+        res = prune_min_edges(synthetic, keep)
+        assert res.kept_share >= keep
+        into = sorted((abs(d["effect"]) for *_, d in synthetic.in_edges("probe", data=True)), reverse=True)
+        n_in = sum(1 for u, v in res.kept_edges if v == "probe")
+        assert sum(into[: n_in - 1]) < keep * total  # the fewest edges into the probe
+        for u, v in res.kept_edges:  # upstream edges carry at least 1 - keep of what their receiver passes on
+            if v != "probe":
+                flow = sum(abs(res.graph.edges[v, w]["effect"]) for w in res.graph.successors(v))
+                assert abs(res.graph.edges[u, v]["effect"]) >= (1 - keep) * flow
+    assert prune_min_edges(synthetic, 1.0).kept_share == pytest.approx(1.0)
+
+
+def test_graph_validation_and_nan(synthetic):
+    import numpy as np
+
+    from patching.results import EffectResult
+
+    direct = np.full((2, 4), np.nan)
+    direct[0, 2] = 0.8
+    G = build_graph(EffectResult(direct, ("layer", "head"), "path", "m"), model="toy", probe_layer=1, metric="m",
+                    n_prompts=4, n_heads=4)
+    assert G.number_of_nodes() == 1 + 8 + 1 and list(G.predecessors("probe")) == ["0.2"]
+    assert G.graph["n_heads"] == 4 and G.graph["wordpos_format"] == "wordpos.circuit/1"
+    with pytest.raises(ConfigError, match="direct effects have shape"):
+        build_graph(EffectResult(direct, ("layer", "head"), "path", "m"), model="toy", probe_layer=2, metric="m",
+                    n_prompts=4, n_heads=4)
 
 
 def test_pruning_that_leaves_nothing_is_an_error(synthetic):
-    with pytest.raises(ConfigError, match="largest \\|effect\\| is 0.8"):
+    with pytest.raises(ConfigError, match="largest \\|effect\\| available is 0.8"):
         prune_threshold(synthetic, 5.0)
     with pytest.raises(ConfigError, match="top-k"):
         prune_top_k(synthetic, 0)
     with pytest.raises(ConfigError, match="keep"):
         prune_min_edges(synthetic, 1.5)
+    with pytest.raises(ConfigError, match="threshold"):
+        prune_threshold(synthetic, -1)
 
 
 def test_planted_model_circuit_is_exactly_the_planted_one(planted_model, planted_ctx):
@@ -60,11 +98,17 @@ def test_faithfulness_of_everything_and_of_nothing(tiny_model, tiny_probe, small
     empty = faithfulness(tiny_model, tiny_probe, small_data, [])
     direct = ablate_heads(tiny_model, tiny_probe, small_data, all_heads, method="mean", refit=False, progress=False)
     assert empty.accuracy_circuit == pytest.approx(direct.accuracy)
+    assert empty.share == pytest.approx((direct.accuracy - direct.baseline_abs_pos_accuracy)
+                                        / (direct.clean_accuracy - direct.baseline_abs_pos_accuracy))
+    assert empty.accuracy_full == pytest.approx(direct.clean_accuracy) and empty.ablated_heads == 8
+    same = faithfulness(tiny_model, tiny_probe, small_data, ["0.1", "1.2"])
+    assert same.circuit_heads == ["0.1", "1.2"] and same.ablated_heads == 6
+    with pytest.raises(ConfigError):
+        faithfulness(tiny_model, tiny_probe, small_data, [(0, 9)])
 
 
 def test_planted_counter_alone_is_faithful(planted_model, planted_probe, planted_data):
     res = faithfulness(planted_model, planted_probe, planted_data, [PLANTED.counter, *PLANTED.receivers])
-    # the probe also leans on the distractors' position features, which mean ablation blurs: ~0.84, not 1
     assert res.share > 0.8
     res_wrong = faithfulness(planted_model, planted_probe, planted_data, list(PLANTED.distractors.values()))
     assert res_wrong.share < 0.2

@@ -21,13 +21,17 @@ window.addEventListener('error', e => window.__errors.push(String(e.message)));
 const origError = console.error;
 console.error = (...a) => { window.__errors.push(a.join(' ')); origError(...a); };
 window.addEventListener('load', () => setTimeout(() => {
-  const gd = document.querySelector('.plotly-graph-div');
-  const idx = gd.data.findIndex(t => t.name === 'nodes');
-  const traces = gd.querySelectorAll('.scatterlayer .trace');
-  const drawn = traces[idx].querySelectorAll('path.point').length;
   const out = document.createElement('pre');
   out.id = 'wordpos-probe';
-  out.textContent = JSON.stringify({drawn: drawn, errors: window.__errors, plotly: typeof Plotly});
+  let drawn = -1, names = [];
+  try {
+    const gd = document.querySelector('.plotly-graph-div');
+    const full = gd._fullData.find(t => t.name === 'nodes');   // the one "nodes" trace, found by its uid
+    const group = gd.querySelector('.scatterlayer .trace' + full.uid);
+    drawn = group.querySelectorAll('path.point').length;
+    names = full.meta;
+  } catch (e) { window.__errors.push('probe: ' + e); }
+  out.textContent = JSON.stringify({drawn: drawn, names: names, errors: window.__errors, plotly: typeof Plotly});
   document.body.appendChild(out);
 }, 1500));
 </script>
@@ -56,4 +60,15 @@ def test_diagram_renders_in_chromium_with_every_node(synthetic, tmp_path):
     assert result["plotly"] == "object"
     assert result["errors"] == []
     assert "Uncaught" not in proc.stderr
+    console = [ln for ln in proc.stderr.splitlines() if "CONSOLE" in ln and re.search(r"error|Uncaught", ln, re.I)]
+    assert console == []
     assert result["drawn"] == synthetic.number_of_nodes()
+    assert sorted(result["names"]) == sorted(synthetic.nodes)
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (apt-get install chromium)")
+def test_pruned_diagram_renders_in_chromium(synthetic, tmp_path):
+    from circuit import prune_min_edges
+
+    test_diagram_renders_in_chromium_with_every_node(prune_min_edges(synthetic, 0.9).graph, tmp_path)
