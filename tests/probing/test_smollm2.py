@@ -74,9 +74,9 @@ def test_real_model_matches_transformers_and_probes():
     ids = torch.tensor([[0] + model.tokenizer.encode("The capital of France is Paris.\nWhen the", add_special_tokens=False)])
     with torch.no_grad():
         assert (model(ids) - hf(ids).logits).abs().max() < 1e-4
-    data = WordIndexDataset.default(model.tokenizer, n_prompts=60, seed=0)
+    data = WordIndexDataset.default(model.tokenizer, n_prompts=200, seed=0)
     assert data.seq_start_id == 0  # <|endoftext|>, see probing.smollm2
-    acts = collect_residuals(model, data, layers=[3], progress=False)
-    probe = WordIndexProbe(layer=3).fit(acts.train(3), acts.labels["train"])
+    acts = collect_residuals(model, data, layers=[19], progress=False)  # the best layer in docs/smollm2.md
+    probe = WordIndexProbe(layer=19).fit(acts.train(19), acts.labels["train"])
     assert probe.directions_.shape == (7, 576)
-    assert probe.score(acts.test(3), acts.labels["test"]) > 0.3
+    assert probe.score(acts.test(19), acts.labels["test"]) > 0.35  # chance is 1/7
