@@ -61,15 +61,21 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _stage(name: str, timings: dict[str, float], progress: bool):
+def _stage(name: str, timings: dict[str, float], progress: bool, marker: Path | None = None,
+           computed: dict[str, float] | None = None, overwrite: bool = False):
+    """Time a stage into ``timings`` (this invocation). ``computed`` keeps what each stage cost when it was
+    actually computed: a stage whose ``marker`` file already existed is read back, so its earlier cost stays."""
     class _T:
         def __enter__(self):
+            self.reused = marker is not None and marker.exists() and not overwrite
             if progress:
-                print(f"[wordpos run] {name} ...", flush=True)
+                print(f"[wordpos run] {name} ...{' (reusing saved results)' if self.reused else ''}", flush=True)
             self.t0 = time.perf_counter()
 
         def __exit__(self, *exc):
             timings[name] = round(time.perf_counter() - self.t0, 2)
+            if computed is not None and (not self.reused or name not in computed):
+                computed[name] = timings[name]
             if progress and exc[0] is None:
                 print(f"[wordpos run] {name} done in {timings[name]:.1f} s", flush=True)
 
@@ -88,7 +94,12 @@ def run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool = False,
     dims = as_engine(model).dims
     config = config.sized(dims.n_layers, dims.n_heads)
     prepare_run_dir(out, {"stage": "run", **config.identity()}, overwrite=overwrite)
-    with _stage("probe (all layers)", timings, progress):
+    old = out / "summary.json"
+    prev = read_json(old, "run summary") if old.exists() and not overwrite else {}
+    computed: dict[str, float] = dict(prev.get("compute_s", prev.get("timings_s", {})))  # older runs: timings_s
+    computed["load model"] = timings["load model"]
+    kw = dict(computed=computed, overwrite=overwrite)
+    with _stage("probe (all layers)", timings, progress, out / "probe" / "metrics.json", **kw):
         probe_run = run_probe(ProbeConfig(model=config.model, layers="all", n_prompts=config.n_prompts,
                                           seed=config.seed, device=config.device),
                               out / "probe", model=model, overwrite=overwrite, progress=progress)
@@ -104,11 +115,15 @@ def run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool = False,
                   n_prompts=min(config.n_prompts, 768), checkpoint_dir=str(out / "checkpoints"))
     stages = {}
     for method in ("activation", "attribution", "path", "ablation"):
-        with _stage(f"{method} patching" if method != "ablation" else "ablation", timings, progress):
+        with _stage(f"{method} patching" if method != "ablation" else "ablation", timings, progress,
+                    out / f"patch_{method}" / "summary.json", **kw):
             stages[method] = run_patching(PatchConfig(method=method, **common), out / f"patch_{method}",
                                           model=model, overwrite=overwrite, progress=progress)
-    with _stage("circuit", timings, progress):
+    with _stage("circuit", timings, progress, out / "circuit" / "circuit.json", **kw):
         circuit_summary = build_circuit_stage(config, out, model=model, overwrite=overwrite, probe_path=probe_path)
+    with _stage("attention evidence", timings, progress, out / "attention" / "evidence.json", **kw):
+        heads = _evidence_heads(stages, circuit_summary)
+        attention = attention_stage(config, out, heads, model=model, overwrite=overwrite, probe_path=probe_path)
     summary = {
         "model": config.model,
         "patched_layer": int(load_probe(probe_path)[0].layer),
@@ -119,16 +134,66 @@ def run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool = False,
         "attribution_vs_activation_correlation": stages["attribution"].summary.get("correlation_with_activation"),
         "ablation": stages["ablation"].summary.get("top_k_ablation"),
         "circuit": circuit_summary,
+        "attention": attention,
         "timings_s": timings,
+        "compute_s": computed,
     }
     write_json(out / "summary.json", summary)
-    with _stage("report", timings, progress):
+    with _stage("report", timings, progress, computed=computed):
         from circuit.report import write_report
 
         write_report(out, summary)
     summary["timings_s"] = timings
+    summary["compute_s"] = computed
+    summary["compute_total_s"] = round(sum(computed.values()), 1)
     write_json(out / "summary.json", summary)
     return RunResult(out=out, summary=summary, timings=timings)
+
+
+def _evidence_heads(stages: dict[str, Any], circuit_summary: dict[str, Any], n_top: int = 6,
+                    max_heads: int = 9) -> list[tuple[int, int]]:
+    """Heads whose attention patterns the report shows, most important first: the top activation-patching
+    heads, the ablated top-k, then the circuit's (at most ``max_heads``; returned sorted by layer)."""
+    names = [h["head"] for h in stages["activation"].summary["top_heads"][:n_top]]
+    names += [f"{L}.{h}" for L, h in (stages["ablation"].summary.get("top_k_ablation") or {}).get("heads", [])]
+    names += list(circuit_summary.get("heads", []))
+    seen = list(dict.fromkeys(names))[:max_heads]
+    return sorted(tuple(int(x) for x in n.split(".")) for n in seen)
+
+
+def attention_stage(config: RunConfig, out: Path, heads: list[tuple[int, int]], *, model: Any = None,
+                    overwrite: bool = False, probe_path: Path | None = None, n_prompts: int = 128) -> dict[str, Any]:
+    """Attention-pattern evidence for the anchor hypothesis on the heads found (``attention/evidence.json``)
+    and their patterns on one held-out prompt (``attention/patterns.*``)."""
+    from patching.experiment import _vocab_for
+    from patching.plots import attention_patterns
+    from patching.roles import anchor_evidence, head_patterns
+    from probing.datasets import DatasetConfig, WordIndexDataset
+    from probing.engine import as_engine, make_engine
+    from probing.plots import save_figures
+
+    adir = out / "attention"
+    if (adir / "evidence.json").exists() and not overwrite:
+        return read_json(adir / "evidence.json", "attention evidence")
+    probe, probe_dir = load_probe(probe_path or out / "probe")
+    engine = as_engine(model) if model is not None else make_engine(config.model, config.engine, config.device,
+                                                                    config.remote)
+    vocab = _vocab_for(probe_dir, engine.tokenizer, config.seed)
+    data = WordIndexDataset.generate(engine.tokenizer, DatasetConfig(n_prompts=max(n_prompts * 5, 64),
+                                                                     n_words=len(probe.classes_), seed=config.seed),
+                                     vocab=vocab)
+    prompts = data.test
+    evidence = anchor_evidence(engine, prompts, heads, max_prompts=n_prompts) if heads else {}
+    summary = {"heads": evidence, "n_prompts": min(n_prompts, len(prompts)), "split": "test",
+               "hypothesis": "anchor_vs_space_logit = 2 (scores 3 on anchors, 1 on word starts), to_other = 0"}
+    if heads:
+        pats, tokens = head_patterns(engine, prompts, heads)
+        summary["example_prompt"] = prompts.text(0, engine.tokenizer)
+        fig = attention_patterns(pats, tokens, f"{config.model}: attention of the heads found, from the words of one "
+                                               f"held-out prompt", query_from=max(int(prompts.prefix_len[0]) - 1, 0))
+        save_figures({"patterns": fig}, adir)
+    write_json(adir / "evidence.json", summary)
+    return summary
 
 
 def build_circuit_stage(config: RunConfig, out: Path, *, model: Any = None, overwrite: bool = False,

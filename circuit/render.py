@@ -32,8 +32,8 @@ def layout(G: nx.DiGraph) -> dict[str, tuple[float, float]]:
             pos[n] = (float(d["layer"]) + 0.35, -1.5)
         elif kind == "embed":
             pos[n] = (-1.0, top / 2)
-        else:
-            pos[n] = (float(d.get("layer", 0)), top / 2)
+        else:  # the probe, half a column further right so its label clears the last layer's heads
+            pos[n] = (float(d.get("layer", 0)) + 0.5, top / 2)
     return pos
 
 
@@ -104,9 +104,13 @@ def render_circuit(G: nx.DiGraph, title: str | None = None) -> go.Figure:
                                  hovertext=mid_text, hoverinfo="text"))
     names = list(G.nodes)
     data = [G.nodes[n] for n in names]
+    n_heads = sum(d.get("kind") == "head" for d in data)
+    text_pos = {"embed": "middle left", "probe": "middle right"}
     fig.add_trace(go.Scatter(
         x=[pos[n][0] for n in names], y=[pos[n][1] for n in names], mode="markers+text", name="nodes", meta=names,
-        customdata=names, text=[d.get("label", n) for n, d in zip(names, data)], textposition="top center",
+        customdata=names, text=[d.get("label", n) for n, d in zip(names, data)],
+        textposition=[text_pos.get(d.get("kind"), "top center") for d in data],
+        textfont=dict(size=12 if n_heads <= 24 else 9),
         marker=dict(size=[26 if d.get("kind") in ("probe", "embed") else 18 for d in data],
                     color=[KIND_COLORS.get(d.get("kind"), "#999") for d in data], line=dict(width=1, color="#333")),
         hovertext=[_node_hover(n, d) for n, d in zip(names, data)], hoverinfo="text", showlegend=False))
@@ -116,11 +120,16 @@ def render_circuit(G: nx.DiGraph, title: str | None = None) -> go.Figure:
             fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", marker=dict(size=12, color=color),
                                      name={"head": "attention head", "mlp": "MLP"}.get(kind, kind)))
     layers = sorted({int(d["layer"]) for d in data if d.get("kind") in ("head", "mlp")})
-    ticks = [-1.0] + [float(L) for L in layers] + [float(g.get("probe_layer", max(layers, default=0))) + 1]
-    labels = ["embed"] + [f"layer {L}" for L in layers] + ["probe"]
+    probe_x = max((x for n, (x, _) in pos.items() if G.nodes[n].get("kind") == "probe"),
+                  default=float(g.get("probe_layer", max(layers, default=0))) + 1.5)
+    ticks = [-1.0] + [float(L) for L in layers] + [probe_x]
+    labels = ["embed"] + [f"L{L}" if len(layers) > 8 else f"layer {L}" for L in layers] + ["probe"]
+    n_cols = probe_x + 2  # embed column to probe column
     fig.update_layout(title=title or default_title(G), template="plotly_white", hovermode="closest",
-                      xaxis=dict(tickvals=ticks, ticktext=labels, showgrid=False, zeroline=False),
-                      yaxis=dict(visible=False), height=max(420, 60 + 40 * (max(
+                      width=int(max(900, 62 * n_cols + 260)),
+                      xaxis=dict(tickvals=ticks, ticktext=labels, showgrid=False, zeroline=False,
+                                 range=[-2.4, probe_x + 1.6]),
+                      yaxis=dict(visible=False), height=max(460, 100 + 55 * (max(
                           (d.get("head", 0) for d in data if d.get("kind") == "head"), default=0) + 3)),
                       legend=dict(orientation="h", y=-0.08))
     return fig

@@ -21,6 +21,7 @@ FIGURES = [
     ("patch_path/heads", "Path patching: each head's direct effect on the probe"),
     ("patch_ablation/heads", "Probe accuracy drop when each head is ablated"),
     ("circuit/circuit", "The circuit: heads → probe, pruned"),
+    ("attention/patterns", "Attention patterns of the heads found, on one held-out prompt"),
 ]
 
 
@@ -68,7 +69,13 @@ def write_report(out: str | Path, summary: dict[str, Any]) -> Path:
     circ_rows = [{"quantity": "heads in circuit", "value": ", ".join(circ.get("heads", []))},
                  {"quantity": "nodes / edges", "value": f"{circ.get('nodes')} / {circ.get('edges')}"}]
     circ_rows += [{"quantity": k, "value": v} for k, v in faith.items() if not isinstance(v, (list, dict))]
-    timing_rows = [{"stage": k, "seconds": v} for k, v in summary.get("timings_s", {}).items()]
+    att = (summary.get("attention") or {}).get("heads", {})
+    att_cols = ["head", "to_period", "to_comma", "to_newline", "to_space", "to_bos", "to_other",
+                "anchor_vs_space_logit", "counter_score"]
+    att_rows = [{"head": h, **v} for h, v in att.items()]
+    computed = summary.get("compute_s", {})
+    timing_rows = [{"stage": k, "seconds to compute": computed.get(k, v), "seconds this invocation": v}
+                   for k, v in summary.get("timings_s", {}).items()]
     doc = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>wordpos report: {html.escape(summary['model'])}</title>
 <style>
@@ -87,8 +94,14 @@ token and to BOS; <em>counter_score</em> = 1 &minus; total-variation distance to
 pattern (3 on the anchor, 1 on each word start).</p>
 <h2>Ablating the top heads</h2>{_table(ab_rows, ["quantity", "value"])}
 <h2>Circuit</h2>{_table(circ_rows, ["quantity", "value"])}
+<h2>Attention evidence for the anchor hypothesis</h2>{_table(att_rows, att_cols)}
+<p>Attention mass from word tokens (held-out words) to each anchor kind, to word-initial tokens, to BOS and elsewhere;
+<em>anchor_vs_space_logit</em> is the mean log ratio of the weight per anchor token to the weight per word-initial
+token, which equals their score difference: the hypothesis (3 on anchors, 1 on word starts) predicts 2.0 and
+<em>to_other</em> near 0.</p>
 {''.join(parts)}
-<h2>Timings</h2>{_table(timing_rows, ["stage", "seconds"])}
+<h2>Timings</h2>{_table(timing_rows, ["stage", "seconds to compute", "seconds this invocation"])}
+<p>A re-run reads finished stages back from disk: "seconds to compute" keeps what each stage cost when it ran.</p>
 </body></html>
 """
     return write_text(out / "report.html", doc)

@@ -237,3 +237,26 @@ def ablation_sweep(model: Any, probe: WordIndexProbe, data: WordIndexDataset, *,
     for L, h in tqdm(heads, desc=f"{method}-ablating heads", unit="head", disable=not progress):
         out[L, h] = np.mean(ablated_predictions(engine, probe, prompts, [(L, h)], method, means, batch_size, seed) == y)
     return out
+
+
+def ablation_curve(model: Any, probe: WordIndexProbe, data: WordIndexDataset, ranked: Sequence[Any],
+                   ks: Sequence[int], *, method: AblationMethod = "resample", n_random: int = 2, split: str = "test",
+                   seed: int = 0, batch_size: int = 64, progress: bool = True) -> list[dict[str, Any]]:
+    """Ablate the top ``k`` of ``ranked`` heads for each ``k`` in ``ks``: fixed-probe and re-fitted-probe
+    accuracy against ``n_random`` random sets of ``k`` heads from the same layers, so "how far toward the
+    position baseline do the best k heads take the probe" reads as a curve rather than one point."""
+    ranked = parse_heads(ranked) if isinstance(ranked, str) else [tuple(int(x) for x in (h.split(".") if isinstance(
+        h, str) else h)) for h in ranked]
+    if not ks or min(ks) < 1 or max(ks) > len(ranked):
+        raise ConfigError(f"ks must lie in 1..{len(ranked)} (the number of ranked heads), got {list(ks)}.")
+    rows = []
+    for k in tqdm(sorted(set(ks)), desc="ablation curve", unit="k", disable=not progress):
+        res = ablate_heads(model, probe, data, ranked[:k], method=method, n_random=n_random, split=split, seed=seed,
+                           batch_size=batch_size, progress=False)
+        d = res.to_dict()
+        rows.append({"k": k, "heads": [f"{L}.{h}" for L, h in res.heads], "accuracy": res.accuracy,
+                     "refit_accuracy": res.refit_accuracy, "clean_accuracy": res.clean_accuracy,
+                     "baseline_abs_pos_accuracy": res.baseline_abs_pos_accuracy, "random_mean": d["random_mean"],
+                     "random_refit_mean": d["random_refit_mean"], "random_refit_std": d["random_refit_std"],
+                     "n_samples": res.n_samples})
+    return rows

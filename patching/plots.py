@@ -35,3 +35,27 @@ def position_heatmap(effects: np.ndarray, title: str, tokens: Sequence[str] | No
     fig.update_layout(title=title, xaxis_title="position (token)", yaxis_title="layer (resid_pre)",
                       template="plotly_white", height=max(320, 40 * e.shape[0] + 200))
     return fig
+
+
+def attention_patterns(patterns: dict[str, np.ndarray], tokens: Sequence[str], title: str,
+                       query_from: int = 0) -> go.Figure:
+    """One heatmap per head (``{"L.h": pattern[query, key]}``) on one prompt, token labels on both axes
+    (``Ġ``/``▁`` shown as ``␣``), queries from ``query_from`` on (e.g. the random words), every key, so "looks
+    at the anchor and at word starts" can be seen rather than read."""
+    from plotly.subplots import make_subplots
+
+    names = list(patterns)
+    cols = min(3, max(1, len(names)))
+    rows = (len(names) + cols - 1) // cols
+    labels = [f"{i}:{t.replace('Ġ', '␣').replace('▁', '␣').replace('Ċ', '⏎')}"[:14] for i, t in enumerate(tokens)]
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"head {n}" for n in names],
+                        horizontal_spacing=0.1, vertical_spacing=0.45 / max(rows, 1))
+    for i, n in enumerate(names):
+        fig.add_trace(go.Heatmap(z=np.asarray(patterns[n])[query_from:], x=labels, y=labels[query_from:],
+                                 colorscale="Blues", zmin=0, zmax=1, showscale=i == 0, colorbar=dict(title="attention"),
+                                 hovertemplate=f"head {n}<br>query %{{y}}<br>key %{{x}}<br>%{{z:.3f}}<extra></extra>"),
+                      row=i // cols + 1, col=i % cols + 1)
+    fig.update_yaxes(autorange="reversed", tickfont=dict(size=8))
+    fig.update_xaxes(tickfont=dict(size=8), tickangle=-60)
+    fig.update_layout(title=title, template="plotly_white", height=420 * rows + 120, width=max(560, 460 * cols))
+    return fig

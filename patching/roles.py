@@ -117,3 +117,90 @@ def head_roles(model: Any, prompts: PromptSet, *, layers: list[int] | None = Non
         count += int(nq)
     scores = {k: v / max(count, 1) for k, v in sums.items()}
     return HeadRoles(scores=scores, n_prompts=len(prompts), config={"layers": layers, "anchors": list(ANCHOR_TEXTS)})
+
+
+EVIDENCE_KEYS = ("to_period", "to_comma", "to_newline", "to_space", "to_bos", "to_other", "anchor_vs_space_logit",
+                 "counter_score")
+
+
+@torch.no_grad()
+def anchor_evidence(model: Any, prompts: PromptSet, heads: list[tuple[int, int]], *, batch_size: int = 32,
+                    max_prompts: int = 128) -> dict[str, dict[str, float]]:
+    """Attention-pattern evidence for the anchor-counting hypothesis, per head (``"L.h"``), from queries
+    inside the random words: mass on ``.``, ``,`` and ``\\n`` tokens separately, on word-initial tokens, on
+    BOS and elsewhere, and ``anchor_vs_space_logit``: the mean of ``log(w_anchor / w_space)``, where
+    ``w`` is the average weight per anchor token and per word-initial token the query sees. Within one
+    softmax that log ratio *is* the score difference, so the hypothesis (score 3 on anchors, 1 on word
+    starts) predicts 2.0 and ``to_other`` near 0."""
+    engine = as_engine(model)
+    if not heads:
+        return {}
+    for L, h in heads:
+        engine.dims.check_head(L, h)
+    tok = engine.tokenizer
+    n_vocab = len(tok)
+    kinds = {}
+    for key, text in (("to_period", "."), ("to_comma", ","), ("to_newline", "\n")):
+        ids = tok.encode(text, add_special_tokens=False)
+        mask = torch.zeros(n_vocab, dtype=torch.bool)
+        if len(ids) == 1:
+            mask[ids[0]] = True
+        kinds[key] = mask
+    is_anchor_v, is_space_v = token_classes(tok)
+    prompts = prompts.subset(range(min(len(prompts), max_prompts)))
+    layers = sorted({L for L, _ in heads})
+    names = {L: H.attn_pattern(L) for L in layers}
+    sums = {f"{L}.{h}": dict.fromkeys(EVIDENCE_KEYS, 0.0) for L, h in heads}
+    n_q, n_ratio = 0, {k: 0 for k in sums}
+    for b0 in range(0, len(prompts), batch_size):
+        sub = prompts.subset(range(b0, min(b0 + batch_size, len(prompts))))
+        T = sub.max_len()
+        toks = sub.tokens[:, :T]
+        _, cache = engine.run(toks.to(engine.device), cache=list(names.values()), stop_at_layer=max(layers) + 1)
+        masks = {k: m[toks].float() for k, m in kinds.items()}
+        is_anchor, is_space = is_anchor_v[toks].clone(), is_space_v[toks].clone()
+        for m in (is_anchor, is_space, *masks.values()):
+            m[:, 0] = 0
+        bos = torch.zeros_like(is_space, dtype=torch.float)
+        bos[:, 0] = 1.0
+        ideal = ideal_counter_pattern(is_anchor, is_space)
+        causal = torch.tril(torch.ones(T, T))
+        n_anchor = torch.einsum("qk,bk->bq", causal, is_anchor.float())  # anchors each query can see
+        n_space = torch.einsum("qk,bk->bq", causal, is_space.float())
+        q_mask = (sub.word_index[:, :T] >= 0).float()
+        both = q_mask * (n_anchor > 0) * (n_space > 0)
+        n_q += int(q_mask.sum())
+        for L, h in heads:
+            pat = cache[names[L]][:, h].float().cpu()  # [b, q, k]
+            parts = {k: torch.einsum("bqk,bk->bq", pat, m) for k, m in masks.items()}
+            parts["to_space"] = torch.einsum("bqk,bk->bq", pat, is_space.float())
+            parts["to_bos"] = pat[..., 0]
+            to_anchor = torch.einsum("bqk,bk->bq", pat, is_anchor.float())
+            parts["to_other"] = 1 - to_anchor - parts["to_space"] - parts["to_bos"]
+            parts["counter_score"] = 1 - 0.5 * (pat - ideal).abs().sum(-1)
+            s = sums[f"{L}.{h}"]
+            for k, v in parts.items():
+                s[k] += float((v * q_mask).sum())
+            eps = 1e-9
+            ratio = torch.log((to_anchor / n_anchor.clamp(min=1) + eps) / (parts["to_space"] / n_space.clamp(min=1) + eps))
+            s["anchor_vs_space_logit"] += float((ratio * both).sum())
+            n_ratio[f"{L}.{h}"] += int(both.sum())
+    out = {}
+    for key, s in sums.items():
+        out[key] = {k: (v / max(n_ratio[key], 1) if k == "anchor_vs_space_logit" else v / max(n_q, 1))
+                    for k, v in s.items()}
+    return out
+
+
+@torch.no_grad()
+def head_patterns(model: Any, prompts: PromptSet, heads: list[tuple[int, int]], index: int = 0
+                  ) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Attention patterns ``[query, key]`` of ``heads`` on prompt ``index`` and its tokens (for plotting)."""
+    engine = as_engine(model)
+    T = int(prompts.lengths[index])
+    toks = prompts.tokens[index: index + 1, :T]
+    layers = sorted({L for L, _ in heads})
+    _, cache = engine.run(toks.to(engine.device), cache=[H.attn_pattern(L) for L in layers],
+                          stop_at_layer=max(layers) + 1)
+    pats = {f"{L}.{h}": cache[H.attn_pattern(L)][0, h].float().cpu().numpy() for L, h in heads}
+    return pats, engine.tokenizer.convert_ids_to_tokens(toks[0].tolist())

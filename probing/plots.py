@@ -111,7 +111,10 @@ def save_figures(figures: dict[str, go.Figure], directory: str | Path, png: bool
 
             targets = {name: directory / f"{name}.{fmt}" for name in figures}
             tmp_paths = {name: p.with_name(f".{p.name}.tmp.{fmt}") for name, p in targets.items()}
-            pio.write_images(list(figures.values()), [str(p) for p in tmp_paths.values()], format=fmt, scale=scale)
+            figs = list(figures.values())
+            # kaleido's batch writer ignores the layout's size (700x500 for every figure): pass it explicitly
+            pio.write_images(figs, [str(p) for p in tmp_paths.values()], format=fmt, scale=scale,
+                             width=[f.layout.width or 700 for f in figs], height=[f.layout.height or 500 for f in figs])
             for name, p in targets.items():
                 tmp_paths[name].replace(p)
                 written[name].append(p)

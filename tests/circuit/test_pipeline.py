@@ -42,13 +42,23 @@ def test_run_writes_report_summary_and_circuit(planted_run):
         assert (out / "circuit" / f).exists(), f
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["config"]["seed"] == 0 and "transformer-lens" in cfg["versions"]
+    # attention evidence for the heads found: the planted counter reads as the hypothesis' 3-vs-1 pattern
+    att = summary["attention"]["heads"]
+    assert set(att) >= set(PLANTED.circuit_heads)
+    assert att["0.2"]["anchor_vs_space_logit"] == pytest.approx(2.0, abs=1e-3)
+    assert (out / "attention" / "patterns.html").exists() and "Attention evidence" in report
 
 
 def test_rerun_reuses_finished_stages(planted_run):
     out, args = planted_run
     before = {p: p.stat().st_mtime_ns for p in [out / "probe" / "metrics.json", out / "patch_path" / "effects.npz"]}
+    first = json.loads((out / "summary.json").read_text())["compute_s"]
     assert main(args) == 0
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+    again = json.loads((out / "summary.json").read_text())
+    # reused stages keep the cost they had when computed; this invocation's own timings are near zero
+    assert again["compute_s"]["probe (all layers)"] == first["probe (all layers)"] > 0
+    assert again["timings_s"]["probe (all layers)"] < first["probe (all layers)"]
 
 
 def test_run_refuses_another_runs_directory(planted_run, capsys):
