@@ -32,6 +32,8 @@ def add_probe_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--anchor-prob", type=float, default=0.0, help="chance of an anchor before each word")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the logistic regression")
+    p.add_argument("--keep-residuals", action="store_true",
+                   help="keep OUT/checkpoint/residuals (every layer's vectors, .npy) after the run")
     p.set_defaults(func=cmd_probe)
 
 
@@ -47,7 +49,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     cfg = ProbeConfig(model=args.model, layers=str(args.layer), n_prompts=args.n_prompts, n_words=args.n_words,
                       seed=args.seed, positions=args.positions, anchors=parse_anchors(args.anchors),
                       anchor_prob=args.anchor_prob, C=args.C, batch_size=args.batch_size, device=args.device,
-                      engine=args.engine, remote=args.remote)
+                      engine=args.engine, remote=args.remote, keep_residuals=args.keep_residuals)
     run = run_probe(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(summarize(run.metrics))
     print(f"wrote {args.out / 'metrics.json'}")

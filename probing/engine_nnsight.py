@@ -410,6 +410,17 @@ def _with_first(old: Any, new: Tensor) -> Any:
     return (new, *old[1:]) if isinstance(old, tuple) else new
 
 
+def _edit_first_output(env: Any, site: tuple[str, list[HookFn], bool], store: dict[str, Tensor]) -> None:
+    """Run a site's hooks on a module's (first) output, write it back if a hook changed it, and cache it."""
+    name, fns, keep = site
+    raw = env.output
+    act, changed = _apply(name, _first(raw), fns)
+    if changed:
+        env.output = _with_first(raw, act)
+    if keep:
+        store[name] = act
+
+
 def _heads(x: Tensor, n: int) -> Tensor:
     return x.view(*x.shape[:-1], n, x.shape[-1] // n)
 
@@ -513,14 +524,7 @@ def interleave(model: Any, tracer: Any, arch: ArchSpec, dims: ModelDims, plan: d
             if keep:
                 store[name] = z
         if "attn_out" in sites:
-            name, fns, keep = sites["attn_out"]
-            env = get_path(layer, arch.attn)
-            raw = env.output
-            act, changed = _apply(name, _first(raw), fns)
-            if changed:
-                env.output = _with_first(raw, act)
-            if keep:
-                store[name] = act
+            _edit_first_output(get_path(layer, arch.attn), sites["attn_out"], store)
         if "resid_mid" in sites:
             name, fns, keep = sites["resid_mid"]
             env = get_path(layer, arch.ln2)
@@ -530,14 +534,7 @@ def interleave(model: Any, tracer: Any, arch: ArchSpec, dims: ModelDims, plan: d
             if keep:
                 store[name] = act
         if "mlp_out" in sites:
-            name, fns, keep = sites["mlp_out"]
-            env = get_path(layer, arch.mlp)
-            raw = env.output
-            act, changed = _apply(name, _first(raw), fns)
-            if changed:
-                env.output = _with_first(raw, act)
-            if keep:
-                store[name] = act
+            _edit_first_output(get_path(layer, arch.mlp), sites["mlp_out"], store)
         if "resid_post" in sites or (L == n - 1 and stop_at_layer == n):
             raw = layer.output
             act = _first(raw)

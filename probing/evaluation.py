@@ -4,6 +4,7 @@ per word index, per absolute position, and as a confusion matrix; fitted at one 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,7 @@ from tqdm.auto import tqdm
 
 from probing.activations import Residuals
 from probing.baselines import PositionBaseline, shuffled_label_accuracy
+from probing.errors import CorruptFileError
 from probing.probe import WordIndexProbe
 
 
@@ -117,15 +119,43 @@ def evaluate_layer(residuals: Residuals, layer: int, probe: WordIndexProbe | Non
     return result, probe
 
 
+def _load_layer(directory: Path) -> tuple[LayerResult, WordIndexProbe] | None:
+    """A layer fitted by an earlier, interrupted sweep (``None`` when absent or unreadable)."""
+    from probing.io import read_json
+
+    if not (directory / "result.json").exists():
+        return None
+    try:
+        d = read_json(directory / "result.json", "layer result")
+        d.pop("gain_over_baseline", None)
+        for k in ("per_word_accuracy", "baseline_per_word_accuracy", "per_position_accuracy"):
+            d[k] = {int(i): v for i, v in d[k].items()}
+        return LayerResult(**d), WordIndexProbe.load(directory)
+    except (CorruptFileError, KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
 def sweep_layers(residuals: Residuals, layers: list[int] | None = None, *, shuffled_control: str = "best",
-                 seed: int = 0, progress: bool = True, **probe_params: Any) -> ProbeSweep:
+                 seed: int = 0, progress: bool = True, checkpoint_dir: str | Path | None = None,
+                 **probe_params: Any) -> ProbeSweep:
     """Fit and evaluate a probe at every layer of ``residuals``. The shuffled-label control is fitted at
-    the best layer only (``shuffled_control="best"``), at every layer (``"all"``) or never (``"none"``)."""
+    the best layer only (``shuffled_control="best"``), at every layer (``"all"``) or never (``"none"``).
+    With ``checkpoint_dir``, each layer is saved as it is fitted and a restarted sweep skips finished layers."""
+    from probing.io import write_json
+
     layers = layers or residuals.layers
     results, probes = {}, {}
     for L in tqdm(layers, desc="probes", unit="layer", disable=not progress):
+        ckpt = Path(checkpoint_dir) / f"layer{L}" if checkpoint_dir is not None else None
+        done = _load_layer(ckpt) if ckpt is not None else None
+        if done is not None:
+            results[L], probes[L] = done
+            continue
         results[L], probes[L] = evaluate_layer(residuals, L, shuffled_control=shuffled_control == "all",
                                                seed=seed, **probe_params)
+        if ckpt is not None:
+            probes[L].save(ckpt)
+            write_json(ckpt / "result.json", results[L].to_dict())  # written last: marks the layer done
     sweep = ProbeSweep(results=results, probes=probes)
     if shuffled_control == "best":
         best = sweep.best_layer

@@ -4,6 +4,7 @@ saved in a run directory with its config. ``wordpos probe`` is a thin shell over
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from probing.activations import collect_residuals, parse_layers
 from probing.datasets import REFERENCE_PREFIX, DatasetConfig, WordIndexDataset
 from probing.engine import as_engine, make_engine
 from probing.evaluation import ProbeSweep, sweep_layers
-from probing.io import config_identity, prepare_run_dir, read_json, write_json
+from probing.io import atomic_dir, config_identity, prepare_run_dir, read_json, write_json
 from probing.models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class ProbeConfig:
     device: str | None = None
     engine: str = "tl"
     remote: bool = False
+    keep_residuals: bool = False  # keep out/checkpoint/residuals (every layer's vectors) after the stage
 
     def dataset_config(self) -> DatasetConfig:
         return DatasetConfig(n_prompts=self.n_prompts, n_words=self.n_words, prefixes=tuple(self.prefixes),
@@ -45,7 +47,7 @@ class ProbeConfig:
 
     def identity(self) -> dict[str, Any]:
         """The settings that determine the results (device, batch size and engine do not)."""
-        return config_identity(self, exclude=("device", "batch_size", "engine", "remote"))
+        return config_identity(self, exclude=("device", "batch_size", "engine", "remote", "keep_residuals"))
 
 
 @dataclass
@@ -83,13 +85,20 @@ def run_probe(config: ProbeConfig, out: str | Path, *, model: Any = None, overwr
     timings["dataset_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     layers = parse_layers(config.layers, engine.dims.n_layers)
-    resid = collect_residuals(engine, data, layers=layers, positions=config.positions, kind=config.kind,
-                              batch_size=config.batch_size, progress=progress)
-    timings["residuals_s"] = time.perf_counter() - t0
-    n_tokens = int(sum(data.split(s).lengths.sum() for s in ("train", "val", "test")))
-    timings["residual_tokens_per_s"] = n_tokens / max(timings["residuals_s"], 1e-9)
+    ckpt = out / "checkpoint"  # residuals and fitted layers of this stage, removed when it finishes
+    resid = _cached_residuals(ckpt / "residuals", layers)
+    if resid is None:
+        resid = collect_residuals(engine, data, layers=layers, positions=config.positions, kind=config.kind,
+                                  batch_size=config.batch_size, progress=progress)
+        with atomic_dir(ckpt / "residuals") as tmp:
+            resid.save(tmp)
+        n_tokens = int(sum(data.split(s).lengths.sum() for s in ("train", "val", "test")))
+        timings["residuals_s"] = time.perf_counter() - t0
+        timings["residual_tokens_per_s"] = n_tokens / max(timings["residuals_s"], 1e-9)
+    else:
+        log.info("reusing the residuals saved in %s by an interrupted run", ckpt)
     t0 = time.perf_counter()
-    sweep = sweep_layers(resid, layers, seed=config.seed, progress=progress, C=config.C)
+    sweep = sweep_layers(resid, layers, seed=config.seed, progress=progress, C=config.C, checkpoint_dir=ckpt / "layers")
     timings["probes_s"] = time.perf_counter() - t0
     name = config.model
     metrics = sweep.metrics(name)
@@ -104,7 +113,23 @@ def run_probe(config: ProbeConfig, out: str | Path, *, model: Any = None, overwr
         save_probe_plots(out, sweep, resid, name)
         timings["plots_s"] = time.perf_counter() - t0
     write_json(out / "metrics.json", metrics)
+    if not config.keep_residuals:
+        shutil.rmtree(ckpt, ignore_errors=True)
     return ProbeRun(out=out, metrics=metrics, sweep=sweep, dataset=data, timings=timings)
+
+
+def _cached_residuals(directory: Path, layers: list[int]) -> Any:
+    """Residuals saved by an interrupted run of this stage (same run directory, so the same config), or None."""
+    from probing.activations import Residuals
+    from probing.errors import CorruptFileError
+
+    if not (directory / "residuals.json").exists():
+        return None
+    try:
+        resid = Residuals.load(directory)
+    except CorruptFileError:
+        return None
+    return resid if resid.layers == list(layers) else None
 
 
 def save_probe_plots(out: Path, sweep: ProbeSweep, resid: Any, name: str) -> None:
