@@ -18,8 +18,9 @@ def head_heatmap(effects: np.ndarray, title: str, colorbar: str = "effect", text
         text=np.vectorize(lambda v: "" if not np.isfinite(v) else format(v, text_fmt))(e) if e.size <= 400 else None,
         texttemplate="%{text}" if e.size <= 400 else None,
         hovertemplate="head %{y}.%{x}<br>" + colorbar + " %{z:.3f}<extra></extra>"))
-    fig.update_layout(title=title, xaxis_title="head", yaxis_title="layer", template="plotly_white",
-                      height=max(320, 40 * e.shape[0] + 160), width=max(480, 28 * e.shape[1] + 220))
+    fig.update_layout(title=dict(text=title, font=dict(size=14)), xaxis_title="head", yaxis_title="layer",
+                      template="plotly_white", height=max(320, 40 * e.shape[0] + 160),
+                      width=max(680, 28 * e.shape[1] + 220))
     return fig
 
 
