@@ -82,7 +82,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
                 from probing import smollm2
 
                 cached = "yes" if smollm2.is_cached() else "no"
-                size = f"{smollm2.cache_size_bytes() / 2**20:.0f} MB" if cached == "yes" else ""
+                size = f"{smollm2.cache_size_bytes() / 1e6:.0f} MB" if cached == "yes" else ""
             elif spec.source == "builtin":
                 cached = "yes"
             else:
