@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from patching.ablation import parse_heads
 from patching.experiment import PatchConfig, load_probe, run_patching
 from patching.results import EffectResult
 from probing.experiment import ProbeConfig, run_probe
@@ -157,33 +158,41 @@ def _evidence_heads(stages: dict[str, Any], circuit_summary: dict[str, Any], n_t
     names = [h["head"] for h in stages["activation"].summary["top_heads"][:n_top]]
     names += [f"{L}.{h}" for L, h in (stages["ablation"].summary.get("top_k_ablation") or {}).get("heads", [])]
     names += list(circuit_summary.get("heads", []))
-    seen = list(dict.fromkeys(names))[:max_heads]
-    return sorted(tuple(int(x) for x in n.split(".")) for n in seen)
+    return parse_heads(list(dict.fromkeys(names))[:max_heads]) if names else []
+
+
+def _stage_inputs(config: RunConfig, out: Path, model: Any, probe_path: Path | None, n_prompts: int
+                  ) -> tuple[Any, Any, Any]:
+    """The probe, the engine and a fresh dataset over the probe run's own word split (held-out words stay
+    held out), as the circuit and attention stages need them."""
+    from patching.experiment import _vocab_for
+    from probing.datasets import DatasetConfig, WordIndexDataset
+    from probing.engine import as_engine, make_engine
+
+    probe, probe_dir = load_probe(probe_path or out / "probe")
+    engine = as_engine(model) if model is not None else make_engine(config.model, config.engine, config.device,
+                                                                    config.remote)
+    vocab = _vocab_for(probe_dir, engine.tokenizer, config.seed)
+    data = WordIndexDataset.generate(engine.tokenizer, DatasetConfig(n_prompts=n_prompts, n_words=len(probe.classes_),
+                                                                     seed=config.seed), vocab=vocab)
+    return probe, engine, data
 
 
 def attention_stage(config: RunConfig, out: Path, heads: list[tuple[int, int]], *, model: Any = None,
                     overwrite: bool = False, probe_path: Path | None = None, n_prompts: int = 128) -> dict[str, Any]:
     """Attention-pattern evidence for the anchor hypothesis on the heads found (``attention/evidence.json``)
     and their patterns on one held-out prompt (``attention/patterns.*``)."""
-    from patching.experiment import _vocab_for
     from patching.plots import attention_patterns
     from patching.roles import anchor_evidence, head_patterns
-    from probing.datasets import DatasetConfig, WordIndexDataset
-    from probing.engine import as_engine, make_engine
     from probing.plots import save_figures
 
     adir = out / "attention"
     if (adir / "evidence.json").exists() and not overwrite:
         return read_json(adir / "evidence.json", "attention evidence")
-    probe, probe_dir = load_probe(probe_path or out / "probe")
-    engine = as_engine(model) if model is not None else make_engine(config.model, config.engine, config.device,
-                                                                    config.remote)
-    vocab = _vocab_for(probe_dir, engine.tokenizer, config.seed)
-    data = WordIndexDataset.generate(engine.tokenizer, DatasetConfig(n_prompts=max(n_prompts * 5, 64),
-                                                                     n_words=len(probe.classes_), seed=config.seed),
-                                     vocab=vocab)
+    # the test split is a fifth of the prompts: generate enough for n_prompts held-out-word prompts
+    _, engine, data = _stage_inputs(config, out, model, probe_path, max(n_prompts * 5, 64))
     prompts = data.test
-    evidence = anchor_evidence(engine, prompts, heads, max_prompts=n_prompts) if heads else {}
+    evidence = anchor_evidence(engine, prompts, heads, max_prompts=n_prompts)
     summary = {"heads": evidence, "n_prompts": min(n_prompts, len(prompts)), "split": "test",
                "hypothesis": "anchor_vs_space_logit = 2 (scores 3 on anchors, 1 on word starts), to_other = 0"}
     if heads:
@@ -205,10 +214,7 @@ def build_circuit_stage(config: RunConfig, out: Path, *, model: Any = None, over
     from circuit.prune import prune_min_edges, prune_threshold, prune_top_k
     from circuit.render import render_circuit, save_circuit_figure
     from circuit.export import save_graph
-    from patching.experiment import _vocab_for
     from patching.roles import HeadRoles
-    from probing.datasets import DatasetConfig, WordIndexDataset
-    from probing.engine import as_engine, make_engine
 
     cdir = out / "circuit"
     if (cdir / "circuit.json").exists() and not overwrite:
@@ -223,9 +229,7 @@ def build_circuit_stage(config: RunConfig, out: Path, *, model: Any = None, over
 
     roles = HeadRoles(scores={k: np.asarray(v) for k, v in roles_raw["scores"].items()},
                       n_prompts=roles_raw["n_prompts"], config=roles_raw.get("config", {}))
-    probe, probe_dir = load_probe(probe_path or out / "probe")
-    engine = as_engine(model) if model is not None else make_engine(config.model, config.engine, config.device,
-                                                                    config.remote)
+    probe, engine, data = _stage_inputs(config, out, model, probe_path, min(config.n_prompts or 1024, 1024))
     act_dir = out / "patch_activation"
     total = EffectResult.load(act_dir) if (act_dir / "effects.json").exists() else None
     graph_args = dict(model=config.model, probe_layer=int(probe.layer), metric=direct.metric,
@@ -241,10 +245,6 @@ def build_circuit_stage(config: RunConfig, out: Path, *, model: Any = None, over
     else:
         pruned = prune_min_edges(G, keep=config.keep)
     heads = sorted({(d["layer"], d["head"]) for _, d in pruned.graph.nodes(data=True) if d.get("kind") == "head"})
-    vocab = _vocab_for(probe_dir, engine.tokenizer, config.seed)
-    data = WordIndexDataset.generate(engine.tokenizer, DatasetConfig(n_prompts=min(config.n_prompts or 1024, 1024),
-                                                                     n_words=len(probe.classes_), seed=config.seed),
-                                     vocab=vocab)
     faith = faithfulness(engine, probe, data, heads, method="mean")
     cdir.mkdir(parents=True, exist_ok=True)
     save_graph(G_full, cdir / "graph_full.json")

@@ -25,8 +25,9 @@ AblationMethod = Literal["zero", "mean", "resample"]
 ABLATIONS = ("zero", "mean", "resample")
 
 
-def parse_heads(spec: str | Sequence[Any], dims: Any = None) -> list[tuple[int, int]]:
-    """``"3.4,2.1"`` or ``[(3, 4), "2.1"]`` → ``[(3, 4), (2, 1)]``, validated against ``dims`` when given."""
+def parse_heads(spec: str | Sequence[Any], dims: Any = None, keep_order: bool = False) -> list[tuple[int, int]]:
+    """``"3.4,2.1"`` or ``[(3, 4), "2.1"]`` → ``[(2, 1), (3, 4)]`` (sorted, unique), validated against ``dims``
+    when given. ``keep_order=True`` keeps the order given (for rankings)."""
     items = [s for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec)
     heads = []
     for it in items:
@@ -43,7 +44,7 @@ def parse_heads(spec: str | Sequence[Any], dims: Any = None) -> list[tuple[int, 
     if dims is not None:
         for L, h in heads:
             dims.check_head(L, h)
-    return sorted(set(heads))
+    return list(dict.fromkeys(heads)) if keep_order else sorted(set(heads))
 
 
 @dataclass
@@ -245,8 +246,7 @@ def ablation_curve(model: Any, probe: WordIndexProbe, data: WordIndexDataset, ra
     """Ablate the top ``k`` of ``ranked`` heads for each ``k`` in ``ks``: fixed-probe and re-fitted-probe
     accuracy against ``n_random`` random sets of ``k`` heads from the same layers, so "how far toward the
     position baseline do the best k heads take the probe" reads as a curve rather than one point."""
-    ranked = parse_heads(ranked) if isinstance(ranked, str) else [tuple(int(x) for x in (h.split(".") if isinstance(
-        h, str) else h)) for h in ranked]
+    ranked = parse_heads(ranked, keep_order=True)
     if not ks or min(ks) < 1 or max(ks) > len(ranked):
         raise ConfigError(f"ks must lie in 1..{len(ranked)} (the number of ranked heads), got {list(ks)}.")
     rows = []

@@ -2,7 +2,7 @@
 matches the "count from an anchor" signature of the original post (score ~3 on the last full stop,
 comma or newline, ~1 on each token that starts a word since then, nothing elsewhere).
 
-````counter_score`` is ``1 - TV(pattern, ideal)``, averaged over word tokens, where the ideal pattern scores 3 on
+``counter_score`` is ``1 - TV(pattern, ideal)``, averaged over word tokens, where the ideal pattern scores 3 on
 anchors and 1 on word-initial tokens: 1 for a perfect anchor counter, ~0 for a head that looks elsewhere.
 """
 
@@ -23,16 +23,56 @@ ROLE_NAMES = ("to_anchor", "to_space", "to_prev", "to_bos", "counter_score")
 ANCHOR_TEXTS = (".", ",", "\n")
 
 
+def anchor_masks(tokenizer: Any) -> dict[str, Tensor]:
+    """One boolean mask over the vocabulary per anchor text in ``ANCHOR_TEXTS`` (empty when the text is not
+    a single token in this tokenizer)."""
+    n = len(tokenizer)
+    masks = {}
+    for a in ANCHOR_TEXTS:
+        ids = tokenizer.encode(a, add_special_tokens=False)
+        mask = torch.zeros(n, dtype=torch.bool)
+        if len(ids) == 1:
+            mask[ids[0]] = True
+        masks[a] = mask
+    return masks
+
+
 def token_classes(tokenizer: Any) -> tuple[Tensor, Tensor]:
     """Boolean masks over the vocabulary: anchor tokens, and tokens that start a word (leading space)."""
-    n = len(tokenizer)
-    toks = tokenizer.convert_ids_to_tokens(list(range(n)))
-    anchor_ids = {tokenizer.encode(a, add_special_tokens=False)[0] for a in ANCHOR_TEXTS
-                  if len(tokenizer.encode(a, add_special_tokens=False)) == 1}
-    is_anchor = torch.zeros(n, dtype=torch.bool)
-    is_anchor[list(anchor_ids)] = True
+    toks = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    is_anchor = torch.stack(list(anchor_masks(tokenizer).values())).any(0)
     is_space = torch.tensor([isinstance(t, str) and t[:1] in ("Ġ", "▁", " ") for t in toks])
     return is_anchor, is_space
+
+
+@dataclass
+class _WordQueries:
+    """One batch of prompts run to the deepest layer asked for: token ids, the attention-pattern cache, which
+    keys are anchors / word starts (BOS is neither), the hypothesis' ideal pattern, and the query mask
+    (tokens inside the random words)."""
+
+    toks: Tensor
+    cache: Any
+    is_anchor: Tensor
+    is_space: Tensor
+    ideal: Tensor
+    q_mask: Tensor
+
+
+def _word_query_batches(engine: Any, prompts: PromptSet, layers: list[int], batch_size: int):
+    """Yield :class:`_WordQueries` for ``prompts`` in batches (shared by the role and evidence statistics)."""
+    is_anchor_v, is_space_v = token_classes(engine.tokenizer)
+    names = [H.attn_pattern(L) for L in layers]
+    for b0 in range(0, len(prompts), batch_size):
+        sub = prompts.subset(range(b0, min(b0 + batch_size, len(prompts))))
+        T = sub.max_len()
+        toks = sub.tokens[:, :T]
+        _, cache = engine.run(toks.to(engine.device), cache=names, stop_at_layer=max(layers) + 1)
+        is_anchor, is_space = is_anchor_v[toks], is_space_v[toks]
+        is_anchor[:, 0] = False
+        is_space[:, 0] = False
+        yield _WordQueries(toks=toks, cache=cache, is_anchor=is_anchor, is_space=is_space,
+                           ideal=ideal_counter_pattern(is_anchor, is_space), q_mask=sub.word_index[:, :T] >= 0)
 
 
 def ideal_counter_pattern(is_anchor: Tensor, is_space: Tensor, anchor_score: float = 3.0,
@@ -85,40 +125,30 @@ def head_roles(model: Any, prompts: PromptSet, *, layers: list[int] | None = Non
     engine = as_engine(model)
     dims = engine.dims
     layers = layers if layers is not None else list(range(dims.n_layers))
-    is_anchor_v, is_space_v = token_classes(engine.tokenizer)
     prompts = prompts.subset(range(min(len(prompts), max_prompts)))
-    names = [H.attn_pattern(L) for L in layers]
     sums = {k: np.zeros((dims.n_layers, dims.n_heads)) for k in ROLE_NAMES}
     count = 0
-    for b0 in range(0, len(prompts), batch_size):
-        sub = prompts.subset(range(b0, min(b0 + batch_size, len(prompts))))
-        T = sub.max_len()
-        toks = sub.tokens[:, :T]
-        _, cache = engine.run(toks.to(engine.device), cache=names, stop_at_layer=max(layers) + 1)
-        is_anchor, is_space = is_anchor_v[toks], is_space_v[toks]
-        is_anchor[:, 0] = False
-        is_space[:, 0] = False
-        ideal = ideal_counter_pattern(is_anchor, is_space)
-        q_mask = (sub.word_index[:, :T] >= 0)  # queries: tokens inside the random words
-        nq = q_mask.sum()
+    for b in _word_query_batches(engine, prompts, layers, batch_size):
+        T = b.toks.shape[1]
         prev = torch.zeros(T, T)
         prev[torch.arange(1, T), torch.arange(T - 1)] = 1.0
-        for L, n in zip(layers, names):
-            pat = cache[n].float().cpu()  # [b, head, q, k]
+        for L in layers:
+            pat = b.cache[H.attn_pattern(L)].float().cpu()  # [b, head, q, k]
             stats = {
-                "to_anchor": torch.einsum("bhqk,bk->bhq", pat, is_anchor.float()),
-                "to_space": torch.einsum("bhqk,bk->bhq", pat, is_space.float()),
+                "to_anchor": torch.einsum("bhqk,bk->bhq", pat, b.is_anchor.float()),
+                "to_space": torch.einsum("bhqk,bk->bhq", pat, b.is_space.float()),
                 "to_prev": torch.einsum("bhqk,qk->bhq", pat, prev),
                 "to_bos": pat[..., 0],
-                "counter_score": 1 - 0.5 * (pat - ideal[:, None]).abs().sum(-1),
+                "counter_score": 1 - 0.5 * (pat - b.ideal[:, None]).abs().sum(-1),
             }
             for k, v in stats.items():
-                sums[k][L] += torch.einsum("bhq,bq->h", v, q_mask.float()).numpy()
-        count += int(nq)
+                sums[k][L] += torch.einsum("bhq,bq->h", v, b.q_mask.float()).numpy()
+        count += int(b.q_mask.sum())
     scores = {k: v / max(count, 1) for k, v in sums.items()}
     return HeadRoles(scores=scores, n_prompts=len(prompts), config={"layers": layers, "anchors": list(ANCHOR_TEXTS)})
 
 
+EVIDENCE_ANCHORS = {".": "to_period", ",": "to_comma", "\n": "to_newline"}  # ANCHOR_TEXTS → evidence key
 EVIDENCE_KEYS = ("to_period", "to_comma", "to_newline", "to_space", "to_bos", "to_other", "anchor_vs_space_logit",
                  "counter_score")
 
@@ -137,59 +167,39 @@ def anchor_evidence(model: Any, prompts: PromptSet, heads: list[tuple[int, int]]
         return {}
     for L, h in heads:
         engine.dims.check_head(L, h)
-    tok = engine.tokenizer
-    n_vocab = len(tok)
-    kinds = {}
-    for key, text in (("to_period", "."), ("to_comma", ","), ("to_newline", "\n")):
-        ids = tok.encode(text, add_special_tokens=False)
-        mask = torch.zeros(n_vocab, dtype=torch.bool)
-        if len(ids) == 1:
-            mask[ids[0]] = True
-        kinds[key] = mask
-    is_anchor_v, is_space_v = token_classes(tok)
+    kinds = {EVIDENCE_ANCHORS[a]: m for a, m in anchor_masks(engine.tokenizer).items()}
     prompts = prompts.subset(range(min(len(prompts), max_prompts)))
     layers = sorted({L for L, _ in heads})
-    names = {L: H.attn_pattern(L) for L in layers}
     sums = {f"{L}.{h}": dict.fromkeys(EVIDENCE_KEYS, 0.0) for L, h in heads}
-    n_q, n_ratio = 0, {k: 0 for k in sums}
-    for b0 in range(0, len(prompts), batch_size):
-        sub = prompts.subset(range(b0, min(b0 + batch_size, len(prompts))))
-        T = sub.max_len()
-        toks = sub.tokens[:, :T]
-        _, cache = engine.run(toks.to(engine.device), cache=list(names.values()), stop_at_layer=max(layers) + 1)
-        masks = {k: m[toks].float() for k, m in kinds.items()}
-        is_anchor, is_space = is_anchor_v[toks].clone(), is_space_v[toks].clone()
-        for m in (is_anchor, is_space, *masks.values()):
+    n_q = n_ratio = 0  # word-token queries; those that see both an anchor and a word start
+    for b in _word_query_batches(engine, prompts, layers, batch_size):
+        T = b.toks.shape[1]
+        masks = {k: m[b.toks].float() for k, m in kinds.items()}
+        for m in masks.values():
             m[:, 0] = 0
-        bos = torch.zeros_like(is_space, dtype=torch.float)
-        bos[:, 0] = 1.0
-        ideal = ideal_counter_pattern(is_anchor, is_space)
         causal = torch.tril(torch.ones(T, T))
-        n_anchor = torch.einsum("qk,bk->bq", causal, is_anchor.float())  # anchors each query can see
-        n_space = torch.einsum("qk,bk->bq", causal, is_space.float())
-        q_mask = (sub.word_index[:, :T] >= 0).float()
+        n_anchor = torch.einsum("qk,bk->bq", causal, b.is_anchor.float())  # anchors each query can see
+        n_space = torch.einsum("qk,bk->bq", causal, b.is_space.float())
+        q_mask = b.q_mask.float()
         both = q_mask * (n_anchor > 0) * (n_space > 0)
         n_q += int(q_mask.sum())
+        n_ratio += int(both.sum())
         for L, h in heads:
-            pat = cache[names[L]][:, h].float().cpu()  # [b, q, k]
+            pat = b.cache[H.attn_pattern(L)][:, h].float().cpu()  # [b, q, k]
             parts = {k: torch.einsum("bqk,bk->bq", pat, m) for k, m in masks.items()}
-            parts["to_space"] = torch.einsum("bqk,bk->bq", pat, is_space.float())
+            parts["to_space"] = torch.einsum("bqk,bk->bq", pat, b.is_space.float())
             parts["to_bos"] = pat[..., 0]
-            to_anchor = torch.einsum("bqk,bk->bq", pat, is_anchor.float())
+            to_anchor = torch.einsum("bqk,bk->bq", pat, b.is_anchor.float())
             parts["to_other"] = 1 - to_anchor - parts["to_space"] - parts["to_bos"]
-            parts["counter_score"] = 1 - 0.5 * (pat - ideal).abs().sum(-1)
+            parts["counter_score"] = 1 - 0.5 * (pat - b.ideal).abs().sum(-1)
             s = sums[f"{L}.{h}"]
             for k, v in parts.items():
                 s[k] += float((v * q_mask).sum())
             eps = 1e-9
             ratio = torch.log((to_anchor / n_anchor.clamp(min=1) + eps) / (parts["to_space"] / n_space.clamp(min=1) + eps))
             s["anchor_vs_space_logit"] += float((ratio * both).sum())
-            n_ratio[f"{L}.{h}"] += int(both.sum())
-    out = {}
-    for key, s in sums.items():
-        out[key] = {k: (v / max(n_ratio[key], 1) if k == "anchor_vs_space_logit" else v / max(n_q, 1))
-                    for k, v in s.items()}
-    return out
+    return {key: {k: v / max(n_ratio if k == "anchor_vs_space_logit" else n_q, 1) for k, v in s.items()}
+            for key, s in sums.items()}
 
 
 @torch.no_grad()

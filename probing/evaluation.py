@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from probing.activations import Residuals
 from probing.baselines import PositionBaseline, shuffled_label_accuracy
 from probing.errors import CorruptFileError
+from probing.io import read_json, write_json
 from probing.probe import WordIndexProbe
 
 
@@ -121,8 +122,6 @@ def evaluate_layer(residuals: Residuals, layer: int, probe: WordIndexProbe | Non
 
 def _load_layer(directory: Path) -> tuple[LayerResult, WordIndexProbe] | None:
     """A layer fitted by an earlier, interrupted sweep (``None`` when absent or unreadable)."""
-    from probing.io import read_json
-
     if not (directory / "result.json").exists():
         return None
     try:
@@ -141,8 +140,6 @@ def sweep_layers(residuals: Residuals, layers: list[int] | None = None, *, shuff
     """Fit and evaluate a probe at every layer of ``residuals``. The shuffled-label control is fitted at
     the best layer only (``shuffled_control="best"``), at every layer (``"all"``) or never (``"none"``).
     With ``checkpoint_dir``, each layer is saved as it is fitted and a restarted sweep skips finished layers."""
-    from probing.io import write_json
-
     layers = layers or residuals.layers
     results, probes = {}, {}
     for L in tqdm(layers, desc="probes", unit="layer", disable=not progress):

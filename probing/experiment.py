@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from probing.activations import collect_residuals, parse_layers
+from probing.activations import Residuals, collect_residuals, parse_layers
 from probing.datasets import REFERENCE_PREFIX, DatasetConfig, WordIndexDataset
 from probing.engine import as_engine, make_engine
+from probing.errors import CorruptFileError
 from probing.evaluation import ProbeSweep, sweep_layers
 from probing.io import atomic_dir, config_identity, prepare_run_dir, read_json, write_json
 from probing.models import DEFAULT_MODEL
@@ -118,11 +119,8 @@ def run_probe(config: ProbeConfig, out: str | Path, *, model: Any = None, overwr
     return ProbeRun(out=out, metrics=metrics, sweep=sweep, dataset=data, timings=timings)
 
 
-def _cached_residuals(directory: Path, layers: list[int]) -> Any:
+def _cached_residuals(directory: Path, layers: list[int]) -> Residuals | None:
     """Residuals saved by an interrupted run of this stage (same run directory, so the same config), or None."""
-    from probing.activations import Residuals
-    from probing.errors import CorruptFileError
-
     if not (directory / "residuals.json").exists():
         return None
     try:
