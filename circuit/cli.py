@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from probing.cli import add_models_parser, add_probe_parser
+    from wordpos.probing.cli import add_models_parser, add_probe_parser
 
     parser = argparse.ArgumentParser(
         prog="wordpos",
@@ -24,13 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_probe_parser(sub)
     try:
-        from patching.cli import add_patch_parser
+        from wordpos.patching.cli import add_patch_parser
     except ImportError:  # pragma: no cover - during development
         add_patch_parser = None
     if add_patch_parser:
         add_patch_parser(sub)
     try:
-        from circuit.commands import add_circuit_parsers
+        from wordpos.circuit.commands import add_circuit_parsers
     except ImportError:  # pragma: no cover
         add_circuit_parsers = None
     if add_circuit_parsers:
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from probing.errors import WordposError
+    from wordpos.probing.errors import WordposError
 
     parser = build_parser()
     args = parser.parse_args(argv)

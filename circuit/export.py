@@ -8,12 +8,16 @@ Python types. Attributes are flat scalars by construction (:mod:`circuit.graph`:
 * **JSON**: networkx node-link data (``{"graph", "nodes", "edges"}``), the form a run directory keeps.
 * **GraphML**: networkx's writer (typed keys).
 * **GEXF**: networkx's writer; GEXF has no graph attributes, so they travel as JSON in ``<meta><description>``.
-* **DOT**: written and read here (no pydot / pygraphviz). It is plain Graphviz (``dot -Tsvg graph.dot`` draws
-  it: layers as ranks, coloured edges whose pen width follows |effect|); every value is a quoted string and the
-  graph attribute ``wordpos_types`` (JSON) gives each data attribute's type per scope (``str``, ``int``,
-  ``float``, ``bool``, or ``json`` for anything else). Attributes not listed there (``rankdir``, ``fillcolor``,
-  ``color``, ``penwidth``, the ``rank=same`` groups) are presentation and are dropped on load. The reader
-  reads this writer's format only.
+* **DOT**: written and read here (no pydot / pygraphviz). It is plain Graphviz (``dot -Tsvg graph.dot`` draws it:
+  layers as ranks, coloured edges whose pen width follows |effect| (edge graphs: |score|, coloured by reader));
+  every value is a quoted string and the graph attribute ``wordpos_types`` (JSON) gives each data attribute's type
+  per scope (``str``, ``int``, ``float``, ``bool``, or ``json`` for anything else). Attributes not listed there
+  (``rankdir``, ``fillcolor``, ``color``, ``penwidth``, the ``rank=same`` groups) are presentation and are dropped
+  on load. The reader reads this writer's format only.
+
+Edge-level graphs (:func:`edge_graph_networkx`, :func:`save_edge_graph`) use the same formats: writer and reader
+nodes of :class:`~patching.edge_graph.EdgeGraph`, each edge with ``name`` ("w->r"), ``reader`` (q/k/v/mlp/probe),
+``score`` and ``in_graph``; :func:`save_mib_json` writes MIB's circuit JSON.
 
 Writes are atomic (:func:`probing.io.atomic_path`). Loading a file that is truncated, not in the format its
 suffix says, or not a wordpos circuit graph (graph attribute ``wordpos_format``) raises ``CorruptFileError``.
@@ -29,9 +33,9 @@ from typing import Any
 
 import networkx as nx
 
-from circuit.graph import FORMAT, graph_from_dict, graph_to_dict
-from probing.errors import ConfigError, CorruptFileError
-from probing.io import atomic_path
+from wordpos.circuit.graph import FORMAT, graph_from_dict, graph_to_dict
+from wordpos.probing.errors import ConfigError, CorruptFileError
+from wordpos.probing.io import atomic_path
 
 FORMATS = (".json", ".graphml", ".gexf", ".dot")
 SCALARS = (str, int, float, bool)
@@ -153,7 +157,9 @@ def _gexf_get_graph_attrs(path: Path) -> dict[str, Any]:
 _TYPES_KEY = "wordpos_types"
 _HEADER = "// wordpos circuit graph: data attributes and their types are listed in wordpos_types"
 _POS, _NEG = "#2166ac", "#b2182b"
-_FILL = {"embed": "#bdbdbd", "probe": "#a6d96a", "head": "#fdae61", "mlp": "#abd9e9"}
+_FILL = {"embed": "#bdbdbd", "input": "#bdbdbd", "probe": "#a6d96a", "head": "#fdae61", "mlp": "#abd9e9",
+         "q": "#d9f0d3", "k": "#fee0b6", "v": "#d8daeb"}
+_READER_COLOR = {"q": "#1b9e77", "k": "#d95f02", "v": "#7570b3", "mlp": "#e7298a", "probe": "#444444"}
 
 
 def _type_of(v: Any) -> str:
@@ -212,17 +218,20 @@ def to_dot(G: nx.DiGraph) -> str:
     types = {"graph": _types([G.graph]), "node": _types(nodes), "edge": _types(edges)}
     graph_attrs = {**G.graph, _TYPES_KEY: json.dumps(types, sort_keys=True)}
     gtypes = {**types["graph"], _TYPES_KEY: "str"}
-    scale = max((abs(d["effect"]) for d in edges if isinstance(d.get("effect"), (int, float))
-                 and math.isfinite(d["effect"])), default=0.0) or 1.0
+    key = "effect" if any("effect" in d for d in edges) else "score"  # head graphs: effect; edge graphs: score
+    scale = max((abs(d[key]) for d in edges if isinstance(d.get(key), (int, float))
+                 and math.isfinite(d[key])), default=0.0) or 1.0
     lines = [_HEADER, "digraph circuit {", f"  graph{_attr_list(graph_attrs, gtypes, {'rankdir': 'LR'})};",
              '  node [shape="box", style="rounded,filled"];']
     for n, d in G.nodes(data=True):
         lines.append(f"  {_q(n)}{_attr_list(d, types['node'], {'fillcolor': _FILL.get(d.get('kind'), '#ffffff')})};")
     for u, v, d in G.edges(data=True):
-        e = d.get("effect")
+        e = d.get(key)
         extra = {}
-        if isinstance(e, (int, float)) and math.isfinite(e):
-            extra = {"color": _POS if e >= 0 else _NEG, "penwidth": f"{0.5 + 5.5 * abs(e) / scale:.2f}"}
+        if isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e):
+            color = _READER_COLOR.get(d.get("reader"), _POS if e >= 0 else _NEG) if key == "score" else \
+                (_POS if e >= 0 else _NEG)
+            extra = {"color": color, "penwidth": f"{0.5 + 5.5 * abs(e) / scale:.2f}"}
         lines.append(f"  {_q(u)} -> {_q(v)}{_attr_list(d, types['edge'], extra)};")
     by_layer: dict[Any, list[str]] = {}
     for n, d in G.nodes(data=True):
@@ -299,3 +308,51 @@ def from_dot(text: str) -> nx.DiGraph:
     except (ValueError, KeyError, TypeError) as e:
         raise CorruptFileError(f"attribute values do not match their declared types ({type(e).__name__}: {e}).") from e
     return G
+
+
+# ---- edge-level graphs (issue 13): writers × readers from patching.edge_graph ---------------------------------
+EDGE_GRAPH_KIND = "edges"
+
+
+def edge_graph_networkx(scores: Any, mask: Any = None, *, circuit_only: bool = False,
+                        **graph_attrs: Any) -> nx.DiGraph:
+    """The edge graph of :class:`~patching.edge_graph.EdgeScores` as a ``DiGraph`` that every format here keeps:
+    :meth:`EdgeGraph.to_networkx` (writer nodes, reader nodes ``a{L}.h{H}<q|k|v>`` / ``m{L}<in>`` / ``probe``;
+    edges with ``name`` ``"w->r"``, ``reader`` q/k/v/mlp/probe, ``score``, ``in_graph``) with list attributes
+    flattened (a reader's ``heads`` → comma-joined string) and graph attributes ``wordpos_format``,
+    ``graph_kind="edges"``, the score method/metric/pairs, the model sizes and ``graph_attrs``.
+    ``circuit_only`` keeps only the in-graph edges (``mask``) and the nodes they touch."""
+    g = scores.graph
+    G = g.to_networkx(scores.scores, mask)
+    for n, d in G.nodes(data=True):
+        d.setdefault("label", str(n))  # GEXF adds a label anyway: set it so every format reads back the same
+        for k, v in list(d.items()):
+            if isinstance(v, (list, tuple)):
+                d[k] = ",".join(str(x) for x in v)
+    if circuit_only:
+        drop = [(u, v) for u, v, d in G.edges(data=True) if not d.get("in_graph")]
+        G.remove_edges_from(drop)
+        G.remove_nodes_from([n for n in list(G) if G.degree(n) == 0])
+    G.graph.update(wordpos_format=FORMAT, graph_kind=EDGE_GRAPH_KIND, method=str(scores.method),
+                   metric=str(scores.metric), n_prompts=int(scores.n_pairs), probe_layer=int(g.probe_layer),
+                   n_layers=int(g.n_layers), n_heads=int(g.n_heads), n_kv_heads=int(g.n_kv_heads),
+                   n_valid_edges=int(g.n_edges), **{k: v for k, v in graph_attrs.items() if v is not None})
+    return G
+
+
+def save_edge_graph(scores: Any, directory: str | Path, mask: Any = None, *, stem: str = "graph",
+                    formats: tuple[str, ...] = FORMATS, circuit_only: bool = True, **graph_attrs: Any) -> list[Path]:
+    """:func:`edge_graph_networkx` written as ``{stem}{suffix}`` for each format (atomically)."""
+    G = edge_graph_networkx(scores, mask, circuit_only=circuit_only, **graph_attrs)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    return [save_graph(G, directory / f"{stem}{suffix}") for suffix in formats]
+
+
+def save_mib_json(scores: Any, path: str | Path, mask: Any = None) -> Path:
+    """MIB-style circuit file (:meth:`EdgeScores.to_mib_json`): every edge name → ``{"score", "in_graph"}`` and
+    every node → ``{"in_graph"}``, ``in_graph`` following ``mask``."""
+    from wordpos.probing.io import write_json
+
+    return write_json(Path(path), scores.to_mib_json(mask))
+

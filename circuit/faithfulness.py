@@ -17,13 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from patching.ablation import ABLATIONS, AblationMethod, ablated_predictions, head_means, parse_heads
-from patching.activation import check_probe
-from probing.baselines import PositionBaseline
-from probing.datasets import WordIndexDataset
-from probing.engine import as_engine
-from probing.errors import ConfigError
-from probing.probe import WordIndexProbe
+from wordpos.patching.ablation import ABLATIONS, AblationMethod, ablated_predictions, head_means, parse_heads
+from wordpos.patching.activation import check_probe
+from wordpos.probing.baselines import PositionBaseline
+from wordpos.probing.datasets import WordIndexDataset
+from wordpos.probing.engines import as_engine
+from wordpos.probing.errors import ConfigError
+from wordpos.probing.probe import WordIndexProbe
 
 
 @dataclass

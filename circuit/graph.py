@@ -38,9 +38,9 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
-from patching.results import EffectResult
-from patching.roles import HeadRoles
-from probing.errors import ConfigError, CorruptFileError
+from wordpos.patching.results import EffectResult
+from wordpos.patching.roles import HeadRoles
+from wordpos.probing.errors import ConfigError, CorruptFileError
 
 FORMAT = "wordpos.circuit/1"
 EDGE_AXES = ("sender_layer", "sender_head", "receiver_layer", "receiver_head", "via")

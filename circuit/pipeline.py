@@ -1,8 +1,9 @@
 """``wordpos run``: the whole experiment in one command, stage by stage, each stage saved and reused.
 
 probe at every layer → activation + attribution patching at the best layer → path patching → ablation
-of the top heads (with a random-heads control) → circuit graph, pruning, faithfulness → ``report.html``
-and ``summary.json``. An interrupted run resumes: finished stages are read back from disk.
+of the top heads (with a random-heads control) → the edge circuit (EAP-IG edge scores, the faithfulness curve
+against random circuits under counterfactual ablation, the smallest circuit reaching the target) → attention
+evidence → ``report.html`` and ``summary.json``. An interrupted run resumes: finished stages are read back from disk.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from patching.ablation import parse_heads
-from patching.experiment import PatchConfig, load_probe, run_patching
-from patching.results import EffectResult
-from probing.experiment import ProbeConfig, run_probe
-from probing.io import config_identity, prepare_run_dir, read_json, write_json
-from probing.models import DEFAULT_MODEL
+from wordpos.patching.ablation import parse_heads
+from wordpos.patching.experiment import PatchConfig, load_probe, run_patching
+from wordpos.patching.results import EffectResult
+from wordpos.patching.sizing import Sizing
+from wordpos.probing.experiment import ProbeConfig, run_probe
+from wordpos.probing.io import config_identity, prepare_run_dir, read_json, write_json
+from wordpos.probing.models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +38,58 @@ class RunConfig:
     keep: float = 0.95
     threshold: float | None = None
     circuit_top_k: int | None = None
+    circuit: str = "edges"  # "edges" (EAP-IG edge circuit, faithfulness curve) or "heads" (former path-patching graph)
+    circuit_scores: str = "eap-ig"
+    circuit_ablation: str = "counterfactual"
+    circuit_target: float = 0.8
+    circuit_steps: int = 5
+    circuit_n_random: int = 3
+    dtype: str = "float32"
+    screen: str = "attribution"  # activation patching: attribution-ranked candidates + a random audit, exact
+    # patching of every head only when the audit's rank correlation is below 0.9 ("exact": always every head)
+    sizing: Sizing = field(default_factory=Sizing)  # every "how many" with its reason (wordpos.patching.sizing)
     layer: int | None = None
     seed: int = 0
     device: str | None = None
     engine: str = "tl"
     remote: bool = False
 
+    def __post_init__(self) -> None:
+        from wordpos.probing.errors import ConfigError
+
+        if isinstance(self.sizing, dict):
+            self.sizing = Sizing.from_dict(self.sizing)
+
+        choices = {"circuit": ("edges", "heads"), "circuit_scores": ("eap", "eap-ig", "exact"),
+                   "circuit_ablation": ("counterfactual", "mean", "resample"),
+                   "dtype": ("float32", "bfloat16", "float16"), "screen": ("exact", "attribution")}
+        for name, ok in choices.items():
+            if getattr(self, name) not in ok:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {ok}.")
+        if not 0 < self.circuit_target <= 1:
+            raise ConfigError(f"circuit_target is a faithfulness in (0, 1], got {self.circuit_target}.")
+        if self.circuit_steps < 1 or self.circuit_n_random < 0 or self.top_k < 1 or self.n_random < 0:
+            raise ConfigError("need circuit_steps >= 1, circuit_n_random >= 0, top_k >= 1 and n_random >= 0; got "
+                              f"{self.circuit_steps}, {self.circuit_n_random}, {self.top_k}, {self.n_random}.")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        """A config from a saved ``config.json`` (unknown keys, e.g. ``stage``, are ignored)."""
+        from dataclasses import fields
+
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
     def sized(self, n_layers: int, n_heads: int) -> "RunConfig":
-        """Defaults sized for a 2-core CPU: 2048 prompts and 32 pairs for small models (<= 64 heads),
-        1024 prompts and 16 pairs for bigger ones (SmolLM2-135M: 270 heads)."""
-        small = n_layers * n_heads <= 64
+        """Defaults from the sizing policy: ``prompts_small``/``pairs_small`` (2048/32) for models with at most
+        ``small_model_heads`` (64) heads, ``prompts_large``/``pairs_large`` (1024/16) for bigger ones (SmolLM2-135M:
+        270 heads)."""
+        z = self.sizing
+        small = n_layers * n_heads <= z.small_model_heads
         from dataclasses import replace
 
-        return replace(self, n_prompts=self.n_prompts or (2048 if small else 1024),
-                       n_pairs=self.n_pairs or (32 if small else 16))
+        return replace(self, n_prompts=self.n_prompts or (z.prompts_small if small else z.prompts_large),
+                       n_pairs=self.n_pairs or (z.pairs_small if small else z.pairs_large))
 
     def identity(self) -> dict[str, Any]:
         return config_identity(self, exclude=("device", "engine", "remote"))
@@ -86,12 +126,13 @@ def _stage(name: str, timings: dict[str, float], progress: bool, marker: Path | 
 def run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
                  model: Any = None) -> RunResult:
     """Run every stage into ``out`` (``out/probe``, ``out/patch_*``, ``out/ablation``, ``out/circuit``)."""
-    from probing.engine import as_engine, make_engine
+    from wordpos.probing.engines import as_engine, make_engine
 
     out = Path(out)
     timings: dict[str, float] = {}
     with _stage("load model", timings, progress):
-        model = model if model is not None else make_engine(config.model, config.engine, config.device, config.remote)
+        model = model if model is not None else make_engine(config.model, config.engine, config.device, config.remote,
+                                                            dtype=config.dtype)
     dims = as_engine(model).dims
     config = config.sized(dims.n_layers, dims.n_heads)
     prepare_run_dir(out, {"stage": "run", **config.identity()}, overwrite=overwrite)
@@ -107,13 +148,14 @@ def run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool = False,
     metrics = probe_run.metrics
     probe_path = out / "probe" if config.layer is None else out / "probe" / "probes" / f"layer{config.layer}"
     if config.layer is not None and not (probe_path / "probe.json").exists():
-        from probing.errors import ConfigError
+        from wordpos.probing.errors import ConfigError
 
         raise ConfigError(f"layer {config.layer} has no probe in {out / 'probe'}; layers run: "
                           f"{sorted(metrics['per_layer_accuracy'])}.")
     common = dict(model=config.model, probe=str(probe_path), n_pairs=config.n_pairs, seed=config.seed,
                   device=config.device, top_k=config.top_k, n_random=config.n_random, receivers=config.receivers,
-                  n_prompts=min(config.n_prompts, 768), checkpoint_dir=str(out / "checkpoints"))
+                  n_prompts=min(config.n_prompts, config.sizing.ablation_prompts), checkpoint_dir=str(out / "checkpoints"),
+                  sizing=config.sizing, screen=config.screen)
     stages = {}
     for method in ("activation", "attribution", "path", "ablation"):
         with _stage(f"{method} patching" if method != "ablation" else "ablation", timings, progress,
@@ -121,10 +163,15 @@ def run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool = False,
             stages[method] = run_patching(PatchConfig(method=method, **common), out / f"patch_{method}",
                                           model=model, overwrite=overwrite, progress=progress)
     with _stage("circuit", timings, progress, out / "circuit" / "circuit.json", **kw):
-        circuit_summary = build_circuit_stage(config, out, model=model, overwrite=overwrite, probe_path=probe_path)
+        if config.circuit == "edges":
+            circuit_summary = edge_circuit_run_stage(config, out, model=model, overwrite=overwrite,
+                                                     probe_path=probe_path, progress=progress)
+        else:
+            circuit_summary = build_circuit_stage(config, out, model=model, overwrite=overwrite, probe_path=probe_path)
     with _stage("attention evidence", timings, progress, out / "attention" / "evidence.json", **kw):
         heads = _evidence_heads(stages, circuit_summary)
-        attention = attention_stage(config, out, heads, model=model, overwrite=overwrite, probe_path=probe_path)
+        attention = attention_stage(config, out, heads, model=model, overwrite=overwrite, probe_path=probe_path,
+                                    n_prompts=config.sizing.evidence_prompts)
     summary = {
         "model": config.model,
         "patched_layer": int(load_probe(probe_path)[0].layer),
@@ -133,6 +180,7 @@ def run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool = False,
                                           "n_train", "n_test")},
         "top_heads": {m: stages[m].summary["top_heads"][:5] for m in stages},
         "attribution_vs_activation_correlation": stages["attribution"].summary.get("correlation_with_activation"),
+        "activation_screen": stages["activation"].summary.get("screen"),
         "ablation": stages["ablation"].summary.get("top_k_ablation"),
         "circuit": circuit_summary,
         "attention": attention,
@@ -141,7 +189,7 @@ def run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool = False,
     }
     write_json(out / "summary.json", summary)
     with _stage("report", timings, progress, computed=computed):
-        from circuit.report import write_report
+        from wordpos.circuit.report import write_report
 
         write_report(out, summary)
     summary["timings_s"] = timings
@@ -165,9 +213,9 @@ def _stage_inputs(config: RunConfig, out: Path, model: Any, probe_path: Path | N
                   ) -> tuple[Any, Any, Any]:
     """The probe, the engine and a fresh dataset over the probe run's own word split (held-out words stay
     held out), as the circuit and attention stages need them."""
-    from patching.experiment import _vocab_for
-    from probing.datasets import DatasetConfig, WordIndexDataset
-    from probing.engine import as_engine, make_engine
+    from wordpos.patching.experiment import _vocab_for
+    from wordpos.probing.datasets import DatasetConfig, WordIndexDataset
+    from wordpos.probing.engines import as_engine, make_engine
 
     probe, probe_dir = load_probe(probe_path or out / "probe")
     engine = as_engine(model) if model is not None else make_engine(config.model, config.engine, config.device,
@@ -182,9 +230,9 @@ def attention_stage(config: RunConfig, out: Path, heads: list[tuple[int, int]], 
                     overwrite: bool = False, probe_path: Path | None = None, n_prompts: int = 128) -> dict[str, Any]:
     """Attention-pattern evidence for the anchor hypothesis on the heads found (``attention/evidence.json``)
     and their patterns on one held-out prompt (``attention/patterns.*``)."""
-    from patching.plots import attention_patterns
-    from patching.roles import anchor_evidence, head_patterns
-    from probing.plots import save_figures
+    from wordpos.patching.plots import attention_patterns
+    from wordpos.patching.roles import anchor_evidence, head_patterns
+    from wordpos.probing.plots import save_figures
 
     adir = out / "attention"
     if (adir / "evidence.json").exists() and not overwrite:
@@ -205,16 +253,43 @@ def attention_stage(config: RunConfig, out: Path, heads: list[tuple[int, int]], 
     return summary
 
 
+def edge_circuit_run_stage(config: RunConfig, out: Path, *, model: Any = None, overwrite: bool = False,
+                           probe_path: Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """The edge circuit of ``wordpos run``: edge scores (EAP-IG by default) on fresh clean/corrupted pairs over
+    held-out words, the faithfulness curve against random circuits (counterfactual ablation by default), and the
+    smallest circuit reaching ``circuit_target`` (``circuit/``)."""
+    from wordpos.circuit.edge_circuit import edge_circuit_stage
+    from wordpos.patching.activation import prepare
+    from wordpos.patching.corruptions import make_pairs
+    from wordpos.patching.experiment import _vocab_for
+    from wordpos.probing.engines import as_engine, make_engine
+
+    cdir = out / "circuit"
+    if (cdir / "circuit.json").exists() and not overwrite:
+        return read_json(cdir / "circuit.json", "circuit summary")
+    probe, probe_dir = load_probe(probe_path or out / "probe")
+    engine = as_engine(model) if model is not None else make_engine(config.model, config.engine, config.device,
+                                                                    config.remote, dtype=config.dtype)
+    vocab = _vocab_for(probe_dir, engine.tokenizer, config.seed)
+    pairs = make_pairs(engine.tokenizer, config.n_pairs, vocab=vocab, words="test", n_words=len(probe.classes_),
+                       seed=config.seed)
+    ctx = prepare(engine, pairs, probe)
+    return edge_circuit_stage(engine, ctx, cdir, scores=config.circuit_scores, ablation=config.circuit_ablation,
+                              target=config.circuit_target, steps=config.circuit_steps,
+                              n_random=config.circuit_n_random, progress=progress, seed=config.seed,
+                              model_name=config.model)
+
+
 def build_circuit_stage(config: RunConfig, out: Path, *, model: Any = None, overwrite: bool = False,
                         probe_path: Path | None = None, path_dir: Path | None = None,
                         mlp_dir: Path | None = None) -> dict[str, Any]:
     """Graph from the path-patching stage, pruned, checked for faithfulness, rendered and exported."""
-    from circuit.faithfulness import faithfulness
-    from circuit.graph import build_graph
-    from circuit.prune import prune_min_edges, prune_threshold, prune_top_k
-    from circuit.render import render_circuit, save_circuit_figure
-    from circuit.export import save_graph
-    from patching.roles import HeadRoles
+    from wordpos.circuit.faithfulness import faithfulness
+    from wordpos.circuit.graph import build_graph
+    from wordpos.circuit.prune import prune_min_edges, prune_threshold, prune_top_k
+    from wordpos.circuit.render import render_circuit, save_circuit_figure
+    from wordpos.circuit.export import save_graph
+    from wordpos.patching.roles import HeadRoles
 
     cdir = out / "circuit"
     if (cdir / "circuit.json").exists() and not overwrite:
@@ -229,7 +304,8 @@ def build_circuit_stage(config: RunConfig, out: Path, *, model: Any = None, over
 
     roles = HeadRoles(scores={k: np.asarray(v) for k, v in roles_raw["scores"].items()},
                       n_prompts=roles_raw["n_prompts"], config=roles_raw.get("config", {}))
-    probe, engine, data = _stage_inputs(config, out, model, probe_path, min(config.n_prompts or 1024, 1024))
+    probe, engine, data = _stage_inputs(config, out, model, probe_path, min(config.n_prompts or config.sizing.circuit_prompts,
+                                                                              config.sizing.circuit_prompts))
     act_dir = out / "patch_activation"
     total = EffectResult.load(act_dir) if (act_dir / "effects.json").exists() else None
     graph_args = dict(model=config.model, probe_layer=int(probe.layer), metric=direct.metric,

@@ -35,7 +35,7 @@ from typing import Any
 
 import networkx as nx
 
-from probing.errors import ConfigError
+from wordpos.probing.errors import ConfigError
 
 
 @dataclass

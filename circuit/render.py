@@ -141,7 +141,7 @@ def save_circuit_figure(fig: go.Figure, directory: str | Path, name: str = "circ
     ``{name}.png`` and ``{name}.svg`` via kaleido (and ``{name}.plotly.json`` for reports). Without kaleido or
     Chromium the static images are skipped with a warning and the HTML is still written
     (:func:`probing.plots.save_figures`). Returns ``{name: [paths written]}``."""
-    from probing.plots import save_figures
+    from wordpos.probing.plots import save_figures
 
     return save_figures({name: fig}, directory, png=png, svg=svg)
 

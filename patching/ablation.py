@@ -4,22 +4,27 @@ the same layers, so "these k heads matter" is read against "any k heads matter".
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
+import einops
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from patching.activation import check_probe
-from probing import hooks as H
-from probing.baselines import PositionBaseline
-from probing.datasets import PromptSet, WordIndexDataset
-from probing.engine import Engine, as_engine
-from probing.errors import ConfigError
-from probing.probe import WordIndexProbe
+from wordpos.patching.activation import check_probe
+from wordpos.patching.corruptions import derangement
+from wordpos.patching.runner import NOOP, Edit, Intervention, Request, run_interventions
+from wordpos.patching.sizing import Sizing
+from wordpos.probing.progress import progress_bar
+from wordpos.probing import hooks as H
+from wordpos.probing.baselines import PositionBaseline
+from wordpos.probing.datasets import PromptSet, WordIndexDataset
+from wordpos.probing.engines import Engine, as_engine
+from wordpos.probing.errors import ConfigError
+from wordpos.probing.probe import WordIndexProbe
 
 AblationMethod = Literal["zero", "mean", "resample"]
 ABLATIONS = ("zero", "mean", "resample")
@@ -92,95 +97,150 @@ def _masked_position_mean(z: Tensor, lengths: Tensor) -> Tensor:
     return torch.einsum("bthd,bt->thd", z, mask) / mask.sum(0).clamp(min=1)[:, None, None]
 
 
+def _length_mask(lengths: Tensor, sl: slice, T: int, device: torch.device) -> Tensor:
+    return (torch.arange(T, device=device)[None, :] < lengths[sl].to(device)[:, None]).double()
+
+
 @torch.no_grad()
-def head_means(engine: Engine, prompts: PromptSet, layers: Sequence[int], batch_size: int = 64) -> dict[int, Tensor]:
-    """Position-wise mean of each layer's ``hook_z`` over ``prompts`` (the mean-ablation reference)."""
-    sums: dict[int, Tensor] = {}
-    counts = None
+def head_means(engine: Engine, prompts: PromptSet, layers: Sequence[int], batch_size: int | None = None, *,
+               length: int | None = None, sizing: Sizing | None = None) -> dict[int, Tensor]:
+    """Position-wise mean of each layer's ``hook_z`` over ``prompts`` (the mean-ablation reference), counting at
+    each position only the prompts that reach it; ``[length, head, d_head]`` per layer (positions no prompt
+    reaches are 0). One unpatched pass through the runner, summed over prompt batches."""
+    sizing = _sizing(sizing, batch_size)
+    layers = sorted(set(layers))
     T = prompts.max_len()
+    length = length or T
     names = [H.attn_z(L) for L in layers]
-    for b0 in range(0, len(prompts), batch_size):
-        toks = prompts.tokens[b0:b0 + batch_size, :T].to(engine.device)
-        lengths = prompts.lengths[b0:b0 + batch_size].to(engine.device)
-        _, cache = engine.run(toks, cache=names, stop_at_layer=max(layers) + 1)
-        mask = (torch.arange(T, device=engine.device)[None, :] < lengths[:, None]).double()
-        counts = mask.sum(0) if counts is None else counts + mask.sum(0)
-        for L, n in zip(layers, names):
-            s = torch.einsum("bthd,bt->thd", cache[n].double(), mask)
-            sums[L] = s if L not in sums else sums[L] + s
-    return {L: (s / counts.clamp(min=1)[:, None, None]).float() for L, s in sums.items()}
+
+    def read(out: Tensor, cache: dict[str, Tensor], P: int, sl: slice) -> dict[str, Tensor]:
+        mask = _length_mask(prompts.lengths, sl, T, out.device)
+        d = {n: torch.einsum("bthd,bt->thd", cache[n].double(), mask).unsqueeze(0) for n in names}
+        d["count"] = mask.sum(0).unsqueeze(0)
+        return d
+
+    req = Request(tokens=prompts.tokens[:, :T], read=read, stop_at_layer=max(layers) + 1, cache=names,
+                  split_prompts=True, combine="sum")
+    sums = run_interventions(engine, req, [NOOP], sizing=sizing, progress=False, desc="head means")
+    count = sums["count"][0].clamp(min=1)[:, None, None]
+    out = {}
+    for L, n in zip(layers, names):
+        m = (sums[n][0] / count).float()
+        if length > T:
+            m = torch.cat([m, m.new_zeros((length - T,) + tuple(m.shape[1:]))])
+        out[L] = m[:length]
+    return out
+
+
+def _sizing(sizing: Sizing | None, batch_size: int | None) -> Sizing:
+    sizing = sizing or Sizing()
+    return replace(sizing, prompt_batch=batch_size) if batch_size else sizing
+
+
+def ablation_intervention(heads: Sequence[tuple[int, int]], method: AblationMethod) -> Intervention:
+    """The runner's form of "ablate these heads": one edit per head at its ``hook_z`` (``zero``; ``mean``: the
+    position-wise mean; ``resample``: the same head of another prompt, see :func:`corruptions.derangement`)."""
+    write = {"zero": "zero", "mean": "mean", "resample": "source"}[method]
+    return Intervention(tuple(Edit(H.attn_z(L), write, h) for L, h in heads),
+                        label="+".join(f"{L}.{h}" for L, h in heads) or "unablated")
 
 
 @torch.no_grad()
+def ablated_sets(engine: Engine, layer: int, prompts: PromptSet, head_sets: Sequence[Sequence[tuple[int, int]]],
+                 method: AblationMethod = "mean", means: dict[int, Tensor] | None = None, *, seed: int = 0,
+                 probe: WordIndexProbe | None = None, sizing: Sizing | None = None, progress: bool = False,
+                 desc: str = "ablation") -> Tensor:
+    """For each set of heads (``[]`` = none), the residual after block ``layer`` at the word-final tokens of
+    ``prompts`` with those heads ablated, all sets batched through the runner: ``[set, sample, d_model]`` in
+    (prompt, word) order; with ``probe``, its predictions ``[set, sample]`` instead.
+
+    Resample ablation draws one derangement over all of ``prompts`` (seeded): prompt ``i`` gets prompt
+    ``perm[i]``'s activation of the ablated head from that prompt's unablated run."""
+    if method not in ABLATIONS:
+        raise ConfigError(f"method must be one of {ABLATIONS}, got {method!r}.")
+    if method == "mean" and means is None and any(head_sets):
+        raise ConfigError("mean ablation needs reference means (patching.ablation.head_means).")
+    T = prompts.max_len()
+    tokens = prompts.tokens[:, :T]
+    prompt, pos = prompts.positions("word_final")
+
+    def read(out: Tensor, cache: dict[str, Tensor], P: int, sl: slice) -> Tensor:
+        keep = (prompt >= sl.start) & (prompt < sl.stop)
+        r = einops.rearrange(out, "(p b) t d -> p b t d", p=P)
+        x = r[:, (prompt[keep] - sl.start).to(out.device), pos[keep].to(out.device)].float().cpu()
+        return probe.logits(x).argmax(-1) if probe is not None else x
+
+    mean = {H.attn_z(L): m for L, m in (means or {}).items()} if method == "mean" else {}
+    src = tokens[derangement(len(prompts), seed)] if method == "resample" and any(head_sets) else None
+    req = Request(tokens=tokens, read=read, stop_at_layer=layer + 1, mean=mean, source_tokens=src,
+                  split_prompts=True)
+    ivs = [ablation_intervention(hs, method) for hs in head_sets]
+    return run_interventions(engine, req, ivs, sizing=sizing, progress=progress, desc=desc, unit="set")
+
+
 def ablated_residuals(engine: Engine, layer: int, prompts: PromptSet, heads: Sequence[tuple[int, int]],
-                      method: AblationMethod = "mean", means: dict[int, Tensor] | None = None, batch_size: int = 64,
-                      seed: int = 0) -> Tensor:
+                      method: AblationMethod = "mean", means: dict[int, Tensor] | None = None,
+                      batch_size: int | None = None, seed: int = 0) -> Tensor:
     """Residual stream after block ``layer`` at the word-final tokens of ``prompts`` with ``heads`` ablated:
     ``[sample, d_model]`` in (prompt, word) order."""
-    by_layer: dict[int, list[int]] = {}
-    for L, h in heads:
-        by_layer.setdefault(L, []).append(h)
-    if method == "mean" and means is None and heads:
-        raise ConfigError("mean ablation needs reference means (patching.ablation.head_means).")
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    T = prompts.max_len()
-    for b0 in range(0, len(prompts), batch_size):
-        sub = prompts.subset(range(b0, min(b0 + batch_size, len(prompts))))
-        toks = sub.tokens[:, :T].to(engine.device)
-        n = toks.shape[0]
-        perm = torch.randperm(n, generator=g)
-        if n > 1:
-            fixed = perm == torch.arange(n)
-            perm[fixed] = (perm[fixed] + 1) % n
-        hooks = []
-        for L, hs in by_layer.items():
-            idx = torch.tensor(hs, device=engine.device)
-
-            def hook(act: Tensor, name: str, idx=idx, L=L, perm=perm) -> Tensor:
-                act = act.clone()
-                if method == "zero":
-                    act[:, :, idx] = 0.0
-                elif method == "mean":
-                    act[:, :, idx] = means[L][: act.shape[1], idx].to(act.dtype)
-                else:
-                    act[:, :, idx] = act[perm.to(act.device)][:, :, idx]
-                return act
-
-            hooks.append((H.attn_z(L), hook))
-        resid, _ = engine.run(toks, hooks=hooks, stop_at_layer=layer + 1)
-        prompt, pos = sub.positions("word_final")
-        out.append(resid[prompt.to(engine.device), pos.to(engine.device)].float().cpu())
-    return torch.cat(out)
+    return ablated_sets(engine, layer, prompts, [list(heads)], method, means, seed=seed,
+                        sizing=_sizing(None, batch_size))[0]
 
 
 def ablated_predictions(engine: Engine, probe: WordIndexProbe, prompts: PromptSet, heads: Sequence[tuple[int, int]],
                         method: AblationMethod = "mean", means: dict[int, Tensor] | None = None,
-                        batch_size: int = 64, seed: int = 0) -> np.ndarray:
+                        batch_size: int | None = None, seed: int = 0) -> np.ndarray:
     """Probe predictions at word-final tokens of ``prompts`` with ``heads`` ablated."""
-    x = ablated_residuals(engine, int(probe.layer), prompts, heads, method, means, batch_size, seed)
-    return probe.logits(x).argmax(-1).numpy()
+    return ablated_sets(engine, int(probe.layer), prompts, [list(heads)], method, means, seed=seed, probe=probe,
+                        sizing=_sizing(None, batch_size))[0].numpy()
 
 
 def refit_accuracy(engine: Engine, probe: WordIndexProbe, data: WordIndexDataset, heads: Sequence[tuple[int, int]],
-                   method: AblationMethod, means: dict[int, Tensor] | None, split: str = "test", batch_size: int = 64,
-                   seed: int = 0) -> float:
+                   method: AblationMethod, means: dict[int, Tensor] | None, split: str = "test",
+                   batch_size: int | None = None, seed: int = 0) -> float:
     """Accuracy of a probe re-fitted on ablated activations: how much word-index information is *left*
     (the fixed probe also fails when ablation merely shifts the activations it was fitted on)."""
     layer = int(probe.layer)
     xtr = ablated_residuals(engine, layer, data.train, heads, method, means, batch_size, seed)
     xte = ablated_residuals(engine, layer, data.split(split), heads, method, means, batch_size, seed)
-    refit = WordIndexProbe(C=probe.C, layer=layer, model=probe.model).fit(xtr, data.train.labels)
-    return float(refit.score(xte, data.split(split).labels))
+    return _refit(probe, xtr, data.train.labels, xte, data.split(split).labels)
+
+
+def _refit(probe: WordIndexProbe, xtr: Tensor, ytr: Tensor, xte: Tensor, yte: Tensor) -> float:
+    refit = WordIndexProbe(C=probe.C, layer=probe.layer, model=probe.model).fit(xtr, ytr)
+    return float(refit.score(xte, yte))
+
+
+def random_head_sets(heads: Sequence[tuple[int, int]], n: int, n_heads: int, max_layer: int, seed: int = 0
+                     ) -> list[list[tuple[int, int]]]:
+    """``n`` random sets of ``len(heads)`` heads for the control, drawn (seeded) from the layers of ``heads``
+    and never containing a head of ``heads``. When those layers hold fewer than ``len(heads)`` other heads, the
+    draw widens to every layer up to ``max_layer``; when even that is too few, ConfigError."""
+    heads = sorted(set(heads))
+    k = len(heads)
+    under = set(heads)
+    layers = sorted({L for L, _ in heads})
+    pool = [(L, h) for L in layers for h in range(n_heads) if (L, h) not in under]
+    if len(pool) < k:
+        pool = [(L, h) for L in range(max_layer + 1) for h in range(n_heads) if (L, h) not in under]
+    if len(pool) < k and n > 0:
+        raise ConfigError(f"a random control needs {k} heads other than the {k} under test, but layers "
+                          f"0..{max_layer} hold only {len(pool)}; ablate fewer heads or pass n_random=0.")
+    rng = np.random.default_rng(seed)
+    return [sorted(pool[i] for i in rng.choice(len(pool), size=k, replace=False)) for _ in range(n)]
 
 
 def ablate_heads(model: Any, probe: WordIndexProbe, data: WordIndexDataset, heads: str | Sequence[Any], *,
                  method: AblationMethod = "mean", n_random: int = 0, split: str = "test", seed: int = 0,
-                 refit: bool = True, batch_size: int = 64, progress: bool = True) -> AblationResult:
+                 refit: bool = True, batch_size: int | None = None, sizing: Sizing | None = None,
+                 progress: bool = True) -> AblationResult:
     """Ablate ``heads`` and score the probe on ``split`` (held-out words by default). With ``n_random``,
-    also ablate that many random sets of as many heads drawn from the same layers (seeded). With
-    ``refit``, also re-fit a probe on the ablated activations (``refit_accuracy``): the word-index
-    information that survives, to compare with the position-only baseline."""
+    also ablate that many random sets of as many heads drawn from the same layers, never the heads under test
+    (seeded; :func:`random_head_sets`). With ``refit``, also re-fit a probe on the ablated activations
+    (``refit_accuracy``): the word-index information that survives, to compare with the position-only baseline.
+
+    The unablated run, the heads and every random set run together through the runner (folded into the batch);
+    ``config["timings"]`` keeps the forward time and the refit time apart."""
     engine = as_engine(model)
     layer = check_probe(engine, probe)
     if method not in ABLATIONS:
@@ -190,59 +250,71 @@ def ablate_heads(model: Any, probe: WordIndexProbe, data: WordIndexDataset, head
     if late:
         raise ConfigError(f"heads {late} are after the probe's layer {layer} and cannot change it; pick heads in "
                           f"layers 0..{layer}.")
+    sizing = _sizing(sizing, batch_size)
     prompts = data.split(split)
     y = prompts.labels.numpy()
-    layers = sorted({L for L, _ in heads})
-    means = head_means(engine, data.train, list(range(layer + 1)), batch_size) if method == "mean" else None
-    clean = ablated_predictions(engine, probe, prompts, [], "zero", batch_size=batch_size)
-    pred = ablated_predictions(engine, probe, prompts, heads, method, means, batch_size, seed)
+    length = max(prompts.max_len(), data.train.max_len())
+    t0 = time.perf_counter()
+    means = head_means(engine, data.train, list(range(layer + 1)), length=length, sizing=sizing) \
+        if method == "mean" else None
+    rand_heads = random_head_sets(heads, n_random, engine.dims.n_heads, layer, seed)
+    sets = [[], heads, *rand_heads]
+    x_test = ablated_sets(engine, layer, prompts, sets, method, means, seed=seed, sizing=sizing, progress=progress,
+                          desc=f"{method}-ablating {len(sets) - 1} head sets")
+    x_train = ablated_sets(engine, layer, data.train, sets[1:], method, means, seed=seed, sizing=sizing,
+                           progress=progress, desc="ablated train activations (refit)") if refit else None
+    forward_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    preds = probe.logits(x_test).argmax(-1).numpy()
+    clean, pred = preds[0], preds[1]
+    rand_acc = [float(np.mean(p == y)) for p in preds[2:]]
+    refit_acc, rand_refit = None, []
+    if refit:
+        ytr = data.train.labels
+        accs = [_refit(probe, x_train[i], ytr, x_test[i + 1], prompts.labels) for i in range(len(sets) - 1)]
+        refit_acc, rand_refit = accs[0], accs[1:]
+    refit_s = time.perf_counter() - t0
     _, pos = prompts.positions("word_final")
-    tr_prompt, tr_pos = data.train.positions("word_final")
+    _, tr_pos = data.train.positions("word_final")
     base = PositionBaseline().fit(tr_pos.numpy(), data.train.labels.numpy()).score(pos.numpy(), y)
-    rng = np.random.default_rng(seed)
-    pool = [(L, h) for L in layers for h in range(engine.dims.n_heads)]
-    rand_acc, rand_heads, rand_refit = [], [], []
-    for _ in tqdm(range(n_random), desc="random-head controls", disable=not progress or n_random == 0):
-        for _try in range(100):  # a draw identical to the ablated set is no control: draw again when possible
-            pick = sorted(pool[i] for i in rng.choice(len(pool), size=min(len(heads), len(pool)), replace=False))
-            if pick != heads:
-                break
-        rand_heads.append(pick)
-        rand_acc.append(float(np.mean(ablated_predictions(engine, probe, prompts, pick, method, means, batch_size,
-                                                          seed) == y)))
-        if refit:
-            rand_refit.append(refit_accuracy(engine, probe, data, pick, method, means, split, batch_size, seed))
-    refit_acc = refit_accuracy(engine, probe, data, heads, method, means, split, batch_size, seed) if refit else None
     per_word = {int(k): float(np.mean(pred[y == k] == k)) for k in np.unique(y)}
+    n_tokens = int(prompts.lengths.sum()) * len(sets) + (int(data.train.lengths.sum()) * (len(sets) - 1) if refit else 0)
     return AblationResult(heads=heads, method=method, accuracy=float(np.mean(pred == y)),
                           clean_accuracy=float(np.mean(clean == y)), baseline_abs_pos_accuracy=float(base),
                           per_word_accuracy=per_word, random_accuracies=rand_acc, random_heads=rand_heads,
                           refit_accuracy=refit_acc, random_refit_accuracies=rand_refit, n_samples=int(len(y)),
                           config={"model": engine.name, "probe_layer": layer, "split": split, "seed": seed,
-                                  "method": method, "n_random": n_random})
+                                  "method": method, "n_random": n_random,
+                                  "timings": {"forward_s": forward_s, "refit_s": refit_s,
+                                              "ablated_tokens": n_tokens, "layers": layer + 1}})
 
 
 def ablation_sweep(model: Any, probe: WordIndexProbe, data: WordIndexDataset, *, method: AblationMethod = "mean",
                    heads: Sequence[tuple[int, int]] | None = None, split: str = "test", seed: int = 0,
-                   batch_size: int = 64, progress: bool = True) -> np.ndarray:
+                   batch_size: int | None = None, sizing: Sizing | None = None, progress: bool = True) -> np.ndarray:
     """Probe accuracy with each single head ablated: ``[layer, head]`` for layers up to the probe's (only
-    ``heads`` when given; the others are NaN)."""
+    ``heads`` when given; the others are NaN: not measured). All heads run batched through the runner."""
     engine = as_engine(model)
     layer = check_probe(engine, probe)
+    sizing = _sizing(sizing, batch_size)
     prompts = data.split(split)
     y = prompts.labels.numpy()
-    means = head_means(engine, data.train, list(range(layer + 1)), batch_size) if method == "mean" else None
+    length = max(prompts.max_len(), data.train.max_len())
+    means = head_means(engine, data.train, list(range(layer + 1)), length=length, sizing=sizing) \
+        if method == "mean" else None
     heads = parse_heads(heads, engine.dims) if heads is not None else \
         [(L, h) for L in range(layer + 1) for h in range(engine.dims.n_heads)]
+    preds = ablated_sets(engine, layer, prompts, [[hd] for hd in heads], method, means, seed=seed, probe=probe,
+                         sizing=sizing, progress=progress, desc=f"{method}-ablating heads").numpy()
     out = np.full((layer + 1, engine.dims.n_heads), np.nan)
-    for L, h in tqdm(heads, desc=f"{method}-ablating heads", unit="head", disable=not progress):
-        out[L, h] = np.mean(ablated_predictions(engine, probe, prompts, [(L, h)], method, means, batch_size, seed) == y)
+    for (L, h), p in zip(heads, preds):
+        out[L, h] = np.mean(p == y)
     return out
 
 
 def ablation_curve(model: Any, probe: WordIndexProbe, data: WordIndexDataset, ranked: Sequence[Any],
                    ks: Sequence[int], *, method: AblationMethod = "resample", n_random: int = 2, split: str = "test",
-                   seed: int = 0, batch_size: int = 64, progress: bool = True) -> list[dict[str, Any]]:
+                   seed: int = 0, batch_size: int | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Ablate the top ``k`` of ``ranked`` heads for each ``k`` in ``ks``: fixed-probe and re-fitted-probe
     accuracy against ``n_random`` random sets of ``k`` heads from the same layers, so "how far toward the
     position baseline do the best k heads take the probe" reads as a curve rather than one point."""
@@ -250,7 +322,7 @@ def ablation_curve(model: Any, probe: WordIndexProbe, data: WordIndexDataset, ra
     if not ks or min(ks) < 1 or max(ks) > len(ranked):
         raise ConfigError(f"ks must lie in 1..{len(ranked)} (the number of ranked heads), got {list(ks)}.")
     rows = []
-    for k in tqdm(sorted(set(ks)), desc="ablation curve", unit="k", disable=not progress):
+    for k in progress_bar(sorted(set(ks)), desc="ablation curve", unit="k", disable=not progress):
         res = ablate_heads(model, probe, data, ranked[:k], method=method, n_random=n_random, split=split, seed=seed,
                            batch_size=batch_size, progress=False)
         d = res.to_dict()

@@ -1,8 +1,10 @@
-"""Activation patching with the probe metric: short, named wrappers over :func:`patching.batched.run_patches`.
+"""Activation patching with the probe metric: short, named wrappers over :func:`patching.batched.run_patches`
+(the one runner, :mod:`wordpos.patching.runner`).
 
-``direction="denoising"`` runs the corrupted prompts and patches in clean activations (1 = the patch
-alone restores clean behaviour); ``"noising"`` runs the clean prompts and patches in corrupted ones
-(values fall below 1 where the patch breaks the probe's reading).
+``direction="denoising"`` runs the corrupted prompts (metric 0) and patches in clean activations: the change is
+positive where the patch restores clean behaviour (+1 = fully). ``"noising"`` runs the clean prompts (metric 1)
+and patches in corrupted ones: the change is negative where the patch breaks the probe's reading (−1 = fully).
+Results store the change (patched − unpatched) and the levels in ``extra["level"]``.
 """
 
 from __future__ import annotations
@@ -14,14 +16,16 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from patching.batched import Patch, SweepCheckpoint, base_resid_names, run_patches
-from patching.corruptions import PatchingPairs
-from patching.metrics import MetricKind, ProbeMetric
-from patching.results import EffectResult
-from probing import hooks as H
-from probing.engine import Engine, as_engine
-from probing.errors import ConfigError
-from probing.probe import WordIndexProbe
+from wordpos.patching.batched import Patch, SweepCheckpoint, base_resid_names, run_patches
+from wordpos.patching.runner import cache_run
+from wordpos.patching.sizing import Sizing
+from wordpos.patching.corruptions import PatchingPairs
+from wordpos.patching.metrics import MetricKind, ProbeMetric
+from wordpos.patching.results import EffectResult
+from wordpos.probing import hooks as H
+from wordpos.probing.engines import Engine, as_engine
+from wordpos.probing.errors import ConfigError
+from wordpos.probing.probe import WordIndexProbe
 
 Direction = Literal["denoising", "noising"]
 
@@ -40,6 +44,13 @@ class PatchContext:
     base_cache: dict[str, Tensor]
     stop_at_layer: int
     base_full: dict[str, Tensor] | None = None  # every head/MLP output of the base run (path patching)
+    sizing: Sizing = Sizing()
+
+    @property
+    def unpatched(self) -> float:
+        """The normalised metric of the unpatched base run: 0 when denoising (corrupted), 1 when noising (clean)."""
+        return float(self.metric.normalize(torch.tensor(self.metric.corrupted_value if self.direction == "denoising"
+                                                        else self.metric.clean_value, dtype=torch.float64)))
 
     @property
     def layers(self) -> list[int]:
@@ -63,7 +74,8 @@ class PatchContext:
     def config(self, **extra: Any) -> dict[str, Any]:
         return {"model": self.engine.name, "probe_layer": self.probe.layer, "metric": self.metric.name,
                 "direction": self.direction, "pairs": self.pairs.config, "n_pairs": len(self.pairs),
-                "clean_value": self.metric.clean_value, "corrupted_value": self.metric.corrupted_value, **extra}
+                "clean_value": self.metric.clean_value, "corrupted_value": self.metric.corrupted_value,
+                "unpatched": self.unpatched, **extra}
 
 
 def check_probe(engine: Engine, probe: WordIndexProbe) -> int:
@@ -80,7 +92,7 @@ def check_probe(engine: Engine, probe: WordIndexProbe) -> int:
 
 @torch.no_grad()
 def prepare(model: Any, pairs: PatchingPairs, probe: WordIndexProbe, *, metric: MetricKind = "logit_diff",
-            direction: Direction = "denoising") -> PatchContext:
+            direction: Direction = "denoising", sizing: Sizing | None = None) -> PatchContext:
     """Cache the source run's activations at every site below the probe, the base run's residuals, and
     calibrate the metric on the clean and corrupted runs."""
     engine = as_engine(model)
@@ -95,23 +107,24 @@ def prepare(model: Any, pairs: PatchingPairs, probe: WordIndexProbe, *, metric: 
     names = []
     for L in range(stop):
         names += [H.attn_z(L), H.resid(L, "resid_pre"), H.attn_out(L), H.mlp_out(L)]
-    clean_out, clean_cache = engine.run(pairs.clean, cache=names, stop_at_layer=stop)
-    corr_out, corr_cache = engine.run(pairs.corrupted, cache=names, stop_at_layer=stop)
+    sizing = sizing or Sizing()
+    clean_out, clean_cache = cache_run(engine, pairs.clean, names, stop_at_layer=stop, sizing=sizing)
+    corr_out, corr_cache = cache_run(engine, pairs.corrupted, names, stop_at_layer=stop, sizing=sizing)
     m = ProbeMetric(probe, pairs, kind=metric).calibrate(clean_out, corr_out)
     if direction == "denoising":
         base, source, base_cache = pairs.corrupted, clean_cache, corr_cache
     else:
         base, source, base_cache = pairs.clean, corr_cache, clean_cache
     base_cache = {k: v for k, v in base_cache.items() if k in base_resid_names(range(stop))}
-    return PatchContext(engine, pairs, probe, m, direction, base, source, base_cache, stop)
+    return PatchContext(engine, pairs, probe, m, direction, base, source, base_cache, stop, sizing=sizing)
 
 
 def _run(ctx: PatchContext, patches: list[Patch], checkpoint_dir: str | Path | None, max_tokens: int | None, progress: bool,
          desc: str, **cfg: Any) -> Tensor:
     ckpt = SweepCheckpoint(checkpoint_dir, ctx.config(**cfg)) if checkpoint_dir else None
     return run_patches(ctx.engine, ctx.base, ctx.source_cache, ctx.base_cache, patches, ctx.metric,
-                       stop_at_layer=ctx.stop_at_layer, max_tokens=max_tokens, checkpoint=ckpt, progress=progress,
-                       desc=desc)
+                       stop_at_layer=ctx.stop_at_layer, max_tokens=max_tokens, sizing=ctx.sizing, checkpoint=ckpt,
+                       progress=progress, desc=desc)
 
 
 def _ctx(model: Any, pairs: PatchingPairs | PatchContext, probe: WordIndexProbe | None, metric: MetricKind,
@@ -119,12 +132,20 @@ def _ctx(model: Any, pairs: PatchingPairs | PatchContext, probe: WordIndexProbe 
     if isinstance(pairs, PatchContext):
         return pairs
     if probe is None:
-        raise ConfigError("pass the fitted probe (or a PatchContext from patching.prepare).")
+        raise ConfigError("pass the fitted probe (or a PatchContext from wordpos.patching.prepare).")
     return prepare(model, pairs, probe, metric=metric, direction=direction)
 
 
 def _unpatched_value(ctx: PatchContext) -> float:
-    return 0.0 if ctx.direction == "denoising" else 1.0
+    return ctx.unpatched
+
+
+def change_result(levels: torch.Tensor | Any, ctx: PatchContext, axes: tuple[str, ...], method: str,
+                  **config: Any) -> EffectResult:
+    """An :class:`EffectResult` of signed changes (levels − unpatched), the levels kept in ``extra["level"]``."""
+    levels = torch.as_tensor(levels, dtype=torch.float64).numpy()
+    return EffectResult(levels - ctx.unpatched, axes, method, ctx.metric.name, direction=ctx.direction,
+                        n_prompts=len(ctx.pairs), config=ctx.config(**config), extra={"level": levels})
 
 
 def patch_heads(model: Any, pairs: PatchingPairs | PatchContext, probe: WordIndexProbe | None = None, *,
@@ -149,14 +170,13 @@ def patch_heads(model: Any, pairs: PatchingPairs | PatchContext, probe: WordInde
         patches = [Patch("z", L, h) for L, h in heads]
     vals = _run(ctx, patches, checkpoint_dir, max_tokens, progress, "head patching", sweep="heads", by_pos=by_pos)
     shape = (ctx.stop_at_layer, dims.n_heads) + ((T,) if by_pos else ())
-    effects = torch.full(shape, float("nan"), dtype=torch.float64)
-    if by_pos:
-        effects[[L for L, _ in heads], [h for _, h in heads], :] = _unpatched_value(ctx)
+    levels = torch.full(shape, float("nan"), dtype=torch.float64)  # heads not asked for: not measured
+    if by_pos:  # positions that cannot change a target keep the unpatched level exactly (see above)
+        levels[[L for L, _ in heads], [h for _, h in heads], :] = ctx.unpatched
     for p, v in zip(patches, vals):
-        effects[(p.layer, p.head) + ((p.pos,) if by_pos else ())] = v
+        levels[(p.layer, p.head) + ((p.pos,) if by_pos else ())] = v
     axes = ("layer", "head", "pos") if by_pos else ("layer", "head")
-    return EffectResult(effects.numpy(), axes, "activation", ctx.metric.name, direction=ctx.direction,
-                        n_prompts=len(ctx.pairs), config=ctx.config(sweep="heads", by_pos=by_pos))
+    return change_result(levels, ctx, axes, "activation", sweep="heads", by_pos=by_pos)
 
 
 def patch_resid(model: Any, pairs: PatchingPairs | PatchContext, probe: WordIndexProbe | None = None, *,
@@ -167,19 +187,27 @@ def patch_resid(model: Any, pairs: PatchingPairs | PatchContext, probe: WordInde
     T = ctx.pairs.clean.shape[1]
     patches = [Patch("resid_pre", L, None, p) for L in ctx.layers for p in ctx.sweep_positions()]
     vals = _run(ctx, patches, checkpoint_dir, max_tokens, progress, "residual patching", sweep="resid")
-    effects = torch.full((ctx.stop_at_layer, T), _unpatched_value(ctx), dtype=torch.float64)
+    levels = torch.full((ctx.stop_at_layer, T), ctx.unpatched, dtype=torch.float64)
     for p, v in zip(patches, vals):
-        effects[p.layer, p.pos] = v
-    return EffectResult(effects.numpy(), ("layer", "pos"), "activation", ctx.metric.name, direction=ctx.direction,
-                        n_prompts=len(ctx.pairs), config=ctx.config(sweep="resid"))
+        levels[p.layer, p.pos] = v
+    return change_result(levels, ctx, ("layer", "pos"), "activation", sweep="resid")
 
 
 def patch_layer_outputs(model: Any, pairs: PatchingPairs | PatchContext, probe: WordIndexProbe | None = None, *,
-                        site: Literal["mlp_out", "attn_out"] = "mlp_out", metric: MetricKind = "logit_diff",
-                        direction: Direction = "denoising", max_tokens: int | None = None, progress: bool = True) -> EffectResult:
-    """Patch each block's whole MLP (or attention) output at all positions (axis ``layer``)."""
+                        site: Literal["mlp_out", "attn_out"] = "mlp_out", by_pos: bool = False,
+                        metric: MetricKind = "logit_diff", direction: Direction = "denoising",
+                        max_tokens: int | None = None, progress: bool = True) -> EffectResult:
+    """Patch each block's whole MLP (or attention) output at all positions (axis ``layer``), or at each position
+    (axes ``layer, pos``; positions that cannot change a target keep the unpatched level without being run)."""
     ctx = _ctx(model, pairs, probe, metric, direction)
+    if by_pos:
+        T = ctx.pairs.clean.shape[1]
+        patches = [Patch(site, L, None, p) for L in ctx.layers for p in ctx.sweep_positions()]
+        vals = _run(ctx, patches, None, max_tokens, progress, f"{site} patching", sweep=site, by_pos=True)
+        levels = torch.full((ctx.stop_at_layer, T), ctx.unpatched, dtype=torch.float64)
+        for p, v in zip(patches, vals):
+            levels[p.layer, p.pos] = v
+        return change_result(levels, ctx, ("layer", "pos"), "activation", sweep=site, by_pos=True)
     patches = [Patch(site, L) for L in ctx.layers]
     vals = _run(ctx, patches, None, max_tokens, progress, f"{site} patching", sweep=site)
-    return EffectResult(vals.numpy(), ("layer",), "activation", ctx.metric.name, direction=ctx.direction,
-                        n_prompts=len(ctx.pairs), config=ctx.config(sweep=site))
+    return change_result(vals, ctx, ("layer",), "activation", sweep=site)

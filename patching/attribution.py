@@ -1,8 +1,8 @@
 """Attribution patching (Nanda, 2023; Syed et al., 2023): the first-order approximation of activation
 patching for every head and position from one forward and one backward pass.
 
-``effect ≈ base + Σ (a_source − a_base) · ∂metric/∂a`` at the base run, with the normalised probe metric
-(1 = clean, 0 = corrupted). Exact for a linear path, an approximation through attention and LayerNorm:
+``change ≈ Σ (a_source − a_base) · ∂metric/∂a`` at the base run, with the normalised probe metric
+(1 = clean, 0 = corrupted); the estimated level (unpatched + change) is kept in ``extra["level"]``. Exact for a linear path, an approximation through attention and LayerNorm:
 compare it with :func:`patching.activation.patch_heads` (:func:`correlation`).
 """
 
@@ -14,13 +14,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from patching.activation import Direction, PatchContext, _ctx, _unpatched_value
-from patching.corruptions import PatchingPairs
-from patching.metrics import MetricKind
-from patching.results import EffectResult
-from probing import hooks as H
-from probing.errors import ConfigError
-from probing.probe import WordIndexProbe
+from wordpos.patching.activation import Direction, PatchContext, _ctx
+from wordpos.patching.corruptions import PatchingPairs
+from wordpos.patching.metrics import MetricKind
+from wordpos.patching.results import EffectResult
+from wordpos.patching.runner import cache_run
+from wordpos.probing import hooks as H
+from wordpos.probing.errors import ConfigError
+from wordpos.probing.probe import WordIndexProbe
 
 
 def _gradients(ctx: PatchContext, names: list[str]) -> dict[str, Tensor]:
@@ -47,18 +48,18 @@ def attribute_heads(model: Any, pairs: PatchingPairs | PatchContext, probe: Word
     ctx = _ctx(model, pairs, probe, metric, direction)
     names = [H.attn_z(L) for L in ctx.layers]
     grads = _gradients(ctx, names)
-    with torch.no_grad():
-        _, base = ctx.engine.run(ctx.base, cache=names, stop_at_layer=ctx.stop_at_layer)
+    _, base = cache_run(ctx.engine, ctx.base, names, stop_at_layer=ctx.stop_at_layer, sizing=ctx.sizing)
     per = []
     for n in names:
         diff = ctx.source_cache[n] - base[n]  # [batch, pos, head, d_head]
         per.append(torch.einsum("bthd,bthd->ht", diff, grads[n]))
     contrib = torch.stack(per).double().cpu().numpy()  # [layer, head, pos]
-    # each estimate is the unpatched value plus the first-order change of its own patch
-    effects = (contrib if by_pos else contrib.sum(-1)) + _unpatched_value(ctx)
+    # each estimate is the first-order change of its own patch
+    change = contrib if by_pos else contrib.sum(-1)
     axes = ("layer", "head", "pos") if by_pos else ("layer", "head")
-    return EffectResult(effects, axes, "attribution", ctx.metric.name, direction=ctx.direction,
-                        n_prompts=len(ctx.pairs), config=ctx.config(sweep="attribution_heads", by_pos=by_pos))
+    return EffectResult(change, axes, "attribution", ctx.metric.name, direction=ctx.direction,
+                        n_prompts=len(ctx.pairs), config=ctx.config(sweep="attribution_heads", by_pos=by_pos),
+                        extra={"level": change + ctx.unpatched})
 
 
 def attribute_resid(model: Any, pairs: PatchingPairs | PatchContext, probe: WordIndexProbe | None = None, *,
@@ -68,9 +69,10 @@ def attribute_resid(model: Any, pairs: PatchingPairs | PatchContext, probe: Word
     names = [H.resid(L, "resid_pre") for L in ctx.layers]
     grads = _gradients(ctx, names)
     eff = [torch.einsum("btd,btd->t", ctx.source_cache[n] - ctx.base_cache[n], grads[n]) for n in names]
-    effects = torch.stack(eff).double().cpu().numpy() + _unpatched_value(ctx)
-    return EffectResult(effects, ("layer", "pos"), "attribution", ctx.metric.name, direction=ctx.direction,
-                        n_prompts=len(ctx.pairs), config=ctx.config(sweep="attribution_resid"))
+    change = torch.stack(eff).double().cpu().numpy()
+    return EffectResult(change, ("layer", "pos"), "attribution", ctx.metric.name, direction=ctx.direction,
+                        n_prompts=len(ctx.pairs), config=ctx.config(sweep="attribution_resid"),
+                        extra={"level": change + ctx.unpatched})
 
 
 def correlation(a: EffectResult, b: EffectResult) -> float:

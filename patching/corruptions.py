@@ -19,9 +19,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from probing.datasets import REFERENCE_PREFIX, sequence_start_id
-from probing.errors import ConfigError
-from probing.vocab import WordVocab, word_tokens
+from wordpos.probing.datasets import REFERENCE_PREFIX, sequence_start_id
+from wordpos.probing.errors import ConfigError
+from wordpos.probing.vocab import WordVocab, word_tokens
 
 
 @dataclass
@@ -138,13 +138,25 @@ def mean_reference(acts: Float[Tensor, "batch pos *rest"]) -> Float[Tensor, "pos
     return acts.mean(0)
 
 
-def resample_reference(acts: Float[Tensor, "batch pos *rest"], seed: int = 0) -> Float[Tensor, "batch pos *rest"]:
-    """Resample ablation reference: each prompt gets another prompt's activation (a derangement)."""
-    n = acts.shape[0]
+def derangement(n: int, seed: int | torch.Generator = 0) -> Int[Tensor, " n"]:
+    """A uniformly random permutation of ``0..n-1`` with no fixed point (``perm[i] != i`` for every ``i``): the
+    resample-ablation rule "every prompt gets *another* prompt's activation". Rejection sampling: a random
+    permutation is a derangement with probability ~1/e, so ~2.7 draws on average, for any ``n``.
+
+    ``n < 2`` is refused (ConfigError): a single prompt has no other prompt to draw from. Callers draw one
+    derangement over the whole prompt set (not per batch), so a last batch of one prompt is still resampled."""
     if n < 2:
-        raise ConfigError("resample ablation needs at least 2 prompts to draw other prompts' activations from.")
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=g)
-    fixed = perm == torch.arange(n)
-    perm[fixed] = (perm[fixed] + 1) % n
+        raise ConfigError(f"resample ablation needs at least 2 prompts to draw other prompts' activations from, got "
+                          f"{n}; use more prompts or mean/zero ablation.")
+    g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
+    ident = torch.arange(n)
+    while True:
+        perm = torch.randperm(n, generator=g)
+        if not bool((perm == ident).any()):
+            return perm
+
+
+def resample_reference(acts: Float[Tensor, "batch pos *rest"], seed: int = 0) -> Float[Tensor, "batch pos *rest"]:
+    """Resample ablation reference: prompt ``i`` gets prompt ``derangement(n, seed)[i]``'s activation."""
+    perm = derangement(acts.shape[0], seed)
     return acts[perm.to(acts.device)]

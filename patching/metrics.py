@@ -17,9 +17,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from patching.corruptions import PatchingPairs
-from probing.errors import ConfigError
-from probing.probe import WordIndexProbe
+from wordpos.patching.corruptions import PatchingPairs
+from wordpos.probing.errors import ConfigError
+from wordpos.probing.probe import WordIndexProbe
 
 MetricKind = Literal["logit_diff", "projection", "accuracy"]
 METRICS: tuple[str, ...] = ("logit_diff", "projection", "accuracy")

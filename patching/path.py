@@ -12,6 +12,10 @@ Grouped-query attention (Llama, SmolLM2): queries are per query head, but keys a
 key/value head shared by ``n_heads / n_kv_heads`` query heads. A k/v edge to receiver ``L.H`` therefore
 patches the shared key/value head of ``H``'s group, and so changes every query head of that group; the
 edge is reported on each query head of the group with the same value (``kv_group`` in the result).
+
+Every run is data for the one runner (:mod:`wordpos.patching.runner`): a sender patch is a ``source`` edit, the
+frozen heads and MLPs are ``base`` edits, the step-2 receiver input is a ``value`` edit. Results are signed changes
+from the unpatched run; the levels are in ``extra["level"]``.
 """
 
 from __future__ import annotations
@@ -22,62 +26,47 @@ import einops
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from patching.activation import Direction, PatchContext, _ctx
-from patching.batched import default_max_tokens
-from patching.corruptions import PatchingPairs
-from patching.metrics import MetricKind
-from patching.results import EffectResult
-from probing import hooks as H
-from probing.errors import ConfigError
-from probing.probe import WordIndexProbe
+from wordpos.patching.activation import Direction, PatchContext, _ctx
+from wordpos.patching.corruptions import PatchingPairs
+from wordpos.patching.metrics import MetricKind
+from wordpos.patching.results import EffectResult
+from wordpos.patching.runner import Edit, Intervention, Request, _layer_of, cache_run, run_interventions
+from wordpos.probing import hooks as H
+from wordpos.probing.errors import ConfigError
+from wordpos.probing.probe import WordIndexProbe
 
 Via = Literal["q", "k", "v"]
 
 
-def _freeze_hooks(ctx: PatchContext, P: int, from_layer: int, sender_layer: int, heads: Tensor, *,
-                  freeze_mlps: bool, capture: dict[str, Tensor] | None = None, capture_names=()) -> list:
-    """Hooks for P stacked copies: at ``sender_layer`` copy p gets head ``heads[p]`` from the source run;
-    every other head at later layers is frozen to the base run; MLPs too when ``freeze_mlps``."""
-    B = len(ctx.pairs)
-    src_z = ctx.source_cache[H.attn_z(sender_layer)]
-    hooks = []
-    p_idx = torch.arange(P, device=src_z.device)
-
-    def sender_hook(act: Tensor, name: str) -> Tensor:
-        a = einops.rearrange(act, "(p b) t h d -> p b t h d", b=B).clone()
-        a[p_idx, :, :, heads] = einops.rearrange(src_z[:, :, heads], "b t p d -> p b t d").to(a.dtype)
-        return einops.rearrange(a, "p b t h d -> (p b) t h d")
-
-    hooks.append((H.attn_z(sender_layer), sender_hook))
-    for L in range(from_layer, ctx.stop_at_layer):
-        if L > sender_layer:
-            frozen = einops.repeat(ctx.base_full[H.attn_z(L)], "b ... -> (p b) ...", p=P)
-            hooks.append((H.attn_z(L), lambda act, name, frozen=frozen: frozen.to(act.dtype)))
-        if freeze_mlps and L >= sender_layer:
-            frozen = einops.repeat(ctx.base_full[H.mlp_out(L)], "b ... -> (p b) ...", p=P)
-            hooks.append((H.mlp_out(L), lambda act, name, frozen=frozen: frozen.to(act.dtype)))
-    if capture is not None:
-        for name in capture_names:
-            hooks.append((name, lambda act, name: capture.__setitem__(name, act) or act))
-    return hooks
+def _path_edits(ctx: PatchContext, sender: tuple[int, int], *, freeze_mlps: bool) -> tuple[Edit, ...]:
+    """Sender ``L.h`` from the source run; every head of later layers frozen to the base run, and the MLPs from
+    the sender's layer on when ``freeze_mlps``."""
+    s, h = sender
+    edits = [Edit(H.attn_z(s), "source", h)]
+    for L in range(s, ctx.stop_at_layer):
+        if L > s:
+            edits.append(Edit(H.attn_z(L), "base"))
+        if freeze_mlps:
+            edits.append(Edit(H.mlp_out(L), "base"))
+    return tuple(edits)
 
 
 def _base_full(ctx: PatchContext) -> dict[str, Tensor]:
-    """The base run's head outputs and MLP outputs at every layer (for freezing), cached on the context."""
+    """The base run's head outputs, MLP outputs and q/k/v at every layer (for freezing), cached on the context."""
     if getattr(ctx, "base_full", None) is None:
         names = [n for L in ctx.layers for n in (H.attn_z(L), H.mlp_out(L))]
         names += [H.attn_qkv(L, w) for L in ctx.layers for w in "qkv"]
-        with torch.no_grad():
-            _, cache = ctx.engine.run(ctx.base, cache=names, stop_at_layer=ctx.stop_at_layer)
-        ctx.base_full = cache
+        _, ctx.base_full = cache_run(ctx.engine, ctx.base, names, stop_at_layer=ctx.stop_at_layer, sizing=ctx.sizing)
     return ctx.base_full
 
 
-def _chunks(n: int, per: int):
-    for i in range(0, n, per):
-        yield slice(i, min(n, i + per))
+def _resid_in(ctx: PatchContext) -> dict[int, Tensor]:
+    return {L: ctx.base_cache[H.resid(L, "resid_pre")] for L in ctx.layers}
+
+
+def _metric_reader(ctx: PatchContext):
+    return lambda out, cache, P, sl: ctx.metric(out).detach().double().cpu()
 
 
 @torch.no_grad()
@@ -86,24 +75,21 @@ def path_patch_direct(model: Any, pairs: PatchingPairs | PatchContext, probe: Wo
                       max_tokens: int | None = None, progress: bool = True) -> EffectResult:
     """Effect of each head on the probe through the direct path only (axes ``layer, head``)."""
     ctx = _ctx(model, pairs, probe, metric, direction)
-    _base_full(ctx)
-    B, T = ctx.pairs.clean.shape
+    base_full = _base_full(ctx)
     n_heads = ctx.engine.dims.n_heads
-    per = max(1, (max_tokens or default_max_tokens(ctx.engine)) // (B * T))
-    effects = np.zeros((ctx.stop_at_layer, n_heads))
-    bar = tqdm(total=ctx.stop_at_layer * n_heads, desc="path patching (direct)", unit="head", disable=not progress)
-    for s in ctx.layers:
-        for sl in _chunks(n_heads, per):
-            heads = torch.arange(sl.start, sl.stop, device=ctx.engine.device)
-            P = len(heads)
-            hooks = _freeze_hooks(ctx, P, s, s, heads, freeze_mlps=True)
-            x = einops.repeat(ctx.base_cache[H.resid(s, "resid_pre")], "b t d -> (p b) t d", p=P)
-            resid, _ = ctx.engine.run(x, hooks=hooks, start_at_layer=s, stop_at_layer=ctx.stop_at_layer)
-            effects[s, sl] = ctx.metric(resid).double().cpu().numpy()
-            bar.update(P)
-    bar.close()
-    return EffectResult(effects, ("layer", "head"), "path", ctx.metric.name, direction=ctx.direction,
-                        n_prompts=len(ctx.pairs), config=ctx.config(sweep="path_direct", freeze_mlps=True))
+    senders = [(s, h) for s in ctx.layers for h in range(n_heads)]
+    ivs = [Intervention(_path_edits(ctx, sd, freeze_mlps=True), start_layer=sd[0], label=f"{sd[0]}.{sd[1]}")
+           for sd in senders]
+    req = Request(tokens=ctx.base, read=_metric_reader(ctx), stop_at_layer=ctx.stop_at_layer, resid=_resid_in(ctx),
+                  source=ctx.source_cache, base=base_full)
+    vals = run_interventions(ctx.engine, req, ivs, sizing=ctx.sizing, max_tokens=max_tokens, progress=progress,
+                             desc="path patching (direct)", unit="head")
+    levels = np.full((ctx.stop_at_layer, n_heads), np.nan)
+    for (s, h), v in zip(senders, vals.numpy()):
+        levels[s, h] = v
+    return EffectResult(levels - ctx.unpatched, ("layer", "head"), "path", ctx.metric.name, direction=ctx.direction,
+                        n_prompts=len(ctx.pairs), config=ctx.config(sweep="path_direct", freeze_mlps=True),
+                        extra={"level": levels})
 
 
 @torch.no_grad()
@@ -133,62 +119,47 @@ def path_patch_edges(model: Any, pairs: PatchingPairs | PatchContext, probe: Wor
     bad = [v for v in via if v not in ("q", "k", "v")]
     if bad:
         raise ConfigError(f"via must be a subset of q, k, v; got {bad}.")
-    B, T = ctx.pairs.clean.shape
-    per = max(1, (max_tokens or default_max_tokens(ctx.engine)) // (B * T))
     effects = np.full((L_stop, n_heads, L_stop, n_heads, len(via)), np.nan)
     recv_layers = sorted({L for L, _ in receivers})
-    capture_names = [H.attn_qkv(L, w) for L in recv_layers for w in via]
-    # step 1: for every sender, the receivers' q/k/v under "sender patched, all other heads frozen"
-    step1: dict[tuple[int, int], dict[str, Tensor]] = {}
-    by_layer: dict[int, list[int]] = {}
-    for L, h in senders:
-        by_layer.setdefault(L, []).append(h)
-    bar = tqdm(total=len(senders), desc="path patching (step 1)", unit="sender", disable=not progress)
-    for s, heads_s in sorted(by_layer.items()):
-        if s >= max(recv_layers):
-            bar.update(len(heads_s))
+    resid_in = _resid_in(ctx)
+    # step 1: for every sender, the receivers' q/k/v under "sender patched, all other heads frozen"; one runner
+    # call per sender layer (the q/k/v read back are those of the later receiver layers)
+    step1: dict[str, Tensor] = {}
+    for s in sorted({L for L, _ in senders}):
+        names = [H.attn_qkv(L, w) for L in recv_layers if L > s for w in via]
+        if not names:
             continue
-        for sl in _chunks(len(heads_s), per):
-            heads = torch.tensor(heads_s[sl], device=ctx.engine.device)
-            P = len(heads)
-            cap: dict[str, Tensor] = {}
-            hooks = _freeze_hooks(ctx, P, s, s, heads, freeze_mlps=freeze_mlps, capture=cap,
-                                  capture_names=[n for n in capture_names if int(n.split(".")[1]) > s])
-            x = einops.repeat(ctx.base_cache[H.resid(s, "resid_pre")], "b t d -> (p b) t d", p=P)
-            ctx.engine.run(x, hooks=hooks, start_at_layer=s, stop_at_layer=max(recv_layers) + 1)
-            for i, h in enumerate(heads.tolist()):
-                step1[(s, h)] = {k: v[i * B:(i + 1) * B] for k, v in cap.items()}
-            bar.update(P)
-    bar.close()
+        heads_s = [(L, h) for L, h in senders if L == s]
+        stop1 = max(recv_layers) + 1  # step 1 reads the receivers' q/k/v: freezing later layers changes nothing
+        ivs = [Intervention(tuple(e for e in _path_edits(ctx, sd, freeze_mlps=freeze_mlps)
+                                  if not e.hook.startswith("blocks.") or _layer_of(e.hook) < stop1),
+                            start_layer=s, label=f"{s}.{sd[1]}")
+               for sd in heads_s]
+        req = Request(tokens=ctx.base, read=lambda out, cache, P, sl, names=names: {
+            n: einops.rearrange(cache[n], "(p b) ... -> p b ...", p=P) for n in names},
+            stop_at_layer=stop1, resid=resid_in, source=ctx.source_cache, base=base_full, cache=names)
+        got = run_interventions(ctx.engine, req, ivs, sizing=ctx.sizing, max_tokens=max_tokens, progress=progress,
+                                desc=f"path patching (step 1, senders of layer {s})", unit="sender")
+        for i, (L, h) in enumerate(heads_s):
+            for n in names:
+                step1[f"{L}.{h}|{n}"] = got[n][i]
     # step 2: the base run with only the receiver's q/k/v replaced; everything downstream recomputes
-    jobs = [(s, r, w) for r in receivers for s in senders if s[0] < r[0] for w in via]
-    bar = tqdm(total=len(jobs), desc="path patching (step 2)", unit="edge", disable=not progress)
-    for r_layer in recv_layers:
-        for w in via:
-            name = H.attn_qkv(r_layer, w)
-            layer_jobs = [(s, r) for (s, r, ww) in jobs if r[0] == r_layer and ww == w]
-            for sl in _chunks(len(layer_jobs), per):
-                chunk = layer_jobs[sl]
-                P = len(chunk)
-                n_slots = base_full[name].shape[2]  # n_heads for q, n_kv_heads for k/v under GQA
-                slot = torch.tensor([r[1] if n_slots == n_heads else r[1] // group for _, r in chunk],
-                                    device=ctx.engine.device)
-                new = torch.stack([step1[s][name][:, :, int(k)] for (s, _), k in zip(chunk, slot.tolist())])
-                p_idx = torch.arange(P, device=ctx.engine.device)
-
-                def hook(act: Tensor, _name: str, new=new, slot=slot, p_idx=p_idx) -> Tensor:
-                    a = einops.rearrange(act, "(p b) t h d -> p b t h d", b=B).clone()
-                    a[p_idx, :, :, slot] = new.to(a.dtype)
-                    return einops.rearrange(a, "p b t h d -> (p b) t h d")
-
-                x = einops.repeat(ctx.base_cache[H.resid(r_layer, "resid_pre")], "b t d -> (p b) t d", p=P)
-                resid, _ = ctx.engine.run(x, hooks=[(name, hook)], start_at_layer=r_layer, stop_at_layer=L_stop)
-                vals = ctx.metric(resid).double().cpu().numpy()
-                wi = via.index(w)
-                for ((sL, sH), (rL, rH)), v in zip(chunk, vals):
-                    effects[sL, sH, rL, rH, wi] = v
-                bar.update(P)
-    bar.close()
-    return EffectResult(effects, ("sender_layer", "sender_head", "receiver_layer", "receiver_head", "via"), "path",
+    jobs = [(sd, r, w) for r in receivers for sd in senders if sd[0] < r[0] for w in via]
+    ivs = []
+    for (sL, sH), (rL, rH), w in jobs:
+        name = H.attn_qkv(rL, w)
+        n_slots = base_full[name].shape[2]  # n_heads for q, n_kv_heads for k/v under GQA
+        slot = rH if n_slots == n_heads else rH // group
+        ivs.append(Intervention((Edit(name, "value", slot, value=f"{sL}.{sH}|{name}"),), start_layer=rL,
+                                label=f"{sL}.{sH}->{rL}.{rH}.{w}"))
+    if ivs:
+        req = Request(tokens=ctx.base, read=_metric_reader(ctx), stop_at_layer=L_stop, resid=resid_in, values=step1)
+        vals = run_interventions(ctx.engine, req, ivs, sizing=ctx.sizing, max_tokens=max_tokens, progress=progress,
+                                 desc="path patching (step 2)", unit="edge").numpy()
+        for ((sL, sH), (rL, rH), w), v in zip(jobs, vals):
+            effects[sL, sH, rL, rH, via.index(w)] = v
+    return EffectResult(effects - ctx.unpatched, ("sender_layer", "sender_head", "receiver_layer", "receiver_head",
+                                                  "via"), "path",
                         ctx.metric.name, coords={"via": list(via)}, direction=ctx.direction, n_prompts=len(ctx.pairs),
-                        config=ctx.config(sweep="path_edges", freeze_mlps=freeze_mlps, kv_group=group))
+                        config=ctx.config(sweep="path_edges", freeze_mlps=freeze_mlps, kv_group=group),
+                        extra={"level": effects})

@@ -9,7 +9,8 @@ import plotly.graph_objects as go
 
 
 def head_heatmap(effects: np.ndarray, title: str, colorbar: str = "effect", text_fmt: str = ".2f") -> go.Figure:
-    """``effects[layer, head]`` as a heatmap with heads on x and layers on y (layer 0 at the bottom)."""
+    """``effects[layer, head]`` as a heatmap with heads on x and layers on y (layer 0 at the bottom); NaN (not
+    measured) is drawn as a blank cell, without a number or hover value."""
     e = np.asarray(effects, dtype=float)
     lim = float(np.nanmax(np.abs(e))) if np.isfinite(e).any() else 1.0
     fig = go.Figure(go.Heatmap(
@@ -17,7 +18,7 @@ def head_heatmap(effects: np.ndarray, title: str, colorbar: str = "effect", text
         colorscale="RdBu", zmid=0, zmin=-lim, zmax=lim, colorbar=dict(title=colorbar),
         text=np.vectorize(lambda v: "" if not np.isfinite(v) else format(v, text_fmt))(e) if e.size <= 400 else None,
         texttemplate="%{text}" if e.size <= 400 else None,
-        hovertemplate="head %{y}.%{x}<br>" + colorbar + " %{z:.3f}<extra></extra>"))
+        hoverongaps=False, hovertemplate="head %{y}.%{x}<br>" + colorbar + " %{z:.3f}<extra></extra>"))
     fig.update_layout(title=dict(text=title, font=dict(size=14)), xaxis_title="head", yaxis_title="layer",
                       template="plotly_white", height=max(320, 40 * e.shape[0] + 160),
                       width=max(680, 28 * e.shape[1] + 220))
@@ -31,7 +32,7 @@ def position_heatmap(effects: np.ndarray, title: str, tokens: Sequence[str] | No
     x = [f"{i}: {t!r}" for i, t in enumerate(tokens)] if tokens is not None else [str(i) for i in range(e.shape[1])]
     lim = float(np.nanmax(np.abs(e))) if np.isfinite(e).any() else 1.0
     fig = go.Figure(go.Heatmap(z=e, x=x, y=[str(L) for L in range(e.shape[0])], colorscale="RdBu", zmid=0,
-                               zmin=-lim, zmax=lim, colorbar=dict(title=colorbar),
+                               zmin=-lim, zmax=lim, colorbar=dict(title=colorbar), hoverongaps=False,
                                hovertemplate="layer %{y}, position %{x}<br>%{z:.3f}<extra></extra>"))
     fig.update_layout(title=title, xaxis_title="position (token)", yaxis_title="layer (resid_pre)",
                       template="plotly_white", height=max(320, 40 * e.shape[0] + 200))

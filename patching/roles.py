@@ -8,16 +8,19 @@ anchors and 1 on word-initial tokens: 1 for a perfect anchor counter, ~0 for a h
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from probing import hooks as H
-from probing.datasets import PromptSet
-from probing.engine import as_engine
+from wordpos.patching.runner import NOOP, Request, cache_run, run_interventions
+from wordpos.patching.sizing import Sizing
+from wordpos.probing import hooks as H
+from wordpos.probing.datasets import PromptSet
+from wordpos.probing.engines import as_engine
 
 ROLE_NAMES = ("to_anchor", "to_space", "to_prev", "to_bos", "counter_score")
 ANCHOR_TEXTS = (".", ",", "\n")
@@ -59,20 +62,29 @@ class _WordQueries:
     q_mask: Tensor
 
 
-def _word_query_batches(engine: Any, prompts: PromptSet, layers: list[int], batch_size: int):
-    """Yield :class:`_WordQueries` for ``prompts`` in batches (shared by the role and evidence statistics)."""
+def _word_query_stats(engine: Any, prompts: PromptSet, layers: list[int], batch_size: int,
+                      stats: Callable[[_WordQueries], dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Run ``prompts`` unpatched through the runner (batches of ``batch_size``), build :class:`_WordQueries` for
+    each batch and sum ``stats(batch)`` over batches (shared by the role and evidence statistics)."""
     is_anchor_v, is_space_v = token_classes(engine.tokenizer)
     names = [H.attn_pattern(L) for L in layers]
-    for b0 in range(0, len(prompts), batch_size):
-        sub = prompts.subset(range(b0, min(b0 + batch_size, len(prompts))))
-        T = sub.max_len()
-        toks = sub.tokens[:, :T]
-        _, cache = engine.run(toks.to(engine.device), cache=names, stop_at_layer=max(layers) + 1)
+    T = prompts.max_len()
+    tokens = prompts.tokens[:, :T]
+
+    def read(out: Tensor, cache: dict[str, Tensor], P: int, sl: slice) -> dict[str, Tensor]:
+        toks = tokens[sl]
         is_anchor, is_space = is_anchor_v[toks], is_space_v[toks]
         is_anchor[:, 0] = False
         is_space[:, 0] = False
-        yield _WordQueries(toks=toks, cache=cache, is_anchor=is_anchor, is_space=is_space,
-                           ideal=ideal_counter_pattern(is_anchor, is_space), q_mask=sub.word_index[:, :T] >= 0)
+        b = _WordQueries(toks=toks, cache=cache, is_anchor=is_anchor, is_space=is_space,
+                         ideal=ideal_counter_pattern(is_anchor, is_space), q_mask=prompts.word_index[sl, :T] >= 0)
+        return {k: torch.as_tensor(v, dtype=torch.float64).unsqueeze(0) for k, v in stats(b).items()}
+
+    req = Request(tokens=tokens, read=read, stop_at_layer=max(layers) + 1, cache=names, split_prompts=True,
+                  combine="sum")
+    sums = run_interventions(engine, req, [NOOP], sizing=replace(Sizing(), prompt_batch=batch_size), progress=False,
+                             desc="attention statistics")
+    return {k: v[0] for k, v in sums.items()}
 
 
 def ideal_counter_pattern(is_anchor: Tensor, is_space: Tensor, anchor_score: float = 3.0,
@@ -118,32 +130,39 @@ class HeadRoles:
 
 
 @torch.no_grad()
-def head_roles(model: Any, prompts: PromptSet, *, layers: list[int] | None = None, batch_size: int = 32,
-               max_prompts: int = 256) -> HeadRoles:
+def head_roles(model: Any, prompts: PromptSet, *, layers: list[int] | None = None, batch_size: int | None = None,
+               max_prompts: int | None = None, sizing: Sizing | None = None) -> HeadRoles:
     """Average attention from word tokens to anchors, word-initial tokens, the previous token and BOS,
     and the counter score, for every head of ``layers`` (default: all)."""
     engine = as_engine(model)
     dims = engine.dims
+    sizing = sizing or Sizing()
+    batch_size, max_prompts = batch_size or sizing.role_batch, max_prompts or sizing.max_role_prompts
     layers = layers if layers is not None else list(range(dims.n_layers))
     prompts = prompts.subset(range(min(len(prompts), max_prompts)))
-    sums = {k: np.zeros((dims.n_layers, dims.n_heads)) for k in ROLE_NAMES}
-    count = 0
-    for b in _word_query_batches(engine, prompts, layers, batch_size):
+
+    def stats(b: _WordQueries) -> dict[str, Tensor]:
         T = b.toks.shape[1]
         prev = torch.zeros(T, T)
         prev[torch.arange(1, T), torch.arange(T - 1)] = 1.0
+        sums = {k: torch.zeros((dims.n_layers, dims.n_heads), dtype=torch.float64) for k in ROLE_NAMES}
         for L in layers:
             pat = b.cache[H.attn_pattern(L)].float().cpu()  # [b, head, q, k]
-            stats = {
+            per_q = {
                 "to_anchor": torch.einsum("bhqk,bk->bhq", pat, b.is_anchor.float()),
                 "to_space": torch.einsum("bhqk,bk->bhq", pat, b.is_space.float()),
                 "to_prev": torch.einsum("bhqk,qk->bhq", pat, prev),
                 "to_bos": pat[..., 0],
                 "counter_score": 1 - 0.5 * (pat - b.ideal[:, None]).abs().sum(-1),
             }
-            for k, v in stats.items():
-                sums[k][L] += torch.einsum("bhq,bq->h", v, b.q_mask.float()).numpy()
-        count += int(b.q_mask.sum())
+            for k, v in per_q.items():
+                sums[k][L] += torch.einsum("bhq,bq->h", v, b.q_mask.float()).double()
+        sums["count"] = torch.tensor(float(b.q_mask.sum()), dtype=torch.float64)
+        return sums
+
+    got = _word_query_stats(engine, prompts, layers, batch_size, stats)
+    count = float(got.pop("count"))
+    sums = {k: v.numpy() for k, v in got.items()}
     scores = {k: v / max(count, 1) for k, v in sums.items()}
     return HeadRoles(scores=scores, n_prompts=len(prompts), config={"layers": layers, "anchors": list(ANCHOR_TEXTS)})
 
@@ -154,8 +173,8 @@ EVIDENCE_KEYS = ("to_period", "to_comma", "to_newline", "to_space", "to_bos", "t
 
 
 @torch.no_grad()
-def anchor_evidence(model: Any, prompts: PromptSet, heads: list[tuple[int, int]], *, batch_size: int = 32,
-                    max_prompts: int = 128) -> dict[str, dict[str, float]]:
+def anchor_evidence(model: Any, prompts: PromptSet, heads: list[tuple[int, int]], *, batch_size: int | None = None,
+                    max_prompts: int | None = None, sizing: Sizing | None = None) -> dict[str, dict[str, float]]:
     """Attention-pattern evidence for the anchor-counting hypothesis, per head (``"L.h"``), from queries
     inside the random words: mass on ``.``, ``,`` and ``\\n`` tokens separately, on word-initial tokens, on
     BOS and elsewhere, and ``anchor_vs_space_logit``: the mean of ``log(w_anchor / w_space)``, where
@@ -167,12 +186,13 @@ def anchor_evidence(model: Any, prompts: PromptSet, heads: list[tuple[int, int]]
         return {}
     for L, h in heads:
         engine.dims.check_head(L, h)
+    sizing = sizing or Sizing()
+    batch_size, max_prompts = batch_size or sizing.role_batch, max_prompts or sizing.evidence_prompts
     kinds = {EVIDENCE_ANCHORS[a]: m for a, m in anchor_masks(engine.tokenizer).items()}
     prompts = prompts.subset(range(min(len(prompts), max_prompts)))
     layers = sorted({L for L, _ in heads})
-    sums = {f"{L}.{h}": dict.fromkeys(EVIDENCE_KEYS, 0.0) for L, h in heads}
-    n_q = n_ratio = 0  # word-token queries; those that see both an anchor and a word start
-    for b in _word_query_batches(engine, prompts, layers, batch_size):
+
+    def stats(b: _WordQueries) -> dict[str, Tensor]:
         T = b.toks.shape[1]
         masks = {k: m[b.toks].float() for k, m in kinds.items()}
         for m in masks.values():
@@ -182,8 +202,7 @@ def anchor_evidence(model: Any, prompts: PromptSet, heads: list[tuple[int, int]]
         n_space = torch.einsum("qk,bk->bq", causal, b.is_space.float())
         q_mask = b.q_mask.float()
         both = q_mask * (n_anchor > 0) * (n_space > 0)
-        n_q += int(q_mask.sum())
-        n_ratio += int(both.sum())
+        out = {"n_q": q_mask.sum().double(), "n_ratio": both.sum().double()}
         for L, h in heads:
             pat = b.cache[H.attn_pattern(L)][:, h].float().cpu()  # [b, q, k]
             parts = {k: torch.einsum("bqk,bk->bq", pat, m) for k, m in masks.items()}
@@ -192,12 +211,16 @@ def anchor_evidence(model: Any, prompts: PromptSet, heads: list[tuple[int, int]]
             to_anchor = torch.einsum("bqk,bk->bq", pat, b.is_anchor.float())
             parts["to_other"] = 1 - to_anchor - parts["to_space"] - parts["to_bos"]
             parts["counter_score"] = 1 - 0.5 * (pat - b.ideal).abs().sum(-1)
-            s = sums[f"{L}.{h}"]
             for k, v in parts.items():
-                s[k] += float((v * q_mask).sum())
+                out[f"{L}.{h}|{k}"] = (v * q_mask).sum().double()
             eps = 1e-9
             ratio = torch.log((to_anchor / n_anchor.clamp(min=1) + eps) / (parts["to_space"] / n_space.clamp(min=1) + eps))
-            s["anchor_vs_space_logit"] += float((ratio * both).sum())
+            out[f"{L}.{h}|anchor_vs_space_logit"] = (ratio * both).sum().double()
+        return out
+
+    got = _word_query_stats(engine, prompts, layers, batch_size, stats)
+    n_q, n_ratio = float(got["n_q"]), float(got["n_ratio"])
+    sums = {f"{L}.{h}": {k: float(got[f"{L}.{h}|{k}"]) for k in EVIDENCE_KEYS} for L, h in heads}
     return {key: {k: v / max(n_ratio if k == "anchor_vs_space_logit" else n_q, 1) for k, v in s.items()}
             for key, s in sums.items()}
 
@@ -210,7 +233,6 @@ def head_patterns(model: Any, prompts: PromptSet, heads: list[tuple[int, int]], 
     T = int(prompts.lengths[index])
     toks = prompts.tokens[index: index + 1, :T]
     layers = sorted({L for L, _ in heads})
-    _, cache = engine.run(toks.to(engine.device), cache=[H.attn_pattern(L) for L in layers],
-                          stop_at_layer=max(layers) + 1)
+    _, cache = cache_run(engine, toks, [H.attn_pattern(L) for L in layers], stop_at_layer=max(layers) + 1)
     pats = {f"{L}.{h}": cache[H.attn_pattern(L)][0, h].float().cpu().numpy() for L, h in heads}
     return pats, engine.tokenizer.convert_ids_to_tokens(toks[0].tolist())

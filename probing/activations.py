@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
+from wordpos.probing.progress import progress_bar as tqdm
 
-from probing import hooks as H
-from probing.datasets import SPLITS, Positions, WordIndexDataset
-from probing.engine import Engine, as_engine
-from probing.errors import ConfigError, CorruptFileError
+from wordpos.probing import hooks as H
+from wordpos.probing.datasets import SPLITS, Positions, WordIndexDataset
+from wordpos.probing.engines import Engine, as_engine
+from wordpos.probing.errors import ConfigError, CorruptFileError
 
 
 def parse_layers(layers: int | str | Sequence[int], n_layers: int) -> list[int]:
@@ -66,7 +66,8 @@ class Residuals:
             raise ConfigError(f"split {split!r} was not collected; available: {list(self.data)}.")
         if layer not in self.layers:
             raise ConfigError(f"layer {layer} was not collected; available layers: {self.layers}.")
-        return torch.from_numpy(np.ascontiguousarray(self.data[split][:, self.layers.index(layer)]))
+        arr = np.ascontiguousarray(self.data[split][:, self.layers.index(layer)])
+        return torch.from_numpy(arr if arr.flags.writeable else arr.copy())  # read-only memmaps: a private copy
 
     def train(self, layer: int) -> Float[Tensor, "sample d_model"]:
         return self.get("train", layer)
@@ -83,7 +84,7 @@ class Residuals:
 
     def save(self, directory: str | Path) -> Path:
         """Write one ``.npy`` per split plus ``residuals.json`` (atomic per file)."""
-        from probing.io import atomic_path, write_json
+        from wordpos.probing.io import atomic_path, write_json
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -100,7 +101,7 @@ class Residuals:
 
     @classmethod
     def load(cls, directory: str | Path, mmap: bool = True) -> "Residuals":
-        from probing.io import read_json
+        from wordpos.probing.io import read_json
 
         directory = Path(directory)
         meta = read_json(directory / "residuals.json", "residual index")
@@ -128,6 +129,46 @@ def check_fits_context(engine: Engine, data: WordIndexDataset) -> None:
         )
 
 
+CPU_BATCH = 64
+"""Prompts per forward on the CPU: the measured cache-friendly size (larger batches gain nothing there)."""
+MAX_DEVICE_BATCH = 1024
+"""Cap on a memory-derived accelerator batch: beyond it the device is already full of work."""
+
+
+def _bytes_per_token(engine: Engine, n_cached: int) -> float:
+    """Peak bytes one token costs in a caching forward: the cached residuals, the layer's transient
+    activations (residual copies, 4·d_model MLP, attention scores over the context) in the model's dtype."""
+    from wordpos.probing.engines.base import engine_dtype
+
+    dims = engine.dims
+    itemsize = torch.empty(0, dtype=engine_dtype(engine) or torch.float32).element_size()
+    transient = 8 * dims.d_model + 2 * 4 * dims.d_model + 3 * dims.n_heads * min(dims.n_ctx, 2048)
+    return itemsize * (n_cached * dims.d_model + transient)
+
+
+def residual_batch_size(engine: Engine, data: WordIndexDataset, n_layers_cached: int) -> int:
+    """Prompts per forward: on an accelerator as many as fit in its free memory (capped at
+    ``MAX_DEVICE_BATCH``), on the CPU the measured ``CPU_BATCH``."""
+    try:
+        from wordpos.probing.engines.memory import suggest_batch
+    except ImportError:  # pragma: no cover - the memory helper ships with the engines
+        return CPU_BATCH
+    rows = suggest_batch(engine, int(data.max_len()), _bytes_per_token(engine, n_layers_cached),
+                         max_batch=MAX_DEVICE_BATCH, setting="--batch-size (or the prompt length, --n-words)")
+    return CPU_BATCH if rows is None else max(int(rows), 1)
+
+
+def _device_chunk_rows(device: torch.device, row_bytes: int) -> int | None:
+    """Gathered samples kept on an accelerator before one copy to the host (a quarter of its free memory);
+    ``None`` on the CPU, where every batch is written in place."""
+    try:
+        from wordpos.probing.engines.memory import free_memory_bytes
+    except ImportError:  # pragma: no cover
+        return None
+    free = free_memory_bytes(device)
+    return None if free is None else max(int(free * 0.25 // max(row_bytes, 1)), 1)
+
+
 @torch.inference_mode()
 def collect_residuals(
     model: Any,
@@ -137,7 +178,7 @@ def collect_residuals(
     kind: Literal["resid_pre", "resid_mid", "resid_post"] = "resid_post",
     *,
     splits: Sequence[str] = SPLITS,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     max_memory_mb: float = 2048,
     spill_dir: str | Path | None = None,
     progress: bool = True,
@@ -145,9 +186,11 @@ def collect_residuals(
 ) -> Residuals:
     """Residual stream ``blocks.{L}.hook_{kind}`` at each requested layer and token class.
 
-    One forward per batch caches every requested layer and stops at the deepest one. Memory is
-    bounded by one batch; results above ``max_memory_mb`` go to a memory-mapped file in
-    ``spill_dir`` (a temporary directory by default).
+    One forward per batch caches every requested layer and stops at the deepest one. ``batch_size``
+    ``None`` picks it: on an accelerator from its free memory, on the CPU the measured ``CPU_BATCH``.
+    On an accelerator the gathered vectors stay on the device and go to the host in few large copies
+    (no per-batch sync). Host memory is bounded by ``max_memory_mb``: beyond it results go to a
+    memory-mapped file in ``spill_dir`` (a temporary directory by default).
     """
     engine = as_engine(model)
     layers = parse_layers(layers, engine.dims.n_layers)
@@ -155,11 +198,17 @@ def collect_residuals(
     names = [H.resid(L, kind) for L in layers]
     stop = max(H.stop_layer_for(L, kind) for L in layers)
     d_model = engine.dims.d_model
+    if batch_size is None:
+        batch_size = residual_batch_size(engine, data, len(layers))
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}.")
     out: dict[str, np.ndarray] = {}
     labels, abs_pos, prompt_idx = {}, {}, {}
     total = sum(len(data.split(s).positions(positions)[0]) for s in splits)
     spill = total * len(layers) * d_model * np.dtype(dtype).itemsize > max_memory_mb * 2**20
     spill_root = Path(spill_dir or tempfile.mkdtemp(prefix="wordpos-resid-")) if spill else None
+    out_dtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+    chunk = _device_chunk_rows(engine.device, len(layers) * d_model * np.dtype(dtype).itemsize)
     bar = tqdm(total=sum(len(data.split(s)) for s in splits), desc=f"residuals ({len(layers)} layers)",
                unit="prompt", disable=not progress)
     for split in splits:
@@ -177,17 +226,35 @@ def collect_residuals(
         prompt_idx[split] = prompt.numpy()
         # samples are in prompt order, so each batch of prompts fills one contiguous slice
         starts = np.searchsorted(prompt.numpy(), np.arange(0, len(ps) + 1))
+        rows_all, cols_all = prompt.to(engine.device), pos.to(engine.device)  # one transfer per split
+        pending: list[Tensor] = []  # gathered on the device, not yet on the host
+        p0 = 0  # first sample of ``pending``
+
+        def flush(upto: int) -> None:
+            nonlocal p0
+            if pending:
+                buf[p0:upto] = torch.cat(pending).cpu().numpy()  # the one sync per chunk
+                pending.clear()
+            p0 = upto
+
         for b0 in range(0, len(ps), batch_size):
             b1 = min(b0 + batch_size, len(ps))
             width = int(ps.lengths[b0:b1].max())
-            toks = ps.tokens[b0:b1, :width].to(engine.device)
+            toks = ps.tokens[b0:b1, :width].to(engine.device, non_blocking=True)
             _, cache = engine.run(toks, cache=names, stop_at_layer=stop)
-            s0, s1 = starts[b0], starts[b1]
-            rows = (prompt[s0:s1] - b0).to(engine.device)
-            cols = pos[s0:s1].to(engine.device)
-            stacked = torch.stack([cache[nm][rows, cols] for nm in names], dim=1)  # [sample, layer, d_model]
-            buf[s0:s1] = stacked.float().cpu().numpy()
+            s0, s1 = int(starts[b0]), int(starts[b1])
+            rows, cols = rows_all[s0:s1] - b0, cols_all[s0:s1]
+            stacked = torch.stack([cache[nm][rows, cols] for nm in names], dim=1).to(out_dtype)  # [sample, layer, d]
+            del cache
+            if chunk is None:  # host device: write in place
+                buf[s0:s1] = stacked.numpy()
+                p0 = s1
+            else:
+                pending.append(stacked)
+                if s1 - p0 >= chunk:
+                    flush(s1)
             bar.update(b1 - b0)
+        flush(n)
         if isinstance(buf, np.memmap):
             buf.flush()
         out[split] = buf
@@ -195,4 +262,3 @@ def collect_residuals(
     meta = {"stop_at_layer": stop, "batch_size": batch_size, "spilled_to": str(spill_root) if spill_root else None}
     return Residuals(layers=layers, kind=kind, positions=positions, data=out, labels=labels, abs_pos=abs_pos,
                      prompt_idx=prompt_idx, model_name=engine.name, meta=meta)
-

@@ -30,7 +30,10 @@ def add_probe_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--positions", default="word_final", choices=["word_final", "word_first", "all"])
     p.add_argument("--anchors", default="", help="anchors inserted between words, e.g. '.,\\n' (comma-separated)")
     p.add_argument("--anchor-prob", type=float, default=0.0, help="chance of an anchor before each word")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="prompts per forward (default: 64 on CPU, sized from free memory on an accelerator)")
+    p.add_argument("--solver", default="auto", choices=["auto", "torch", "sklearn"],
+                   help="probe fit: torch L-BFGS on the run's device, scikit-learn, or auto (torch on accelerators)")
     p.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the logistic regression")
     p.add_argument("--keep-residuals", action="store_true",
                    help="keep OUT/checkpoint/residuals (every layer's vectors, .npy) after the run")
@@ -44,11 +47,11 @@ def parse_anchors(text: str) -> tuple[str, ...]:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from probing.experiment import ProbeConfig, run_probe, summarize
+    from wordpos.probing.experiment import ProbeConfig, run_probe, summarize
 
     cfg = ProbeConfig(model=args.model, layers=str(args.layer), n_prompts=args.n_prompts, n_words=args.n_words,
                       seed=args.seed, positions=args.positions, anchors=parse_anchors(args.anchors),
-                      anchor_prob=args.anchor_prob, C=args.C, batch_size=args.batch_size, device=args.device,
+                      anchor_prob=args.anchor_prob, C=args.C, solver=args.solver, batch_size=args.batch_size, device=args.device,
                       engine=args.engine, remote=args.remote, keep_residuals=args.keep_residuals)
     run = run_probe(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(summarize(run.metrics))
@@ -61,10 +64,37 @@ def add_models_parser(sub: argparse._SubParsersAction) -> None:
     msub = p.add_subparsers(dest="models_cmd", required=True)
     ls = msub.add_parser("list", help="known model names, whether cached, sizes")
     ls.set_defaults(func=cmd_models_list)
-    pull = msub.add_parser("pull", help="fetch/build a model into the cache (e.g. smollm2-135m)")
+    pull = msub.add_parser("pull", help="fetch/build a model into the cache (smollm2-135m, organism, planted)")
     pull.add_argument("name")
-    pull.add_argument("--force", action="store_true", help="rebuild even if a valid copy is cached")
+    pull.add_argument("--force", action="store_true",
+                      help="rebuild even if a valid copy is cached (organism: retrain into the cache, ~4 min)")
     pull.set_defaults(func=cmd_models_pull)
+
+
+def _model_status(name: str, spec) -> tuple[str, str]:
+    """(cached?, size) for ``wordpos models list``; verifies as loading would, without building anything."""
+    from wordpos.probing.models.registry import _hub_cached
+
+    if name == "smollm2-135m":
+        from wordpos.probing.models import smollm2
+
+        if not smollm2.cache_dir().exists():
+            return "no", ""
+        smollm2.verify()  # raises CorruptFileError on a damaged cache
+        return "yes", f"{smollm2.cache_size_bytes() / 1e6:.0f} MB"
+    if name == "organism":
+        from wordpos.probing.models import organism
+
+        path = organism.organism_dir()  # raises CorruptFileError when no whole copy exists
+        where = "shipped" if path == organism.ASSET_DIR else "retrained"
+        return where, f"{_dir_size(path) / 1e6:.1f} MB"
+    if name == "planted":
+        from wordpos.probing.models.cache import cache_root
+        from wordpos.probing.models.planted import _valid
+
+        path = cache_root() / "planted"
+        return ("yes", f"{_dir_size(path) / 1e6:.1f} MB") if _valid(path) else ("builds", "")
+    return ("yes" if _hub_cached(name) else "no"), ""
 
 
 def _dir_size(path: Path) -> int:
@@ -72,37 +102,49 @@ def _dir_size(path: Path) -> int:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    from probing.models import KNOWN_MODELS, _hub_cached
+    """Every known model, whether a whole copy is here (``damaged`` + the fix when it is not) and its size."""
+    from wordpos.probing.errors import CorruptFileError
+    from wordpos.probing.models import KNOWN_MODELS
 
-    print(f"{'name':<24} {'source':<8} {'cached':<7} {'size':>9}  description")
+    print(f"{'name':<24} {'source':<8} {'cached':<9} {'size':>9}  description")
+    fixes = []
     for name, spec in KNOWN_MODELS.items():
-        cached, size = "-", ""
         try:
-            if spec.source == "pypi":
-                from probing import smollm2
-
-                cached = "yes" if smollm2.is_cached() else "no"
-                size = f"{smollm2.cache_size_bytes() / 1e6:.0f} MB" if cached == "yes" else ""
-            elif spec.source == "builtin":
-                cached = "yes"
-            else:
-                cached = "yes" if _hub_cached(name) else "no"
-        except Exception as e:  # a broken cache should not break the listing
-            cached = f"error: {e}"[:30]
-        print(f"{name:<24} {spec.source:<8} {cached:<7} {size:>9}  {spec.description}")
+            cached, size = _model_status(name, spec)
+        except CorruptFileError as e:  # a broken cache should not break the listing; say how to fix it
+            cached, size = "DAMAGED", ""
+            fixes.append(f"{name}: {e}")
+        except Exception as e:  # noqa: BLE001 - the listing must go on
+            cached, size = "error", ""
+            fixes.append(f"{name}: {type(e).__name__}: {e}")
+        print(f"{name:<24} {spec.source:<8} {cached:<9} {size:>9}  {spec.description}")
+    for line in fixes:
+        print(line)
     return 0
 
 
 def cmd_models_pull(args: argparse.Namespace) -> int:
-    from probing.errors import ConfigError
-    from probing.models import KNOWN_MODELS
+    """Fetch or build a model into the cache: smollm2-135m (PyPI), organism (retrain; the shipped copy is
+    used while it verifies), planted (built in code)."""
+    from wordpos.probing.errors import ConfigError
 
     if args.name == "smollm2-135m":
-        from probing.smollm2 import pull_smollm2
+        from wordpos.probing.models.smollm2 import pull_smollm2
 
         path = pull_smollm2(force=args.force)
-    elif args.name in KNOWN_MODELS and KNOWN_MODELS[args.name].resolver:
-        path = KNOWN_MODELS[args.name].local_dir()
+    elif args.name == "organism":
+        from wordpos.probing.models.organism import pull_organism
+
+        path = pull_organism(force=args.force)
+    elif args.name == "planted":
+        from wordpos.probing.io import atomic_dir
+        from wordpos.probing.models.cache import cache_root
+        from wordpos.probing.models.planted import build_planted_model, planted_dir
+
+        if args.force:
+            with atomic_dir(cache_root() / "planted") as tmp:
+                build_planted_model(tmp)
+        path = planted_dir()
     else:
         raise ConfigError(f"'wordpos models pull' knows organism, planted and smollm2-135m, not {args.name!r}; hub "
                           "models are fetched by transformers on first use.")

@@ -22,8 +22,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from probing.errors import ConfigError, TokenizationError
-from probing.vocab import WordVocab, word_tokens
+from wordpos.probing.errors import ConfigError, TokenizationError
+from wordpos.probing.vocab import WordVocab, word_tokens
 
 REFERENCE_PREFIX = (
     "The United States Declaration of Independence received its first formal public reading, in "
@@ -220,7 +220,7 @@ class WordIndexDataset:
                         f"for words of {config.lengths} tokens. Remove it, or widen lengths."
                     )
         if vocab is None:
-            from probing.vocab import frequent_words
+            from wordpos.probing.vocab import frequent_words
 
             vocab = WordVocab.build(tokenizer, words if words is not None else frequent_words(config.vocab_size),
                                     lengths=config.lengths, test_fraction=config.vocab_test_fraction,

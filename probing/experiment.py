@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from probing.activations import Residuals, collect_residuals, parse_layers
-from probing.datasets import REFERENCE_PREFIX, DatasetConfig, WordIndexDataset
-from probing.engine import as_engine, make_engine
-from probing.errors import CorruptFileError
-from probing.evaluation import ProbeSweep, sweep_layers
-from probing.io import atomic_dir, config_identity, prepare_run_dir, read_json, write_json
-from probing.models import DEFAULT_MODEL
+from wordpos.probing.activations import Residuals, collect_residuals, parse_layers
+from wordpos.probing.datasets import REFERENCE_PREFIX, DatasetConfig, WordIndexDataset
+from wordpos.probing.engines import as_engine, make_engine
+from wordpos.probing.errors import ConfigError, CorruptFileError
+from wordpos.probing.evaluation import ProbeSweep, sweep_layers
+from wordpos.probing.io import atomic_dir, config_identity, prepare_run_dir, read_json, write_json
+from wordpos.probing.models import DEFAULT_MODEL
+from wordpos.probing.probe import DEFAULT_SOLVER, SOLVERS
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,9 @@ class ProbeConfig:
     anchors: tuple[str, ...] = ()
     anchor_prob: float = 0.0
     C: float = 1.0
-    batch_size: int = 64
+    solver: str = "auto"  # "torch" (batched, on the run's device), "sklearn", or "auto": torch on an accelerator,
+    # scikit-learn on CPU (same optimum within 0.5 point; on 2 CPU cores scikit-learn's fit measured 1.2-1.6x faster)
+    batch_size: int | None = None  # None: from free device memory on an accelerator, the measured 64 on CPU
     device: str | None = None
     engine: str = "tl"
     remote: bool = False
@@ -48,7 +51,16 @@ class ProbeConfig:
 
     def identity(self) -> dict[str, Any]:
         """The settings that determine the results (device, batch size and engine do not)."""
-        return config_identity(self, exclude=("device", "batch_size", "engine", "remote", "keep_residuals"))
+        d = config_identity(self, exclude=("device", "batch_size", "engine", "remote", "keep_residuals"))
+        if d.get("solver") == "sklearn":  # runs from before the solver setting were scikit-learn fits
+            d.pop("solver")
+        return d
+
+    def __post_init__(self) -> None:
+        if self.solver not in (*SOLVERS, "auto"):
+            raise ConfigError(f"solver must be one of {(*SOLVERS, 'auto')}, got {self.solver!r}.")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive int or None (automatic), got {self.batch_size!r}.")
 
 
 @dataclass
@@ -99,7 +111,12 @@ def run_probe(config: ProbeConfig, out: str | Path, *, model: Any = None, overwr
     else:
         log.info("reusing the residuals saved in %s by an interrupted run", ckpt)
     t0 = time.perf_counter()
-    sweep = sweep_layers(resid, layers, seed=config.seed, progress=progress, C=config.C, checkpoint_dir=ckpt / "layers")
+    solver = config.solver if config.solver != "auto" else ("sklearn" if engine.device.type in ("cpu", "meta")
+                                                            else "torch")
+    timings["solver"] = solver
+    sweep = sweep_layers(resid, layers, seed=config.seed, progress=progress, C=config.C, solver=solver,
+                         device=engine.device if solver == "torch" and engine.device.type != "meta" else None,
+                         checkpoint_dir=ckpt / "layers")
     timings["probes_s"] = time.perf_counter() - t0
     name = config.model
     metrics = sweep.metrics(name)
@@ -131,7 +148,7 @@ def _cached_residuals(directory: Path, layers: list[int]) -> Residuals | None:
 
 
 def save_probe_plots(out: Path, sweep: ProbeSweep, resid: Any, name: str) -> None:
-    from probing.plots import confusion_heatmap, key_plot, layer_curve, save_figures
+    from wordpos.probing.plots import confusion_heatmap, key_plot, layer_curve, save_figures
 
     best = sweep.best
     probe = sweep.probes[best.layer]

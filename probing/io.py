@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from probing.errors import CorruptFileError, RunDirError
+from wordpos.probing.errors import CorruptFileError, RunDirError
 
 RUN_MARKER = "config.json"
 
@@ -39,10 +39,38 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (``/proc/self/status`` on Linux;
+    elsewhere set-and-restore, which is not thread-safe but brief)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a new file gets under the user's umask (``0o666 & ~umask``): what ``open()`` would give."""
+    return 0o666 & ~current_umask()
+
+
+def dir_mode() -> int:
+    """The mode a new directory gets under the user's umask (``0o777 & ~umask``): what ``mkdir`` would give."""
+    return 0o777 & ~current_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path`` in one step,
-    on failure it is removed, so a reader never sees a half-written file."""
+    on failure it is removed, so a reader never sees a half-written file.
+
+    ``mkstemp`` creates the temporary file 0600; before the rename it gets the mode the user's umask gives
+    any new file, so a shared run directory or a served report stays readable to others."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -50,6 +78,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            os.chmod(tmp_path, file_mode())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -103,18 +133,38 @@ def read_npz(path: str | os.PathLike, what: str = "array file") -> dict[str, np.
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Build a directory under a temporary name and rename it into place when complete."""
+    """Build a directory under a temporary name and rename it into place when complete.
+
+    ``mkdtemp`` creates it 0700, and some writers (``save_pretrained``'s safetensors) create files 0600; before
+    the rename, the directory and everything in it get the modes the user's umask gives new directories and
+    files (executables keep their x bits), so a cache or run shared between users stays readable."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
         yield tmp
+        _apply_umask_modes(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _apply_umask_modes(root: Path) -> None:
+    """Give ``root`` and every entry below it the mode a fresh ``mkdir``/``open`` would have under the umask."""
+    mask = current_umask()
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~mask)
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            if os.path.islink(p):
+                continue
+            executable = os.stat(p).st_mode & 0o111
+            os.chmod(p, (0o777 if executable else 0o666) & ~mask)
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -93,7 +93,7 @@ def save_figures(figures: dict[str, go.Figure], directory: str | Path, png: bool
 
     Static images need kaleido with a Chrome/Chromium; when none is found the HTML is still written
     and a warning says how to get the PNGs (``apt-get install chromium``)."""
-    from probing.io import atomic_path
+    from wordpos.probing.io import atomic_path
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

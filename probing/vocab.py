@@ -9,17 +9,33 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
-from probing.errors import ConfigError, TokenizationError
+from wordpos.probing.errors import ConfigError, TokenizationError
+
+
+SHIPPED_WORDS = Path(__file__).parent / "data" / "wordfreq_en_top10000.txt"
+"""``wordfreq.top_n_list("en", 10000)`` (wordfreq 3.1.1), saved with the package so the default vocabulary is the
+same on every machine and needs no 57 MB word-frequency package (e.g. on an offline GPU machine)."""
 
 
 def frequent_words(n: int = 10_000, lang: str = "en") -> list[str]:
-    """The ``n`` most frequent words of ``wordfreq`` that are lowercase, ASCII and alphabetic."""
-    import wordfreq
+    """The ``n`` most frequent words of ``wordfreq`` that are lowercase, ASCII and alphabetic.
 
-    return [w for w in wordfreq.top_n_list(lang, n) if w.isascii() and w.isalpha() and w.islower()]
+    English up to 10,000 words comes from the shipped list; anything else asks the ``wordfreq`` package."""
+    if lang == "en" and n <= 10_000:
+        lines = SHIPPED_WORDS.read_text(encoding="utf-8").splitlines()
+        top = [w for w in lines if w and not w.startswith("#")][:n]
+    else:
+        try:
+            import wordfreq
+        except ImportError as e:  # pragma: no cover - wordfreq is a dependency
+            raise ConfigError(f"frequent_words(n={n}, lang={lang!r}) needs the wordfreq package: pip install "
+                              "wordfreq (the shipped list covers English up to 10,000 words).") from e
+        top = wordfreq.top_n_list(lang, n)
+    return [w for w in top if w.isascii() and w.isalpha() and w.islower()]
 
 
 def word_tokens(tokenizer: Any, word: str) -> list[int]:

@@ -17,7 +17,7 @@ def ranked_from_run(run: str, n: int) -> list[str]:
     """The ``n`` heads with the largest |activation-patching effect| in a ``wordpos run`` directory."""
     from pathlib import Path
 
-    from patching.results import EffectResult
+    from wordpos.patching.results import EffectResult
 
     return [h["head"] for h in EffectResult.load(Path(run) / "patch_activation").top_heads(n)]
 
@@ -44,11 +44,11 @@ def main() -> None:
         ap.error("pass --probe (a probe or run directory)")
     ks = sorted({int(k) for k in args.curve.split(",")}) if args.curve else None
 
-    from patching import ablate_heads
-    from patching.ablation import ablation_curve
-    from patching.experiment import _vocab_for, load_probe
-    from probing import DatasetConfig, WordIndexDataset, as_engine, load_model
-    from probing.io import versions, write_json
+    from wordpos.patching import ablate_heads
+    from wordpos.patching.ablation import ablation_curve
+    from wordpos.patching.experiment import _vocab_for, load_probe
+    from wordpos.probing import DatasetConfig, WordIndexDataset, as_engine, load_model
+    from wordpos.probing.io import versions, write_json
 
     probe, probe_dir = load_probe(probe_arg)
     engine = as_engine(load_model(args.model, device=args.device))

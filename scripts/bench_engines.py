@@ -32,9 +32,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    from patching import make_pairs, patch_heads, prepare
-    from probing import WordIndexDataset, WordIndexProbe, collect_residuals
-    from probing.engine import make_engine
+    from wordpos.patching import make_pairs, patch_heads, prepare
+    from wordpos.probing import WordIndexDataset, WordIndexProbe, collect_residuals
+    from wordpos.probing.engines import make_engine
 
     tl = make_engine(args.model, "tl", args.device)
     nn = make_engine(tl.model, "nnsight")  # same weights, no second load

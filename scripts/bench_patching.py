@@ -26,8 +26,8 @@ def main() -> None:
 
     import transformer_lens.patching as tl_patching
 
-    from patching import attribute_heads, correlation, make_pairs, patch_heads, prepare
-    from probing import WordIndexDataset, WordIndexProbe, as_engine, collect_residuals, hooks, load_model
+    from wordpos.patching import attribute_heads, correlation, make_pairs, patch_heads, prepare
+    from wordpos.probing import WordIndexDataset, WordIndexProbe, as_engine, collect_residuals, hooks, load_model
 
     model = load_model(args.model, device=args.device)
     engine = as_engine(model)

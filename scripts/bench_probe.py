@@ -22,7 +22,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    from probing import WordIndexDataset, WordIndexProbe, as_engine, collect_residuals, load_model
+    from wordpos.probing import WordIndexDataset, WordIndexProbe, as_engine, collect_residuals, load_model
 
     model = load_model(args.model, device=args.device)
     engine = as_engine(model)

@@ -2,8 +2,9 @@
 
     python scripts/export_circuit.py RUN_DIR --formats json,graphml,gexf,dot,html,png,svg [--out DIR]
 
-Reads ``RUN_DIR/circuit/graph.json`` (the pruned circuit written by ``circuit.save_graph``; ``--full``:
-``graph_full.json``, the unpruned graph) and writes ``graph.<format>`` for each format into ``--out`` (default:
+Reads ``RUN_DIR/circuit/graph.json`` (the circuit written by ``wordpos run`` / ``wordpos circuit``: the edge
+circuit, whose figure is its saved diagram ``circuit.plotly.json``, or a head-level graph; ``--full``:
+``graph_full.json``, the unpruned head-level graph) and writes ``graph.<format>`` for each format into ``--out`` (default:
 the circuit folder). ``html`` is one standalone page (plotly.js embedded, opens offline); ``png`` / ``svg``
 need kaleido with Chromium and are skipped with a warning without them.
 """
@@ -31,9 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not formats:
         ap.error(f"unknown format(s) {unknown or formats}; choose from {', '.join(GRAPH_FORMATS + FIGURE_FORMATS)}")
 
-    from circuit.export import load_graph, save_graph
-    from circuit.render import render_circuit, save_circuit_figure
-    from probing.errors import WordposError
+    from wordpos.circuit.export import load_graph, save_graph
+    from wordpos.circuit.render import render_circuit, save_circuit_figure
+    from wordpos.probing.errors import WordposError
 
     cdir = args.run if (args.run / "graph.json").exists() else args.run / "circuit"
     stem = "graph_full" if args.full else "graph"
@@ -45,7 +46,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(save_graph(G, out / f"{stem}.{fmt}"))
         figs = [f for f in formats if f in FIGURE_FORMATS]
         if figs:
-            written = save_circuit_figure(render_circuit(G), out, name=stem, png="png" in figs, svg="svg" in figs)
+            if G.graph.get("graph_kind") == "edges":  # the edge circuit: its diagram (with the top-K slider) as saved
+                import plotly.io as pio
+
+                fig = pio.read_json(cdir / "circuit.plotly.json")
+            else:
+                fig = render_circuit(G)
+            written = save_circuit_figure(fig, out, name=stem, png="png" in figs, svg="svg" in figs)
             for p in written[stem]:
                 if p.suffix.lstrip(".") in figs:
                     print(p)

@@ -28,8 +28,8 @@ def main() -> None:
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args()
 
-    from circuit.pipeline import RunConfig, run_pipeline
-    from probing.errors import WordposError
+    from wordpos.circuit.pipeline import RunConfig, run_pipeline
+    from wordpos.probing.errors import WordposError
 
     cfg = RunConfig(model=args.model, n_prompts=args.n_prompts, n_pairs=args.n_pairs, layer=args.layer,
                     seed=args.seed, device=args.device)

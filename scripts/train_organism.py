@@ -1,7 +1,10 @@
-"""Train the organism (fixed seed, CPU) and write it to probing/assets/organism (or --out).
+"""Train the organism (fixed seed, CPU) and write it to probing/models/assets/organism (or --out), with the
+shared manifest (wordpos_model.json, see wordpos.probing.models.manifest).
 
-    python scripts/train_organism.py                 # reproduces the shipped model
+    python scripts/train_organism.py                 # reproduces (restores) the shipped model
     python scripts/train_organism.py --steps 300 --out /tmp/organism-quick
+
+In an installed wordpos, `wordpos models pull organism --force` retrains into the cache instead.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import torch
 
 
 def main() -> None:
-    from probing.organism import ASSET_DIR, OrganismConfig, train_organism
-    from probing.io import atomic_dir
+    from wordpos.probing.io import atomic_dir
+    from wordpos.probing.models.manifest import MANIFEST
+    from wordpos.probing.models.organism import ASSET_DIR, OrganismConfig, train_organism, verify
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = OrganismConfig()
@@ -33,7 +37,8 @@ def main() -> None:
     t0 = time.perf_counter()
     with atomic_dir(args.out) as tmp:
         train_organism(tmp, cfg)
-    meta = json.loads((args.out / "wordpos_organism.json").read_text())
+        verify(tmp)
+    meta = json.loads((args.out / MANIFEST).read_text())
     size = sum(p.stat().st_size for p in args.out.iterdir())
     print(f"wrote {args.out} ({size / 2**20:.1f} MB) in {time.perf_counter() - t0:.0f} s: "
           f"train loss {meta['train_loss_last50']:.3f}, val loss {meta['val_loss']:.3f}")

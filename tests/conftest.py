@@ -15,7 +15,7 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session")
 def gpt2_tok():
-    from probing.tokenizers import gpt2_tokenizer
+    from wordpos.probing.models.tokenizers import gpt2_tokenizer
 
     return gpt2_tokenizer()
 
@@ -36,14 +36,14 @@ def tiny_gpt2_dir(tmp_path_factory, gpt2_tok):
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_gpt2_dir):
-    from probing import load_model
+    from wordpos.probing import load_model
 
     return load_model(tiny_gpt2_dir, device="cpu")
 
 
 @pytest.fixture(scope="session")
 def small_data(gpt2_tok):
-    from probing import WordIndexDataset
+    from wordpos.probing import WordIndexDataset
 
     return WordIndexDataset.default(gpt2_tok, n_prompts=200, seed=0)
 
@@ -60,7 +60,7 @@ def planted_model(tmp_path_factory):
     """The planted-circuit model, built into a session cache directory and loaded as a TransformerBridge."""
     import os
 
-    from probing import load_model
+    from wordpos.probing import load_model
 
     old = os.environ.get("WORDPOS_CACHE")
     os.environ["WORDPOS_CACHE"] = str(tmp_path_factory.mktemp("planted-cache"))
@@ -76,14 +76,14 @@ def planted_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def planted_data(planted_model):
-    from probing import WordIndexDataset
+    from wordpos.probing import WordIndexDataset
 
     return WordIndexDataset.default(planted_model.tokenizer, n_prompts=600, seed=0)
 
 
 @pytest.fixture(scope="session")
 def planted_probe(planted_model, planted_data):
-    from probing import WordIndexProbe, as_engine, collect_residuals
+    from wordpos.probing import WordIndexProbe, as_engine, collect_residuals
 
     acts = collect_residuals(planted_model, planted_data, layers=[1], progress=False)
     return WordIndexProbe(layer=1, model=as_engine(planted_model).name).fit(acts.train(1), acts.labels["train"])
@@ -91,7 +91,7 @@ def planted_probe(planted_model, planted_data):
 
 @pytest.fixture(scope="session")
 def planted_ctx(planted_model, planted_data, planted_probe):
-    from patching import make_pairs, prepare
+    from wordpos.patching import make_pairs, prepare
 
     pairs = make_pairs(planted_model.tokenizer, 12, vocab=planted_data.vocab, seed=0)
     return prepare(planted_model, pairs, planted_probe)
@@ -100,7 +100,7 @@ def planted_ctx(planted_model, planted_data, planted_probe):
 @pytest.fixture(scope="session")
 def tiny_probe(tiny_model, small_data):
     """A word-index probe at the tiny model's last layer (random weights: it reads what it can)."""
-    from probing import WordIndexProbe, as_engine, collect_residuals
+    from wordpos.probing import WordIndexProbe, as_engine, collect_residuals
 
     acts = collect_residuals(tiny_model, small_data, layers=[1], progress=False)
     return WordIndexProbe(layer=1, model=as_engine(tiny_model).name).fit(acts.train(1), acts.labels["train"])

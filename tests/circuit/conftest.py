@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from circuit import build_graph
-from patching.results import EffectResult
-from patching.roles import HeadRoles
+from wordpos.circuit import build_graph
+from wordpos.patching.results import EffectResult
+from wordpos.patching.roles import HeadRoles
 
 EDGE_AXES = ("sender_layer", "sender_head", "receiver_layer", "receiver_head", "via")
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import networkx as nx
 import pytest
 
-from circuit import load_graph, save_graph
-from circuit.export import FORMATS
-from probing import ConfigError, CorruptFileError
+from wordpos.circuit import load_graph, save_graph
+from wordpos.circuit.export import FORMATS
+from wordpos.probing import ConfigError, CorruptFileError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,7 +45,7 @@ def test_foreign_graph_and_unknown_format(tmp_path):
 
 
 def test_pruned_graph_round_trips_and_dot_is_graphviz_shaped(synthetic, tmp_path):
-    from circuit import prune_min_edges
+    from wordpos.circuit import prune_min_edges
 
     G = prune_min_edges(synthetic, 0.9).graph
     for suffix in FORMATS:

@@ -1,11 +1,11 @@
 import networkx as nx
 import pytest
 
-from circuit import build_graph, faithfulness, prune_min_edges, prune_threshold, prune_top_k
-from circuit.graph import graph_from_dict, graph_to_dict, probe_inflow
-from patching import ablate_heads, path_patch_direct, path_patch_edges
-from probing import ConfigError
-from probing.planted import PLANTED
+from wordpos.circuit import build_graph, faithfulness, prune_min_edges, prune_threshold, prune_top_k
+from wordpos.circuit.graph import graph_from_dict, graph_to_dict, probe_inflow
+from wordpos.patching import ablate_heads, path_patch_direct, path_patch_edges
+from wordpos.probing import ConfigError
+from wordpos.probing.models.planted import PLANTED
 
 EDGE_AXES = ("sender_layer", "sender_head", "receiver_layer", "receiver_head", "via")
 
@@ -55,7 +55,7 @@ def test_min_edges_definition(synthetic):
 def test_graph_validation_and_nan(synthetic):
     import numpy as np
 
-    from patching.results import EffectResult
+    from wordpos.patching.results import EffectResult
 
     direct = np.full((2, 4), np.nan)
     direct[0, 2] = 0.8

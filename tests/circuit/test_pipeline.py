@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from circuit.cli import main
-from circuit.export import load_graph
-from probing.planted import PLANTED
+from wordpos.circuit.cli import main
+from wordpos.circuit.export import load_graph
+from wordpos.probing.models.planted import PLANTED
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,13 +32,17 @@ def test_run_writes_report_summary_and_circuit(planted_run):
     assert summary["probe"]["accuracy"] > summary["probe"]["baseline_abs_pos_accuracy"] + 0.3
     assert summary["patched_layer"] == 1
     assert summary["top_heads"]["activation"][0]["head"] == "{}.{}".format(*PLANTED.counter)
-    assert sorted(summary["circuit"]["heads"]) == PLANTED.circuit_heads
+    circ = summary["circuit"]
+    # the edge circuit: the planted heads, reached under counterfactual ablation, well above random circuits
+    assert sorted(circ["heads"]) == PLANTED.circuit_heads
+    assert circ["reached"] and circ["faithfulness"]["share"] >= 0.8 and circ["ablation"] == "counterfactual"
+    assert circ["cpr"] > circ["random_cpr"] + 0.2 and circ["cpr_ci"][0] <= circ["cpr"] <= circ["cpr_ci"][1]
     assert set(summary["timings_s"]) >= {"probe (all layers)", "activation patching", "circuit", "report"}
     report = (out / "report.html").read_text()
-    assert report.count('class="plotly-graph-div"') >= 8 and "Top heads" in report
+    assert report.count('class="plotly-graph-div"') >= 8 and "Top heads" in report and "CPR" in report
     G = load_graph(out / "circuit" / "graph.graphml")
     assert G.graph["model"] == "planted"
-    for f in ("graph.json", "graph.gexf", "graph.dot", "circuit.html", "circuit.png", "circuit.svg"):
+    for f in ("graph.json", "graph.gexf", "graph.dot", "circuit.html", "curve.json", "curve.html"):
         assert (out / "circuit" / f).exists(), f
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["config"]["seed"] == 0 and "transformer-lens" in cfg["versions"]

@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from circuit import render_circuit, save_circuit_figure
-from circuit.render import drawn_node_count
+from wordpos.circuit import render_circuit, save_circuit_figure
+from wordpos.circuit.render import drawn_node_count
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -69,6 +69,6 @@ def test_diagram_renders_in_chromium_with_every_node(synthetic, tmp_path):
 @pytest.mark.browser
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (apt-get install chromium)")
 def test_pruned_diagram_renders_in_chromium(synthetic, tmp_path):
-    from circuit import prune_min_edges
+    from wordpos.circuit import prune_min_edges
 
     test_diagram_renders_in_chromium_with_every_node(prune_min_edges(synthetic, 0.9).graph, tmp_path)

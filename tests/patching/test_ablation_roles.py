@@ -2,10 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from patching import ablate_heads, head_roles, parse_heads
-from patching.ablation import ablated_predictions, head_means
-from patching.roles import ideal_counter_pattern
-from probing import ConfigError, as_engine, collect_residuals
+from wordpos.patching import ablate_heads, head_roles, parse_heads
+from wordpos.patching.ablation import ablated_predictions, head_means
+from wordpos.patching.roles import ideal_counter_pattern
+from wordpos.patching.corruptions import derangement
+from wordpos.probing import ConfigError, as_engine, collect_residuals, hooks
 
 
 def test_no_ablation_reproduces_the_probe_accuracy(tiny_model, tiny_probe, small_data):
@@ -25,15 +26,90 @@ def test_mean_ablation_uses_position_wise_means(tiny_model, small_data):
     assert torch.allclose(means[0][5], z[:, 5].mean(0), atol=1e-5)
 
 
+def _reference_predictions(model, probe, data, heads, method, seed=0):
+    """Probe predictions on the test split with ``heads`` ablated, by plain TransformerLens hook runs."""
+    test, train = data.test, data.train
+    T = test.max_len()
+    toks = test.tokens[:, :T]
+    layers = sorted({L for L, _ in heads})
+    with torch.no_grad():
+        if method == "mean":
+            Ttr = train.max_len()
+            _, c = model.run_with_cache(train.tokens[:, :Ttr])
+            mask = (torch.arange(Ttr)[None, :] < train.lengths[:, None]).float()
+            ref = {L: (c[hooks.attn_z(L)] * mask[:, :, None, None]).sum(0) / mask.sum(0)[:, None, None] for L in layers}
+        elif method == "resample":
+            perm = derangement(len(test), seed)
+            _, c = model.run_with_cache(toks[perm])
+            ref = {L: c[hooks.attn_z(L)] for L in layers}
+
+        def ablate(act, hook):
+            L = int(hook.name.split(".")[1])
+            act = act.clone()
+            for hL, h in heads:
+                if hL == L:
+                    act[:, :, h] = 0.0 if method == "zero" else (ref[L][:T, h] if method == "mean" else ref[L][:, :, h])
+            return act
+
+        holder = {}
+        model.run_with_hooks(toks, fwd_hooks=[(hooks.attn_z(L), ablate) for L in layers] + [
+            (hooks.resid(int(probe.layer)), lambda a, hook: holder.setdefault("r", a))])
+    prompt, pos = test.positions("word_final")
+    return probe.predict(holder["r"][prompt, pos].numpy())
+
+
 @pytest.mark.parametrize("method", ["zero", "mean", "resample"])
-def test_ablate_heads_reports_controls(tiny_model, tiny_probe, small_data, method):
-    res = ablate_heads(tiny_model, tiny_probe, small_data, "0.1,1.2", method=method, n_random=2, progress=False)
+def test_ablate_heads_matches_hook_runs_and_controls_avoid_the_heads(tiny_model, tiny_probe, small_data, method):
+    res = ablate_heads(tiny_model, tiny_probe, small_data, "0.1,1.2", method=method, n_random=3, refit=False,
+                       progress=False)
     assert res.heads == [(0, 1), (1, 2)]
-    assert len(res.random_accuracies) == 2 and all(len(h) == 2 for h in res.random_heads)
-    assert all({L for L, _ in h} <= {0, 1} for h in res.random_heads)
-    assert 0 <= res.accuracy <= 1 and res.n_samples == len(small_data.test) * 7
-    d = res.to_dict()
-    assert d["drop"] == pytest.approx(res.clean_accuracy - res.accuracy)
+    y = small_data.test.labels.numpy()
+    expected = _reference_predictions(tiny_model, tiny_probe, small_data, [(0, 1), (1, 2)], method)
+    assert res.accuracy == pytest.approx(float(np.mean(expected == y)), abs=1e-9)
+    assert res.clean_accuracy == pytest.approx(float(np.mean(tiny_probe.predict(
+        _clean_resid(tiny_model, small_data.test)) == y)), abs=1e-9)
+    assert len(res.random_accuracies) == 3 and all(len(h) == 2 for h in res.random_heads)
+    for pick, acc in zip(res.random_heads, res.random_accuracies):
+        assert not set(pick) & {(0, 1), (1, 2)}  # a control never ablates a head under test
+        assert {L for L, _ in pick} <= {0, 1}
+        ref = _reference_predictions(tiny_model, tiny_probe, small_data, pick, method)
+        assert acc == pytest.approx(float(np.mean(ref == y)), abs=1e-9)
+    assert res.to_dict()["drop"] == pytest.approx(res.clean_accuracy - res.accuracy)
+
+
+def _clean_resid(model, prompts):
+    with torch.no_grad():
+        _, c = model.run_with_cache(prompts.tokens[:, :prompts.max_len()])
+    prompt, pos = prompts.positions("word_final")
+    return c[hooks.resid(1)][prompt, pos].numpy()
+
+
+def test_random_head_sets_exclude_the_heads_under_test():
+    from wordpos.patching.ablation import random_head_sets
+
+    heads = [(0, 2), (0, 3)]
+    sets = random_head_sets(heads, 200, n_heads=4, max_layer=1, seed=0)
+    assert all(len(s) == 2 and not set(s) & set(heads) and {L for L, _ in s} == {0} for s in sets)
+    assert {tuple(s) for s in sets} == {((0, 0), (0, 1))}  # layer 0 holds exactly two other heads
+    wide = random_head_sets([(0, 0), (0, 1), (0, 2)], 50, n_heads=4, max_layer=1, seed=1)  # one other head in layer 0
+    assert all(not set(s) & {(0, 0), (0, 1), (0, 2)} for s in wide)
+    assert any(L == 1 for s in wide for L, _ in s)
+    with pytest.raises(ConfigError, match="random control needs"):
+        random_head_sets([(L, h) for L in range(2) for h in range(3)], 1, n_heads=4, max_layer=1)
+
+
+def test_ablation_sweep_of_resample_last_batch_of_one(tiny_model, tiny_probe, small_data):
+    """A prompt batch of one still gets another prompt's activation: the derangement is over the whole split."""
+    from wordpos.patching.ablation import ablated_predictions
+    from wordpos.patching.sizing import Sizing
+
+    engine = as_engine(tiny_model)
+    n = len(small_data.test)
+    batch = n - 1  # the last batch holds one prompt
+    got = ablated_predictions(engine, tiny_probe, small_data.test, [(0, 1), (1, 2)], "resample", batch_size=batch)
+    expected = _reference_predictions(tiny_model, tiny_probe, small_data, [(0, 1), (1, 2)], "resample")
+    assert np.array_equal(got, expected)
+    assert Sizing().prompt_batch != batch
 
 
 def test_ablation_bad_input(tiny_model, tiny_probe, small_data):
@@ -58,17 +134,34 @@ def test_ideal_counter_pattern_by_hand():
     assert torch.allclose(pat[0, 0], torch.tensor([1.0, 0, 0, 0, 0, 0]))
 
 
-def test_head_roles_shapes_and_ranges(tiny_model, small_data):
-    roles = head_roles(tiny_model, small_data.test)
-    for k, v in roles.scores.items():
-        assert v.shape == (2, 4) and np.all(v >= -1e-6) and np.all(v <= 1 + 1e-6), k
-    assert isinstance(roles.label(0, 0), str)
+def test_head_roles_equal_a_hand_average_of_the_patterns(tiny_model, small_data):
+    """to_prev and to_bos by a plain loop over word-token queries of TL attention patterns."""
+    prompts = small_data.test.subset(range(40))
+    roles = head_roles(tiny_model, prompts, batch_size=16)
+    T = prompts.max_len()
+    with torch.no_grad():
+        _, c = tiny_model.run_with_cache(prompts.tokens[:, :T])
+    for L in range(2):
+        pat = c[hooks.attn_pattern(L)]  # [b, head, q, k]
+        prev, bos, n = torch.zeros(4), torch.zeros(4), 0
+        for i in range(len(prompts)):
+            for q in range(1, T):
+                if prompts.word_index[i, q] >= 0:
+                    prev += pat[i, :, q, q - 1]
+                    bos += pat[i, :, q, 0]
+                    n += 1
+        assert np.allclose(roles.scores["to_prev"][L], (prev / n).numpy(), atol=1e-5)
+        assert np.allclose(roles.scores["to_bos"][L], (bos / n).numpy(), atol=1e-5)
+    r = roles.head(0, 0)
+    best = max(("to_anchor", "to_space", "to_prev", "to_bos"), key=lambda k: r[k])
+    expected = {"to_anchor": "anchor", "to_space": "word starts", "to_prev": "previous token", "to_bos": "BOS"}[best]
+    assert roles.label(0, 0) == ("anchor counter" if r["counter_score"] > 0.8 else expected)
 
 
 def test_anchor_evidence_recovers_the_planted_counter(planted_model, planted_data):
     """The planted counter scores exactly 3 on anchors and 1 on word starts (-20 elsewhere): the evidence
     must read a score difference of 2 and no attention elsewhere; the previous-token distractor must not."""
-    from patching.roles import EVIDENCE_KEYS, anchor_evidence
+    from wordpos.patching.roles import EVIDENCE_KEYS, anchor_evidence
 
     ev = anchor_evidence(planted_model, planted_data.test, [(0, 2), (0, 0)], max_prompts=32)
     counter, prev = ev["0.2"], ev["0.0"]
@@ -85,7 +178,7 @@ def test_anchor_evidence_recovers_the_planted_counter(planted_model, planted_dat
 
 
 def test_anchor_evidence_and_patterns_bad_head(planted_model, planted_data):
-    from patching.roles import anchor_evidence, head_patterns
+    from wordpos.patching.roles import anchor_evidence, head_patterns
 
     with pytest.raises(ConfigError, match="out of range"):
         anchor_evidence(planted_model, planted_data.test, [(0, 7)])
@@ -99,7 +192,7 @@ def test_anchor_evidence_and_patterns_bad_head(planted_model, planted_data):
 def test_ablation_curve_on_the_planted_counter(planted_model, planted_data, planted_probe):
     """Ablating the planted counter (top of the ranking) must take the re-fitted probe most of the way to the
     position baseline; random heads of layer 0 must not."""
-    from patching.ablation import ablation_curve
+    from wordpos.patching.ablation import ablation_curve
 
     rows = ablation_curve(planted_model, planted_probe, planted_data, ["0.2", "1.1"], [1, 2], method="zero",
                           n_random=2, progress=False)

@@ -5,9 +5,9 @@ import pytest
 import torch
 import transformer_lens.patching as tl_patching
 
-from patching import patch_heads, patch_layer_outputs, patch_resid, prepare
-from patching.batched import Patch, SweepCheckpoint, run_patches
-from probing import ConfigError, hooks
+from wordpos.patching import patch_heads, patch_layer_outputs, patch_resid, prepare
+from wordpos.patching.batched import Patch, SweepCheckpoint, run_patches
+from wordpos.probing import ConfigError, hooks
 
 
 @pytest.fixture
@@ -54,24 +54,36 @@ def test_resid_and_mlp_equal_transformer_lens(tiny_model, tiny_pairs, tiny_ctx, 
         ref_resid = tl_patching.get_act_patch_resid_pre(tiny_model, tiny_pairs.corrupted, clean_cache, metric)
         ref_mlp = tl_patching.get_act_patch_mlp_out(tiny_model, tiny_pairs.corrupted, clean_cache, metric)
     assert np.abs(patch_resid(tiny_model, tiny_ctx, progress=False).effects - ref_resid.double().numpy()).max() < 1e-4
-    # TL's mlp_out sweep is per position; patching all positions at once is the sum of nothing simpler, so
-    # check the all-position patch against a direct hook run instead
+    # TL's MLP sweep is per position (every position, including those our sweep skips as exact no-ops)
+    ours_by_pos = patch_layer_outputs(tiny_model, tiny_ctx, by_pos=True, progress=False)
+    assert ours_by_pos.axes == ("layer", "pos") and ref_mlp.shape == ours_by_pos.effects.shape
+    assert np.abs(ours_by_pos.effects - ref_mlp.double().numpy()).max() < 1e-4
+    # the all-position MLP patch against a plain hook run
     ours = patch_layer_outputs(tiny_model, tiny_ctx, progress=False).effects
     for L in range(2):
         with torch.no_grad():
             out = tiny_model.run_with_hooks(tiny_pairs.corrupted, fwd_hooks=[
                 (hooks.mlp_out(L), lambda act, hook, L=L: clean_cache[hooks.mlp_out(L)])], stop_at_layer=None)
         assert abs(float(metric(out)) - ours[L]) < 1e-4
-    assert ref_mlp.shape[0] == 2
 
 
-def test_noising_with_the_base_as_source_changes_nothing(tiny_model, tiny_pairs, tiny_probe):
+def test_noising_by_position_equals_transformer_lens(tiny_model, tiny_pairs, tiny_probe):
+    """Noising: the clean run with corrupted head outputs patched in, every position (also those our sweep fills
+    with the unpatched level without running) against TL; stored values are the change from the clean run (1)."""
     ctx = prepare(tiny_model, tiny_pairs, tiny_probe, direction="noising")
-    with torch.no_grad():
-        _, own = ctx.engine.run(ctx.base, cache=list(ctx.source_cache), stop_at_layer=ctx.stop_at_layer)
-    ctx.source_cache = own  # clean == corrupted source ⇒ every patch is a no-op
-    res = patch_heads(tiny_model, ctx, by_pos=True, progress=False)
-    assert np.allclose(res.effects, 1.0, atol=1e-5)
+    holder = {}
+    tiny_model.add_hook(hooks.resid(1), lambda act, hook: holder.__setitem__("resid", act) or act)
+    try:
+        with torch.no_grad():
+            _, corr_cache = tiny_model.run_with_cache(tiny_pairs.corrupted)
+            ref = tl_patching.get_act_patch_attn_head_out_by_pos(tiny_model, tiny_pairs.clean, corr_cache,
+                                                                  lambda logits: ctx.metric(holder["resid"])[0])
+    finally:
+        tiny_model.reset_hooks()
+    ours = patch_heads(tiny_model, ctx, by_pos=True, progress=False)
+    assert ours.direction == "noising" and ctx.unpatched == pytest.approx(1.0, abs=1e-9)
+    assert np.abs(ours.effects - (ref.double().permute(0, 2, 1).numpy() - 1.0)).max() < 1e-4
+    assert np.abs(ours.extra["level"] - ref.double().permute(0, 2, 1).numpy()).max() < 1e-4
 
 
 def test_batched_equals_one_patch_per_forward(tiny_model, tiny_ctx):

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from patching import make_pairs, patch_heads, path_patch_direct, path_patch_edges, prepare
-from probing import WordIndexDataset, WordIndexProbe, collect_residuals, load_model
-from probing.engine import TLEngine, make_engine
+from wordpos.patching import make_pairs, patch_heads, path_patch_direct, path_patch_edges, prepare
+from wordpos.probing import WordIndexDataset, WordIndexProbe, collect_residuals, load_model
+from wordpos.probing.engines import TLEngine, make_engine
 
 
 @pytest.fixture(scope="module", params=["planted", "organism"])

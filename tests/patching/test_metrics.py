@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from patching import ProbeMetric, make_pairs
-from probing import ConfigError, hooks
+from wordpos.patching import ProbeMetric, make_pairs
+from wordpos.probing import ConfigError, hooks
 
 
 @pytest.mark.parametrize("kind", ["logit_diff", "projection"])

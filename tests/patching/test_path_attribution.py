@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from patching import attribute_heads, attribute_resid, correlation, patch_heads, patch_resid, path_patch_direct, \
+from wordpos.patching import attribute_heads, attribute_resid, correlation, patch_heads, patch_resid, path_patch_direct, \
     path_patch_edges
-from probing import ConfigError, hooks
+from wordpos.probing import ConfigError, hooks
 
 
 def test_direct_path_equals_the_output_projection_of_the_patched_head(tiny_model, tiny_pairs, tiny_ctx):
@@ -64,7 +64,29 @@ def test_attribution_tracks_activation_patching(tiny_model, tiny_ctx):
     assert att.effects.shape == act.effects.shape
     assert correlation(att, act) > 0.9
     by_pos = attribute_heads(tiny_model, tiny_ctx, by_pos=True)
-    assert np.allclose(by_pos.effects.sum(-1), att.effects, atol=1e-6)  # denoising: unpatched value is 0
+    # reference: TL's own autograd of the metric w.r.t. each head's output at the corrupted run, times the
+    # clean − corrupted difference, summed by hand over prompts and head dimensions
+    holder = {}
+    with torch.no_grad():
+        _, cln = tiny_model.run_with_cache(tiny_ctx.pairs.clean)
+    zs = {}
+
+    def keep_z(L):
+        def hook(act, hook):
+            act.retain_grad()
+            zs[hooks.attn_z(L)] = act
+            return act
+        return hook
+
+    tiny_model.run_with_hooks(tiny_ctx.pairs.corrupted, fwd_hooks=[
+        (hooks.attn_z(0), keep_z(0)), (hooks.attn_z(1), keep_z(1)),
+        (hooks.resid(1), lambda a, hook: holder.setdefault("r", a))])
+    tiny_ctx.metric(holder["r"]).sum().backward()
+    for L in range(2):
+        z = zs[hooks.attn_z(L)]
+        ref = ((cln[hooks.attn_z(L)] - z.detach()) * z.grad).sum(dim=(0, 3))  # [pos, head]
+        assert np.allclose(by_pos.effects[L], ref.T.double().numpy(), atol=1e-5)
+        assert np.allclose(att.effects[L], ref.sum(0).double().numpy(), atol=1e-5)
     assert correlation(attribute_resid(tiny_model, tiny_ctx), patch_resid(tiny_model, tiny_ctx, progress=False)) > 0.8
 
 
@@ -75,3 +97,29 @@ def test_path_patching_bad_input(tiny_model, tiny_ctx):
         path_patch_edges(tiny_model, tiny_ctx, receivers=[], progress=False)
     with pytest.raises(ConfigError, match="via"):
         path_patch_edges(tiny_model, tiny_ctx, receivers=[(1, 0)], via=("x",), progress=False)
+
+
+def test_edge_into_an_early_receiver_does_not_depend_on_later_receivers(gpt2_tok, small_data, tiny_pairs,
+                                                                       tmp_path_factory):
+    """With the probe two layers above the receiver, step 1 reads the receiver's q/k/v before the layers it would
+    freeze: the edge 0.0 -> 1.1 is the same whether or not a layer-2 receiver is swept with it (a 3-layer model;
+    this sweep used to be refused as "at or after the probe's layer")."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from wordpos.patching import prepare
+    from wordpos.probing import WordIndexProbe, as_engine, collect_residuals, load_model
+
+    torch.manual_seed(1)
+    cfg = GPT2Config(n_layer=3, n_head=4, n_embd=64, n_positions=64, vocab_size=len(gpt2_tok), resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0)
+    path = tmp_path_factory.mktemp("tiny-gpt2-3l")
+    GPT2LMHeadModel(cfg).eval().save_pretrained(path)
+    gpt2_tok.save_pretrained(path)
+    model = load_model(path, device="cpu")
+    acts = collect_residuals(model, small_data, layers=[2], progress=False)
+    probe = WordIndexProbe(layer=2, model=as_engine(model).name).fit(acts.train(2), acts.labels["train"])
+    ctx = prepare(model, tiny_pairs, probe)
+    alone = path_patch_edges(model, ctx, receivers=[(1, 1)], senders=[(0, 0)], progress=False)
+    both = path_patch_edges(model, ctx, receivers=[(1, 1), (2, 3)], senders=[(0, 0)], progress=False)
+    assert np.isfinite(alone.effects[0, 0, 1, 1]).all()
+    np.testing.assert_allclose(alone.effects[0, 0, 1, 1], both.effects[0, 0, 1, 1], atol=1e-6)

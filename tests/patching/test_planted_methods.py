@@ -4,8 +4,8 @@ finds the planted two-step edge counter → receiver (via v)."""
 import numpy as np
 import pytest
 
-from patching import ablation_sweep, attribute_heads, head_roles, patch_heads, path_patch_direct, path_patch_edges
-from probing.planted import PLANTED
+from wordpos.patching import ablation_sweep, attribute_heads, head_roles, patch_heads, path_patch_direct, path_patch_edges
+from wordpos.probing.models.planted import PLANTED
 
 COUNTER = PLANTED.counter
 DISTRACTORS = list(PLANTED.distractors.values())

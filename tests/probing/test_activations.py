@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from probing import ConfigError, DatasetConfig, WordIndexDataset, collect_residuals
+from wordpos.probing import ConfigError, DatasetConfig, WordIndexDataset, collect_residuals
 
 
 def test_matches_run_with_cache_at_word_final_tokens(tiny_model, small_data):
@@ -55,3 +55,32 @@ def test_bad_layers_and_too_long_prompts(tiny_model, small_data, gpt2_tok):
     long = WordIndexDataset.generate(gpt2_tok, DatasetConfig(n_prompts=20, n_words=30))
     with pytest.raises(ConfigError, match="context"):
         collect_residuals(tiny_model, long, progress=False)
+
+
+def test_device_resident_chunks_give_identical_results(tiny_model, small_data, tmp_path, monkeypatch):
+    """The accelerator path (gathered vectors kept on the device, copied to the host in chunks), forced on
+    the CPU with a chunk smaller than a batch, equals the write-in-place path, spilled or not."""
+    from wordpos.probing import activations
+
+    a = collect_residuals(tiny_model, small_data, layers="all", progress=False, batch_size=8)
+    monkeypatch.setattr(activations, "_device_chunk_rows", lambda device, row_bytes: 13)
+    b = collect_residuals(tiny_model, small_data, layers="all", progress=False, batch_size=8)
+    c = collect_residuals(tiny_model, small_data, layers="all", progress=False, batch_size=8, max_memory_mb=0.01,
+                          spill_dir=tmp_path)
+    for split in ("train", "val", "test"):
+        assert np.array_equal(a.data[split], b.data[split]) and np.array_equal(a.data[split], c.data[split])
+
+
+def test_batch_size_default_is_the_measured_cpu_size(tiny_model, small_data, monkeypatch):
+    from wordpos.probing import activations
+    from wordpos.probing.engines import memory
+
+    acts = collect_residuals(tiny_model, small_data, layers=[1], splits=("test",), progress=False)
+    assert acts.meta["batch_size"] == activations.CPU_BATCH
+    # on an accelerator the batch comes from its free memory: fake 1 GiB free on this "device"
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda device: 2**30)
+    rows = activations.residual_batch_size(activations.as_engine(tiny_model), small_data, 2)
+    per_row = small_data.max_len() * activations._bytes_per_token(activations.as_engine(tiny_model), 2)
+    assert rows == min(int(2**30 * memory.HEADROOM // per_row), activations.MAX_DEVICE_BATCH)
+    with pytest.raises(ConfigError, match="batch_size"):
+        collect_residuals(tiny_model, small_data, layers=[1], progress=False, batch_size=0)

@@ -1,6 +1,6 @@
 import numpy as np
 
-from probing import PositionBaseline, WordIndexDataset, analytic_position_baseline, position_baseline_accuracy
+from wordpos.probing import PositionBaseline, WordIndexDataset, analytic_position_baseline, position_baseline_accuracy
 
 
 def test_analytic_reference_baseline_is_54_6_percent():

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from circuit.cli import main
+from wordpos.circuit.cli import main
 
 
 def test_probe_command_writes_metrics_config_and_plots(tiny_gpt2_dir, tmp_path):
@@ -42,7 +42,7 @@ def test_probe_bad_layer_is_one_clear_line(tiny_gpt2_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("model", ["no/such-model-here"])
 def test_unknown_model(model, tmp_path, capsys, monkeypatch):
-    from probing import models as M
+    from wordpos.probing.models import registry as M
 
     monkeypatch.setattr(M, "_hub_reachable", lambda timeout=3.0: False)
     assert main(["probe", "--model", model, "--out", str(tmp_path / "r"), "--quiet"]) == 2

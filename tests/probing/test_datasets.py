@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from probing import ConfigError, DatasetConfig, TokenizationError, WordIndexDataset
+from wordpos.probing import ConfigError, DatasetConfig, TokenizationError, WordIndexDataset
 
 
 def test_reference_bookkeeping_is_consistent(small_data, gpt2_tok):

@@ -8,13 +8,13 @@ import time
 import pytest
 import torch
 
-from probing import hooks as H
-from probing.engine import TLEngine, as_engine
-from probing.errors import ConfigError, ModelNotAvailableError
+from wordpos.probing import hooks as H
+from wordpos.probing.engines import TLEngine, as_engine
+from wordpos.probing.errors import ConfigError, ModelNotAvailableError
 
 pytest.importorskip("nnsight")
 
-from probing.engine_nnsight import NNsightEngine, check_remote_ready  # noqa: E402
+from wordpos.probing.engines.nnsight_engine import NNsightEngine, check_remote_ready  # noqa: E402
 
 TOL = 1e-4
 
@@ -36,7 +36,7 @@ def tiny_llama_dir(tmp_path_factory, gpt2_tok):
 
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_llama_dir):
-    from probing import load_model
+    from wordpos.probing import load_model
 
     return load_model(tiny_llama_dir, device="cpu")
 
@@ -47,7 +47,7 @@ def tiny_neox(tmp_path_factory, gpt2_tok):
     attention and MLP)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from probing import load_model
+    from wordpos.probing import load_model
 
     torch.manual_seed(0)
     cfg = GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -223,7 +223,7 @@ def test_start_at_layer_matches(engines, toks):
 
 
 def test_collect_residuals_matches(engines, small_data):
-    from probing import collect_residuals
+    from wordpos.probing import collect_residuals
 
     tl, nn = engines
     t0 = time.perf_counter()
@@ -259,7 +259,7 @@ def test_bridge_engine_shares_weights(tiny_model):
 
 
 def test_make_engine(tiny_gpt2_dir, tiny_model, toks):
-    from probing.engine import make_engine
+    from wordpos.probing.engines import make_engine
 
     nn = make_engine(tiny_model, engine="nnsight")
     assert isinstance(nn, NNsightEngine)

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-import probing.evaluation as evaluation
-import probing.experiment as experiment
-from probing.experiment import ProbeConfig, run_probe
+import wordpos.probing.evaluation as evaluation
+import wordpos.probing.experiment as experiment
+from wordpos.probing.experiment import ProbeConfig, run_probe
 
 
 def test_interrupted_probe_stage_resumes_without_recomputing(tiny_model, tiny_gpt2_dir, tmp_path, monkeypatch):

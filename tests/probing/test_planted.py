@@ -15,7 +15,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from probing.planted import DIM, MANIFEST, MIRROR, PLANTED, VERSION, build_planted_model, planted_dir
+from wordpos.probing.models.planted import DIM, MANIFEST, MIRROR, PLANTED, VERSION, build_planted_model, planted_dir
 
 BOS = 50256
 PREFIX = ("The United States Declaration of Independence received its first formal public reading, in "
@@ -27,7 +27,7 @@ FINAL = f"blocks.{PLANTED.n_layers - 1}.hook_resid_post"
 # ------------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def tok():
-    from probing.tokenizers import gpt2_tokenizer
+    from wordpos.probing.models.tokenizers import gpt2_tokenizer
 
     return gpt2_tokenizer()
 
@@ -42,7 +42,7 @@ def built(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(built):
-    from probing import load_model
+    from wordpos.probing import load_model
 
     return load_model(built, device="cpu")
 
@@ -154,7 +154,7 @@ def test_builds_fast_and_runs_unmodified_in_hf_tl_and_nnsight(tmp_path, tok):
     from nnsight import TransformersModel
     from transformers import GPT2LMHeadModel
 
-    from probing import load_model
+    from wordpos.probing import load_model
 
     t0 = time.perf_counter()
     path = build_planted_model(tmp_path / "p")
@@ -180,7 +180,7 @@ def test_builds_fast_and_runs_unmodified_in_hf_tl_and_nnsight(tmp_path, tok):
 
 
 def test_planted_dir_is_cached_and_rebuilt_when_broken(tmp_path, monkeypatch):
-    from probing import load_model
+    from wordpos.probing import load_model
 
     monkeypatch.setenv("WORDPOS_CACHE", str(tmp_path))
     path = planted_dir()

@@ -4,7 +4,7 @@ import torch
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
-from probing import ConfigError, CorruptFileError, WordIndexProbe
+from wordpos.probing import ConfigError, CorruptFileError, WordIndexProbe
 
 
 @pytest.fixture(scope="module")

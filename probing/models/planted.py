@@ -56,8 +56,11 @@ from typing import Any
 
 import torch
 
-from probing.cache import cache_root
-from probing.io import atomic_dir, sha256_file
+from wordpos.probing.errors import CorruptFileError
+from wordpos.probing.io import atomic_dir
+from wordpos.probing.models import manifest
+from wordpos.probing.models.cache import cache_root
+from wordpos.probing.models.manifest import MANIFEST
 
 VERSION = 2
 D_MODEL, N_HEAD, N_LAYER, N_POS = 64, 4, 2, 128
@@ -70,8 +73,7 @@ COUNTER_SCORES = {"anchor": 3.0, "space": 1.0, "other": -20.0}
 DIM = {"const": 0, "space": 1, "anchor": 2, "bos": 3, "tok_pad": 4, "pos": 5, "pos2": 6, "pos_pad": 7,
        "count": 8, "abspos": 9, "prev_space": 10, "relay": 11}
 ANCHOR_CHARS = frozenset(".,\n")
-MANIFEST = "wordpos_planted.json"
-_HASHED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+_REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
 @dataclass(frozen=True)
@@ -210,11 +212,11 @@ def _set_weights(sd: dict[str, torch.Tensor], tok: Any) -> None:
 
 
 def build_planted_model(out_dir: str | Path) -> Path:
-    """Write the planted model (weights + GPT-2 tokenizer + ``wordpos_planted.json`` with the ground truth
-    and the files' sha256) as a Hugging Face directory at ``out_dir``; returns ``out_dir``."""
+    """Write the planted model (weights + GPT-2 tokenizer + the shared ``wordpos_model.json`` manifest with the
+    files' sha256, the version and the ground truth) as a Hugging Face directory at ``out_dir``; returns it."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from probing.tokenizers import gpt2_tokenizer
+    from wordpos.probing.models.tokenizers import gpt2_tokenizer
 
     tok = gpt2_tokenizer()
     cfg = GPT2Config(vocab_size=len(tok), n_positions=N_POS, n_embd=D_MODEL, n_layer=N_LAYER, n_head=N_HEAD,
@@ -231,29 +233,28 @@ def build_planted_model(out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
-    manifest = {"version": VERSION, "ground_truth": PLANTED.to_dict(),
-                "sha256": {f: sha256_file(out_dir / f) for f in _HASHED}}
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # written last: marks completion
+    manifest.write_manifest(out_dir, name="planted", source="built in code by wordpos.probing.models.planted",
+                            config={"d_model": D_MODEL, "n_head": N_HEAD, "n_layer": N_LAYER, "n_positions": N_POS},
+                            version=VERSION, ground_truth=PLANTED.to_dict())  # written last: marks completion
     return out_dir
 
 
 def _valid(path: Path) -> bool:
     """Whether ``path`` holds a complete planted model of this version (every file present, unchanged)."""
     try:
-        meta = json.loads((path / MANIFEST).read_text())
-        if meta.get("version") != VERSION:
-            return False
-        if meta.get("ground_truth") != json.loads(json.dumps(PLANTED.to_dict())):
-            return False
-        hashes = meta.get("sha256") or {}
-        return set(hashes) == set(_HASHED) and all(sha256_file(path / f) == hashes[f] for f in _HASHED)
-    except (OSError, ValueError, TypeError, AttributeError):
+        meta = manifest.verify(path, what="the planted model at", fix="It is rebuilt", name="planted",
+                               required=_REQUIRED, deep=True)
+        return meta.extra.get("version") == VERSION and \
+            meta.extra.get("ground_truth") == json.loads(json.dumps(PLANTED.to_dict()))
+    except CorruptFileError:
         return False
 
 
 def planted_dir() -> Path:
     """The cached planted model under ``cache_root() / "planted"``, built when missing and rebuilt (into a
-    temporary directory, renamed into place) when partial, altered or from another version."""
+    temporary directory, renamed into place) when partial, altered or from another version: the one model the
+    shared damage policy (:mod:`wordpos.probing.models.manifest`) lets rebuild itself, as it is built in code
+    in seconds."""
     path = cache_root() / "planted"
     if not _valid(path):
         try:

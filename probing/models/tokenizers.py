@@ -23,8 +23,8 @@ def _gpt2_files() -> tuple[str, str]:
 
 def gpt2_tokenizer_dir() -> Path:
     """A tokenizer directory for GPT-2 under the cache, written on first use."""
-    from probing.cache import cache_root
-    from probing.io import atomic_dir
+    from wordpos.probing.models.cache import cache_root
+    from wordpos.probing.io import atomic_dir
 
     path = cache_root() / "gpt2-tokenizer"
     if not (path / "tokenizer.json").exists():

@@ -13,14 +13,16 @@ concatenation, which equals tokenizing the whole line). The language model sees 
 vocabulary, as GPT-2 saw every word in pretraining; the train/held-out split is the *probe's* (its test words
 are never in the probe's training prompts).
 
-The trained weights ship in ``probing/assets/organism`` (fp16 safetensors + a sha256 manifest);
-``organism_dir()`` verifies them and, if the shipped copy is missing or corrupt, retrains into the cache
-(about 3 minutes on 2 CPU cores) rather than use a damaged copy.
+The trained weights ship in ``probing/models/assets/organism`` (fp16 safetensors + the shared
+``wordpos_model.json`` manifest of :mod:`wordpos.probing.models.manifest`). ``organism_dir()`` verifies them
+(sizes and sha256, 20 ms) on every load. **Damage policy** (the one SmolLM2's cache follows): a damaged copy is
+never used and never silently retrained; the error names the command that rebuilds it,
+``wordpos models pull organism --force`` (:func:`pull_organism`: retrains into ``<cache root>/organism``, about
+4 minutes on 2 CPU cores, which is then used in place of the damaged shipped copy), or reinstalling wordpos.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -30,16 +32,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from probing.cache import cache_root
-from probing.datasets import REFERENCE_PREFIX
-from probing.errors import CorruptFileError
-from probing.io import atomic_dir, sha256_file, write_json
-from probing.tokenizers import gpt2_tokenizer
-from probing.vocab import frequent_words, word_tokens
+from wordpos.probing.datasets import REFERENCE_PREFIX
+from wordpos.probing.errors import CorruptFileError
+from wordpos.probing.io import atomic_dir
+from wordpos.probing.models import manifest
+from wordpos.probing.models.cache import cache_root
+from wordpos.probing.models.manifest import MANIFEST, Manifest
+from wordpos.probing.models.tokenizers import gpt2_tokenizer
+from wordpos.probing.vocab import frequent_words, word_tokens
 
 log = logging.getLogger(__name__)
 ASSET_DIR = Path(__file__).parent / "assets" / "organism"
-MANIFEST = "wordpos_organism.json"
+NAME = "organism"
+LEGACY_MANIFEST = "wordpos_organism.json"  # the first layout (format wordpos.organism/1); still read
+SOURCE = "trained by wordpos.probing.models.organism.train_organism (scripts/train_organism.py)"
 OPENERS = ("When", "Then", "And", "But", "So", "If", "While", "After")
 
 
@@ -117,7 +123,7 @@ class Corpus:
 
 def train_organism(out_dir: str | Path, config: OrganismConfig | None = None, progress: bool = True,
                    half: bool = True) -> Path:
-    """Train the organism and save it as a Hugging Face directory with a sha256 manifest."""
+    """Train the organism and save it as a Hugging Face directory with its manifest (``wordpos_model.json``)."""
     from tqdm.auto import tqdm
     from transformers import GPT2LMHeadModel
 
@@ -166,13 +172,10 @@ def train_organism(out_dir: str | Path, config: OrganismConfig | None = None, pr
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
     (model.half() if half else model).save_pretrained(out_dir)  # no tokenizer files: load_model supplies GPT-2's
-    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(out_dir.iterdir())
-             if p.is_file() and p.name != MANIFEST}
-    write_json(out_dir / MANIFEST, {"format": "wordpos.organism/1", "config": asdict(cfg),
-                                    "data_rule": __doc__.split("**Data rule.**")[1].split("\n\n")[0].strip(),
-                                    "train_loss_last50": float(np.mean(losses[-50:])), "val_loss": val,
-                                    "train_seconds": round(train_time, 1), "torch": torch.__version__,
-                                    "files": files})
+    manifest.write_manifest(out_dir, name=NAME, source=SOURCE, config=asdict(cfg),
+                            data_rule=__doc__.split("**Data rule.**")[1].split("\n\n")[0].strip(),
+                            train_loss_last50=float(np.mean(losses[-50:])), val_loss=val,
+                            train_seconds=round(train_time, 1), torch=torch.__version__)
     return out_dir
 
 
@@ -184,44 +187,56 @@ def _gpt2_config(cfg: OrganismConfig, vocab_size: int, bos: int | None = None) -
                       bos_token_id=bos, eos_token_id=bos)
 
 
-def verify(directory: str | Path) -> dict[str, Any]:
-    """Check every file of an organism directory against its manifest; raise ``CorruptFileError`` if not."""
+def _fix() -> str:
+    return (f"Run `wordpos models pull {NAME} --force` to retrain it into the cache (about 4 minutes on 2 CPU cores), or "
+            "reinstall wordpos to restore the shipped copy (in a source checkout: `python scripts/train_organism.py`)")
+
+
+def cache_dir() -> Path:
+    """Where a retrained organism lives (used only when the shipped copy is damaged)."""
+    return cache_root() / NAME
+
+
+def verify(directory: str | Path) -> Manifest:
+    """Check every file of an organism directory (size and sha256) against its manifest; raise
+    ``CorruptFileError`` naming the directory and the command that rebuilds it if it is damaged."""
     directory = Path(directory)
-    manifest = directory / MANIFEST
-    try:
-        meta = json.loads(manifest.read_text())
-        files = meta["files"]
-    except (OSError, ValueError, KeyError) as e:
-        raise CorruptFileError(f"organism manifest {manifest} is missing or unreadable ({e}).") from e
-    for name, info in files.items():
-        p = directory / name
-        if not p.exists() or p.stat().st_size != info["bytes"] or sha256_file(p) != info["sha256"]:
-            raise CorruptFileError(f"organism file {p} is missing or does not match its sha256 in {manifest}.")
-    return meta
+    filename = LEGACY_MANIFEST if not (directory / MANIFEST).exists() and (directory / LEGACY_MANIFEST).exists() \
+        else MANIFEST  # a copy retrained before the shared layout
+    return manifest.verify(directory, what="the organism at", fix=_fix(), name=NAME,
+                           required=("config.json", "model.safetensors"), deep=True, filename=filename)
 
 
-def organism_dir(shipped: str | Path | None = None, retrain: bool = True) -> Path:
-    """A verified organism directory: the shipped copy, else a cached retrained copy.
+def organism_dir(shipped: str | Path | None = None) -> Path:
+    """A verified organism directory: the shipped copy, else a copy retrained into the cache.
 
-    A shipped copy that fails its checksum is never used: the organism is retrained into the cache (or, with
-    ``retrain=False``, a ``CorruptFileError`` says how to restore it)."""
+    A damaged copy is never used and never silently retrained: when the shipped copy fails its check and no
+    retrained copy exists, ``CorruptFileError`` names the problem and the command that rebuilds it; a retrained
+    copy that is itself damaged is refused the same way."""
     shipped = Path(shipped) if shipped is not None else ASSET_DIR
     try:
         verify(shipped)
         return shipped
     except CorruptFileError as e:
         problem = e
-    cached = cache_root() / "organism"
-    try:
+    cached = cache_dir()
+    if manifest.is_nonempty_dir(cached):
         verify(cached)
+        log.warning("shipped organism unusable (%s); using the retrained copy in %s", problem, cached)
         return cached
-    except CorruptFileError:
-        pass
-    if not retrain:
-        raise CorruptFileError(f"the shipped organism is damaged ({problem}) and no valid cached copy exists. "
-                               "Reinstall wordpos (`pip install --force-reinstall -e .`) or run "
-                               "`python scripts/train_organism.py` to retrain it.")
-    log.warning("shipped organism unusable (%s); retraining into %s", problem, cached)
+    raise CorruptFileError(f"{problem} (No retrained copy exists in {cached} either; the pull writes one there.)")
+
+
+def pull_organism(force: bool = False, progress: bool = True) -> Path:
+    """Return a verified organism directory, retraining it into the cache when no whole copy exists or when
+    ``force`` (the rebuild that the damage errors name), with the shipped model's settings and seed."""
+    if not force:
+        try:
+            return organism_dir()
+        except CorruptFileError:
+            pass
+    cached = cache_dir()
     with atomic_dir(cached) as tmp:
-        train_organism(tmp)
+        train_organism(tmp, progress=progress)
+        verify(tmp)
     return cached

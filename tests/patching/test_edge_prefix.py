@@ -1,0 +1,171 @@
+"""Shared-prefix edge forwards (the pairs' common prefix computed once, each circuit runs only the positions from the
+first difference on) give the full-prompt runner's numbers: evaluate_masks and EAP / EAP-IG, share_prefix=True vs
+False, on the planted model, a tiny GPT-2 and a tiny grouped-query Llama (float64 copies where the span is small)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wordpos.patching.eap import score_edges
+from wordpos.patching.edge_graph import EdgeGraph
+from wordpos.patching.edge_runner import EdgeRunner, evaluate_masks
+from wordpos.probing.engines.split_inputs import kv_cache_passthrough, prefix_kv_unsupported
+
+TOL = 1e-5
+
+
+def build_tiny_llama(path, tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama_ctx(tmp_path_factory, gpt2_tok, small_data, tiny_pairs):
+    """A tiny GQA Llama (RoPE: the suffix needs the right positions) in float64, probe at layer 1."""
+    from wordpos.patching import prepare
+    from wordpos.probing import WordIndexProbe, as_engine, collect_residuals, load_model
+
+    model = load_model(build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-prefix"), gpt2_tok), device="cpu")
+    acts = collect_residuals(model, small_data, layers=[1], progress=False)
+    probe = WordIndexProbe(layer=1, model=as_engine(model).name).fit(acts.train(1), acts.labels["train"])
+    model.to(torch.float64)
+    return model, prepare(model, tiny_pairs, probe)
+
+
+@pytest.fixture(scope="module")
+def gpt2_ctx(tiny_gpt2_dir, tiny_pairs, tiny_probe):
+    """The tiny random GPT-2 (learned position embeddings: the suffix needs them offset) in float64."""
+    from wordpos.patching import prepare
+    from wordpos.probing import load_model
+
+    model = load_model(tiny_gpt2_dir, device="cpu")
+    model.to(torch.float64)
+    return model, prepare(model, tiny_pairs, probe=tiny_probe)
+
+
+@pytest.fixture(scope="module")
+def planted64_ctx(planted_model, planted_ctx):
+    """A float64 copy of the planted model (the session's float32 one is left alone): in float32 the full-prompt
+    runner's own patched and plain runs already differ by ~1e-5 in normalised units. Loaded afresh from the
+    session's build (a deepcopy fails once other tests have run the shared bridge with gradients)."""
+    from wordpos.patching import prepare
+    from wordpos.probing import load_model
+
+    model = load_model("planted", device="cpu").to(torch.float64)
+    return model, prepare(model, planted_ctx.pairs, planted_ctx.probe)
+
+
+@pytest.fixture(scope="module", params=["planted", "gpt2", "llama"])
+def model_ctx(request):
+    return request.getfixturevalue(f"{request.param}64_ctx" if request.param == "planted" else f"{request.param}_ctx")
+
+
+def _masks(g: EdgeGraph) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    rand = [(torch.rand(g.n_writers, g.n_readers, generator=gen) < p) & g.valid for p in (0.1, 0.5, 0.9)]
+    return torch.stack([g.full_mask(), g.empty_mask(), *rand])
+
+
+def _plain_resid(model, tokens, layer):
+    """resid_post of ``layer`` by a plain TransformerLens run of the full prompts."""
+    store = {}
+    with torch.no_grad():
+        model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.hook_resid_post",
+                                                 lambda a, hook: store.__setitem__("x", a))])
+    return store["x"]
+
+
+def test_prefix_route_taken_and_suffix_matches_full_run(model_ctx):
+    model, ctx = model_ctx
+    runner = EdgeRunner(model, ctx)
+    assert runner.prefix_reason is None, runner.prefix_reason
+    assert runner.p0 == ctx.first_diff_pos >= 1
+    assert int(ctx.pairs.target_pos[ctx.pairs.target_mask].min()) >= runner.p0
+    # the unpatched suffix on the cached prefix is the full prompt's residual (independent: a plain TL run)
+    L = int(ctx.probe.layer)
+    got = runner.forward(ctx.pairs.clean, runner.ablated, None)
+    ref = _plain_resid(model, ctx.pairs.clean, L)
+    assert got.shape == ref.shape
+    tol = 1e-9 if ref.dtype == torch.float64 else 1e-4
+    assert (got - ref).abs().max().item() <= tol * max(1.0, ref.abs().max().item())
+    # the passthrough is removed again
+    assert all("_update_kv_cache" not in b.attn.__dict__ for b in model.blocks)
+
+
+@pytest.mark.parametrize("ablation", ["counterfactual", "mean", "resample"])
+def test_evaluate_masks_shared_equals_full(model_ctx, ablation):
+    model, ctx = model_ctx
+    g = EdgeGraph.for_model(ctx.engine.dims, int(ctx.probe.layer))
+    masks = _masks(g)
+    shared = evaluate_masks(model, ctx, masks, ablation=ablation)
+    full = evaluate_masks(model, ctx, masks, ablation=ablation, share_prefix=False)
+    for a, b in ((shared.values, full.values), (shared.full, full.full), (shared.empty, full.empty)):
+        assert torch.allclose(a, b, atol=TOL, rtol=0), (a - b).abs().max()
+    # the circuits do differ from one another (the comparison is not vacuous)
+    assert (full.values[2:] - full.full).abs().max() > 1e-3
+
+
+def test_chunked_shared_forwards_equal_one_pass(gpt2_ctx):
+    model, ctx = gpt2_ctx
+    g = EdgeGraph.for_model(ctx.engine.dims, 1)
+    masks = _masks(g)
+    T = ctx.pairs.clean.shape[1]
+    full = evaluate_masks(model, ctx, masks, share_prefix=False)
+    small = evaluate_masks(model, ctx, masks, max_tokens=2 * T)  # few pairs, one circuit per forward
+    assert torch.allclose(small.values, full.values, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["eap", "eap-ig"])
+def test_score_edges_shared_equals_full(model_ctx, method):
+    model, ctx = model_ctx
+    shared = score_edges(model, ctx, method, steps=3)
+    full = score_edges(model, ctx, method, steps=3, share_prefix=False)
+    v = shared.graph.valid
+    a, b = shared.scores[v], full.scores[v]
+    assert torch.allclose(a, b, atol=TOL, rtol=0), (a - b).abs().max()
+    assert b.abs().max() > 1e-3
+
+
+def test_exact_scores_shared_equals_full(gpt2_ctx):
+    model, ctx = gpt2_ctx
+    edges = ["input->a1.h0<q>", "a0.h1->a1.h2<v>", "m0->probe", "a0.h3->m0"]
+    a = EdgeRunner(model, ctx).exact_scores(edges)
+    b = EdgeRunner(model, ctx, share_prefix=False).exact_scores(edges)
+    idx = [a.graph.edge(e) for e in edges]
+    for w, r in idx:
+        assert float(a.scores[w, r]) == pytest.approx(float(b.scores[w, r]), abs=TOL)
+
+
+def test_fallbacks_are_logged(gpt2_ctx, caplog):
+    model, ctx = gpt2_ctx
+    r = EdgeRunner(model, ctx, share_prefix=False)
+    assert r.p0 == 0 and r.prefix_reason == "share_prefix=False"
+    # an engine without a bridge (e.g. nnsight) says why
+    assert "not the TransformerLens engine" in prefix_kv_unsupported(object())
+    # prompts that differ from position 0 on: nothing to share, full prompts, reason logged
+    from dataclasses import replace
+
+    pairs = ctx.pairs
+    corrupted = pairs.corrupted.clone()
+    corrupted[:, 0] = (corrupted[:, 0] + 1) % 100
+    ctx0 = replace(ctx, pairs=replace(pairs, corrupted=corrupted))
+    with caplog.at_level("INFO", logger="wordpos.patching.edge_runner"):
+        r = EdgeRunner(model, ctx0)
+    assert r.p0 == 0 and "first position" in r.prefix_reason
+    assert "first position" in caplog.text
+
+
+def test_passthrough_restores_attention(gpt2_ctx):
+    model, ctx = gpt2_ctx
+    eng = ctx.engine
+    with kv_cache_passthrough(eng):
+        assert all("_update_kv_cache" in b.attn.__dict__ for b in model.blocks)
+    assert all("_update_kv_cache" not in b.attn.__dict__ for b in model.blocks)
