@@ -28,11 +28,11 @@ from typing import Any, Literal
 import einops
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from wordpos.patching.edge_graph import EdgeGraph, EdgeScores
 from wordpos.patching.edge_runner import Ablation, EdgeRunner, tokens_per_forward
 from wordpos.probing.errors import ConfigError
+from wordpos.probing.progress import progress_bar
 
 Method = Literal["eap", "eap-ig", "exact"]
 Points = Literal["left", "midpoint", "right"]
@@ -115,7 +115,7 @@ def score_edges(model: Any, ctx: Any, method: Method = "eap-ig", steps: int = 5,
     pb = min(B, max(1, budget // (T * len(alphas))))
     A = len(alphas)
     scores = torch.zeros(g.n_writers, g.n_readers, dtype=torch.float64)
-    bar = tqdm(total=B, desc=f"{method} scores", unit="pair", disable=not progress)
+    bar = progress_bar(total=B, desc=f"{method} scores", unit="pair", disable=not progress)
     for s0 in range(0, B, pb):
         sl = slice(s0, min(B, s0 + pb))
         if A * (sl.stop - sl.start) * T > budget and A > 1:  # fold fewer points per forward when pairs do not fit

@@ -41,14 +41,16 @@ import einops
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from wordpos.patching.corruptions import derangement  # the one resampling rule: no prompt keeps its own
 from wordpos.patching.edge_graph import EdgeGraph, EdgeScores
+from wordpos.patching.sizing import Sizing
 from wordpos.probing import hooks as H
 from wordpos.probing.engines import Engine, as_engine
 from wordpos.probing.engines.split_inputs import (PrefixKV, head_out_weights, prefix_kv_unsupported, reader_hook,
                                                   run_prefix, run_suffix, split_reader_inputs)
 from wordpos.probing.errors import ConfigError
+from wordpos.probing.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -61,25 +63,13 @@ def tokens_per_forward(engine: Engine, n_writers: int, *, max_tokens: int | None
     there), 2^18 on an accelerator, and never more than fit a 1 GiB (CPU) / 8 GiB writer-difference buffer.
     Gradient passes keep the activations for the backward, so they take a quarter."""
     cpu = engine.device.type == "cpu"
-    base = max_tokens or (4096 if cpu else 1 << 18)
+    base = max_tokens or Sizing().tokens_per_forward(engine.device)  # the runner's one chunking rule
     mem = (1 << 30 if cpu else 8 << 30) // max(1, 4 * n_writers * engine.dims.d_model)
     n = min(base, mem)
     if grad and max_tokens is None:
         n //= 4
     return max(1, int(n))
 
-
-def derangement(n: int, seed: int = 0) -> Tensor:
-    """A seeded permutation with no fixed point (resample ablation: each pair gets another pair's values)."""
-    if n < 2:
-        raise ConfigError("resample ablation needs at least 2 prompt pairs to draw other prompts' activations from.")
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=g)
-    fixed = perm == torch.arange(n)
-    perm[fixed] = (perm[fixed] + 1) % n
-    if (perm == torch.arange(n)).any():  # two fixed points can swap into each other's: rotate instead
-        perm = torch.roll(torch.arange(n), 1)
-    return perm
 
 
 @dataclass
@@ -385,7 +375,7 @@ class EdgeRunner:
         pb = min(B, max(1, budget // T))
         cp = max(1, budget // (pb * T))
         out = torch.empty(C, B, dtype=torch.float64)
-        bar = tqdm(total=C * ((B + pb - 1) // pb), desc=desc, unit="circuit", disable=not progress)
+        bar = progress_bar(total=C * ((B + pb - 1) // pb), desc=desc, unit="circuit", disable=not progress)
         for c0 in range(0, C, cp):
             c1 = min(C, c0 + cp)
             kn = get(c0, c1).to(self.engine.device, self.dtype)

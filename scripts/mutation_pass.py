@@ -153,11 +153,11 @@ def main(argv=None) -> int:
         finally:
             path.write_text(original)
         print(f"{'killed  ' if m.killed else 'SURVIVED'} {m.file}:{m.line} {m.function}: {m.description}", flush=True)
-    killed = sum(m.killed for m in sample)
+    killed = sum(m.killed for m, _ in sample)
     print(f"kill rate: {killed}/{len(sample)} = {killed / len(sample):.0%}")
     if args.out:
         args.out.write_text(json.dumps({"killed": killed, "n": len(sample), "candidates": len(pool),
-                                        "tests": args.tests, "mutants": [asdict(m) for m in sample]}, indent=1))
+                                        "tests": args.tests, "mutants": [asdict(m) for m, _ in sample]}, indent=1))
     return 0
 
 

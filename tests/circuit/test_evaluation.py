@@ -87,6 +87,37 @@ def test_cpr_cmd_on_the_default_fractions_match_a_hand_trapezoid():
     # random sets of the same sizes (no pruning) have the same counts -> the same f here
     np.testing.assert_allclose(c.random_mean, f, atol=1e-12)
     assert c.edges_kept == [max(1, round(v * g.n_edges)) for v in x]
+    for rc, rm in zip(c.random_cpr, c.random_cmd):  # each random curve's areas, by the same hand loop
+        assert (rc, rm) == pytest.approx((cpr, cmd))
+
+
+def test_percentile_ci_is_numpys_percentile_interval():
+    from wordpos.circuit.evaluation import percentile_ci
+
+    samples = np.random.default_rng(0).normal(size=(2000, 3))
+    samples[5, 1] = np.nan  # NaN resamples are ignored
+    for alpha in (0.05, 0.1):
+        lo, hi = percentile_ci(samples, alpha)
+        ref = np.nanpercentile(samples, [100 * alpha / 2, 100 - 100 * alpha / 2], axis=0)
+        np.testing.assert_allclose([lo, hi], ref)
+    lo, hi = percentile_ci(samples)
+    assert np.all(np.abs(lo + 1.96) < 0.2) and np.all(np.abs(hi - 1.96) < 0.2)  # the normal's 2.5% / 97.5% points
+
+
+def test_bootstrap_values_are_faithfulness_of_pair_resamples():
+    """Three pairs whose circuit values 1, 10, 100 identify which pairs a resample drew; m(N) = 2, m(∅) = 0, so each
+    bootstrap value must be (mean of the drawn values) / 2, and their average the plain estimate 37 / 2."""
+    from itertools import combinations_with_replacement
+
+    from wordpos.circuit.evaluation import bootstrap_faithfulness
+
+    v = torch.tensor([[1.0, 10.0, 100.0]], dtype=torch.float64)
+    full, empty = torch.full((3,), 2.0, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    boot = bootstrap_faithfulness(v, full, empty, n_boot=4000, seed=1)
+    assert boot.shape == (4000, 1)
+    allowed = {round(sum(c) / 3 / 2, 9) for c in combinations_with_replacement([1.0, 10.0, 100.0], 3)}
+    assert {round(float(b), 9) for b in boot[:, 0]} <= allowed
+    assert boot.mean() == pytest.approx(37 / 2, rel=0.03)
 
 
 def test_random_sets_are_seeded_and_of_each_size():
