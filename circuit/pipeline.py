@@ -163,7 +163,15 @@ def run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool = False,
             stages[method] = run_patching(PatchConfig(method=method, **common), out / f"patch_{method}",
                                           model=model, overwrite=overwrite, progress=progress)
     with _stage("circuit", timings, progress, out / "circuit" / "circuit.json", **kw):
-        if config.circuit == "edges":
+        edges = config.circuit == "edges"
+        if edges and config.engine != "tl":  # per-head reader inputs exist on the TransformerLens engine only
+            edges = False
+            msg = (f"the edge circuit needs per-head q/k/v reader inputs, which only the TransformerLens engine has; "
+                   f"with --engine {config.engine} the run draws the head-level path-patching circuit instead")
+            log.warning(msg)
+            if progress:
+                print(f"[wordpos run] note: {msg}", flush=True)
+        if edges:
             circuit_summary = edge_circuit_run_stage(config, out, model=model, overwrite=overwrite,
                                                      probe_path=probe_path, progress=progress)
         else:
