@@ -10,6 +10,9 @@ each survivor, and writes JSON with ``--out``.
         --tests tests/patching/test_results.py --n 20
 
 (mutmut does the same at scale; this needs no extra package and runs on 2 cores in minutes.)
+
+It rewrites the target files in place while a mutant is tested (and restores them, also on Ctrl-C): run nothing
+else from this checkout meanwhile, since any process that imports wordpos then may load a mutant.
 """
 
 from __future__ import annotations
