@@ -13,34 +13,8 @@ from wordpos.probing.models.planted import PLANTED
 
 
 @pytest.fixture(scope="module")
-def gpt2_ctx(tiny_gpt2_dir, tiny_pairs, tiny_probe):
-    """The tiny random GPT-2 in float64 (its own copy), so 1e-6 comparisons are not float32 noise."""
-    from wordpos.patching import prepare
-    from wordpos.probing import load_model
-
-    model = load_model(tiny_gpt2_dir, device="cpu")
-    model.to(torch.float64)
-    return model, prepare(model, tiny_pairs, tiny_probe)
-
-
-@pytest.fixture(scope="module")
-def llama_ctx(tmp_path_factory, gpt2_tok, small_data, tiny_pairs):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from wordpos.patching import prepare
-    from wordpos.probing import WordIndexProbe, as_engine, collect_residuals, load_model
-
-    path = tmp_path_factory.mktemp("tiny-llama-eap")
-    torch.manual_seed(2)
-    cfg = LlamaConfig(vocab_size=len(gpt2_tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).eval().save_pretrained(path)
-    gpt2_tok.save_pretrained(path)
-    model = load_model(path, device="cpu")
-    acts = collect_residuals(model, small_data, layers=[1], progress=False)
-    probe = WordIndexProbe(layer=1, model=as_engine(model).name).fit(acts.train(1), acts.labels["train"])
-    model.to(torch.float64)
-    return model, prepare(model, tiny_pairs, probe)
+def llama_ctx(tiny_llama_ctx):
+    return tiny_llama_ctx(2)
 
 
 def _hand_eap(model, ctx, edges):

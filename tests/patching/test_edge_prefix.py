@@ -15,42 +15,6 @@ from wordpos.probing.engines.split_inputs import kv_cache_passthrough, prefix_kv
 TOL = 1e-5
 
 
-def build_tiny_llama(path, tok):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).eval().save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def llama_ctx(tmp_path_factory, gpt2_tok, small_data, tiny_pairs):
-    """A tiny GQA Llama (RoPE: the suffix needs the right positions) in float64, probe at layer 1."""
-    from wordpos.patching import prepare
-    from wordpos.probing import WordIndexProbe, as_engine, collect_residuals, load_model
-
-    model = load_model(build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-prefix"), gpt2_tok), device="cpu")
-    acts = collect_residuals(model, small_data, layers=[1], progress=False)
-    probe = WordIndexProbe(layer=1, model=as_engine(model).name).fit(acts.train(1), acts.labels["train"])
-    model.to(torch.float64)
-    return model, prepare(model, tiny_pairs, probe)
-
-
-@pytest.fixture(scope="module")
-def gpt2_ctx(tiny_gpt2_dir, tiny_pairs, tiny_probe):
-    """The tiny random GPT-2 (learned position embeddings: the suffix needs them offset) in float64."""
-    from wordpos.patching import prepare
-    from wordpos.probing import load_model
-
-    model = load_model(tiny_gpt2_dir, device="cpu")
-    model.to(torch.float64)
-    return model, prepare(model, tiny_pairs, probe=tiny_probe)
-
-
 @pytest.fixture(scope="module")
 def planted64_ctx(planted_model, planted_ctx):
     """A float64 copy of the planted model (the session's float32 one is left alone): in float32 the full-prompt

@@ -81,42 +81,7 @@ def subtract_at(hook_name, slot, delta):
     return (hook_name, hook)
 
 
-# ---------------------------------------------------------------------------- a tiny Llama with GQA
-def build_tiny_llama(path, tok):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).eval().save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def llama_ctx(tmp_path_factory, gpt2_tok, small_data, tiny_pairs):
-    """A tiny GQA Llama in float64 (random weights give the probe a small clean-corrupted span, so float32 noise
-    would show at 1e-5 in normalised units), with a probe at layer 1."""
-    from wordpos.patching import prepare
-    from wordpos.probing import WordIndexProbe, as_engine, collect_residuals, load_model
-
-    model = load_model(build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), gpt2_tok), device="cpu")
-    acts = collect_residuals(model, small_data, layers=[1], progress=False)
-    probe = WordIndexProbe(layer=1, model=as_engine(model).name).fit(acts.train(1), acts.labels["train"])
-    model.to(torch.float64)
-    return model, prepare(model, tiny_pairs, probe)
-
-
-@pytest.fixture(scope="module")
-def gpt2_ctx(tiny_gpt2_dir, tiny_pairs, tiny_probe):
-    """The tiny random GPT-2 in float64 (its own copy: the session's float32 model is left alone)."""
-    from wordpos.patching import prepare
-    from wordpos.probing import load_model
-
-    model = load_model(tiny_gpt2_dir, device="cpu")
-    model.to(torch.float64)
-    return model, prepare(model, tiny_pairs, tiny_probe)
+# (the tiny GQA Llama and the float64 GPT-2: llama_ctx, gpt2_ctx in tests/patching/conftest.py)
 
 
 # ---------------------------------------------------------------------------- tests
