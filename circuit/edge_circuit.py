@@ -32,7 +32,8 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from wordpos.circuit.evaluation import (ABLATIONS, Evaluate, _edge_order, bootstrap_faithfulness, faithfulness_of,
-                                        make_evaluate, masks_from_order, percentile_ci, prune_dangling, run_masks)
+                                        load_record, make_evaluate, masks_from_order, percentile_ci, prune_dangling,
+                                        run_masks, save_record)
 from wordpos.patching.edge_graph import EdgeGraph, EdgeScores
 from wordpos.probing.errors import ConfigError, CorruptFileError
 
@@ -201,17 +202,11 @@ class EdgeCircuit:
             raise CorruptFileError(f"the edge circuit file does not match EdgeCircuit's fields ({e}).") from e
 
     def save(self, directory: str | Path, name: str = "edge_circuit") -> Path:
-        from wordpos.probing.io import write_json
-
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        return write_json(Path(directory) / f"{name}.json", self.to_dict())
+        return save_record(self.to_dict(), directory, name)
 
     @classmethod
     def load(cls, path: str | Path) -> "EdgeCircuit":
-        from wordpos.probing.io import read_json
-
-        path = Path(path)
-        return cls.from_dict(read_json(path / "edge_circuit.json" if path.is_dir() else path, "edge circuit"))
+        return cls.from_dict(load_record(path, "edge_circuit", "edge circuit"))
 
 
 def _geometric(lo: int, hi: int, k: int) -> list[int]:

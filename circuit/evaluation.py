@@ -205,6 +205,22 @@ def percentile_ci(samples: np.ndarray, alpha: float = 0.05) -> tuple[np.ndarray,
     return lo, hi
 
 
+def save_record(record: dict[str, Any], directory: str | Path, name: str) -> Path:
+    """Write a result's dict as ``{directory}/{name}.json`` (atomically), creating the directory."""
+    from wordpos.probing.io import write_json
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    return write_json(Path(directory) / f"{name}.json", record)
+
+
+def load_record(path: str | Path, name: str, what: str) -> Any:
+    """Read a result's dict from ``path`` (a file, or a directory holding ``{name}.json``)."""
+    from wordpos.probing.io import read_json
+
+    path = Path(path)
+    return read_json(path / f"{name}.json" if path.is_dir() else path, what)
+
+
 # ---------------------------------------------------------------------------------------------------- result
 @dataclass
 class Curve:
@@ -306,17 +322,11 @@ class Curve:
 
     def save(self, directory: str | Path, name: str = "curve") -> Path:
         """``{directory}/{name}.json`` (atomically)."""
-        from wordpos.probing.io import write_json
-
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        return write_json(Path(directory) / f"{name}.json", self.to_dict())
+        return save_record(self.to_dict(), directory, name)
 
     @classmethod
     def load(cls, path: str | Path) -> "Curve":
-        from wordpos.probing.io import read_json
-
-        path = Path(path)
-        return cls.from_dict(read_json(path / "curve.json" if path.is_dir() else path, "faithfulness curve"))
+        return cls.from_dict(load_record(path, "curve", "faithfulness curve"))
 
     def figure(self, title: str | None = None, others: Sequence["Curve"] = ()) -> go.Figure:
         """f against the fraction of edges (log-x display), CI band, random mean ± std band, the target line and
