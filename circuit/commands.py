@@ -57,6 +57,9 @@ def add_circuit_parsers(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--screen", default="attribution", choices=["attribution", "exact"],
                    help="activation patching of heads: exact on the attribution-ranked candidates plus a random "
                         "audit (every head when the audit's rank correlation < 0.9), or exact on every head")
+    r.add_argument("--png", action="store_true",
+                   help="also write a PNG of every figure (one kaleido/Chromium batch at the end); the interactive "
+                        "HTML figures and report.html are always written")
     c = r.add_argument_group("circuit stage")
     c.add_argument("--circuit", default="edges", choices=["edges", "heads"],
                    help="edge circuit (EAP-IG scores, faithfulness curve vs random), or the former head-level "
@@ -150,7 +153,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                     n_random=args.n_random, receivers=args.receivers, keep=args.keep, seed=args.seed,
                     device=args.device, engine=args.engine, remote=args.remote, dtype=args.dtype,
                     screen=args.screen, circuit=args.circuit, circuit_scores=args.scores, circuit_ablation=args.ablation,
-                    circuit_target=args.target, circuit_steps=args.steps, circuit_n_random=args.circuit_n_random)
+                    circuit_target=args.target, circuit_steps=args.steps, circuit_n_random=args.circuit_n_random,
+                    png=args.png)
     res = run_pipeline(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
     p = res.summary["probe"]
     print(f"probe: layer {p['layer']} accuracy {p['accuracy']:.1%} vs position-only {p['baseline_abs_pos_accuracy']:.1%}")

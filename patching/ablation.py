@@ -211,6 +211,23 @@ def _refit(probe: WordIndexProbe, xtr: Tensor, ytr: Tensor, xte: Tensor, yte: Te
     return float(refit.score(xte, yte))
 
 
+def _refit_sets(probe: WordIndexProbe, xtr: Tensor, ytr: Tensor, xte: Tensor, yte: Tensor,
+                device: torch.device) -> list[float]:
+    """Held-out accuracy of a probe re-fitted on each set's ablated activations (``xtr``/``xte``
+    ``[set, sample, d_model]``) with the torch solver on ``device`` (the run's): on an accelerator every set in one
+    batched L-BFGS fit (launch-bound there), on the CPU one set at a time (a joint fit runs as many iterations as
+    its slowest set needs, and its shared line search converges each set less tightly)."""
+    from wordpos.probing.probe import fit_probes
+
+    dev = device if device.type != "meta" else torch.device("cpu")
+    kw = dict(device=dev, C=probe.C, model=probe.model)
+    if dev.type == "cpu":
+        refits = [fit_probes(x[None], ytr, layers=[probe.layer], **kw)[0] for x in xtr]
+    else:
+        refits = fit_probes(xtr, ytr, layers=[probe.layer] * len(xtr), **kw)
+    return [float(r.score(x, yte)) for r, x in zip(refits, xte)]
+
+
 def random_head_sets(heads: Sequence[tuple[int, int]], n: int, n_heads: int, max_layer: int, seed: int = 0
                      ) -> list[list[tuple[int, int]]]:
     """``n`` random sets of ``len(heads)`` heads for the control, drawn (seeded) from the layers of ``heads``
@@ -270,8 +287,7 @@ def ablate_heads(model: Any, probe: WordIndexProbe, data: WordIndexDataset, head
     rand_acc = [float(np.mean(p == y)) for p in preds[2:]]
     refit_acc, rand_refit = None, []
     if refit:
-        ytr = data.train.labels
-        accs = [_refit(probe, x_train[i], ytr, x_test[i + 1], prompts.labels) for i in range(len(sets) - 1)]
+        accs = _refit_sets(probe, x_train, data.train.labels, x_test[1:], prompts.labels, engine.device)
         refit_acc, rand_refit = accs[0], accs[1:]
     refit_s = time.perf_counter() - t0
     _, pos = prompts.positions("word_final")

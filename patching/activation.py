@@ -45,6 +45,15 @@ class PatchContext:
     stop_at_layer: int
     base_full: dict[str, Tensor] | None = None  # every head/MLP output of the base run (path patching)
     sizing: Sizing = Sizing()
+    base_kv: Any = None  # the base run's keys/values at every position and layer (PrefixKV), when the engine allows
+    base_out: Tensor | None = None  # the base run's residual at the probe's stop layer
+
+    def skip_fields(self) -> dict[str, Any]:
+        """Request fields that let the runner skip the positions a patch cannot change (``runner`` docstring):
+        the base run's keys/values and output, and the first position where clean and corrupted differ."""
+        if self.base_kv is None or self.base_out is None:
+            return {}
+        return {"kv": self.base_kv, "out": self.base_out, "same_before": self.first_diff_pos}
 
     @property
     def unpatched(self) -> float:
@@ -92,9 +101,14 @@ def check_probe(engine: Engine, probe: WordIndexProbe) -> int:
 
 @torch.no_grad()
 def prepare(model: Any, pairs: PatchingPairs, probe: WordIndexProbe, *, metric: MetricKind = "logit_diff",
-            direction: Direction = "denoising", sizing: Sizing | None = None) -> PatchContext:
+            direction: Direction = "denoising", sizing: Sizing | None = None,
+            reuse_prefix: bool = True) -> PatchContext:
     """Cache the source run's activations at every site below the probe, the base run's residuals, and
-    calibrate the metric on the clean and corrupted runs."""
+    calibrate the metric on the clean and corrupted runs.
+
+    ``reuse_prefix`` (default, where the engine allows it: TransformerLens bridges over decoder-only models) also
+    keeps the base run's keys/values, so patched forwards recompute only the positions from the patch on (from the
+    first clean/corrupted difference for whole-position patches); the results are the same up to float rounding."""
     engine = as_engine(model)
     layer = check_probe(engine, probe)
     if direction not in ("denoising", "noising"):
@@ -116,7 +130,14 @@ def prepare(model: Any, pairs: PatchingPairs, probe: WordIndexProbe, *, metric: 
     else:
         base, source, base_cache = pairs.clean, corr_cache, clean_cache
     base_cache = {k: v for k, v in base_cache.items() if k in base_resid_names(range(stop))}
-    return PatchContext(engine, pairs, probe, m, direction, base, source, base_cache, stop, sizing=sizing)
+    ctx = PatchContext(engine, pairs, probe, m, direction, base, source, base_cache, stop, sizing=sizing)
+    if reuse_prefix:
+        from wordpos.probing.engines.split_inputs import prefix_kv_unsupported, run_prefix
+
+        if prefix_kv_unsupported(engine) is None:
+            kv = run_prefix(engine, base, stop, split=False)
+            ctx.base_kv, ctx.base_out = kv, (corr_out if direction == "denoising" else clean_out)
+    return ctx
 
 
 def _run(ctx: PatchContext, patches: list[Patch], checkpoint_dir: str | Path | None, max_tokens: int | None, progress: bool,
@@ -124,7 +145,7 @@ def _run(ctx: PatchContext, patches: list[Patch], checkpoint_dir: str | Path | N
     ckpt = SweepCheckpoint(checkpoint_dir, ctx.config(**cfg)) if checkpoint_dir else None
     return run_patches(ctx.engine, ctx.base, ctx.source_cache, ctx.base_cache, patches, ctx.metric,
                        stop_at_layer=ctx.stop_at_layer, max_tokens=max_tokens, sizing=ctx.sizing, checkpoint=ckpt,
-                       progress=progress, desc=desc)
+                       progress=progress, desc=desc, skip=ctx.skip_fields())
 
 
 def _ctx(model: Any, pairs: PatchingPairs | PatchContext, probe: WordIndexProbe | None, metric: MetricKind,

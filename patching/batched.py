@@ -66,17 +66,18 @@ def base_resid_names(layers: Sequence[int]) -> list[str]:
 def run_patches(engine: Engine, base: Tensor, source_cache: dict[str, Tensor], base_resid: dict[str, Tensor],
                 patches: Sequence[Patch], metric: ProbeMetric, *, stop_at_layer: int, max_tokens: int | None = None,
                 sizing: Sizing | None = None, checkpoint: SweepCheckpoint | None = None, progress: bool = True,
-                desc: str = "patching") -> Tensor:
+                desc: str = "patching", skip: dict[str, Any] | None = None) -> Tensor:
     """Normalised metric level for each patch, in the order given. ``base`` are the token ids of the run being
     patched; ``source_cache`` holds the activations patched in; ``base_resid`` the base run's ``resid_pre`` at
-    every patched layer (where each patch's forward starts)."""
+    every patched layer (where each patch's forward starts). ``skip``: the base run's keys/values, output and
+    first differing position (``PatchContext.skip_fields``), so positions before each patch are not recomputed."""
     if not patches:
         raise ConfigError("no patches to run: the head/layer/position list is empty.")
     ivs = [p.intervention() for p in patches]
     resid = {L: base_resid[H.resid(L, "resid_pre")] for L in {p.layer for p in patches}
              if H.resid(L, "resid_pre") in base_resid}
     req = Request(tokens=base, read=lambda out, cache, P, sl: metric(out).detach().double().cpu(),
-                  stop_at_layer=stop_at_layer, resid=resid, source=source_cache)
+                  stop_at_layer=stop_at_layer, resid=resid, source=source_cache, **(skip or {}))
     return run_interventions(engine, req, ivs, sizing=sizing, max_tokens=max_tokens, checkpoint=checkpoint,
                              progress=progress, desc=desc, unit="patch")
 

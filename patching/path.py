@@ -81,7 +81,7 @@ def path_patch_direct(model: Any, pairs: PatchingPairs | PatchContext, probe: Wo
     ivs = [Intervention(_path_edits(ctx, sd, freeze_mlps=True), start_layer=sd[0], label=f"{sd[0]}.{sd[1]}")
            for sd in senders]
     req = Request(tokens=ctx.base, read=_metric_reader(ctx), stop_at_layer=ctx.stop_at_layer, resid=_resid_in(ctx),
-                  source=ctx.source_cache, base=base_full)
+                  source=ctx.source_cache, base=base_full, **ctx.skip_fields())
     vals = run_interventions(ctx.engine, req, ivs, sizing=ctx.sizing, max_tokens=max_tokens, progress=progress,
                              desc="path patching (direct)", unit="head")
     levels = np.full((ctx.stop_at_layer, n_heads), np.nan)

@@ -15,6 +15,14 @@ The runner folds interventions into the batch axis (``[P * b, ...]``, interventi
 a hook in one vectorised index assignment per kind, and chunks by one rule: a forward holds at most
 ``Sizing.tokens_per_forward(device)`` tokens. It checkpoints finished groups (interventions sharing a start layer)
 in one format (:class:`SweepCheckpoint`) and shows one progress bar.
+
+Positions before a patch are not recomputed when the request carries the base run's keys/values (``kv``) and
+output (``out``): with causal attention a patched run equals the base run at every position before the first one
+an edit can change, so a forward starts there, on top of the base run's cached keys/values, and the base run's
+output fills the positions before it. An edit at position p changes positions >= p; a whole-position ``source``
+edit changes positions >= ``Request.same_before`` (where the source and base prompts first differ); ``base``
+edits change nothing by themselves; other writes change every position. Interventions of a group are run in order
+of that first position, so a chunk starts as late as its earliest member allows.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import hashlib
 import json
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -91,6 +99,12 @@ class Request:
     them (unpatched) per prompt batch and writes their activations (resample ablation: the prompts, permuted);
     ``mean`` ``{hook: [T, ...]}``; ``values`` ``{name: [N, T, ...]}``.
 
+    ``kv``/``out``/``same_before``: the base run's keys/values at every position and layer below the stop
+    (:class:`~wordpos.probing.engines.split_inputs.PrefixKV`, rows ``N``), its output at ``stop_at_layer``
+    ``[N, T, d_model]``, and the first position where ``source`` and the base run differ; with them, forwards skip
+    the positions no edit can change (module docstring). Only for requests without ``cache`` (a cache would miss
+    the skipped positions).
+
     ``split_prompts``: the reader's output has a prompt axis (axis 1) and prompts may be batched
     (``combine="cat"`` concatenates along it; ``"sum"`` adds the outputs of prompt batches). Without it every
     forward holds all ``N`` prompts (the probe metric averages over all pairs)."""
@@ -107,6 +121,26 @@ class Request:
     cache: Sequence[str] = ()
     split_prompts: bool = False
     combine: Literal["cat", "sum"] = "cat"
+    kv: Any = None
+    out: Tensor | None = None
+    same_before: int = 0
+
+    @property
+    def skips_positions(self) -> bool:
+        return self.kv is not None and self.out is not None and not self.cache
+
+    def first_changed(self, iv: Intervention) -> int:
+        """The first position ``iv`` can change (``T``: none); see the module docstring."""
+        T = int(self.tokens.shape[1])
+        first = T
+        for e in iv.edits:
+            if e.pos is not None:
+                first = min(first, e.pos)
+            elif e.write == "source":
+                first = min(first, self.same_before if self.source_tokens is None else 0)
+            elif e.write != "base":
+                first = 0
+        return first
 
 
 NOOP = Intervention(label="unpatched")
@@ -250,6 +284,9 @@ def run_interventions(engine: Engine, req: Request, interventions: Sequence[Inte
             raise ConfigError(f"intervention {iv} starts at layer {iv.start_layer} but the request has no resid_pre "
                               "for that layer.")
         groups[iv.start_layer].append(i)
+    if req.skips_positions:  # latest-starting chunks: order each group by the first position it can change
+        firsts = [req.first_changed(iv) for iv in interventions]
+        groups = defaultdict(list, {k: sorted(v, key=lambda i: firsts[i]) for k, v in groups.items()})
     b = min(N, sizing.prompt_batch, max(1, budget // T)) if req.split_prompts else N
     per = max(1, budget // (b * T))
     prompt_slices = [slice(s, min(N, s + b)) for s in range(0, N, b)]
@@ -309,6 +346,11 @@ def _forward(engine: Engine, req: Request, chunk: Sequence[Intervention], start:
              src_run: dict[str, Tensor]) -> Any:
     """One batched forward: ``chunk`` folded into the batch of prompts ``sl``."""
     P = len(chunk)
+    p0 = min(min(req.first_changed(iv) for iv in chunk), int(req.tokens.shape[1]) - 1) if req.skips_positions else 0
+    full = req
+    if p0 > 0:  # run positions p0.. on the base run's cached keys/values (module docstring)
+        req, chunk = _shifted(req, p0), [replace(iv, edits=tuple(replace(e, pos=None if e.pos is None else e.pos - p0)
+                                                                  for e in iv.edits)) for iv in chunk]
     rows_by_hook: dict[str, list[tuple[int, Edit]]] = defaultdict(list)
     for p, iv in enumerate(chunk):
         for e in iv.edits:
@@ -322,9 +364,20 @@ def _forward(engine: Engine, req: Request, chunk: Sequence[Intervention], start:
             x = apply_edits(x, rows_by_hook.pop(first), P, req, sl, src_run)
     hooks = [(name, lambda act, _n, rows=rows: apply_edits(act, rows, P, req, sl, src_run))
              for name, rows in rows_by_hook.items()]
+    kw = {"past": full.kv.select(sl, p0, repeat=P)} if p0 > 0 else {}
     out, cache = engine.run(x, hooks=hooks, cache=list(req.cache), stop_at_layer=req.stop_at_layer,
-                            start_at_layer=start)
+                            start_at_layer=start, **kw)
+    if p0 > 0:  # the positions before p0 are the base run's
+        out = torch.cat([einops.repeat(full.out[sl][:, :p0].to(out), "b t d -> (p b) t d", p=P), out], dim=1)
     return req.read(out, cache, P, sl)
+
+
+def _shifted(req: Request, p0: int) -> Request:
+    """``req`` seen from position ``p0`` on: every per-position tensor cut to positions ``p0..`` (views)."""
+    cut = lambda d: {k: v[:, p0:] for k, v in d.items()}  # noqa: E731
+    return replace(req, tokens=req.tokens[:, p0:], resid=cut(req.resid), source=cut(req.source),
+                   base=cut(req.base), mean={k: v[p0:] for k, v in req.mean.items()}, values=cut(req.values),
+                   source_tokens=None if req.source_tokens is None else req.source_tokens[:, p0:], kv=None, out=None)
 
 
 def cache_run(engine: Engine, tokens: Tensor, names: Sequence[str], *, stop_at_layer: int | None,

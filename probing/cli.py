@@ -33,7 +33,7 @@ def add_probe_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="prompts per forward (default: 64 on CPU, sized from free memory on an accelerator)")
     p.add_argument("--solver", default="auto", choices=["auto", "torch", "sklearn"],
-                   help="probe fit: torch L-BFGS on the run's device, scikit-learn, or auto (torch on accelerators)")
+                   help="probe fit: torch L-BFGS on the run's device, scikit-learn, or auto (torch; measured faster on CPU too)")
     p.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the logistic regression")
     p.add_argument("--keep-residuals", action="store_true",
                    help="keep OUT/checkpoint/residuals (every layer's vectors, .npy) after the run")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+
+import numpy as np
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,10 @@ from wordpos.probing.models import DEFAULT_MODEL
 from wordpos.probing.probe import DEFAULT_SOLVER, SOLVERS
 
 log = logging.getLogger(__name__)
+
+
+CHECKPOINT_WRITE_BYTES_PER_S = 5e8
+"""Assumed disk write rate when deciding whether to checkpoint the residuals of an interrupted probe stage."""
 
 
 @dataclass
@@ -37,8 +43,9 @@ class ProbeConfig:
     anchors: tuple[str, ...] = ()
     anchor_prob: float = 0.0
     C: float = 1.0
-    solver: str = "auto"  # "torch" (batched, on the run's device), "sklearn", or "auto": torch on an accelerator,
-    # scikit-learn on CPU (same optimum within 0.5 point; on 2 CPU cores scikit-learn's fit measured 1.2-1.6x faster)
+    solver: str = "auto"  # "torch" (on the run's device; layers batched on an accelerator), "sklearn", or "auto" =
+    # torch (same optimum within 0.5 point; on 2 idle CPU cores the organism's layer-1 fit took 0.7 s against
+    # scikit-learn's 2.7-3.6 s; an earlier measurement on heavily loaded cores had favoured scikit-learn)
     batch_size: int | None = None  # None: from free device memory on an accelerator, the measured 64 on CPU
     device: str | None = None
     engine: str = "tl"
@@ -103,16 +110,23 @@ def run_probe(config: ProbeConfig, out: str | Path, *, model: Any = None, overwr
     if resid is None:
         resid = collect_residuals(engine, data, layers=layers, positions=config.positions, kind=config.kind,
                                   batch_size=config.batch_size, progress=progress)
-        with atomic_dir(ckpt / "residuals") as tmp:
-            resid.save(tmp)
         n_tokens = int(sum(data.split(s).lengths.sum() for s in ("train", "val", "test")))
         timings["residuals_s"] = time.perf_counter() - t0
         timings["residual_tokens_per_s"] = n_tokens / max(timings["residuals_s"], 1e-9)
+        # a crash-resume checkpoint is worth writing only when recomputing would cost more than writing: on a GPU
+        # SmolLM2's 500 MB of residuals take ~0.3 s to collect and longer to write
+        n_bytes = sum(int(np.asarray(v).nbytes) for v in resid.data.values())
+        if config.keep_residuals or timings["residuals_s"] > 2 * n_bytes / CHECKPOINT_WRITE_BYTES_PER_S:
+            t1 = time.perf_counter()
+            with atomic_dir(ckpt / "residuals") as tmp:
+                resid.save(tmp)
+            timings["residuals_checkpoint_s"] = time.perf_counter() - t1
+        else:
+            timings["residuals_checkpoint_s"] = 0.0
     else:
         log.info("reusing the residuals saved in %s by an interrupted run", ckpt)
     t0 = time.perf_counter()
-    solver = config.solver if config.solver != "auto" else ("sklearn" if engine.device.type in ("cpu", "meta")
-                                                            else "torch")
+    solver = config.solver if config.solver != "auto" else ("sklearn" if engine.device.type == "meta" else "torch")
     timings["solver"] = solver
     sweep = sweep_layers(resid, layers, seed=config.seed, progress=progress, C=config.C, solver=solver,
                          device=engine.device if solver == "torch" and engine.device.type != "meta" else None,

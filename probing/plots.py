@@ -7,9 +7,10 @@ numerical order (the original post's legend was not, "sigh").
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,13 +87,71 @@ def confusion_heatmap(confusion: Sequence[Sequence[int]], title: str = "Confusio
     return fig
 
 
+class ImageQueue:
+    """Static images that :func:`save_figures` was asked for inside :func:`deferred_images`: kaleido starts a
+    headless Chromium for every call (about 4 s on 2 CPU cores, then ~0.3 s per figure), so a run collects its
+    PNGs and writes them in one call at the end (or not at all when ``enabled`` is False)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.jobs: list[tuple[go.Figure, Path, str, float]] = []
+
+    def flush(self) -> list[Path]:
+        """Write every queued image, one kaleido call per format; returns the paths written."""
+        jobs, self.jobs = self.jobs, []
+        written: list[Path] = []
+        for fmt in sorted({j[2] for j in jobs}):
+            items = [(fig, path, scale) for fig, path, f, scale in jobs if f == fmt]
+            written += _write_images(items, fmt)
+        return written
+
+
+_QUEUE: ImageQueue | None = None
+
+
+@contextlib.contextmanager
+def deferred_images(enabled: bool = True) -> Iterator[ImageQueue]:
+    """Inside the block :func:`save_figures` writes HTML and JSON at once and queues its static images; call
+    ``queue.flush()`` to write them all in one kaleido session (``enabled=False``: no static images)."""
+    global _QUEUE
+    prev, _QUEUE = _QUEUE, ImageQueue(enabled)
+    try:
+        yield _QUEUE
+    finally:
+        _QUEUE = prev
+
+
+def _write_images(items: list[tuple[go.Figure, Path, float]], fmt: str) -> list[Path]:
+    """Write ``(figure, path, scale)`` items as ``fmt`` in one kaleido call, atomically; on failure (kaleido
+    without Chromium, ...) warn once and write none."""
+    if not items:
+        return []
+    try:
+        import plotly.io as pio
+
+        tmp_paths = [p.with_name(f".{p.name}.tmp.{fmt}") for _, p, _ in items]
+        figs = [f for f, _, _ in items]
+        # kaleido's batch writer ignores the layout's size (700x500 for every figure): pass it explicitly
+        pio.write_images(figs, [str(p) for p in tmp_paths], format=fmt, scale=[s for _, _, s in items],
+                         width=[f.layout.width or 700 for f in figs], height=[f.layout.height or 500 for f in figs])
+        for tmp, (_, p, _) in zip(tmp_paths, items):
+            tmp.replace(p)
+        return [p for _, p, _ in items]
+    except Exception as e:  # kaleido missing Chrome, etc.
+        warnings.warn(f"{fmt.upper()} export skipped ({type(e).__name__}: {str(e)[:200]}). The HTML files are "
+                      "written; for static images install Chromium (`apt-get install chromium`) so kaleido "
+                      "can render.", stacklevel=3)
+        return []
+
+
 def save_figures(figures: dict[str, go.Figure], directory: str | Path, png: bool = True, svg: bool = False,
                  scale: float = 2.0) -> dict[str, list[Path]]:
     """Write each figure as ``{name}.html`` (plotly.js embedded: opens offline), ``{name}.png`` and
     ``{name}.plotly.json`` (the figure itself, for reports).
 
     Static images need kaleido with a Chrome/Chromium; when none is found the HTML is still written
-    and a warning says how to get the PNGs (``apt-get install chromium``)."""
+    and a warning says how to get the PNGs (``apt-get install chromium``). Inside :func:`deferred_images` they
+    are queued (and listed in the result) instead of written now."""
     from wordpos.probing.io import atomic_path
 
     directory = Path(directory)
@@ -106,21 +165,15 @@ def save_figures(figures: dict[str, go.Figure], directory: str | Path, png: bool
         written[name] += [directory / f"{name}.html", directory / f"{name}.plotly.json"]
     formats = (["png"] if png else []) + (["svg"] if svg else [])
     for fmt in formats:
-        try:
-            import plotly.io as pio
-
-            targets = {name: directory / f"{name}.{fmt}" for name in figures}
-            tmp_paths = {name: p.with_name(f".{p.name}.tmp.{fmt}") for name, p in targets.items()}
-            figs = list(figures.values())
-            # kaleido's batch writer ignores the layout's size (700x500 for every figure): pass it explicitly
-            pio.write_images(figs, [str(p) for p in tmp_paths.values()], format=fmt, scale=scale,
-                             width=[f.layout.width or 700 for f in figs], height=[f.layout.height or 500 for f in figs])
-            for name, p in targets.items():
-                tmp_paths[name].replace(p)
-                written[name].append(p)
-        except Exception as e:  # kaleido missing Chrome, etc.
-            warnings.warn(f"{fmt.upper()} export skipped ({type(e).__name__}: {str(e)[:200]}). The HTML files are "
-                          "written; for static images install Chromium (`apt-get install chromium`) so kaleido "
-                          "can render.", stacklevel=2)
-            break
+        targets = {name: directory / f"{name}.{fmt}" for name in figures}
+        if _QUEUE is not None:
+            if _QUEUE.enabled:
+                _QUEUE.jobs += [(figures[n], p, fmt, scale) for n, p in targets.items()]
+                for n, p in targets.items():
+                    written[n].append(p)
+            continue
+        done = set(_write_images([(figures[n], p, scale) for n, p in targets.items()], fmt))
+        for n, p in targets.items():
+            if p in done:
+                written[n].append(p)
     return written

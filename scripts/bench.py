@@ -112,6 +112,24 @@ def plain_forward(engine: Any, data: Any, repeats: int = 2) -> dict[str, Any]:
             "n_prompts": n_prompts, "mean_tokens_per_prompt": tokens / n_prompts}
 
 
+def warm_collection(engine: Any, data: Any, repeats: int = 2) -> dict[str, Any]:
+    """Best-of-``repeats`` time of ``collect_residuals`` over every layer and split (after a warm-up), the way the
+    probe stage collects (its own batch size, word-final tokens gathered on the device, one copy to the host per
+    chunk), without the stage's dataset generation, fits, plots and checkpoint."""
+    from wordpos.probing.activations import collect_residuals
+
+    collect_residuals(engine, data, layers="all", progress=False)
+    best, batch = float("inf"), None
+    for _ in range(repeats):
+        _sync(engine.device)
+        t0 = time.perf_counter()
+        res = collect_residuals(engine, data, layers="all", progress=False)
+        _sync(engine.device)
+        best, batch = min(best, time.perf_counter() - t0), res.meta["batch_size"]
+        del res
+    return {"seconds": best, "batch_size": batch}
+
+
 # ------------------------------------------------------------------------------------------------- work
 def _json(path: Path) -> dict[str, Any]:
     """A stage's JSON file, or {} when the stage did not write it."""
@@ -285,6 +303,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data = WordIndexDataset.default(engine.tokenizer, n_prompts=config.n_prompts, seed=config.seed)
         plain = plain_forward(engine, data)
         rate = plain["token_layers"] / plain["seconds"]
+        collect = warm_collection(engine, data)
+        collect["efficiency"] = plain["seconds"] / collect["seconds"]  # same token-layers as the plain forward
         run_dir = args.keep or work / "run"
         t0 = time.perf_counter()
         result = run_pipeline(config, run_dir, model=model, overwrite=True, progress=False)
@@ -301,7 +321,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "work": probe_work, "formula": "N·T̄·n_layers (residual collection of every prompt at every layer); "
             "the probe fits: seconds only",
             "terms": {"N": plain["n_prompts"], "T_mean": plain["mean_tokens_per_prompt"], "n_layers": dims.n_layers,
-                      "collect_s": t_probe.get("residuals_s"), "fits_s": t_probe.get("probes_s"),
+                      "collect_s": t_probe.get("residuals_s"), "checkpoint_s": t_probe.get("residuals_checkpoint_s"), "fits_s": t_probe.get("probes_s"),
                       "plots_s": t_probe.get("plots_s")}}, **works}
         stages = []
         for stage, secs in compute.items():
@@ -323,6 +343,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "config": {"n_prompts": config.n_prompts, "n_pairs": config.n_pairs, "n_random": config.n_random,
                        "quick": args.quick, "probe_layer": summary["patched_layer"]},
             "plain_forward": {**plain, "token_layers_per_s": rate},
+            "residual_collection_warm": collect,
             "load_model_s": load_s,
             "stages": stages,
             "run_compute_s": total,
@@ -358,6 +379,10 @@ def print_table(rec: dict[str, Any]) -> None:
           + ("   (RANDOM weights: timings only)" if rec["random_weights"] else ""))
     print(f"plain forward: {pf['n_prompts']} prompts, {pf['tokens']} tokens x {rec['dims']['n_layers']} layers in "
           f"{pf['seconds']:.2f} s = {pf['token_layers_per_s']:,.0f} token-layers/s (batch {pf['batch_size']})")
+    rc = rec.get("residual_collection_warm")
+    if rc:
+        print(f"residual collection (all layers, warm, batch {rc['batch_size']}): {rc['seconds']:.2f} s = "
+              f"{rc['efficiency']:.2f} of the plain-forward token rate")
     print(f"{'stage':<24}{'seconds':>10}{'work (token-layers)':>22}{'efficiency':>12}")
     for s in rec["stages"]:
         w = f"{s['work_token_layers']:,.0f}" if "work_token_layers" in s else "-"
@@ -374,6 +399,10 @@ def markdown_rows(rec: dict[str, Any]) -> str:
     pf = rec["plain_forward"]
     lines = [f"| {head} | plain forward ({pf['n_prompts']} prompts) | {pf['seconds']:.2f} | "
              f"{pf['token_layers']:,} | 1.00 | 1.0 |"]
+    rc = rec.get("residual_collection_warm")
+    if rc:
+        lines.append(f"| {head} | residual collection, all layers (warm, outside the run) | {rc['seconds']:.2f} | "
+                     f"{pf['token_layers']:,} | {rc['efficiency']:.2f} | {rc['seconds'] / pf['seconds']:.1f} |")
     for s in rec["stages"]:
         w = f"{s['work_token_layers']:,.0f}" if "work_token_layers" in s else "–"
         e = f"{s['efficiency']:.2f}" if "efficiency" in s else "–"

@@ -142,11 +142,27 @@ class PrefixKV:
 
     keys: list[Tensor]
     values: list[Tensor]
-    resid: Tensor  # [rows, length, d_model]
+    resid: Tensor | None = None  # [rows, length, d_model]
 
     @property
     def length(self) -> int:
         return int(self.keys[0].shape[-2])
+
+    @property
+    def rows(self) -> int:
+        return int(self.keys[0].shape[0])
+
+    def select(self, rows: slice | Tensor, length: int, repeat: int = 1) -> "PrefixKV":
+        """The first ``length`` positions of ``rows``, stacked ``repeat`` times (rows ``(r b)``, the runner's
+        intervention-major batch)."""
+        if length > self.length:
+            raise ConfigError(f"a prefix of {length} positions was asked of a cache holding {self.length}.")
+
+        def cut(t: Tensor) -> Tensor:
+            t = t[rows, :, :length]
+            return einops.repeat(t, "b h t d -> (r b) h t d", r=repeat) if repeat > 1 else t
+
+        return PrefixKV([cut(k) for k in self.keys], [cut(v) for v in self.values])
 
     def cache(self, repeat: int) -> Any:
         """A fresh Hugging Face cache holding the prefix of ``repeat`` stacked copies of the rows (rows ``(r b)``);
@@ -190,13 +206,14 @@ def _bridge_run(engine: Any, tokens: Tensor, hooks: Sequence[tuple[str, Callable
             return s.value
 
 
-def run_prefix(engine: Any, tokens: Int[Tensor, "rows prefix"], stop_at_layer: int) -> PrefixKV:
-    """Run the prefix tokens once (split reader inputs on, as the patched forwards run) and keep their keys and
-    values for the layers below ``stop_at_layer``."""
+def run_prefix(engine: Any, tokens: Int[Tensor, "rows prefix"], stop_at_layer: int, *, split: bool = True) -> PrefixKV:
+    """Run the prefix tokens once and keep their keys and values for the layers below ``stop_at_layer`` (with
+    ``split``, split reader inputs on, as the edge runner's patched forwards run; without, as a plain forward)."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    with split_reader_inputs(engine), kv_cache_passthrough(engine), torch.no_grad():
+    with (split_reader_inputs(engine) if split else contextlib.nullcontext()), kv_cache_passthrough(engine), \
+            torch.no_grad():
         resid = _bridge_run(engine, tokens, (), stop_at_layer, cache)
     layers = cache.layers[:stop_at_layer]
     if len(layers) < stop_at_layer or any(getattr(l, "keys", None) is None for l in layers):

@@ -1,8 +1,21 @@
-"""The TransformerLens engine: :class:`~wordpos.probing.engines.base.Engine` over a ``TransformerBridge``."""
+"""The TransformerLens engine: :class:`~wordpos.probing.engines.base.Engine` over a ``TransformerBridge``.
+
+Two things make its patched forwards cost only what they change:
+
+* ``start_at_layer=k`` *skips* blocks ``0..k-1``. TransformerLens 4.3's bridge runs them on the injected residual
+  and throws their output away (its docstring says so); here they return their input untouched for the duration
+  of the call, so a patch at layer k costs ``stop - k`` layers, as with ``HookedTransformer``.
+* ``past=`` (a :class:`~wordpos.probing.engines.split_inputs.PrefixKV`) runs ``inputs`` as the positions *after*
+  a cached prefix: the prefix's keys and values come from an earlier run, positions (RoPE, GPT-2's position
+  embeddings) continue from the prefix's length, and hooks see the new positions only. Causal attention makes
+  this exact when the prefix's activations are the ones the full run would compute.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -40,7 +53,7 @@ class TLEngine:
 
         self.name = model_name(model)
 
-    def run(self, inputs, *, hooks=(), cache=(), stop_at_layer=None, start_at_layer=None):
+    def run(self, inputs, *, hooks=(), cache=(), stop_at_layer=None, start_at_layer=None, past=None):
         store: dict[str, Tensor] = {}
         fwd: list[tuple[str, Callable]] = []
         for name, fn in hooks:
@@ -58,11 +71,25 @@ class TLEngine:
                 final = H.resid(n - 1, "resid_post")
                 fwd.append((final, _tl_stop))
                 stop_at_layer = None
-        try:
-            out = self.model.run_with_hooks(inputs, fwd_hooks=fwd, stop_at_layer=stop_at_layer,
-                                            start_at_layer=start_at_layer)
-        except _Stop as s:
-            out = s.value
+        kw: dict[str, Any] = {}
+        ctx: contextlib.ExitStack = contextlib.ExitStack()
+        if past is not None:
+            from wordpos.probing.engines.split_inputs import kv_cache_passthrough
+
+            if past.rows != int(inputs.shape[0]):
+                raise ConfigError(f"the cached prefix holds {past.rows} rows but the inputs have {inputs.shape[0]}.")
+            kw["past_key_values"] = past.cache(1)
+            ctx.enter_context(kv_cache_passthrough(self))
+            ctx.enter_context(warnings.catch_warnings())
+            warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*")
+        if start_at_layer:
+            ctx.enter_context(skip_blocks(self.model, start_at_layer))
+        with ctx:
+            try:
+                out = self.model.run_with_hooks(inputs, fwd_hooks=fwd, stop_at_layer=stop_at_layer,
+                                                start_at_layer=start_at_layer, **kw)
+            except _Stop as s:
+                out = s.value
         if stop_at_layer is not None and stop_at_layer < n:
             # the residual that stop_at_layer returns *is* resid_pre of that block, whose hook never fires
             edge = H.resid(stop_at_layer, "resid_pre")
@@ -71,6 +98,25 @@ class TLEngine:
         if final is None and stop_at_layer is None and out.shape[-1] != self.dims.d_vocab:
             raise RuntimeError("expected logits from a full forward pass")
         return out, store
+
+
+def _passthrough(hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    return hidden_states
+
+
+@contextlib.contextmanager
+def skip_blocks(model: Any, n: int) -> Iterator[None]:
+    """Inside the block, blocks ``0..n-1`` of the bridge return their input hidden states without computing
+    anything (an instance-level ``forward``, removed afterwards, also on error). Used under ``start_at_layer=n``,
+    where the bridge replaces block n's input with the caller's residual anyway."""
+    blocks = list(model.blocks)[:n]
+    for b in blocks:
+        b.__dict__["forward"] = _passthrough
+    try:
+        yield
+    finally:
+        for b in blocks:
+            b.__dict__.pop("forward", None)
 
 
 def _tl_hook(name: str, fn: HookFn):

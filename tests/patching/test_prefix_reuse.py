@@ -1,0 +1,79 @@
+"""Patched forwards that skip what a patch cannot change (issue 14): blocks before ``start_at_layer`` and positions
+before the patch (run on the base run's cached keys/values). References: the full-prompt path of the same runner
+(``prepare(..., reuse_prefix=False)``, itself checked against TransformerLens' patching in test_activation) and
+plain TransformerLens hook runs; float64 GPT-2 and grouped-query Llama."""
+
+import numpy as np
+import pytest
+import torch
+
+from wordpos.patching import patch_heads, patch_layer_outputs, patch_resid, prepare
+from wordpos.patching.path import path_patch_direct
+from wordpos.probing import as_engine, hooks
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def both(request, gpt2_ctx, llama_ctx, tiny_pairs):
+    model, ctx = gpt2_ctx if request.param == "gpt2" else llama_ctx
+    full = prepare(model, tiny_pairs, ctx.probe, reuse_prefix=False)
+    return model, ctx, full
+
+
+def test_contexts_differ_only_in_the_cache(both):
+    _, ctx, full = both
+    assert ctx.base_kv is not None and full.base_kv is None
+    assert 0 < ctx.first_diff_pos < ctx.pairs.clean.shape[1]  # there is a prefix to skip
+
+
+@pytest.mark.parametrize("sweep", ["heads", "heads_by_pos", "resid", "mlp_by_pos", "path_direct"])
+def test_skipping_positions_gives_the_full_prompt_answer(both, sweep):
+    model, ctx, full = both
+    run = {"heads": lambda c: patch_heads(model, c, progress=False),
+           "heads_by_pos": lambda c: patch_heads(model, c, by_pos=True, progress=False),
+           "resid": lambda c: patch_resid(model, c, progress=False),
+           "mlp_by_pos": lambda c: patch_layer_outputs(model, c, by_pos=True, progress=False),
+           "path_direct": lambda c: path_patch_direct(model, c, progress=False)}[sweep]
+    a, b = run(ctx).effects, run(full).effects
+    assert np.isfinite(b).sum() > 0 and np.array_equal(np.isnan(a), np.isnan(b))
+    assert np.nanmax(np.abs(a - b)) < 1e-9
+    assert np.nanmax(np.abs(b)) > 1e-3  # the sweep measured something
+
+
+def test_forwards_run_only_from_the_patch_on(both, monkeypatch):
+    model, ctx, _ = both
+    engine = ctx.engine
+    widths, real = [], engine.run
+
+    def spy(inputs, **kw):
+        widths.append((int(inputs.shape[1]), kw.get("past") is not None and kw["past"].length))
+        return real(inputs, **kw)
+
+    monkeypatch.setattr(engine, "run", spy)
+    res = patch_resid(model, ctx, max_tokens=1, progress=False)  # one patch per forward: each has its own start
+    T = ctx.pairs.clean.shape[1]
+    assert len(widths) == ctx.stop_at_layer * len(ctx.sweep_positions()) and res.effects.shape[1] == T
+    for width, past in widths:  # a patch at position p runs T - p positions on p cached ones
+        assert past and width + past == T
+    assert sorted({T - w for w, _ in widths}) == list(ctx.sweep_positions())
+
+
+def test_start_at_layer_skips_the_blocks_before(both):
+    """``Engine.run(start_at_layer=k)`` matches a plain TransformerLens run and never runs blocks 0..k-1."""
+    model, ctx, _ = both
+    engine = as_engine(model)
+    tokens = ctx.pairs.clean
+    k, n = 1, engine.dims.n_layers
+    with torch.no_grad():
+        _, ref = model.run_with_cache(tokens, names_filter=[hooks.resid(k, "resid_pre"), hooks.resid(n - 1)])
+    calls = []
+    handle = model.blocks[0].original_component.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with torch.no_grad():
+            out, _ = engine.run(ref[hooks.resid(k, "resid_pre")], start_at_layer=k, stop_at_layer=n)
+    finally:
+        handle.remove()
+    assert calls == []
+    assert (out - ref[hooks.resid(n - 1)]).abs().max() < 1e-10
+    with torch.no_grad():  # and the blocks run again afterwards
+        again, _ = engine.run(tokens, stop_at_layer=n)
+    assert (again - ref[hooks.resid(n - 1)]).abs().max() < 1e-10
