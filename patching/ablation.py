@@ -149,13 +149,18 @@ def ablation_intervention(heads: Sequence[tuple[int, int]], method: AblationMeth
 def ablated_sets(engine: Engine, layer: int, prompts: PromptSet, head_sets: Sequence[Sequence[tuple[int, int]]],
                  method: AblationMethod = "mean", means: dict[int, Tensor] | None = None, *, seed: int = 0,
                  probe: WordIndexProbe | None = None, sizing: Sizing | None = None, progress: bool = False,
-                 desc: str = "ablation") -> Tensor:
+                 desc: str = "ablation", skip: bool = True) -> Tensor:
     """For each set of heads (``[]`` = none), the residual after block ``layer`` at the word-final tokens of
     ``prompts`` with those heads ablated, all sets batched through the runner: ``[set, sample, d_model]`` in
     (prompt, word) order; with ``probe``, its predictions ``[set, sample]`` instead.
 
     Resample ablation draws one derangement over all of ``prompts`` (seeded): prompt ``i`` gets prompt
-    ``perm[i]``'s activation of the ablated head from that prompt's unablated run."""
+    ``perm[i]``'s activation of the ablated head from that prompt's unablated run.
+
+    With ``skip`` (default) forwards compute only what an ablation can change: each set starts at its first
+    ablated layer from the unablated run's residual there, and resample ablation starts after the prefix every
+    prompt shares, on that prefix's cached keys/values (TransformerLens engine); ``skip=False`` runs every prompt
+    from its first token (the same numbers up to float rounding, tested)."""
     if method not in ABLATIONS:
         raise ConfigError(f"method must be one of {ABLATIONS}, got {method!r}.")
     if method == "mean" and means is None and any(head_sets):
@@ -172,10 +177,52 @@ def ablated_sets(engine: Engine, layer: int, prompts: PromptSet, head_sets: Sequ
 
     mean = {H.attn_z(L): m for L, m in (means or {}).items()} if method == "mean" else {}
     src = tokens[derangement(len(prompts), seed)] if method == "resample" and any(head_sets) else None
-    req = Request(tokens=tokens, read=read, stop_at_layer=layer + 1, mean=mean, source_tokens=src,
-                  split_prompts=True)
     ivs = [ablation_intervention(hs, method) for hs in head_sets]
+    resid, ivs = _start_layers(engine, tokens, head_sets, ivs, sizing) if skip else ({}, ivs)
+    req = Request(tokens=tokens, read=read, stop_at_layer=layer + 1, mean=mean, source_tokens=src,
+                  split_prompts=True, resid=resid, **(_shared_prefix(engine, tokens, layer + 1)
+                                                        if skip and method == "resample" else {}))
     return run_interventions(engine, req, ivs, sizing=sizing, progress=progress, desc=desc, unit="set")
+
+
+RESID_CACHE_BYTES = 1 << 30
+"""At most this much memory for the unablated residuals that ablation forwards start from (one layer per distinct
+first ablated layer); beyond it the forwards start from the tokens."""
+
+
+def _start_layers(engine: Engine, tokens: Tensor, head_sets: Sequence[Sequence[tuple[int, int]]],
+                  ivs: list[Intervention], sizing: Sizing | None) -> tuple[dict[int, Tensor], list[Intervention]]:
+    """Start each ablation forward at its first ablated layer, from the unablated run's ``resid_pre`` there
+    (blocks before it cannot change); the unablated set starts at the last of those layers."""
+    from wordpos.patching.runner import cache_run
+    from wordpos.probing.engines.base import engine_dtype
+
+    starts = sorted({min(L for L, _ in hs) for hs in head_sets if hs} - {0})
+    item = torch.empty(0, dtype=engine_dtype(engine) or torch.float32).element_size()
+    if not starts or tokens.numel() * engine.dims.d_model * len(starts) * item > RESID_CACHE_BYTES:
+        return {}, ivs
+    names = [H.resid(L, "resid_pre") for L in starts]
+    _, cache = cache_run(engine, tokens, names, stop_at_layer=max(starts), sizing=sizing, split_prompts=True)
+    resid = {L: cache[n] for L, n in zip(starts, names)}
+    out = []
+    for hs, iv in zip(head_sets, ivs):
+        first = min(L for L, _ in hs) if hs else max(starts)
+        out.append(replace(iv, start_layer=first if first in resid else None))
+    return resid, out
+
+
+def _shared_prefix(engine: Engine, tokens: Tensor, stop: int) -> dict[str, Any]:
+    """Request fields for the positions every prompt shares (the fixed prefix): there each prompt's head outputs
+    equal every other prompt's, so resample ablation changes nothing before them. Their keys/values are computed
+    once, for one row, and ablated forwards start after them (``runner`` docstring)."""
+    from wordpos.probing.engines.split_inputs import prefix_kv_unsupported, run_prefix
+
+    differ = (tokens != tokens[:1]).any(0).nonzero()
+    p = int(differ.min()) if len(differ) else int(tokens.shape[1]) - 1
+    if p < 1 or prefix_kv_unsupported(engine) is not None:
+        return {}
+    kv = run_prefix(engine, tokens[:1, :p].to(engine.device), stop, split=False)
+    return {"kv": kv, "out": kv.resid, "same_before": p}
 
 
 def ablated_residuals(engine: Engine, layer: int, prompts: PromptSet, heads: Sequence[tuple[int, int]],

@@ -20,8 +20,10 @@ Positions before a patch are not recomputed when the request carries the base ru
 output (``out``): with causal attention a patched run equals the base run at every position before the first one
 an edit can change, so a forward starts there, on top of the base run's cached keys/values, and the base run's
 output fills the positions before it. An edit at position p changes positions >= p; a whole-position ``source``
-edit changes positions >= ``Request.same_before`` (where the source and base prompts first differ); ``base``
-edits change nothing by themselves; other writes change every position. Interventions of a group are run in order
+edit (and a ``mean`` one) changes positions >= ``Request.same_before``, which the caller sets to where the written
+values first can differ from the base run's (activation patching: the first clean/corrupted difference; resample
+ablation: the end of the prefix every prompt shares); ``base`` edits change nothing by themselves; ``zero`` and
+``value`` writes change every position. A forward never starts beyond the cached keys/values. Interventions of a group are run in order
 of that first position, so a chunk starts as late as its earliest member allows.
 """
 
@@ -99,11 +101,11 @@ class Request:
     them (unpatched) per prompt batch and writes their activations (resample ablation: the prompts, permuted);
     ``mean`` ``{hook: [T, ...]}``; ``values`` ``{name: [N, T, ...]}``.
 
-    ``kv``/``out``/``same_before``: the base run's keys/values at every position and layer below the stop
-    (:class:`~wordpos.probing.engines.split_inputs.PrefixKV`, rows ``N``), its output at ``stop_at_layer``
-    ``[N, T, d_model]``, and the first position where ``source`` and the base run differ; with them, forwards skip
-    the positions no edit can change (module docstring). Only for requests without ``cache`` (a cache would miss
-    the skipped positions).
+    ``kv``/``out``/``same_before``: the base run's keys/values at the first positions, every layer below the stop
+    (:class:`~wordpos.probing.engines.split_inputs.PrefixKV`, rows ``N``, or 1 when every prompt shares them), its
+    output at ``stop_at_layer`` there (``[N or 1, length, d_model]``), and the first position where a written value
+    can differ from the base run's; with them, forwards skip the positions no edit can change (module docstring).
+    Only for requests without ``cache`` (a cache would miss the skipped positions).
 
     ``split_prompts``: the reader's output has a prompt axis (axis 1) and prompts may be batched
     (``combine="cat"`` concatenates along it; ``"sum"`` adds the outputs of prompt batches). Without it every
@@ -136,8 +138,8 @@ class Request:
         for e in iv.edits:
             if e.pos is not None:
                 first = min(first, e.pos)
-            elif e.write == "source":
-                first = min(first, self.same_before if self.source_tokens is None else 0)
+            elif e.write in ("source", "mean"):
+                first = min(first, self.same_before)
             elif e.write != "base":
                 first = 0
         return first
@@ -346,11 +348,13 @@ def _forward(engine: Engine, req: Request, chunk: Sequence[Intervention], start:
              src_run: dict[str, Tensor]) -> Any:
     """One batched forward: ``chunk`` folded into the batch of prompts ``sl``."""
     P = len(chunk)
-    p0 = min(min(req.first_changed(iv) for iv in chunk), int(req.tokens.shape[1]) - 1) if req.skips_positions else 0
+    p0 = min(min(req.first_changed(iv) for iv in chunk), int(req.tokens.shape[1]) - 1,
+             req.kv.length) if req.skips_positions else 0
     full = req
     if p0 > 0:  # run positions p0.. on the base run's cached keys/values (module docstring)
         req, chunk = _shifted(req, p0), [replace(iv, edits=tuple(replace(e, pos=None if e.pos is None else e.pos - p0)
                                                                   for e in iv.edits)) for iv in chunk]
+        src_run = {k: v[:, p0:] for k, v in src_run.items()}
     rows_by_hook: dict[str, list[tuple[int, Edit]]] = defaultdict(list)
     for p, iv in enumerate(chunk):
         for e in iv.edits:
@@ -364,11 +368,13 @@ def _forward(engine: Engine, req: Request, chunk: Sequence[Intervention], start:
             x = apply_edits(x, rows_by_hook.pop(first), P, req, sl, src_run)
     hooks = [(name, lambda act, _n, rows=rows: apply_edits(act, rows, P, req, sl, src_run))
              for name, rows in rows_by_hook.items()]
-    kw = {"past": full.kv.select(sl, p0, repeat=P)} if p0 > 0 else {}
+    b = sl.stop - sl.start
+    kw = {"past": full.kv.select(sl, p0, repeat=P, n_rows=b)} if p0 > 0 else {}
     out, cache = engine.run(x, hooks=hooks, cache=list(req.cache), stop_at_layer=req.stop_at_layer,
                             start_at_layer=start, **kw)
     if p0 > 0:  # the positions before p0 are the base run's
-        out = torch.cat([einops.repeat(full.out[sl][:, :p0].to(out), "b t d -> (p b) t d", p=P), out], dim=1)
+        base = full.out[:1, :p0].expand(b, -1, -1) if full.out.shape[0] == 1 else full.out[sl][:, :p0]
+        out = torch.cat([einops.repeat(base.to(out), "b t d -> (p b) t d", p=P), out], dim=1)
     return req.read(out, cache, P, sl)
 
 

@@ -54,7 +54,7 @@ class Residuals:
     layers: list[int]
     kind: str
     positions: str
-    data: dict[str, np.ndarray]
+    data: dict[str, np.ndarray | Tensor]  # Tensors when kept on the device (collect_residuals(keep_on_device=))
     labels: dict[str, np.ndarray]
     abs_pos: dict[str, np.ndarray]
     prompt_idx: dict[str, np.ndarray]
@@ -62,11 +62,15 @@ class Residuals:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def get(self, split: str, layer: int) -> Float[Tensor, "sample d_model"]:
+        """``[sample, d_model]`` at ``layer`` (on the device when the residuals were kept there)."""
         if split not in self.data:
             raise ConfigError(f"split {split!r} was not collected; available: {list(self.data)}.")
         if layer not in self.layers:
             raise ConfigError(f"layer {layer} was not collected; available layers: {self.layers}.")
-        arr = np.ascontiguousarray(self.data[split][:, self.layers.index(layer)])
+        data = self.data[split]
+        if isinstance(data, Tensor):
+            return data[:, self.layers.index(layer)].contiguous()
+        arr = np.ascontiguousarray(data[:, self.layers.index(layer)])
         return torch.from_numpy(arr if arr.flags.writeable else arr.copy())  # read-only memmaps: a private copy
 
     def train(self, layer: int) -> Float[Tensor, "sample d_model"]:
@@ -82,14 +86,26 @@ class Residuals:
     def d_model(self) -> int:
         return int(next(iter(self.data.values())).shape[-1])
 
+    @property
+    def nbytes(self) -> int:
+        return sum(int(v.numel() * v.element_size()) if isinstance(v, Tensor) else int(np.asarray(v).nbytes)
+                   for v in self.data.values())
+
+    def to_host(self) -> "Residuals":
+        """The same residuals with every split as a host numpy array (a copy only where they are on a device)."""
+        data = {k: v.cpu().numpy() if isinstance(v, Tensor) else v for k, v in self.data.items()}
+        return Residuals(self.layers, self.kind, self.positions, data, self.labels, self.abs_pos, self.prompt_idx,
+                         self.model_name, dict(self.meta))
+
     def save(self, directory: str | Path) -> Path:
         """Write one ``.npy`` per split plus ``residuals.json`` (atomic per file)."""
         from wordpos.probing.io import atomic_path, write_json
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        for split in self.data:
-            for what, arr in (("resid", self.data[split]), ("labels", self.labels[split]),
+        host = self.to_host()
+        for split in host.data:
+            for what, arr in (("resid", host.data[split]), ("labels", self.labels[split]),
                               ("abs_pos", self.abs_pos[split]), ("prompt_idx", self.prompt_idx[split])):
                 with atomic_path(directory / f"{what}_{split}.npy") as tmp:
                     with open(tmp, "wb") as f:
@@ -183,13 +199,16 @@ def collect_residuals(
     spill_dir: str | Path | None = None,
     progress: bool = True,
     dtype: np.dtype = np.float32,
+    keep_on_device: bool | None = None,
 ) -> Residuals:
     """Residual stream ``blocks.{L}.hook_{kind}`` at each requested layer and token class.
 
     One forward per batch caches every requested layer and stops at the deepest one. ``batch_size``
     ``None`` picks it: on an accelerator from its free memory, on the CPU the measured ``CPU_BATCH``.
-    On an accelerator the gathered vectors stay on the device and go to the host in few large copies
-    (no per-batch sync). Host memory is bounded by ``max_memory_mb``: beyond it results go to a
+    On an accelerator the gathered vectors stay on the device (no per-batch sync); with ``keep_on_device``
+    (default: on an accelerator when they take at most a quarter of its free memory) they stay there, since the
+    probe fits run there too, and :meth:`Residuals.to_host` or ``save`` copy them when needed; otherwise they go to
+    the host in few large copies. Host memory is bounded by ``max_memory_mb``: beyond it results go to a
     memory-mapped file in ``spill_dir`` (a temporary directory by default).
     """
     engine = as_engine(model)
@@ -205,10 +224,14 @@ def collect_residuals(
     out: dict[str, np.ndarray] = {}
     labels, abs_pos, prompt_idx = {}, {}, {}
     total = sum(len(data.split(s).positions(positions)[0]) for s in splits)
-    spill = total * len(layers) * d_model * np.dtype(dtype).itemsize > max_memory_mb * 2**20
-    spill_root = Path(spill_dir or tempfile.mkdtemp(prefix="wordpos-resid-")) if spill else None
+    total_bytes = total * len(layers) * d_model * np.dtype(dtype).itemsize
     out_dtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
     chunk = _device_chunk_rows(engine.device, len(layers) * d_model * np.dtype(dtype).itemsize)
+    if keep_on_device is None:  # chunk: the rows a quarter of the device's free memory holds (None on the CPU)
+        keep_on_device = chunk is not None and total <= chunk
+    keep_on_device = bool(keep_on_device) and engine.device.type != "meta"  # (on the CPU: torch tensors)
+    spill = not keep_on_device and total_bytes > max_memory_mb * 2**20
+    spill_root = Path(spill_dir or tempfile.mkdtemp(prefix="wordpos-resid-")) if spill else None
     bar = tqdm(total=sum(len(data.split(s)) for s in splits), desc=f"residuals ({len(layers)} layers)",
                unit="prompt", disable=not progress)
     for split in splits:
@@ -216,7 +239,9 @@ def collect_residuals(
         prompt, pos = ps.positions(positions)
         n = len(prompt)
         shape = (n, len(layers), d_model)
-        if spill_root is not None:
+        if keep_on_device:
+            buf = None  # the split is the concatenation of its batches, on the device
+        elif spill_root is not None:
             spill_root.mkdir(parents=True, exist_ok=True)
             buf = np.lib.format.open_memmap(spill_root / f"resid_{split}.npy", mode="w+", dtype=dtype, shape=shape)
         else:
@@ -246,7 +271,9 @@ def collect_residuals(
             rows, cols = rows_all[s0:s1] - b0, cols_all[s0:s1]
             stacked = torch.stack([cache[nm][rows, cols] for nm in names], dim=1).to(out_dtype)  # [sample, layer, d]
             del cache
-            if chunk is None:  # host device: write in place
+            if keep_on_device:
+                pending.append(stacked)
+            elif chunk is None:  # host device: write in place
                 buf[s0:s1] = stacked.numpy()
                 p0 = s1
             else:
@@ -254,11 +281,16 @@ def collect_residuals(
                 if s1 - p0 >= chunk:
                     flush(s1)
             bar.update(b1 - b0)
+        if keep_on_device:
+            out[split] = torch.cat(pending) if pending else torch.empty(shape, dtype=out_dtype, device=engine.device)
+            pending.clear()
+            continue
         flush(n)
         if isinstance(buf, np.memmap):
             buf.flush()
         out[split] = buf
     bar.close()
-    meta = {"stop_at_layer": stop, "batch_size": batch_size, "spilled_to": str(spill_root) if spill_root else None}
+    meta = {"stop_at_layer": stop, "batch_size": batch_size, "spilled_to": str(spill_root) if spill_root else None,
+            "on_device": str(engine.device) if keep_on_device else None}
     return Residuals(layers=layers, kind=kind, positions=positions, data=out, labels=labels, abs_pos=abs_pos,
                      prompt_idx=prompt_idx, model_name=engine.name, meta=meta)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-
-import numpy as np
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,7 +113,7 @@ def run_probe(config: ProbeConfig, out: str | Path, *, model: Any = None, overwr
         timings["residual_tokens_per_s"] = n_tokens / max(timings["residuals_s"], 1e-9)
         # a crash-resume checkpoint is worth writing only when recomputing would cost more than writing: on a GPU
         # SmolLM2's 500 MB of residuals take ~0.3 s to collect and longer to write
-        n_bytes = sum(int(np.asarray(v).nbytes) for v in resid.data.values())
+        n_bytes = resid.nbytes
         if config.keep_residuals or timings["residuals_s"] > 2 * n_bytes / CHECKPOINT_WRITE_BYTES_PER_S:
             t1 = time.perf_counter()
             with atomic_dir(ckpt / "residuals") as tmp:

@@ -118,7 +118,8 @@ def warm_collection(engine: Any, data: Any, repeats: int = 2) -> dict[str, Any]:
     chunk), without the stage's dataset generation, fits, plots and checkpoint."""
     from wordpos.probing.activations import collect_residuals
 
-    collect_residuals(engine, data, layers="all", progress=False)
+    if engine.device.type != "cpu":  # kernels and allocator (the plain forward warmed the CPU already)
+        collect_residuals(engine, data, layers="all", progress=False)
     best, batch = float("inf"), None
     for _ in range(repeats):
         _sync(engine.device)
@@ -301,9 +302,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         config = RunConfig(model=name, n_prompts=n_prompts, n_pairs=n_pairs, n_random=n_random,
                            layer=args.layer, device=str(engine.device)).sized(dims.n_layers, dims.n_heads)
         data = WordIndexDataset.default(engine.tokenizer, n_prompts=config.n_prompts, seed=config.seed)
-        plain = plain_forward(engine, data)
+        plain = plain_forward(engine, data, repeats=2 if engine.device.type != "cpu" else 1)
         rate = plain["token_layers"] / plain["seconds"]
-        collect = warm_collection(engine, data)
+        collect = warm_collection(engine, data, repeats=2 if engine.device.type != "cpu" else 1)
         collect["efficiency"] = plain["seconds"] / collect["seconds"]  # same token-layers as the plain forward
         run_dir = args.keep or work / "run"
         t0 = time.perf_counter()

@@ -72,8 +72,13 @@ class Engine(Protocol):
         cache: Sequence[str] = (),
         stop_at_layer: int | None = None,
         start_at_layer: int | None = None,
+        past: Any = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Run ``inputs`` (token ids; or ``resid_pre`` of ``start_at_layer``) with ``hooks``.
+
+        ``past`` (optional; engines without it refuse it, see
+        :func:`~wordpos.probing.engines.split_inputs.prefix_kv_unsupported`): the keys/values of the positions
+        before ``inputs`` (a ``PrefixKV`` with one row per input row), so ``inputs`` are the later positions only.
 
         Returns ``(out, cache)``: ``out`` is the residual stream before block ``stop_at_layer``
         (``blocks.{stop_at_layer}.hook_resid_pre``, or the final ``resid_post`` when it equals

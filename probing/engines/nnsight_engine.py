@@ -333,9 +333,13 @@ class NNsightEngine:
         return plan
 
     def run(self, inputs: Tensor, *, hooks: Sequence[tuple[str, HookFn]] = (), cache: Sequence[str] = (),
-            stop_at_layer: int | None = None, start_at_layer: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+            stop_at_layer: int | None = None, start_at_layer: int | None = None,
+            past: Any = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Same contract as :meth:`wordpos.probing.engines.Engine.run` (see ``TLEngine.run``), in one nnsight
-        trace."""
+        trace. Cached prefix keys/values (``past``) are not supported here."""
+        if past is not None:
+            raise ConfigError("the nnsight engine does not run on cached prefix keys/values (past=); patching "
+                              "recomputes full prompts on it. Use the TransformerLens engine for the faster path.")
         n = self.dims.n_layers
         if stop_at_layer is not None and not 0 <= stop_at_layer <= n:
             raise ConfigError(f"stop_at_layer={stop_at_layer} is out of range 0..{n}.")

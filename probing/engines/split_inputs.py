@@ -152,13 +152,15 @@ class PrefixKV:
     def rows(self) -> int:
         return int(self.keys[0].shape[0])
 
-    def select(self, rows: slice | Tensor, length: int, repeat: int = 1) -> "PrefixKV":
+    def select(self, rows: slice | Tensor, length: int, repeat: int = 1, n_rows: int | None = None) -> "PrefixKV":
         """The first ``length`` positions of ``rows``, stacked ``repeat`` times (rows ``(r b)``, the runner's
-        intervention-major batch)."""
+        intervention-major batch). A one-row cache (a prefix every prompt shares) is broadcast to ``n_rows``."""
         if length > self.length:
             raise ConfigError(f"a prefix of {length} positions was asked of a cache holding {self.length}.")
 
         def cut(t: Tensor) -> Tensor:
+            if self.rows == 1 and n_rows is not None:
+                return t[:, :, :length].expand(n_rows * repeat, -1, -1, -1)
             t = t[rows, :, :length]
             return einops.repeat(t, "b h t d -> (r b) h t d", r=repeat) if repeat > 1 else t
 

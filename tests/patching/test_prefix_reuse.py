@@ -77,3 +77,40 @@ def test_start_at_layer_skips_the_blocks_before(both):
     with torch.no_grad():  # and the blocks run again afterwards
         again, _ = engine.run(tokens, stop_at_layer=n)
     assert (again - ref[hooks.resid(n - 1)]).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("method", ["resample", "mean", "zero"])
+def test_ablation_skipping_gives_the_full_prompt_answer(both, small_data, method):
+    """Ablated forwards that start at the first ablated layer (and, for resample ablation, after the prefix every
+    prompt shares) equal forwards of every prompt from its first token."""
+    from wordpos.patching.ablation import ablated_sets, head_means
+
+    model, ctx, _ = both
+    engine = as_engine(model)
+    prompts = small_data.test
+    sets = [[], [(1, 0)], [(1, 2), (1, 3)], [(0, 1), (1, 1)], [(0, 3)]]
+    means = head_means(engine, small_data.train, [0, 1], length=prompts.max_len()) if method == "mean" else None
+    fast = ablated_sets(engine, 1, prompts, sets, method, means, seed=3)
+    full = ablated_sets(engine, 1, prompts, sets, method, means, seed=3, skip=False)
+    assert fast.shape == full.shape and (full[1:] - full[0]).abs().max() > 1e-3  # the ablations change something
+    assert (fast - full).abs().max() < 1e-9
+
+
+def test_resample_ablation_runs_only_after_the_shared_prefix(both, small_data, monkeypatch):
+    from wordpos.patching.ablation import ablated_sets
+
+    model, _, _ = both
+    engine = as_engine(model)
+    prompts = small_data.test
+    T = prompts.max_len()
+    shared = int((prompts.tokens[:, :T] != prompts.tokens[:1, :T]).any(0).nonzero().min())
+    calls, real = [], engine.run
+
+    def spy(inputs, **kw):
+        calls.append((int(inputs.shape[1]), kw.get("start_at_layer"), kw.get("past") is not None))
+        return real(inputs, **kw)
+
+    monkeypatch.setattr(engine, "run", spy)
+    ablated_sets(engine, 1, prompts, [[], [(1, 0)], [(1, 2)]], "resample", seed=0)
+    patched = [c for c in calls if c[2]]
+    assert shared >= 1 and patched and all(w == T - shared and start == 1 for w, start, _ in patched)

@@ -84,3 +84,23 @@ def test_batch_size_default_is_the_measured_cpu_size(tiny_model, small_data, mon
     assert rows == min(int(2**30 * memory.HEADROOM // per_row), activations.MAX_DEVICE_BATCH)
     with pytest.raises(ConfigError, match="batch_size"):
         collect_residuals(tiny_model, small_data, layers=[1], progress=False, batch_size=0)
+
+
+def test_residuals_kept_on_the_device_equal_the_host_ones(tiny_model, small_data, tmp_path, monkeypatch):
+    """The accelerator default when the residuals fit in a quarter of the free memory (forced here on the CPU):
+    torch tensors that stay where they were gathered, equal to the host path; fits, save and load see the same."""
+    from wordpos.probing import WordIndexProbe, activations
+    from wordpos.probing.activations import Residuals
+
+    a = collect_residuals(tiny_model, small_data, layers="all", progress=False, batch_size=8)
+    monkeypatch.setattr(activations, "_device_chunk_rows", lambda device, row_bytes: 10**9)  # everything fits
+    b = collect_residuals(tiny_model, small_data, layers="all", progress=False, batch_size=8)
+    assert b.meta["on_device"] == "cpu" and all(isinstance(v, torch.Tensor) for v in b.data.values())
+    assert b.nbytes == a.nbytes
+    for split in ("train", "val", "test"):
+        assert np.array_equal(a.data[split], b.data[split].numpy())
+    pa = WordIndexProbe(layer=1).fit(a.train(1), a.labels["train"])
+    pb = WordIndexProbe(layer=1).fit(b.train(1), b.labels["train"])
+    assert np.array_equal(pa.predict(a.test(1)), pb.predict(b.test(1)))
+    loaded = Residuals.load(b.save(tmp_path / "r"))
+    assert np.array_equal(np.asarray(loaded.data["test"]), a.data["test"])
