@@ -176,39 +176,48 @@ def ablated_sets(engine: Engine, layer: int, prompts: PromptSet, head_sets: Sequ
         return probe.logits(x).argmax(-1) if probe is not None else x
 
     mean = {H.attn_z(L): m for L, m in (means or {}).items()} if method == "mean" else {}
-    src = tokens[derangement(len(prompts), seed)] if method == "resample" and any(head_sets) else None
+    perm = derangement(len(prompts), seed) if method == "resample" and any(head_sets) else None
     ivs = [ablation_intervention(hs, method) for hs in head_sets]
-    resid, ivs = _start_layers(engine, tokens, head_sets, ivs, sizing) if skip else ({}, ivs)
-    req = Request(tokens=tokens, read=read, stop_at_layer=layer + 1, mean=mean, source_tokens=src,
+    resid, source, ivs = _unablated_run(engine, tokens, head_sets, ivs, perm, sizing) if skip else ({}, {}, ivs)
+    src = tokens[perm] if perm is not None and not source else None  # the runner runs the permuted prompts
+    req = Request(tokens=tokens, read=read, stop_at_layer=layer + 1, mean=mean, source_tokens=src, source=source,
                   split_prompts=True, resid=resid, **(_shared_prefix(engine, tokens, layer + 1)
                                                         if skip and method == "resample" else {}))
     return run_interventions(engine, req, ivs, sizing=sizing, progress=progress, desc=desc, unit="set")
 
 
 RESID_CACHE_BYTES = 1 << 30
-"""At most this much memory for the unablated residuals that ablation forwards start from (one layer per distinct
-first ablated layer); beyond it the forwards start from the tokens."""
+"""At most this much memory for the unablated activations that ablation forwards start from and resample from (one
+``[prompt, pos, d_model]`` tensor per layer); beyond it the forwards start from the tokens."""
 
 
-def _start_layers(engine: Engine, tokens: Tensor, head_sets: Sequence[Sequence[tuple[int, int]]],
-                  ivs: list[Intervention], sizing: Sizing | None) -> tuple[dict[int, Tensor], list[Intervention]]:
-    """Start each ablation forward at its first ablated layer, from the unablated run's ``resid_pre`` there
-    (blocks before it cannot change); the unablated set starts at the last of those layers."""
+def _unablated_run(engine: Engine, tokens: Tensor, head_sets: Sequence[Sequence[tuple[int, int]]],
+                   ivs: list[Intervention], perm: Tensor | None, sizing: Sizing | None
+                   ) -> tuple[dict[int, Tensor], dict[str, Tensor], list[Intervention]]:
+    """One unablated run of ``tokens`` that every ablated forward reuses: its ``resid_pre`` at each set's first
+    ablated layer (the set starts there: blocks before it cannot change; the unablated set starts at the last of
+    them), and with ``perm`` (resample ablation) its ``hook_z`` at the ablated layers, permuted, as the values
+    written (prompt ``i`` gets prompt ``perm[i]``'s), so no separate run of the permuted prompts is needed.
+    Returns ``(resid by layer, source by hook, interventions with their start layers)``."""
     from wordpos.patching.runner import cache_run
     from wordpos.probing.engines.base import engine_dtype
 
     starts = sorted({min(L for L, _ in hs) for hs in head_sets if hs} - {0})
+    z_layers = sorted({L for hs in head_sets for L, _ in hs}) if perm is not None else []
     item = torch.empty(0, dtype=engine_dtype(engine) or torch.float32).element_size()
-    if not starts or tokens.numel() * engine.dims.d_model * len(starts) * item > RESID_CACHE_BYTES:
-        return {}, ivs
-    names = [H.resid(L, "resid_pre") for L in starts]
-    _, cache = cache_run(engine, tokens, names, stop_at_layer=max(starts), sizing=sizing, split_prompts=True)
-    resid = {L: cache[n] for L, n in zip(starts, names)}
+    if not (starts or z_layers) or \
+            tokens.numel() * engine.dims.d_model * (len(starts) + len(z_layers)) * item > RESID_CACHE_BYTES:
+        return {}, {}, ivs
+    names = [H.resid(L, "resid_pre") for L in starts] + [H.attn_z(L) for L in z_layers]
+    stop = max(starts + [L + 1 for L in z_layers])
+    _, cache = cache_run(engine, tokens, names, stop_at_layer=stop, sizing=sizing, split_prompts=True)
+    resid = {L: cache[H.resid(L, "resid_pre")] for L in starts}
+    source = {H.attn_z(L): cache[H.attn_z(L)][perm.to(cache[H.attn_z(L)].device)] for L in z_layers}
     out = []
     for hs, iv in zip(head_sets, ivs):
-        first = min(L for L, _ in hs) if hs else max(starts)
+        first = min(L for L, _ in hs) if hs else (max(starts) if starts else None)
         out.append(replace(iv, start_layer=first if first in resid else None))
-    return resid, out
+    return resid, source, out
 
 
 def _shared_prefix(engine: Engine, tokens: Tensor, stop: int) -> dict[str, Any]:
