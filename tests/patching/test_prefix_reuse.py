@@ -89,6 +89,13 @@ def test_ablation_skipping_gives_the_full_prompt_answer(both, small_data, method
     engine = as_engine(model)
     prompts = small_data.test
     sets = [[], [(1, 0)], [(1, 2), (1, 3)], [(0, 1), (1, 1)], [(0, 3)]]
+    if method != "resample":  # sets only in layer 0: nothing to start later from, nothing cached
+        layer0 = ablated_sets(engine, 1, prompts, [[], [(0, 1)]], method,
+                              head_means(engine, small_data.train, [0], length=prompts.max_len())
+                              if method == "mean" else None)
+        assert (layer0 - ablated_sets(engine, 1, prompts, [[], [(0, 1)]], method,
+                                      head_means(engine, small_data.train, [0], length=prompts.max_len())
+                                      if method == "mean" else None, skip=False)).abs().max() < 1e-9
     means = head_means(engine, small_data.train, [0, 1], length=prompts.max_len()) if method == "mean" else None
     fast = ablated_sets(engine, 1, prompts, sets, method, means, seed=3)
     full = ablated_sets(engine, 1, prompts, sets, method, means, seed=3, skip=False)
