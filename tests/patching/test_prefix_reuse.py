@@ -121,3 +121,25 @@ def test_resample_ablation_runs_only_after_the_shared_prefix(both, small_data, m
     ablated_sets(engine, 1, prompts, [[], [(1, 0)], [(1, 2)]], "resample", seed=0)
     patched = [c for c in calls if c[2]]
     assert shared >= 1 and patched and all(w == T - shared and start == 1 for w, start, _ in patched)
+
+
+@pytest.mark.parametrize("method", ["mean", "zero"])
+def test_ablation_starts_at_the_first_ablated_layer(both, small_data, monkeypatch, method):
+    """Mean and zero ablation change the shared prefix too, so they run every position (no cached keys/values), but
+    each set still starts at its first ablated layer."""
+    from wordpos.patching.ablation import ablated_sets, head_means
+
+    model, _, _ = both
+    engine = as_engine(model)
+    prompts = small_data.test
+    means = head_means(engine, small_data.train, [1], length=prompts.max_len()) if method == "mean" else None
+    calls, real = [], engine.run
+
+    def spy(inputs, **kw):
+        calls.append((int(inputs.shape[1]), kw.get("start_at_layer"), kw.get("past")))
+        return real(inputs, **kw)
+
+    monkeypatch.setattr(engine, "run", spy)
+    ablated_sets(engine, 1, prompts, [[], [(1, 0)], [(1, 2)]], method, means)
+    patched = [c for c in calls if c[1] is not None]
+    assert patched and all(start == 1 and past is None and w == prompts.max_len() for w, start, past in patched)
