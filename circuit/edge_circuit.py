@@ -33,9 +33,9 @@ from torch import Tensor
 
 from wordpos.circuit.evaluation import (ABLATIONS, Evaluate, _edge_order, bootstrap_faithfulness, faithfulness_of,
                                         load_record, make_evaluate, masks_from_order, percentile_ci, prune_dangling,
-                                        run_masks, save_record)
+                                        record_from_dict, run_masks, save_record)
 from wordpos.patching.edge_graph import EdgeGraph, EdgeScores
-from wordpos.probing.errors import ConfigError, CorruptFileError
+from wordpos.probing.errors import ConfigError
 
 RULES = ("top-n", "greedy")
 EDGE_CIRCUIT_FORMAT = "wordpos.edge_circuit/1"
@@ -193,13 +193,7 @@ class EdgeCircuit:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EdgeCircuit":
-        if not isinstance(d, dict) or d.get("format") != EDGE_CIRCUIT_FORMAT:
-            raise CorruptFileError(f"not an edge circuit (format {d.get('format') if isinstance(d, dict) else d!r}, "
-                                   f"expected {EDGE_CIRCUIT_FORMAT!r}); write it with EdgeCircuit.save.")
-        try:
-            return cls(**{k: v for k, v in d.items() if k != "format"})
-        except TypeError as e:
-            raise CorruptFileError(f"the edge circuit file does not match EdgeCircuit's fields ({e}).") from e
+        return record_from_dict(cls, d, EDGE_CIRCUIT_FORMAT, "an edge circuit", "edge circuit")
 
     def save(self, directory: str | Path, name: str = "edge_circuit") -> Path:
         return save_record(self.to_dict(), directory, name)

@@ -221,6 +221,18 @@ def load_record(path: str | Path, name: str, what: str) -> Any:
     return read_json(path / f"{name}.json" if path.is_dir() else path, what)
 
 
+def record_from_dict(cls: Any, d: Any, fmt: str, what: str, file_what: str, fix: str = "") -> Any:
+    """``cls(**d)`` for a result dict written with format ``fmt`` (the ``format`` key dropped); another format, or
+    fields ``cls`` does not have, is a CorruptFileError naming ``what`` and how to get a good file."""
+    if not isinstance(d, dict) or d.get("format") != fmt:
+        raise CorruptFileError(f"not {what} (format {d.get('format') if isinstance(d, dict) else d!r}, expected "
+                               f"{fmt!r}); write it with {cls.__name__}.save.")
+    try:
+        return cls(**{k: v for k, v in d.items() if k != "format"})
+    except TypeError as e:
+        raise CorruptFileError(f"the {file_what} file does not match {cls.__name__}'s fields ({e}){fix}.") from e
+
+
 # ---------------------------------------------------------------------------------------------------- result
 @dataclass
 class Curve:
@@ -311,14 +323,7 @@ class Curve:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Curve":
-        if not isinstance(d, dict) or d.get("format") != CURVE_FORMAT:
-            raise CorruptFileError(f"not a faithfulness curve (format {d.get('format') if isinstance(d, dict) else d!r}"
-                                   f", expected {CURVE_FORMAT!r}); write it with Curve.save.")
-        d = {k: v for k, v in d.items() if k != "format"}
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise CorruptFileError(f"the curve file does not match Curve's fields ({e}); re-run the evaluation.") from e
+        return record_from_dict(cls, d, CURVE_FORMAT, "a faithfulness curve", "curve", "; re-run the evaluation")
 
     def save(self, directory: str | Path, name: str = "curve") -> Path:
         """``{directory}/{name}.json`` (atomically)."""

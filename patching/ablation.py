@@ -259,12 +259,7 @@ def refit_accuracy(engine: Engine, probe: WordIndexProbe, data: WordIndexDataset
     layer = int(probe.layer)
     xtr = ablated_residuals(engine, layer, data.train, heads, method, means, batch_size, seed)
     xte = ablated_residuals(engine, layer, data.split(split), heads, method, means, batch_size, seed)
-    return _refit(probe, xtr, data.train.labels, xte, data.split(split).labels)
-
-
-def _refit(probe: WordIndexProbe, xtr: Tensor, ytr: Tensor, xte: Tensor, yte: Tensor) -> float:
-    refit = WordIndexProbe(C=probe.C, layer=probe.layer, model=probe.model).fit(xtr, ytr)
-    return float(refit.score(xte, yte))
+    return _refit_sets(probe, xtr[None], data.train.labels, xte[None], data.split(split).labels, xtr.device)[0]
 
 
 def _refit_sets(probe: WordIndexProbe, xtr: Tensor, ytr: Tensor, xte: Tensor, yte: Tensor,

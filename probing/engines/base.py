@@ -9,7 +9,8 @@ operations with nnsight on the Hugging Face model, so activations and patching c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -87,6 +88,21 @@ class Engine(Protocol):
         disables them.
         """
         ...
+
+
+@contextlib.contextmanager
+def instance_overrides(objects: Sequence[Any], name: str, value_for: Callable[[Any], Any]) -> Iterator[None]:
+    """Inside the block each of ``objects`` carries the instance attribute ``name = value_for(obj)``, which shadows
+    its class's method of that name; the attributes are removed afterwards, also on error. How the engines change
+    a bridge component's behaviour for one call without touching the class (or other models)."""
+    objects = list(objects)
+    try:
+        for o in objects:
+            o.__dict__[name] = value_for(o)
+        yield
+    finally:
+        for o in objects:
+            o.__dict__.pop(name, None)
 
 
 def as_engine(model: Any) -> Engine:

@@ -31,6 +31,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from wordpos.probing.engines.base import instance_overrides
 from wordpos.probing.errors import ConfigError
 
 ReaderSite = Literal["q", "k", "v", "mlp"]
@@ -118,21 +119,23 @@ def kv_cache_passthrough(engine: Any) -> Iterator[None]:
     deprecated alias), while TransformerLens 4.3's attention bridges look only for ``past_key_values`` /
     ``layer_past`` and so silently skip the cache. Inside the block each attention bridge's ``_update_kv_cache``
     (an instance attribute, removed afterwards) also accepts ``cache=``."""
-    attns = [b.attn for b in engine.model.blocks]
-    for a in attns:
-        orig = type(a)._update_kv_cache.__get__(a)
+    def accepting_cache(attn: Any) -> Callable[..., tuple[Tensor, Tensor]]:
+        orig = type(attn)._update_kv_cache.__get__(attn)
 
-        def update(k: Tensor, v: Tensor, _orig: Any = orig, **kw: Any) -> tuple[Tensor, Tensor]:
+        def update(k: Tensor, v: Tensor, **kw: Any) -> tuple[Tensor, Tensor]:
             if kw.get("past_key_values") is None and kw.get("layer_past") is None and kw.get("cache") is not None:
                 kw["past_key_values"] = kw["cache"]
-            return _orig(k, v, **kw)
+            return orig(k, v, **kw)
 
-        a.__dict__["_update_kv_cache"] = update
-    try:
+        return update
+
+    with instance_overrides([b.attn for b in engine.model.blocks], "_update_kv_cache", accepting_cache):
         yield
-    finally:
-        for a in attns:
-            a.__dict__.pop("_update_kv_cache", None)
+
+
+def _stacked(t: Tensor, repeat: int) -> Tensor:
+    """``repeat`` copies of ``t``'s rows stacked as ``(r b)``, the runner's intervention-major batch."""
+    return einops.repeat(t, "b h t d -> (r b) h t d", r=repeat) if repeat > 1 else t
 
 
 @dataclass
@@ -161,8 +164,7 @@ class PrefixKV:
         def cut(t: Tensor) -> Tensor:
             if self.rows == 1 and n_rows is not None:
                 return t[:, :, :length].expand(n_rows * repeat, -1, -1, -1)
-            t = t[rows, :, :length]
-            return einops.repeat(t, "b h t d -> (r b) h t d", r=repeat) if repeat > 1 else t
+            return _stacked(t[rows, :, :length], repeat)
 
         return PrefixKV([cut(k) for k in self.keys], [cut(v) for v in self.values])
 
@@ -173,10 +175,7 @@ class PrefixKV:
 
         c = DynamicCache()
         for i, (k, v) in enumerate(zip(self.keys, self.values)):
-            if repeat > 1:
-                k = einops.repeat(k, "b h t d -> (r b) h t d", r=repeat)
-                v = einops.repeat(v, "b h t d -> (r b) h t d", r=repeat)
-            c.update(k, v, i)
+            c.update(_stacked(k, repeat), _stacked(v, repeat), i)
         return c
 
 

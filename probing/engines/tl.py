@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from wordpos.probing import hooks as H
-from wordpos.probing.engines.base import HookFn, ModelDims
+from wordpos.probing.engines.base import HookFn, ModelDims, instance_overrides
 from wordpos.probing.errors import ConfigError
 
 
@@ -109,14 +109,8 @@ def skip_blocks(model: Any, n: int) -> Iterator[None]:
     """Inside the block, blocks ``0..n-1`` of the bridge return their input hidden states without computing
     anything (an instance-level ``forward``, removed afterwards, also on error). Used under ``start_at_layer=n``,
     where the bridge replaces block n's input with the caller's residual anyway."""
-    blocks = list(model.blocks)[:n]
-    for b in blocks:
-        b.__dict__["forward"] = _passthrough
-    try:
+    with instance_overrides(list(model.blocks)[:n], "forward", lambda _block: _passthrough):
         yield
-    finally:
-        for b in blocks:
-            b.__dict__.pop("forward", None)
 
 
 def _tl_hook(name: str, fn: HookFn):
