@@ -81,6 +81,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _best_of(fn: Any, device: torch.device, repeats: int, warmup: bool) -> tuple[float, Any]:
+    """The best wall time of ``repeats`` device-synchronised calls of ``fn`` (after one untimed call when
+    ``warmup``), and the last call's result."""
+    if warmup:
+        fn()
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        out = None  # let the previous result go before the next call
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
 # ------------------------------------------------------------------------------------------ plain forward
 @torch.inference_mode()
 def plain_forward(engine: Any, data: Any, repeats: int = 2) -> dict[str, Any]:
@@ -100,14 +116,8 @@ def plain_forward(engine: Any, data: Any, repeats: int = 2) -> dict[str, Any]:
                 width = int(ps.lengths[b0:b0 + bs].max())
                 engine.run(ps.tokens[b0:b0 + bs, :width].to(engine.device), stop_at_layer=n_layers)
 
-    once()  # warm-up (kernels, allocator; on 2 CPU cores a first HF pass measured 13% slower than the next)
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(engine.device)
-        t0 = time.perf_counter()
-        once()
-        _sync(engine.device)
-        best = min(best, time.perf_counter() - t0)
+    # warm-up: kernels, allocator; on 2 CPU cores a first HF pass measured 13% slower than the next
+    best, _ = _best_of(once, engine.device, repeats, warmup=True)
     return {"seconds": best, "tokens": tokens, "token_layers": tokens * n_layers, "batch_size": bs,
             "n_prompts": n_prompts, "mean_tokens_per_prompt": tokens / n_prompts}
 
@@ -118,17 +128,10 @@ def warm_collection(engine: Any, data: Any, repeats: int = 2) -> dict[str, Any]:
     chunk), without the stage's dataset generation, fits, plots and checkpoint."""
     from wordpos.probing.activations import collect_residuals
 
-    if engine.device.type != "cpu":  # kernels and allocator (the plain forward warmed the CPU already)
-        collect_residuals(engine, data, layers="all", progress=False)
-    best, batch = float("inf"), None
-    for _ in range(repeats):
-        _sync(engine.device)
-        t0 = time.perf_counter()
-        res = collect_residuals(engine, data, layers="all", progress=False)
-        _sync(engine.device)
-        best, batch = min(best, time.perf_counter() - t0), res.meta["batch_size"]
-        del res
-    return {"seconds": best, "batch_size": batch}
+    # warm-up on accelerators: kernels and allocator (the plain forward warmed the CPU already)
+    best, res = _best_of(lambda: collect_residuals(engine, data, layers="all", progress=False), engine.device,
+                         repeats, warmup=engine.device.type != "cpu")
+    return {"seconds": best, "batch_size": res.meta["batch_size"]}
 
 
 # ------------------------------------------------------------------------------------------------- work

@@ -25,6 +25,19 @@ def test_contexts_differ_only_in_the_cache(both):
     assert 0 < ctx.first_diff_pos < ctx.pairs.clean.shape[1]  # there is a prefix to skip
 
 
+def record_runs(engine, monkeypatch) -> list:
+    """Spy on ``engine.run``: one ``(positions run, start_at_layer, cached positions or None)`` per forward."""
+    calls, real = [], engine.run
+
+    def spy(inputs, **kw):
+        past = kw.get("past")
+        calls.append((int(inputs.shape[1]), kw.get("start_at_layer"), None if past is None else past.length))
+        return real(inputs, **kw)
+
+    monkeypatch.setattr(engine, "run", spy)
+    return calls
+
+
 @pytest.mark.parametrize("sweep", ["heads", "heads_by_pos", "resid", "mlp_by_pos", "path_direct"])
 def test_skipping_positions_gives_the_full_prompt_answer(both, sweep):
     model, ctx, full = both
@@ -42,19 +55,13 @@ def test_skipping_positions_gives_the_full_prompt_answer(both, sweep):
 def test_forwards_run_only_from_the_patch_on(both, monkeypatch):
     model, ctx, _ = both
     engine = ctx.engine
-    widths, real = [], engine.run
-
-    def spy(inputs, **kw):
-        widths.append((int(inputs.shape[1]), kw.get("past") is not None and kw["past"].length))
-        return real(inputs, **kw)
-
-    monkeypatch.setattr(engine, "run", spy)
+    widths = record_runs(engine, monkeypatch)
     res = patch_resid(model, ctx, max_tokens=1, progress=False)  # one patch per forward: each has its own start
     T = ctx.pairs.clean.shape[1]
     assert len(widths) == ctx.stop_at_layer * len(ctx.sweep_positions()) and res.effects.shape[1] == T
-    for width, past in widths:  # a patch at position p runs T - p positions on p cached ones
+    for width, _, past in widths:  # a patch at position p runs T - p positions on p cached ones
         assert past and width + past == T
-    assert sorted({T - w for w, _ in widths}) == list(ctx.sweep_positions())
+    assert sorted({T - w for w, _, _ in widths}) == list(ctx.sweep_positions())
 
 
 def test_start_at_layer_skips_the_blocks_before(both):
@@ -111,15 +118,9 @@ def test_resample_ablation_runs_only_after_the_shared_prefix(both, small_data, m
     prompts = small_data.test
     T = prompts.max_len()
     shared = int((prompts.tokens[:, :T] != prompts.tokens[:1, :T]).any(0).nonzero().min())
-    calls, real = [], engine.run
-
-    def spy(inputs, **kw):
-        calls.append((int(inputs.shape[1]), kw.get("start_at_layer"), kw.get("past") is not None))
-        return real(inputs, **kw)
-
-    monkeypatch.setattr(engine, "run", spy)
+    calls = record_runs(engine, monkeypatch)
     ablated_sets(engine, 1, prompts, [[], [(1, 0)], [(1, 2)]], "resample", seed=0)
-    patched = [c for c in calls if c[2]]
+    patched = [c for c in calls if c[2] is not None]
     assert shared >= 1 and patched and all(w == T - shared and start == 1 for w, start, _ in patched)
 
 
@@ -133,13 +134,7 @@ def test_ablation_starts_at_the_first_ablated_layer(both, small_data, monkeypatc
     engine = as_engine(model)
     prompts = small_data.test
     means = head_means(engine, small_data.train, [1], length=prompts.max_len()) if method == "mean" else None
-    calls, real = [], engine.run
-
-    def spy(inputs, **kw):
-        calls.append((int(inputs.shape[1]), kw.get("start_at_layer"), kw.get("past")))
-        return real(inputs, **kw)
-
-    monkeypatch.setattr(engine, "run", spy)
+    calls = record_runs(engine, monkeypatch)
     ablated_sets(engine, 1, prompts, [[], [(1, 0)], [(1, 2)]], method, means)
     patched = [c for c in calls if c[1] is not None]
     assert patched and all(start == 1 and past is None and w == prompts.max_len() for w, start, past in patched)
