@@ -362,6 +362,7 @@ def edge_circuit_stage(engine: Any, ctx: Any, out_dir: str | Path, scores: str =
         f"{curve.random_cpr_mean:.3f}; CMD {curve.cmd:.3f} vs random {curve.random_cmd_mean:.3f}")
     from wordpos.probing.engines import as_engine
 
+    t0 = time.perf_counter()
     name = model_name or as_engine(engine).name
     files: dict[str, list[str]] = {}
     written = save_figures({"curve": curve.figure(
@@ -380,6 +381,7 @@ def edge_circuit_stage(engine: Any, ctx: Any, out_dir: str | Path, scores: str =
     files["scores"] = [str(out / "edge_scores.npz"), str(out / "edge_scores.json")]
     files["data"] = [str(out / "curve.json"), str(out / "edge_circuit.json")] + \
         ([str(out / "node_curve.json")] if others else [])
+    timings["render"] = time.perf_counter() - t0  # figures and exports
     cs = circuit.summary()
     heads = [h["name"] for h in circuit.nodes["heads"]]
     summary = {

@@ -267,16 +267,25 @@ def _refit_sets(probe: WordIndexProbe, xtr: Tensor, ytr: Tensor, xte: Tensor, yt
     """Held-out accuracy of a probe re-fitted on each set's ablated activations (``xtr``/``xte``
     ``[set, sample, d_model]``) with the torch solver on ``device`` (the run's): on an accelerator every set in one
     batched L-BFGS fit (launch-bound there), on the CPU one set at a time (a joint fit runs as many iterations as
-    its slowest set needs, and its shared line search converges each set less tightly)."""
+    its slowest set needs, and its shared line search converges each set less tightly). Sets with identical
+    activations are fitted once."""
     from wordpos.probing.probe import fit_probes
 
     dev = device if device.type != "meta" else torch.device("cpu")
     kw = dict(device=dev, C=probe.C, model=probe.model)
+    # sets whose ablated activations are identical (heads that write nothing the probe's layer keeps, e.g. ones
+    # that read only the shared prefix under resample ablation) have identical refits: fit each distinct set once
+    first: list[int] = []
+    for i in range(len(xtr)):
+        same = next((j for j in first if torch.equal(xtr[i], xtr[j]) and torch.equal(xte[i], xte[j])), None)
+        first.append(i if same is None else same)
+    distinct = sorted(set(first))
     if dev.type == "cpu":
-        refits = [fit_probes(x[None], ytr, layers=[probe.layer], **kw)[0] for x in xtr]
+        fitted = [fit_probes(xtr[i][None], ytr, layers=[probe.layer], **kw)[0] for i in distinct]
     else:
-        refits = fit_probes(xtr, ytr, layers=[probe.layer] * len(xtr), **kw)
-    return [float(r.score(x, yte)) for r, x in zip(refits, xte)]
+        fitted = fit_probes(xtr[distinct], ytr, layers=[probe.layer] * len(distinct), **kw)
+    acc = {i: float(r.score(xte[i], yte)) for i, r in zip(distinct, fitted)}
+    return [acc[j] for j in first]
 
 
 def random_head_sets(heads: Sequence[tuple[int, int]], n: int, n_heads: int, max_layer: int, seed: int = 0

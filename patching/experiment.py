@@ -135,9 +135,21 @@ def _vocab_for(probe_dir: Path, tokenizer: Any, seed: int) -> WordVocab:
     return WordVocab.build(tokenizer, seed=seed)
 
 
+def _shared_scope(engine: Any, probe_dir: Path, config: PatchConfig) -> tuple[Any, ...]:
+    """What the memoised pairs, contexts, datasets and roles depend on besides the keys they are stored under
+    (metric and direction, prompt count): the model, the probe, the pair recipe and the sizing."""
+    return (id(getattr(engine, "model", engine)), str(Path(probe_dir).resolve()), config.n_pairs, config.corruption, config.seed,
+            repr(config.run_sizing()))
+
+
 def run_patching(config: PatchConfig, out: str | Path, *, model: Any = None, overwrite: bool = False,
-                 progress: bool = True) -> PatchRun:
-    """Run the registered method ``config.method`` for the probe in ``config.probe`` and save it into ``out``."""
+                 progress: bool = True, shared: dict[Any, Any] | None = None) -> PatchRun:
+    """Run the registered method ``config.method`` for the probe in ``config.probe`` and save it into ``out``.
+
+    ``shared`` (a dict the caller keeps, e.g. ``wordpos run`` across its four patching stages) memoises what
+    stages with the same model, probe, pairs and sizing would otherwise each compute again: the pairs, the patching
+    contexts (base runs), generated datasets and the head roles. It is keyed by those settings, so stages that
+    differ in them do not share."""
     out = Path(out)
     spec = registry.get(config.method)
     probe, probe_dir = load_probe(config.probe)
@@ -159,6 +171,8 @@ def run_patching(config: PatchConfig, out: str | Path, *, model: Any = None, ove
     summary: dict[str, Any] = {"method": config.method, "model": config.model, "probe_layer": probe.layer,
                                "sizing": config.sizing.to_dict()}
     inputs = registry.StageInputs(engine=engine, probe=probe, config=config, vocab=vocab, progress=progress, out=out)
+    if shared is not None:
+        inputs.cache = shared.setdefault(_shared_scope(engine, probe_dir, config), {})
     t0 = time.perf_counter()
     stage = spec.run(inputs)
     if spec.uses_pairs:
@@ -167,7 +181,9 @@ def run_patching(config: PatchConfig, out: str | Path, *, model: Any = None, ove
         summary["unpatched"] = ctx.unpatched
     summary.update(stage.summary)
     timings["method_s"] = time.perf_counter() - t0
-    roles = registry.get("roles").run(inputs).results["roles"]
+    if "roles" not in inputs.cache:
+        inputs.cache["roles"] = registry.get("roles").run(inputs).results["roles"]
+    roles = inputs.cache["roles"]
     write_json(out / "roles.json", roles.to_dict())
     results = stage.results
     results["heads"].save(out)
@@ -176,7 +192,9 @@ def run_patching(config: PatchConfig, out: str | Path, *, model: Any = None, ove
             res.save(out / name)
     from wordpos.probing.plots import save_figures
 
-    save_figures(stage.figs, out)
+    t0 = time.perf_counter()
+    save_figures({k: f() if callable(f) else f for k, f in stage.figs.items()}, out)
+    timings["figures_s"] = time.perf_counter() - t0
     summary["direction"] = results["heads"].direction
     summary["top_heads"] = results["heads"].top_heads(10, order=stage.rank)
     for h in summary["top_heads"]:

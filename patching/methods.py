@@ -7,7 +7,7 @@ import numpy as np
 
 from wordpos.patching.ablation import ablate_heads, ablated_sets, head_means
 from wordpos.patching.activation import patch_heads, patch_layer_outputs, patch_resid
-from wordpos.patching.attribution import attribute_heads, correlation
+from wordpos.patching.attribution import correlation
 from wordpos.patching.path import path_patch_direct, path_patch_edges
 from wordpos.patching.plots import head_heatmap, position_heatmap
 from wordpos.patching.registry import MethodSpec, StageInputs, StageOutput, register
@@ -43,9 +43,9 @@ def activation_stage(inp: StageInputs) -> StageOutput:
         top = [(h["layer"], h["index"]) for h in res["heads"].top_heads(c.sizing.by_pos_heads)]
         res["heads_by_pos"] = patch_heads(inp.engine, ctx, by_pos=True, heads=top, checkpoint_dir=ckpt, **kw)
     tokens = inp.engine.tokenizer.convert_ids_to_tokens(ctx.base[0].tolist())
-    figs = {"resid": position_heatmap(res["resid"].effects, f"Residual-stream patching ({_label(inp, ctx)})", tokens,
-                                      "change"),
-            "heads": _heads_fig(inp, res["heads"], "Activation patching", ctx)}
+    figs = {"resid": lambda: position_heatmap(res["resid"].effects, f"Residual-stream patching ({_label(inp, ctx)})",
+                                              tokens, "change"),
+            "heads": lambda: _heads_fig(inp, res["heads"], "Activation patching", ctx)}
     return StageOutput(res, figs, extra)
 
 
@@ -68,7 +68,7 @@ def screened_heads(inp: StageInputs, ctx, ckpt, **kw) -> tuple[EffectResult, dic
     from scipy.stats import spearmanr
 
     c = inp.config
-    att = attribute_heads(inp.engine, ctx)
+    att = inp.attribution(ctx.metric.kind, ctx.direction)
     est = att.head_effects()
     n_layers, n_heads = est.shape
     order = np.argsort(-np.abs(np.nan_to_num(est)), axis=None)
@@ -110,10 +110,10 @@ def screened_heads(inp: StageInputs, ctx, ckpt, **kw) -> tuple[EffectResult, dic
 def attribution_stage(inp: StageInputs) -> StageOutput:
     """Attribution patching of heads, with activation patching of heads to compare (their correlation)."""
     c, ctx = inp.config, inp.ctx()
-    att = attribute_heads(inp.engine, ctx)
+    att = inp.attribution()
     act = _exact_heads(inp, ctx)
-    return StageOutput({"heads": att, "activation_heads": act}, {"heads": _heads_fig(inp, att, "Attribution patching",
-                                                                                     ctx)},
+    return StageOutput({"heads": att, "activation_heads": act},
+                       {"heads": lambda: _heads_fig(inp, att, "Attribution patching", ctx)},
                        {"correlation_with_activation": correlation(att, act)})
 
 
@@ -130,7 +130,7 @@ def path_stage(inp: StageInputs) -> StageOutput:
     senders = [s for s in senders if receivers and s[0] < max(L for L, _ in receivers)]
     if receivers and senders:
         res["edges"] = path_patch_edges(inp.engine, ctx, receivers=receivers, senders=senders, **kw)
-    return StageOutput(res, {"heads": _heads_fig(inp, direct, "Path patching (direct)", ctx)})
+    return StageOutput(res, {"heads": lambda: _heads_fig(inp, direct, "Path patching (direct)", ctx)})
 
 
 def ablation_stage(inp: StageInputs) -> StageOutput:
@@ -144,7 +144,7 @@ def ablation_stage(inp: StageInputs) -> StageOutput:
     heads = [(L, h) for L in range(layer + 1) for h in range(n_heads)]
     candidates = None
     if c.sizing.candidates < len(heads):  # big models: ablate the heads attribution patching ranks highest
-        att = attribute_heads(engine, inp.ctx(metric="logit_diff", direction="denoising"))
+        att = inp.attribution(metric="logit_diff", direction="denoising")
         candidates = [(h["layer"], h["index"]) for h in att.top_heads(c.sizing.candidates)]
         heads = candidates
     length = max(data.test.max_len(), data.train.max_len())
@@ -166,9 +166,10 @@ def ablation_stage(inp: StageInputs) -> StageOutput:
     top = [(h["layer"], h["index"]) for h in res.top_heads(c.top_k, order="decrease")]
     ab = ablate_heads(engine, probe, data, top, method=c.ablation, n_random=c.n_random, seed=c.seed, sizing=c.run_sizing(),
                       progress=inp.progress)
-    fig = head_heatmap(res.effects, f"{c.model}: change in probe accuracy when each head is {c.ablation}-ablated "
-                                    f"(layer {layer} probe; blank = not measured)", "accuracy change")
-    return StageOutput({"heads": res}, {"heads": fig}, {"top_k_ablation": ab.to_dict()}, rank="decrease")
+    title = (f"{c.model}: change in probe accuracy when each head is {c.ablation}-ablated (layer {layer} probe; "
+             "blank = not measured)")
+    return StageOutput({"heads": res}, {"heads": lambda: head_heatmap(res.effects, title, "accuracy change")},
+                       {"top_k_ablation": ab.to_dict()}, rank="decrease")
 
 
 def head_means_stage(inp: StageInputs) -> StageOutput:

@@ -65,6 +65,19 @@ class StageInputs:
                                       sizing=self.config.run_sizing())
         return self.cache[key]
 
+    def attribution(self, metric: str | None = None, direction: str | None = None) -> Any:
+        """Attribution patching of every head on :meth:`ctx` (one forward and one backward), computed once per
+        context: the screen, the attribution stage and the ablation candidates all rank heads by it. A copy."""
+        import copy
+
+        from wordpos.patching.attribution import attribute_heads
+
+        metric, direction = metric or self.config.metric, direction or self.config.direction
+        key = f"attribution:{metric}:{direction}"
+        if key not in self.cache:
+            self.cache[key] = attribute_heads(self.engine, self.ctx(metric, direction))
+        return copy.deepcopy(self.cache[key])
+
     def data(self, n_prompts: int) -> Any:
         from wordpos.probing.datasets import DatasetConfig, WordIndexDataset
 
@@ -84,7 +97,8 @@ class StageInputs:
 @dataclass
 class StageOutput:
     """A method's results: ``results["heads"]`` is the main ``[layer, head]`` result (others are saved in
-    sub-directories), ``rank`` how its heads are ranked (``abs``: by |change|; ``decrease``: most negative first)."""
+    sub-directories), ``rank`` how its heads are ranked (``abs``: by |change|; ``decrease``: most negative first).
+    ``figs`` holds figures or functions that draw them (drawn when saved, so their time is counted apart)."""
 
     results: dict[str, Any]
     figs: dict[str, Any] = field(default_factory=dict)

@@ -8,6 +8,8 @@ anchors and 1 on word-initial tokens: 1 for a perfect anchor counter, ~0 for a h
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -40,11 +42,21 @@ def anchor_masks(tokenizer: Any) -> dict[str, Tensor]:
     return masks
 
 
+_TOKEN_CLASSES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def token_classes(tokenizer: Any) -> tuple[Tensor, Tensor]:
-    """Boolean masks over the vocabulary: anchor tokens, and tokens that start a word (leading space)."""
+    """Boolean masks over the vocabulary: anchor tokens, and tokens that start a word (leading space).
+    Remembered per tokenizer (listing a 49k-token vocabulary takes ~0.1 s; every attention statistic asks)."""
+    try:
+        return tuple(m.clone() for m in _TOKEN_CLASSES[tokenizer])
+    except (KeyError, TypeError):
+        pass
     toks = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     is_anchor = torch.stack(list(anchor_masks(tokenizer).values())).any(0)
     is_space = torch.tensor([isinstance(t, str) and t[:1] in ("Ġ", "▁", " ") for t in toks])
+    with contextlib.suppress(TypeError):
+        _TOKEN_CLASSES[tokenizer] = (is_anchor.clone(), is_space.clone())
     return is_anchor, is_space
 
 
@@ -76,9 +88,11 @@ def _word_query_stats(engine: Any, prompts: PromptSet, layers: list[int], batch_
         is_anchor, is_space = is_anchor_v[toks], is_space_v[toks]
         is_anchor[:, 0] = False
         is_space[:, 0] = False
-        b = _WordQueries(toks=toks, cache=cache, is_anchor=is_anchor, is_space=is_space,
-                         ideal=ideal_counter_pattern(is_anchor, is_space), q_mask=prompts.word_index[sl, :T] >= 0)
-        return {k: torch.as_tensor(v, dtype=torch.float64).unsqueeze(0) for k, v in stats(b).items()}
+        dev = out.device  # the statistics are computed where the patterns are; one copy to the host per batch
+        b = _WordQueries(toks=toks.to(dev), cache=cache, is_anchor=is_anchor.to(dev), is_space=is_space.to(dev),
+                         ideal=ideal_counter_pattern(is_anchor, is_space).to(dev),
+                         q_mask=(prompts.word_index[sl, :T] >= 0).to(dev))
+        return {k: torch.as_tensor(v, dtype=torch.float64).cpu().unsqueeze(0) for k, v in stats(b).items()}
 
     req = Request(tokens=tokens, read=read, stop_at_layer=max(layers) + 1, cache=names, split_prompts=True,
                   combine="sum")
@@ -142,12 +156,12 @@ def head_roles(model: Any, prompts: PromptSet, *, layers: list[int] | None = Non
     prompts = prompts.subset(range(min(len(prompts), max_prompts)))
 
     def stats(b: _WordQueries) -> dict[str, Tensor]:
-        T = b.toks.shape[1]
-        prev = torch.zeros(T, T)
+        T, dev = b.toks.shape[1], b.toks.device
+        prev = torch.zeros(T, T, device=dev)
         prev[torch.arange(1, T), torch.arange(T - 1)] = 1.0
-        sums = {k: torch.zeros((dims.n_layers, dims.n_heads), dtype=torch.float64) for k in ROLE_NAMES}
+        sums = {k: torch.zeros((dims.n_layers, dims.n_heads), dtype=torch.float64, device=dev) for k in ROLE_NAMES}
         for L in layers:
-            pat = b.cache[H.attn_pattern(L)].float().cpu()  # [b, head, q, k]
+            pat = b.cache[H.attn_pattern(L)].float()  # [b, head, q, k]
             per_q = {
                 "to_anchor": torch.einsum("bhqk,bk->bhq", pat, b.is_anchor.float()),
                 "to_space": torch.einsum("bhqk,bk->bhq", pat, b.is_space.float()),
@@ -157,7 +171,7 @@ def head_roles(model: Any, prompts: PromptSet, *, layers: list[int] | None = Non
             }
             for k, v in per_q.items():
                 sums[k][L] += torch.einsum("bhq,bq->h", v, b.q_mask.float()).double()
-        sums["count"] = torch.tensor(float(b.q_mask.sum()), dtype=torch.float64)
+        sums["count"] = b.q_mask.sum().double()
         return sums
 
     got = _word_query_stats(engine, prompts, layers, batch_size, stats)
@@ -193,18 +207,18 @@ def anchor_evidence(model: Any, prompts: PromptSet, heads: list[tuple[int, int]]
     layers = sorted({L for L, _ in heads})
 
     def stats(b: _WordQueries) -> dict[str, Tensor]:
-        T = b.toks.shape[1]
-        masks = {k: m[b.toks].float() for k, m in kinds.items()}
+        T, dev = b.toks.shape[1], b.toks.device
+        masks = {k: m.to(dev)[b.toks].float() for k, m in kinds.items()}
         for m in masks.values():
             m[:, 0] = 0
-        causal = torch.tril(torch.ones(T, T))
+        causal = torch.tril(torch.ones(T, T, device=dev))
         n_anchor = torch.einsum("qk,bk->bq", causal, b.is_anchor.float())  # anchors each query can see
         n_space = torch.einsum("qk,bk->bq", causal, b.is_space.float())
         q_mask = b.q_mask.float()
         both = q_mask * (n_anchor > 0) * (n_space > 0)
         out = {"n_q": q_mask.sum().double(), "n_ratio": both.sum().double()}
         for L, h in heads:
-            pat = b.cache[H.attn_pattern(L)][:, h].float().cpu()  # [b, q, k]
+            pat = b.cache[H.attn_pattern(L)][:, h].float()  # [b, q, k]
             parts = {k: torch.einsum("bqk,bk->bq", pat, m) for k, m in masks.items()}
             parts["to_space"] = torch.einsum("bqk,bk->bq", pat, b.is_space.float())
             parts["to_bos"] = pat[..., 0]

@@ -23,7 +23,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from wordpos.probing.errors import ConfigError, TokenizationError
-from wordpos.probing.vocab import WordVocab, word_tokens
+from wordpos.probing.vocab import WordVocab, word_tokens, words_tokens
 
 REFERENCE_PREFIX = (
     "The United States Declaration of Independence received its first formal public reading, in "
@@ -234,12 +234,8 @@ class WordIndexDataset:
             if len(ids) != 1:
                 raise TokenizationError(f"anchor {a!r} takes {len(ids)} tokens; anchors must be one token.")
             anchor_ids.append(ids[0])
-        cache: dict[str, list[int]] = {}
-
-        def toks(w: str) -> list[int]:
-            if w not in cache:
-                cache[w] = word_tokens(tokenizer, w)
-            return cache[w]
+        every = [w for split in ("train", "test") for _, ws in sorted(vocab.split(split).items()) for w in ws]
+        toks = dict(zip(every, words_tokens(tokenizer, every))).__getitem__  # one batch call, memoised
 
         n_test = max(1, round(config.n_prompts * config.test_fraction))
         n_val = max(1, round(config.n_prompts * config.val_fraction))
@@ -360,13 +356,14 @@ def _from_rows(rows, start: int | None, pad: int, name: str) -> PromptSet:
 
 def _pack(seqs, widxs, firsts, lasts, labels, words, prefix_lens, pad: int, name: str) -> PromptSet:
     n, L = len(seqs), max(len(s) for s in seqs)
-    tokens = torch.full((n, L), pad, dtype=torch.long)
-    word_index = torch.full((n, L), -1, dtype=torch.long)
+    tokens = np.full((n, L), pad, dtype=np.int64)  # filled row by row in numpy: a torch.tensor per row costs 10x
+    word_index = np.full((n, L), -1, dtype=np.int64)
     for i, (s, w) in enumerate(zip(seqs, widxs)):
-        tokens[i, : len(s)] = torch.tensor(s)
-        word_index[i, : len(w)] = torch.tensor(w)
+        tokens[i, : len(s)] = s
+        word_index[i, : len(w)] = w
     return PromptSet(
-        tokens=tokens, lengths=torch.tensor([len(s) for s in seqs]), word_index=word_index,
+        tokens=torch.from_numpy(tokens), lengths=torch.tensor([len(s) for s in seqs]),
+        word_index=torch.from_numpy(word_index),
         word_first=torch.tensor(firsts), word_last=torch.tensor(lasts), word_labels=torch.tensor(labels),
         words=words, prefix_len=torch.tensor(prefix_lens), split=name,
     )

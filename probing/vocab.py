@@ -8,6 +8,7 @@ training prompts do.
 from __future__ import annotations
 
 import random
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -40,7 +41,27 @@ def frequent_words(n: int = 10_000, lang: str = "en") -> list[str]:
 
 def word_tokens(tokenizer: Any, word: str) -> list[int]:
     """Token ids of ``word`` as it appears mid-sentence: with one leading space."""
-    return list(tokenizer.encode(" " + word, add_special_tokens=False))
+    return words_tokens(tokenizer, [word])[0]
+
+
+_WORD_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def words_tokens(tokenizer: Any, words: Sequence[str]) -> list[list[int]]:
+    """:func:`word_tokens` of every word: new words are encoded in one batch call (a fast Hugging Face tokenizer)
+    and remembered per tokenizer, since a run's vocabulary and each of its datasets tokenise the same words."""
+    try:
+        memo = _WORD_IDS.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced: no memo
+        memo = {}
+    todo = [w for w in dict.fromkeys(words) if w not in memo]
+    if todo:
+        if getattr(tokenizer, "is_fast", False) and callable(tokenizer):
+            ids = tokenizer([" " + w for w in todo], add_special_tokens=False)["input_ids"]
+        else:
+            ids = [tokenizer.encode(" " + w, add_special_tokens=False) for w in todo]
+        memo.update(zip(todo, (tuple(int(i) for i in x) for x in ids)))
+    return [list(memo[w]) for w in words]
 
 
 @dataclass
@@ -65,14 +86,10 @@ class WordVocab:
                               f"{tuple(lengths)} (or leave words=None for the default vocabulary).")
         lengths = tuple(sorted(set(int(n) for n in lengths)))
         groups: dict[int, list[str]] = {n: [] for n in lengths}
-        seen: set[str] = set()
-        for w in words:
-            if w in seen:
-                continue
-            seen.add(w)
-            n = len(word_tokens(tokenizer, w))
-            if n in groups:
-                groups[n].append(w)
+        unique = list(dict.fromkeys(words))
+        for w, ids in zip(unique, words_tokens(tokenizer, unique)):
+            if len(ids) in groups:
+                groups[len(ids)].append(w)
         rng = random.Random(seed)
         train: dict[int, list[str]] = {}
         test: dict[int, list[str]] = {}

@@ -156,6 +156,23 @@ def _depth_sum(res: Any, probe_layer: int, layer_axis: str = "layer") -> float:
     return float(sum(int(c) * max(probe_layer + 1 - L, 0) for L, c in enumerate(per_layer)))
 
 
+def fits_and_plots(run: Path, probe_timings: dict[str, Any]) -> dict[str, float]:
+    """Seconds each stage spent fitting probes and drawing and writing figures, as the stages recorded them: the
+    probe stage's fits and plots, each patching stage's figures (and the ablation stage's refits), the circuit
+    stage's rendering and exports."""
+    out = {"probe (all layers)": float(probe_timings.get("probes_s") or 0) + float(probe_timings.get("plots_s") or 0)}
+    for method, stage in (("activation", "activation patching"), ("attribution", "attribution patching"),
+                          ("path", "path patching"), ("ablation", "ablation")):
+        s = _json(run / f"patch_{method}" / "summary.json")
+        if "figures_s" in s.get("timings", {}):
+            refit = ((s.get("top_k_ablation") or {}).get("config") or {}).get("timings", {}).get("refit_s", 0.0)
+            out[stage] = float(s["timings"]["figures_s"]) + float(refit)
+    render = (_json(run / "circuit" / "circuit.json").get("timings_s") or {}).get("render")
+    if render is not None:
+        out["circuit"] = float(render)
+    return out
+
+
 def stage_work(run: Path, summary: dict[str, Any], n_layers: int, prompt_tokens: float) -> dict[str, dict[str, Any]]:
     """Token-layers a straightforward exact implementation computes for each stage of the run in ``run``,
     from what the stage measured. ``prompt_tokens``: mean tokens of a dataset prompt."""
@@ -327,6 +344,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "terms": {"N": plain["n_prompts"], "T_mean": plain["mean_tokens_per_prompt"], "n_layers": dims.n_layers,
                       "collect_s": t_probe.get("residuals_s"), "checkpoint_s": t_probe.get("residuals_checkpoint_s"), "fits_s": t_probe.get("probes_s"),
                       "plots_s": t_probe.get("plots_s")}}, **works}
+        side = fits_and_plots(Path(run_dir), t_probe)
         stages = []
         for stage, secs in compute.items():
             row: dict[str, Any] = {"stage": stage, "seconds": float(secs)}
@@ -334,6 +352,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 wk = works[stage]
                 row.update(work_token_layers=float(wk["work"]), formula=wk["formula"], terms=wk["terms"],
                            efficiency=float(wk["work"]) / max(float(secs), 1e-9) / rate)
+                if stage in side:
+                    row["fits_plots_s"] = side[stage]
+                    row["efficiency_without_fits_plots"] = \
+                        float(wk["work"]) / max(float(secs) - side[stage], 1e-9) / rate
                 if stage == "probe (all layers)" and t_probe.get("residuals_s"):
                     row["collect_efficiency"] = float(wk["work"]) / t_probe["residuals_s"] / rate
             stages.append(row)
@@ -358,6 +380,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "work": "token-layers a straightforward exact implementation computes (full prompts, patched layer "
                         "to the probe's layer, backward = 2 forwards)",
                 "efficiency": "(work / stage seconds) / plain forward token-layers per second",
+                "efficiency_without_fits_plots": "the same with the stage's probe fits and figure drawing/writing "
+                                                 "(fits_plots_s, measured inside the stage) taken out of its seconds",
                 "run_in_plain_forwards": "sum of stage compute seconds (model load excluded) / seconds of one plain "
                                          "forward over the probe's prompts"},
             "torch": torch.__version__, "python": sys.version.split()[0],
@@ -387,11 +411,14 @@ def print_table(rec: dict[str, Any]) -> None:
     if rc:
         print(f"residual collection (all layers, warm, batch {rc['batch_size']}): {rc['seconds']:.2f} s = "
               f"{rc['efficiency']:.2f} of the plain-forward token rate")
-    print(f"{'stage':<24}{'seconds':>10}{'work (token-layers)':>22}{'efficiency':>12}")
+    print(f"{'stage':<24}{'seconds':>10}{'work (token-layers)':>22}{'efficiency':>12}{'fits+plots s':>14}"
+          f"{'eff. without':>14}")
     for s in rec["stages"]:
         w = f"{s['work_token_layers']:,.0f}" if "work_token_layers" in s else "-"
         e = f"{s['efficiency']:.2f}" if "efficiency" in s else "-"
-        print(f"{s['stage']:<24}{s['seconds']:>10.2f}{w:>22}{e:>12}")
+        fp = f"{s['fits_plots_s']:.2f}" if "fits_plots_s" in s else "-"
+        e2 = f"{s['efficiency_without_fits_plots']:.2f}" if "efficiency_without_fits_plots" in s else "-"
+        print(f"{s['stage']:<24}{s['seconds']:>10.2f}{w:>22}{e:>12}{fp:>14}{e2:>14}")
     print(f"whole run: {rec['run_compute_s']:.1f} s = {rec['run_in_plain_forwards']:.1f} plain forwards over the "
           f"dataset ({rec['run_in_plain_forwards_with_load']:.1f} with the model load of {rec['load_model_s']:.1f} s)")
 
@@ -410,6 +437,8 @@ def markdown_rows(rec: dict[str, Any]) -> str:
     for s in rec["stages"]:
         w = f"{s['work_token_layers']:,.0f}" if "work_token_layers" in s else "–"
         e = f"{s['efficiency']:.2f}" if "efficiency" in s else "–"
+        if "efficiency_without_fits_plots" in s:
+            e += f" ({s['efficiency_without_fits_plots']:.2f} without its {s['fits_plots_s']:.2f} s of fits and plots)"
         lines.append(f"| {head} | {s['stage']} | {s['seconds']:.2f} | {w} | {e} | "
                      f"{s['seconds'] / pf['seconds']:.1f} |")
     lines.append(f"| {head} | **whole run** (load excluded) | {rec['run_compute_s']:.1f} | | | "

@@ -203,3 +203,32 @@ def test_ablation_curve_on_the_planted_counter(planted_model, planted_data, plan
     assert one["random_refit_mean"] > one["refit_accuracy"] + 0.2
     with pytest.raises(ConfigError, match="ks must lie"):
         ablation_curve(planted_model, planted_probe, planted_data, ["0.2"], [2], progress=False)
+
+
+def test_refits_of_identical_ablated_sets_are_fitted_once_with_the_same_accuracies(monkeypatch):
+    """Random head sets that change nothing leave identical activations; their refits are fitted once, and every
+    set's accuracy equals a probe fitted on that set alone."""
+    import torch
+
+    import wordpos.probing.probe as probe_mod
+    from wordpos.patching.ablation import _refit_sets
+    from wordpos.probing import WordIndexProbe
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(8, 4, generator=g)
+    sets = [torch.randn(300, 8, generator=g) for _ in range(3)]
+    labels = [(x @ W).argmax(-1) for x in sets]
+    y = labels[0]
+    order = [0, 1, 0, 2, 1, 0]  # six sets, three distinct
+    xtr = torch.stack([sets[i][:200] for i in order])
+    xte = torch.stack([sets[i][200:] for i in order])
+    ytr, yte = y[:200], y[200:]
+    ref_probe = WordIndexProbe(layer=0, solver="torch").fit(sets[0][:200], ytr)
+    calls = []
+    real = probe_mod.fit_probes
+    monkeypatch.setattr(probe_mod, "fit_probes", lambda X, *a, **k: calls.append(len(X)) or real(X, *a, **k))
+    got = _refit_sets(ref_probe, xtr, ytr, xte, yte, torch.device("cpu"))
+    assert sum(calls) == 3
+    expect = [WordIndexProbe(layer=0, solver="torch").fit(sets[i][:200], ytr).score(sets[i][200:], yte) for i in order]
+    assert got == pytest.approx(expect, abs=1e-12)
+    assert len(set(np.round(expect, 6))) > 1  # the distinct sets really differ

@@ -73,3 +73,43 @@ def test_ablation_stage_stores_unmeasured_heads_as_nan(tiny_gpt2_dir, probe_run,
     summary = json.loads((out / "summary.json").read_text())
     worst = min(res.effects.ravel())
     assert summary["top_heads"][0]["effect"] == pytest.approx(worst)  # ranked by the largest drop
+
+
+def test_stages_sharing_a_memo_compute_roles_and_base_runs_once_with_the_same_results(tiny_gpt2_dir, probe_run,
+                                                                                       tmp_path, monkeypatch):
+    """``wordpos run`` passes one ``shared`` dict to its patching stages: the head roles, the patching context
+    (base runs) and attribution patching are computed once, and every saved number equals that of stages run on
+    their own."""
+    import wordpos.patching.activation as act
+    import wordpos.patching.attribution as attribution
+    import wordpos.patching.roles as roles
+    from wordpos.patching.experiment import PatchConfig, run_patching
+    from wordpos.probing import load_model
+
+    model = load_model(tiny_gpt2_dir, device="cpu")
+    calls = {"prepare": 0, "roles": 0, "attribution": 0}
+
+    def counting(name, fn):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(act, "prepare", counting("prepare", act.prepare))
+    monkeypatch.setattr(roles, "head_roles", counting("roles", roles.head_roles))
+    monkeypatch.setattr(attribution, "attribute_heads", counting("attribution", attribution.attribute_heads))
+    import wordpos.patching.methods as methods
+    monkeypatch.setattr(methods, "head_roles", roles.head_roles)
+    methods_ = ("activation", "attribution", "path")
+    kw = dict(model=str(tiny_gpt2_dir), probe=str(probe_run), n_pairs=6, seed=0, by_pos=False, screen="attribution")
+    shared: dict = {}
+    for m in methods_:
+        run_patching(PatchConfig(method=m, **kw), tmp_path / "shared" / m, model=model, progress=False, shared=shared)
+    assert calls == {"prepare": 1, "roles": 1, "attribution": 1}  # the screen's attribution serves all three
+    for m in methods_:
+        run_patching(PatchConfig(method=m, **kw), tmp_path / "alone" / m, model=model, progress=False)
+    assert calls == {"prepare": 4, "roles": 4, "attribution": 4}
+    for m in methods_:
+        a, b = tmp_path / "shared" / m, tmp_path / "alone" / m
+        assert json.loads((a / "roles.json").read_text()) == json.loads((b / "roles.json").read_text())
+        assert np.array_equal(EffectResult.load(a).effects, EffectResult.load(b).effects)

@@ -143,5 +143,5 @@ def test_ablation_stage_leaves_heads_it_did_not_measure_nan(tiny_model, tiny_pro
     assert measured.sum() == 3 and sorted(res.config["candidates"]) == sorted(
         f"{L}.{h}" for L, h in zip(*np.nonzero(measured)))
     assert all(np.isfinite(h["effect"]) for h in res.top_heads(10)) and len(res.top_heads(10)) == 3
-    fig = out.figs["heads"]
+    fig = out.figs["heads"]()  # drawn when saved
     assert fig.data[0].hoverongaps is False and np.isnan(np.asarray(fig.data[0].z, dtype=float)).sum() == 5
