@@ -138,8 +138,8 @@ def _vocab_for(probe_dir: Path, tokenizer: Any, seed: int) -> WordVocab:
 def _shared_scope(engine: Any, probe_dir: Path, config: PatchConfig) -> tuple[Any, ...]:
     """What the memoised pairs, contexts, datasets and roles depend on besides the keys they are stored under
     (metric and direction, prompt count): the model, the probe, the pair recipe and the sizing."""
-    return (id(getattr(engine, "model", engine)), str(Path(probe_dir).resolve()), config.n_pairs, config.corruption, config.seed,
-            repr(config.run_sizing()))
+    return (id(getattr(engine, "model", engine)), str(Path(probe_dir).resolve()), config.n_pairs, config.corruption,
+            config.seed, repr(config.run_sizing()))
 
 
 def run_patching(config: PatchConfig, out: str | Path, *, model: Any = None, overwrite: bool = False,
@@ -148,8 +148,8 @@ def run_patching(config: PatchConfig, out: str | Path, *, model: Any = None, ove
 
     ``shared`` (a dict the caller keeps, e.g. ``wordpos run`` across its four patching stages) memoises what
     stages with the same model, probe, pairs and sizing would otherwise each compute again: the pairs, the patching
-    contexts (base runs), generated datasets and the head roles. It is keyed by those settings, so stages that
-    differ in them do not share."""
+    contexts (base runs), attribution patching of every head, generated datasets and the head roles. It is keyed by
+    those settings, so stages that differ in them do not share."""
     out = Path(out)
     spec = registry.get(config.method)
     probe, probe_dir = load_probe(config.probe)
