@@ -166,7 +166,7 @@ def _run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool, progre
                   device=config.device, top_k=config.top_k, n_random=config.n_random, receivers=config.receivers,
                   n_prompts=min(config.n_prompts, config.sizing.ablation_prompts), checkpoint_dir=str(out / "checkpoints"),
                   sizing=config.sizing, screen=config.screen)
-    stages, shared = {}, {}  # shared: pairs, base runs, datasets and head roles the four stages have in common
+    stages, shared = {}, {}  # shared: pairs, base runs, attribution, datasets and head roles the four stages have in common
     for method in ("activation", "attribution", "path", "ablation"):
         with _stage(f"{method} patching" if method != "ablation" else "ablation", timings, progress,
                     out / f"patch_{method}" / "summary.json", **kw):

@@ -8,8 +8,6 @@ anchors and 1 on word-initial tokens: 1 for a perfect anchor counter, ~0 for a h
 
 from __future__ import annotations
 
-import contextlib
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -23,6 +21,7 @@ from wordpos.patching.sizing import Sizing
 from wordpos.probing import hooks as H
 from wordpos.probing.datasets import PromptSet
 from wordpos.probing.engines import as_engine
+from wordpos.probing.vocab import tokenizer_memo
 
 ROLE_NAMES = ("to_anchor", "to_space", "to_prev", "to_bos", "counter_score")
 ANCHOR_TEXTS = (".", ",", "\n")
@@ -42,22 +41,17 @@ def anchor_masks(tokenizer: Any) -> dict[str, Tensor]:
     return masks
 
 
-_TOKEN_CLASSES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def token_classes(tokenizer: Any) -> tuple[Tensor, Tensor]:
     """Boolean masks over the vocabulary: anchor tokens, and tokens that start a word (leading space).
     Remembered per tokenizer (listing a 49k-token vocabulary takes ~0.1 s; every attention statistic asks)."""
-    try:
-        return tuple(m.clone() for m in _TOKEN_CLASSES[tokenizer])
-    except (KeyError, TypeError):
-        pass
-    toks = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    is_anchor = torch.stack(list(anchor_masks(tokenizer).values())).any(0)
-    is_space = torch.tensor([isinstance(t, str) and t[:1] in ("Ġ", "▁", " ") for t in toks])
-    with contextlib.suppress(TypeError):
-        _TOKEN_CLASSES[tokenizer] = (is_anchor.clone(), is_space.clone())
-    return is_anchor, is_space
+    memo = tokenizer_memo(tokenizer)
+    if "token_classes" not in memo:
+        toks = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        is_anchor = torch.stack(list(anchor_masks(tokenizer).values())).any(0)
+        is_space = torch.tensor([isinstance(t, str) and t[:1] in ("Ġ", "▁", " ") for t in toks])
+        memo["token_classes"] = (is_anchor, is_space)
+    is_anchor, is_space = memo["token_classes"]
+    return is_anchor.clone(), is_space.clone()
 
 
 @dataclass

@@ -44,16 +44,22 @@ def word_tokens(tokenizer: Any, word: str) -> list[int]:
     return words_tokens(tokenizer, [word])[0]
 
 
-_WORD_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TOKENIZER_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def tokenizer_memo(tokenizer: Any) -> dict[str, Any]:
+    """A dict that lives as long as ``tokenizer``, for what is computed from its vocabulary once (word token ids,
+    token classes); a fresh empty dict, so nothing is remembered, when it cannot be weakly referenced."""
+    try:
+        return _TOKENIZER_MEMO.setdefault(tokenizer, {})
+    except TypeError:
+        return {}
 
 
 def words_tokens(tokenizer: Any, words: Sequence[str]) -> list[list[int]]:
     """:func:`word_tokens` of every word: new words are encoded in one batch call (a fast Hugging Face tokenizer)
     and remembered per tokenizer, since a run's vocabulary and each of its datasets tokenise the same words."""
-    try:
-        memo = _WORD_IDS.setdefault(tokenizer, {})
-    except TypeError:  # a tokenizer that cannot be weakly referenced: no memo
-        memo = {}
+    memo = tokenizer_memo(tokenizer).setdefault("word_ids", {})
     todo = [w for w in dict.fromkeys(words) if w not in memo]
     if todo:
         if getattr(tokenizer, "is_fast", False) and callable(tokenizer):
