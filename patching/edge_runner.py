@@ -286,6 +286,10 @@ class EdgeRunner:
         D = None
         if keep_not is not None:
             keep_not = keep_not.to(self.dtype)
+            # which readers have an ablated edge from a writer before them in some circuit: one host copy per
+            # forward, not a sync per reader
+            valid = self.graph.valid.to(eng.device, self.dtype)
+            ablated_any = (keep_not * valid).amax((0, 1)).bool().tolist()
             D = torch.zeros(C, self.graph.n_writers, b * T * d, dtype=self.dtype, device=eng.device)
             abl = einops.rearrange(ablated.expand(-1, b, -1, -1), "w b t d -> w (b t d)")
 
@@ -294,9 +298,9 @@ class EdgeRunner:
                 D[:, w] = o - abl[w]
 
             def correction(r: slice, w_end: int) -> Tensor | None:
-                mk = keep_not[:, :w_end, r]
-                if not bool(mk.any()):
+                if not any(ablated_any[r]):
                     return None
+                mk = keep_not[:, :w_end, r]
                 corr = torch.bmm(mk.transpose(1, 2), D[:, :w_end])  # [C, R, (b t d)]
                 return einops.rearrange(corr, "c r (b t d) -> (c b) t r d", b=b, t=T)
 
