@@ -54,7 +54,11 @@ Evaluate = Callable[[Tensor], Any]
 # ---------------------------------------------------------------------------------------------------- structure
 def reader_owner(graph: EdgeGraph) -> Bool[Tensor, "n_writers n_readers"]:
     """``owner[w, r]``: reader ``r`` is an input of writer node ``w``'s computation (a head's q, its key/value
-    head's k and v (GQA: shared by the group), an MLP's input). ``input`` owns nothing; ``probe`` has no owner."""
+    head's k and v (GQA: shared by the group), an MLP's input). ``input`` owns nothing; ``probe`` has no owner.
+    Remembered on the graph (a Python loop over the readers; every pruning round asks)."""
+    cached = graph.__dict__.get("_reader_owner")
+    if cached is not None:
+        return cached.clone()
     own = torch.zeros(graph.n_writers, graph.n_readers, dtype=torch.bool)
     for j, r in enumerate(graph.readers):
         if r == "probe":
@@ -62,7 +66,8 @@ def reader_owner(graph: EdgeGraph) -> Bool[Tensor, "n_writers n_readers"]:
         owners = graph.reader_heads(r) if graph.reader_kind(r) != "mlp" else [r]
         for w in owners:
             own[graph.writer_index(w), j] = True
-    return own
+    graph.__dict__["_reader_owner"] = own
+    return own.clone()
 
 
 def prune_dangling(graph: EdgeGraph, masks: Bool[Tensor, "*batch n_writers n_readers"]

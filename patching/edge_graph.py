@@ -268,13 +268,15 @@ class EdgeGraph:
         rnode = {r: (f"{r}<in>" if _MLP_RE.match(r) else r) for r in self.readers}
         for r in self.readers:
             g.add_node(rnode[r], name=r, **self.node_attrs(r, "reader"))
-        sc = None if scores is None else torch.as_tensor(scores, dtype=torch.float64)
-        mk = None if mask is None else torch.as_tensor(mask, dtype=torch.bool)
-        for i, j in zip(*[t.tolist() for t in self.edge_index()]):
+        wi, rj = self.edge_index()
+        # per-edge values read out in one go (indexing a tensor per edge costs ~10 µs each on 30k edges)
+        sc = [float("nan")] * len(wi) if scores is None else \
+            torch.as_tensor(scores, dtype=torch.float64)[wi, rj].tolist()
+        mk = [True] * len(wi) if mask is None else torch.as_tensor(mask, dtype=torch.bool)[wi, rj].tolist()
+        kind = {r: self.reader_kind(r) for r in self.readers}
+        for i, j, s, m in zip(wi.tolist(), rj.tolist(), sc, mk):
             w, r = self.writers[i], self.readers[j]
-            g.add_edge(w, rnode[r], name=f"{w}->{r}", reader=self.reader_kind(r),
-                       score=float(sc[i, j]) if sc is not None else float("nan"),
-                       in_graph=bool(mk[i, j]) if mk is not None else True)
+            g.add_edge(w, rnode[r], name=f"{w}->{r}", reader=kind[r], score=s, in_graph=m)
         return g
 
 

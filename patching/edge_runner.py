@@ -132,6 +132,10 @@ class EdgeRunner:
         self._layout()
         self.ablated = self._ablated_outputs(reference, seed)  # [W, B | 1, T, d]
         self.clean_out: Tensor | None = None  # the clean run's writer outputs, filled by EAP when needed
+        self._metrics: dict[tuple[int, int], Any] = {}
+        self._valid: Tensor | None = None  # graph.valid on the device, in the runner's dtype
+        self._full: Tensor | None = None  # the clean and the empty circuit's values: fixed for a runner
+        self._empty: Tensor | None = None
         self.p0 = 0  # patched forwards run positions p0.. on top of the pairs' cached prefix (0: full prompts)
         self.prefix: PrefixKV | None = None
         self.prefix_reason = "share_prefix=False" if not share_prefix else None
@@ -256,8 +260,15 @@ class EdgeRunner:
         from wordpos.patching.metrics import ProbeMetric
 
         m = self.ctx.metric
-        sub = self.pairs.subset(idx)
-        per = ProbeMetric(m.probe, sub, kind=m.kind).per_target(resid)  # [copies, b, k]
+        if isinstance(idx, slice):  # one metric per slice of pairs: building one reads the labels back (a sync)
+            key = (idx.start, idx.stop)
+            if key not in self._metrics:
+                self._metrics[key] = ProbeMetric(m.probe, self.pairs.subset(idx), kind=m.kind)
+            metric = self._metrics[key]
+        else:
+            metric = ProbeMetric(m.probe, self.pairs.subset(idx), kind=m.kind)
+        sub = metric.pairs
+        per = metric.per_target(resid)  # [copies, b, k]
         mask = sub.target_mask.to(per.dtype)
         per_pair = self.pairs.target_mask.sum().to(per.dtype) / len(self.pairs)
         raw = (per * mask).sum(-1) / per_pair
@@ -288,8 +299,9 @@ class EdgeRunner:
             keep_not = keep_not.to(self.dtype)
             # which readers have an ablated edge from a writer before them in some circuit: one host copy per
             # forward, not a sync per reader
-            valid = self.graph.valid.to(eng.device, self.dtype)
-            ablated_any = (keep_not * valid).amax((0, 1)).bool().tolist()
+            if self._valid is None:
+                self._valid = self.graph.valid.to(eng.device, self.dtype)
+            ablated_any = (keep_not * self._valid).amax((0, 1)).bool().tolist()
             D = torch.zeros(C, self.graph.n_writers, b * T * d, dtype=self.dtype, device=eng.device)
             abl = einops.rearrange(ablated.expand(-1, b, -1, -1), "w b t d -> w (b t d)")
 
@@ -394,6 +406,12 @@ class EdgeRunner:
 
     @torch.no_grad()
     def clean_values(self) -> Float[Tensor, " n_pairs"]:
+        """Per-pair value of the full model (computed once per runner)."""
+        if self._full is None:
+            self._full = self._clean_values()
+        return self._full.clone()
+
+    def _clean_values(self) -> Float[Tensor, " n_pairs"]:
         B, T = self.pairs.clean.shape
         per = max(1, tokens_per_forward(self.engine, self.graph.n_writers, max_tokens=self.max_tokens) // (T - self.p0))
         vals = torch.empty(B, dtype=torch.float64)
@@ -408,10 +426,14 @@ class EdgeRunner:
 
     def evaluate(self, masks: Bool[Tensor, "n_circuits n_writers n_readers"], *, progress: bool = False) -> EdgeEval:
         masks = self.graph.check_mask(masks)
-        kn = torch.cat([self.keep_not(masks), self.keep_not(self.graph.empty_mask())])
+        kn = self.keep_not(masks)
+        if self._empty is None:  # the empty circuit rides along with the first call's circuits
+            kn = torch.cat([kn, self.keep_not(self.graph.empty_mask())])
         vals = self.evaluate_keep_not(kn, progress=progress)
+        if self._empty is None:
+            vals, self._empty = vals[:-1], vals[-1]
         n_edges = (masks & self.graph.valid).sum((1, 2))
-        return EdgeEval(vals[:-1], self.clean_values(), vals[-1], self.ablation, n_edges)
+        return EdgeEval(vals, self.clean_values(), self._empty.clone(), self.ablation, n_edges)
 
     def exact_scores(self, edges: Sequence[str] | None = None, *, progress: bool = False) -> EdgeScores:
         """Exact edge patching: for each edge e, m(N with only e ablated) − m(N), averaged over pairs (the ground

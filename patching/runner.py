@@ -178,6 +178,13 @@ def _slot_source(req: Request, edit: Edit, sl: slice, src_run: dict[str, Tensor]
     raise AssertionError(edit.write)
 
 
+def _index(values: list[int], device: torch.device) -> Tensor:
+    """An index tensor on ``device`` without stalling it: ``torch.tensor(..., device=cuda)`` waits for the queue to
+    drain (a blocking copy); a non-blocking copy of a small host tensor does not."""
+    t = torch.tensor(values, dtype=torch.long)
+    return t if device.type == "cpu" else t.to(device, non_blocking=True)
+
+
 def apply_edits(act: Tensor, rows: Sequence[tuple[int, Edit]], P: int, req: Request, sl: slice,
                 src_run: dict[str, Tensor]) -> Tensor:
     """Apply ``rows`` = ``(intervention index p, edit)`` to ``act`` ``[P * b, T, ...]`` (all at one hook): one
@@ -191,13 +198,13 @@ def apply_edits(act: Tensor, rows: Sequence[tuple[int, Edit]], P: int, req: Requ
     for key in sorted(kinds, key=lambda k: (k[0], str(k))):
         group = kinds[key]
         _, write, value, all_heads, all_pos = key
-        p_idx = torch.tensor([p for p, _ in group], device=dev)
+        p_idx = _index([p for p, _ in group], dev)
         if write == "value":  # [b, T, ...]: the same tensor for every p of this name
             S = req.values[value][sl].to(dev, a.dtype)
         else:
             S = _slot_source(req, group[0][1], sl, src_run, act, b).to(dev, a.dtype)
-        heads = torch.tensor([e.head for _, e in group], device=dev) if not all_heads else None
-        pos = torch.tensor([e.pos for _, e in group], device=dev) if not all_pos else None
+        heads = _index([e.head for _, e in group], dev) if not all_heads else None
+        pos = _index([e.pos for _, e in group], dev) if not all_pos else None
         if all_heads and all_pos:
             a[p_idx] = S.unsqueeze(0)
         elif all_pos:  # a[p, :, :, head_p] = S[:, :, head_p]
@@ -259,6 +266,33 @@ def _group_name(start: int | None, ivs: Sequence[Intervention]) -> str:
     return f"L{'tok' if start is None else start}-{len(ivs)}-{digest}"
 
 
+def _launch_bound(device: torch.device) -> bool:
+    """Whether small forwards on ``device`` cost their launches more than their arithmetic (any accelerator)."""
+    return device.type != "cpu"
+
+
+def _coalesce(groups: dict[int | None, list[int]], per: int) -> dict[int | None, list[int]]:
+    """On an accelerator a small forward costs its launches, not its arithmetic: groups of interventions that start
+    at different layers and together fit one forward run as one, from the earliest of their layers (the layers in
+    between recompute the base run's values, unpatched). Groups that fill a forward on their own stay apart, so a
+    large sweep keeps skipping the layers below its patches. Token-input groups (``None``) stay apart."""
+    out: dict[int | None, list[int]] = {}
+    if None in groups:
+        out[None] = groups[None]
+    start, acc = None, []
+    for layer in sorted(k for k in groups if k is not None):
+        idxs = groups[layer]
+        if acc and len(acc) + len(idxs) <= per:
+            acc = acc + idxs
+            continue
+        if acc:
+            out[start] = acc
+        start, acc = layer, list(idxs)
+    if acc:
+        out[start] = acc
+    return out
+
+
 def run_interventions(engine: Engine, req: Request, interventions: Sequence[Intervention], *,
                       sizing: Sizing | None = None, max_tokens: int | None = None,
                       checkpoint: SweepCheckpoint | None = None, progress: bool = True, desc: str = "patching",
@@ -286,11 +320,13 @@ def run_interventions(engine: Engine, req: Request, interventions: Sequence[Inte
             raise ConfigError(f"intervention {iv} starts at layer {iv.start_layer} but the request has no resid_pre "
                               "for that layer.")
         groups[iv.start_layer].append(i)
+    b = min(N, sizing.prompt_batch, max(1, budget // T)) if req.split_prompts else N
+    per = max(1, budget // (b * T))
+    if _launch_bound(engine.device):
+        groups = _coalesce(groups, per)
     if req.skips_positions:  # latest-starting chunks: order each group by the first position it can change
         firsts = [req.first_changed(iv) for iv in interventions]
         groups = defaultdict(list, {k: sorted(v, key=lambda i: firsts[i]) for k, v in groups.items()})
-    b = min(N, sizing.prompt_batch, max(1, budget // T)) if req.split_prompts else N
-    per = max(1, budget // (b * T))
     prompt_slices = [slice(s, min(N, s + b)) for s in range(0, N, b)]
     results: list[Any] = [None] * len(interventions)
     bar = progress_bar(total=len(interventions) * len(prompt_slices), desc=desc, unit=unit, disable=not progress)

@@ -249,10 +249,14 @@ def batched_lbfgs_logreg(Z: Float[Tensor, "problem sample d"], y: Int[Tensor, "s
         torch.cuda.current_stream(dev).wait_stream(side)
         it = m
         if bool(active.any()):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):  # recorded, not run
-                block()
-            run = graph.replay
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):  # recorded, not run: the state tensors are as the first block left them
+                    block()
+                run = graph.replay
+            except Exception as e:  # noqa: BLE001 - any capture failure: the same iterations, launched one by one
+                warnings.warn(f"CUDA graph capture of the probe fit failed ({type(e).__name__}: {e}); running it "
+                              "eagerly (same result, slower).", RuntimeWarning, stacklevel=2)
     while it < max_iter and bool(active.any()):
         run()
         it += m
@@ -405,8 +409,14 @@ class WordIndexProbe(ClassifierMixin, BaseEstimator):
     def logits(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... n_classes"]:
         """Differentiable probe logits in torch, on ``resid``'s device and dtype."""
         check_is_fitted(self, "directions_")
-        W = self.directions_.to(resid.device, resid.dtype)
-        return resid @ W.T + self.bias_.to(resid.device, resid.dtype)
+        D, b = self.directions_, self.bias_
+        key = (resid.device, resid.dtype, id(D), D._version, id(b), b._version)
+        cached = self.__dict__.get("_weights_on")
+        if cached is None or cached[0] != key or cached[1] is not D:
+            # kept per device and dtype: a host-to-device copy per call would stall an accelerator's queue
+            cached = (key, D, D.to(resid.device, resid.dtype).T, b.to(resid.device, resid.dtype))
+            self.__dict__["_weights_on"] = cached
+        return resid @ cached[2] + cached[3]
 
     # ---------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

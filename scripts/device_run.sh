@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # The GPU figures of docs/performance.md in one call on a lent machine with no network (issue 14): wordpos and the
 # packages the machine's image lacks travel as wheels in .whl/ (git-ignored; build the wordpos wheel with
-# `.venv/bin/python -m pip wheel --no-deps -w .whl .`). Writes JSON records and logs under $OUT.
+# `.venv/bin/python -m pip wheel --no-deps -w .whl .`). Writes the JSON records under $OUT and every log, with
+# PROFILE=1 also a cProfile of the SmolLM2-architecture benchmark (last, so a time limit cuts only it), into
+# $OUT/logs.tgz (the device tool brings back at most 8 files).
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
+FINAL=${OUT:-/tmp/out}
+OUT=/tmp/device-run-logs
+mkdir -p "$OUT" "$FINAL"
+pack() { cp "$OUT"/*.json "$OUT/gpu.txt" "$FINAL"/ 2>/dev/null; tar czf "$FINAL/logs.tgz" -C "$OUT" . ; }
+trap pack EXIT
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   > "$OUT/pip.log" 2>&1 || { echo "wheel install failed"; tail -5 "$OUT/pip.log"; }
 export PYTHONPATH=/tmp/site
@@ -13,6 +18,7 @@ tag=${TAG:-gpu}
 step() { local name=$1; shift; local t0=$SECONDS; "$@" > "$OUT/$name.log" 2>&1; local rc=$?
   echo "== $name rc=$rc $((SECONDS - t0)) s"; grep -v "it/s\]" "$OUT/$name.log" | tail -${TAILN:-16}; }
 step parity python3 scripts/device_parity.py --device cuda --out "$OUT/$tag-parity.json"
+pack
 step organism python3 scripts/bench.py --model organism --device cuda --out "$OUT/$tag-organism-fp32.json" --markdown
 step smollm2-fp32 python3 scripts/bench.py --model smollm2-arch --device cuda --out "$OUT/$tag-smollm2-arch-fp32.json" --markdown
 # end to end, as a researcher runs it: a fresh process, imports and model load included
@@ -20,3 +26,13 @@ python3 -c "import sys; sys.path.insert(0, 'scripts'); from bench import build_s
 step e2e-smollm2 /usr/bin/time -f "END-TO-END %e s" python3 -m wordpos.circuit.cli run --model /tmp/smollm2-arch --device cuda --out /tmp/e2e --quiet
 grep -h "END-TO-END" "$OUT/e2e-smollm2.log"
 step smollm2-bf16 python3 scripts/bench.py --model smollm2-arch --device cuda --dtype bfloat16 --out "$OUT/$tag-smollm2-arch-bf16.json" --markdown
+pack
+if [ "${PROFILE:-0}" = 1 ]; then
+  step profile python3 -m cProfile -o "$OUT/prof.out" scripts/bench.py --model smollm2-arch --device cuda --keep /tmp/prof-run
+  python3 -c "
+import pstats, io
+for key in ('cumulative', 'tottime'):
+    s = io.StringIO(); pstats.Stats('$OUT/prof.out', stream=s).sort_stats(key).print_stats(150); open('$OUT/prof-' + key + '.txt', 'w').write(s.getvalue())
+"
+  rm -f "$OUT/prof.out"; cp /tmp/prof-run/circuit/circuit.json "$OUT/prof-circuit.txt" 2>/dev/null
+fi

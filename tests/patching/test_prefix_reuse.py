@@ -138,3 +138,32 @@ def test_ablation_starts_at_the_first_ablated_layer(both, small_data, monkeypatc
     ablated_sets(engine, 1, prompts, [[], [(1, 0)], [(1, 2)]], method, means)
     patched = [c for c in calls if c[1] is not None]
     assert patched and all(start == 1 and past is None and w == prompts.max_len() for w, start, past in patched)
+
+
+@pytest.mark.parametrize("sweep", ["heads", "heads_by_pos", "resid", "path_direct", "path_edges"])
+def test_accelerator_coalescing_of_start_layers_gives_the_same_answer(both, sweep, monkeypatch):
+    """On an accelerator the runner merges small groups of interventions that start at different layers into one
+    forward from the earliest (``runner._coalesce``). Forced here on the CPU: the same effects as one forward per
+    start layer (1e-9, float64), in fewer forwards where there were several start layers to merge."""
+    from wordpos.patching import runner
+    from wordpos.patching.path import path_patch_edges
+
+    model, ctx, _ = both
+    run = {"heads": lambda c: patch_heads(model, c, progress=False),
+           "heads_by_pos": lambda c: patch_heads(model, c, by_pos=True, progress=False),
+           "resid": lambda c: patch_resid(model, c, progress=False),
+           "path_direct": lambda c: path_patch_direct(model, c, progress=False),
+           "path_edges": lambda c: path_patch_edges(model, c, progress=False)}[sweep]
+    fresh = lambda: prepare(model, ctx.pairs, ctx.probe)  # noqa: E731 - a context remembers its sweeps
+    c1, c2 = fresh(), fresh()
+    calls = record_runs(c1.engine, monkeypatch)
+    apart = run(c1).effects
+    n_apart = len(calls)
+    calls = record_runs(c2.engine, monkeypatch)
+    monkeypatch.setattr(runner, "_launch_bound", lambda device: True)
+    merged = run(c2).effects
+    assert np.array_equal(np.isnan(apart), np.isnan(merged)) and np.isfinite(apart).sum() > 0
+    assert np.nanmax(np.abs(apart - merged)) < 1e-9
+    assert len(calls) <= n_apart
+    if sweep in ("heads", "path_direct"):  # heads of both layers: two start layers became one forward
+        assert len(calls) < n_apart and min(c[1] or 0 for c in calls) == 0
