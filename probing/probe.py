@@ -394,7 +394,29 @@ class WordIndexProbe(ClassifierMixin, BaseEstimator):
                               "was the probe fitted on another model?")
         return X
 
+    def _on_device(self, X: ArrayLike) -> Tensor | None:
+        """Decision values computed where ``X`` lives when that is an accelerator (float64, the standardisation
+        and weights as fitted; argmax ties aside the same predictions as the host path), else None: scoring 30
+        layers' residuals kept on a GPU then costs one small copy per call instead of moving every residual."""
+        if not isinstance(X, Tensor) or X.device.type == "cpu":
+            return None
+        return self._torch_decision(X)
+
+    def _torch_decision(self, X: Tensor) -> Tensor:
+        """``decision_function`` in torch on ``X``'s device: ``[n, k]`` (``k = 1`` for two classes)."""
+        check_is_fitted(self, "directions_")
+        if X.ndim != 2 or X.shape[1] != self.n_features_in_:
+            raise ConfigError(f"expected residual vectors of shape [n, {self.n_features_in_}], got {tuple(X.shape)}; "
+                              "was the probe fitted on another model?")
+        t = lambda a: torch.as_tensor(np.asarray(a, np.float64), device=X.device)  # noqa: E731
+        Z = (X.to(torch.float64) - t(self.scaler_.mean_)) / t(self.scaler_.scale_)
+        return Z @ t(self.coef_).T + t(self.intercept_)
+
     def decision_function(self, X: ArrayLike) -> np.ndarray:
+        dev = self._on_device(X)
+        if dev is not None:
+            d = dev.cpu().numpy()
+            return d[:, 0] if d.shape[1] == 1 else d
         X = self._check(X).astype(np.float64)
         return self.clf_.decision_function(self.scaler_.transform(X))
 
@@ -403,6 +425,10 @@ class WordIndexProbe(ClassifierMixin, BaseEstimator):
         return self.clf_.predict_proba(self.scaler_.transform(X))
 
     def predict(self, X: ArrayLike) -> np.ndarray:
+        dev = self._on_device(X)
+        if dev is not None:  # scikit-learn's rule: argmax, or decision > 0 for two classes
+            idx = (dev[:, 0] > 0).long() if dev.shape[1] == 1 else dev.argmax(1)
+            return np.asarray(self.classes_)[idx.cpu().numpy()]
         X = self._check(X).astype(np.float64)
         return self.clf_.predict(self.scaler_.transform(X))
 

@@ -168,3 +168,16 @@ def test_organism_batched_optimizer_matches_sklearn(organism_acts):
         sk = WordIndexProbe(solver="sklearn").fit(acts.train(L), acts.labels["train"])
         assert probe.layer == L
         assert abs(probe.score(acts.test(L), acts.labels["test"]) - sk.score(acts.test(L), acts.labels["test"])) <= 0.005
+
+
+@pytest.mark.parametrize("n_classes", [2, 7])
+def test_device_decision_path_matches_sklearns(n_classes):
+    """Residuals kept on an accelerator are scored there (``WordIndexProbe._torch_decision``, run here on the CPU):
+    the same decision values as scikit-learn's host path and the same predictions."""
+    X, y = _blobs(n_classes, n=500, d=16)
+    probe = WordIndexProbe(solver="torch").fit(X, y)
+    ours = probe._torch_decision(torch.from_numpy(X).float()).numpy()
+    ref = probe.clf_.decision_function(probe.scaler_.transform(X.astype(np.float32).astype(np.float64)))
+    assert np.allclose(ours[:, 0] if n_classes == 2 else ours, ref, rtol=0, atol=1e-9)
+    pred = np.asarray(probe.classes_)[(ours[:, 0] > 0).astype(int) if n_classes == 2 else ours.argmax(1)]
+    assert np.array_equal(pred, probe.predict(X.astype(np.float32)))
