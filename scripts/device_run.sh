@@ -17,8 +17,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 tag=${TAG:-gpu}
 step() { local name=$1; shift; local t0=$SECONDS; "$@" > "$OUT/$name.log" 2>&1; local rc=$?
   echo "== $name rc=$rc $((SECONDS - t0)) s"; grep -v "it/s\]" "$OUT/$name.log" | tail -${TAILN:-16}; }
-step parity python3 scripts/device_parity.py --device cuda --out "$OUT/$tag-parity.json"
-pack
+if [ "${PARITY:-1}" = 1 ]; then  # PARITY=0 skips it (a rerun of the benchmarks alone)
+  step parity python3 scripts/device_parity.py --device cuda --out "$OUT/$tag-parity.json"
+  pack
+fi
 step organism python3 scripts/bench.py --model organism --device cuda --out "$OUT/$tag-organism-fp32.json" --markdown
 step smollm2-fp32 python3 scripts/bench.py --model smollm2-arch --device cuda --out "$OUT/$tag-smollm2-arch-fp32.json" --markdown
 # end to end, as a researcher runs it: a fresh process, imports and model load included
