@@ -145,3 +145,16 @@ def test_ablation_stage_leaves_heads_it_did_not_measure_nan(tiny_model, tiny_pro
     assert all(np.isfinite(h["effect"]) for h in res.top_heads(10)) and len(res.top_heads(10)) == 3
     fig = out.figs["heads"]()  # drawn when saved
     assert fig.data[0].hoverongaps is False and np.isnan(np.asarray(fig.data[0].z, dtype=float)).sum() == 5
+
+
+def test_coalescing_merges_only_groups_that_fit_one_forward_together():
+    """The accelerator's grouping rule (``runner._coalesce``): consecutive start layers merge while their
+    interventions fit one forward (at most ``per``), from the earliest layer; a group that would overflow starts a
+    new one; token-input interventions (start ``None``) stay apart."""
+    from wordpos.patching.runner import _coalesce
+
+    groups = {None: [15], 0: [0, 1, 2, 3, 4], 1: [5, 6, 7, 8, 9], 2: [10, 11, 12, 13, 14]}
+    assert _coalesce(groups, 10) == {None: [15], 0: list(range(10)), 2: [10, 11, 12, 13, 14]}
+    assert _coalesce(groups, 15) == {None: [15], 0: list(range(15))}
+    assert _coalesce(groups, 9) == {k: v for k, v in groups.items()}
+    assert _coalesce({3: [0], 1: [1]}, 2) == {1: [1, 0]}
