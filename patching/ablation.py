@@ -266,9 +266,9 @@ def _refit_sets(probe: WordIndexProbe, xtr: Tensor, ytr: Tensor, xte: Tensor, yt
                 device: torch.device) -> list[float]:
     """Held-out accuracy of a probe re-fitted on each set's ablated activations (``xtr``/``xte``
     ``[set, sample, d_model]``) with the torch solver on ``device`` (the run's): on an accelerator every set in one
-    batched L-BFGS fit (launch-bound there), on the CPU one set at a time (a joint fit runs as many iterations as
-    its slowest set needs, and its shared line search converges each set less tightly). Sets with identical
-    activations are fitted once."""
+    batched fit (``batched_lbfgs_logreg``: each set its own L-BFGS, line search and stopping rule), on the CPU one
+    set at a time with torch's LBFGS (a joint fit there runs as many iterations as its slowest set needs, and its
+    shared line search converges each set less tightly). Sets with identical activations are fitted once."""
     from wordpos.probing.probe import fit_probes
 
     dev = device if device.type != "meta" else torch.device("cpu")
