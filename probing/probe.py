@@ -363,6 +363,11 @@ class WordIndexProbe(ClassifierMixin, BaseEstimator):
         self._set_fitted(clf.coef_, clf.intercept_, mean, scale, clf.classes_, n_samples=len(y), clf=clf)
         return self
 
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())  # a copy: object.__getstate__ may hand back __dict__ itself
+        state.pop("_weights_on", None)  # the weights' device copy (see logits): rebuilt on use, never pickled
+        return state
+
     def _set_fitted(self, coef: np.ndarray, intercept: np.ndarray, mean: np.ndarray, scale: np.ndarray,
                     classes: np.ndarray, *, n_samples: int | None = None, clf: LogisticRegression | None = None
                     ) -> None:

@@ -181,3 +181,18 @@ def test_device_decision_path_matches_sklearns(n_classes):
     assert np.allclose(ours[:, 0] if n_classes == 2 else ours, ref, rtol=0, atol=1e-9)
     pred = np.asarray(probe.classes_)[(ours[:, 0] > 0).astype(int) if n_classes == 2 else ours.argmax(1)]
     assert np.array_equal(pred, probe.predict(X.astype(np.float32)))
+
+
+def test_probe_pickles_without_its_device_weight_copy():
+    """``logits`` keeps the weights' copy per device and dtype; a pickled probe leaves it out and scores the same."""
+    import pickle
+
+    X, y = _blobs(3, n=200, d=8)
+    probe = WordIndexProbe(solver="torch").fit(X, y)
+    before = probe.logits(torch.from_numpy(X).double())
+    assert "_weights_on" in probe.__dict__
+    back = pickle.loads(pickle.dumps(probe))
+    assert "_weights_on" not in back.__dict__ and "_weights_on" in probe.__dict__
+    assert torch.equal(back.logits(torch.from_numpy(X).double()), before)
+    probe.directions_.mul_(2)  # an in-place change of the weights is seen by the next call
+    assert not torch.allclose(probe.logits(torch.from_numpy(X).double()), before)
