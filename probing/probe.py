@@ -146,8 +146,7 @@ def batched_lbfgs_logreg(Z: Float[Tensor, "problem sample d"], y: Int[Tensor, "s
     Za = torch.cat([Z, Z.new_ones(L, n, 1)], dim=2)  # the intercept as a last feature
     Zt = Za.transpose(1, 2).contiguous()
     onehot = torch.nn.functional.one_hot(y.to(dev).long(), n_classes).to(dt)  # [sample, classes]
-    if k == 1:
-        onehot_k = onehot[:, 1:]
+    tgt = onehot[:, 1:] if k == 1 else onehot  # the true class among the k fitted logit columns
     pen = torch.ones(d + 1, 1, dtype=dt, device=dev)
     pen[d] = 0.0  # intercept unpenalised
     reg = 1.0 / (2.0 * C * n)
@@ -171,7 +170,6 @@ def batched_lbfgs_logreg(Z: Float[Tensor, "problem sample d"], y: Int[Tensor, "s
     def cand_loss(logits: Tensor, Bp: Tensor) -> Tensor:
         """Mean cross-entropy of ``logits + α·Bp`` for every step ``α``: ``[problem, step]``. The true class's
         logit is linear in ``α``; only the log-sum-exp runs per step."""
-        tgt = onehot_k if k == 1 else onehot
         lin = vdot(logits, tgt)[:, None] / n + steps * (vdot(Bp, tgt) / n)[:, None]
         if k == 1:
             logits, Bp = (torch.cat([torch.zeros_like(t), t], dim=-1) for t in (logits, Bp))
@@ -391,12 +389,15 @@ class WordIndexProbe(ClassifierMixin, BaseEstimator):
         self.directions_ = torch.tensor(directions, dtype=torch.float32)
         self.bias_ = torch.tensor(intercept - directions @ mean, dtype=torch.float32)
 
-    def _check(self, X: ArrayLike) -> np.ndarray:
+    def _check_shape(self, shape: tuple[int, ...]) -> None:
         check_is_fitted(self, "directions_")
-        X = _np(X)
-        if X.ndim != 2 or X.shape[1] != self.n_features_in_:
-            raise ConfigError(f"expected residual vectors of shape [n, {self.n_features_in_}], got {X.shape}; "
+        if len(shape) != 2 or shape[1] != self.n_features_in_:
+            raise ConfigError(f"expected residual vectors of shape [n, {self.n_features_in_}], got {tuple(shape)}; "
                               "was the probe fitted on another model?")
+
+    def _check(self, X: ArrayLike) -> np.ndarray:
+        X = _np(X)
+        self._check_shape(X.shape)
         return X
 
     def _on_device(self, X: ArrayLike) -> Tensor | None:
@@ -409,10 +410,7 @@ class WordIndexProbe(ClassifierMixin, BaseEstimator):
 
     def _torch_decision(self, X: Tensor) -> Tensor:
         """``decision_function`` in torch on ``X``'s device: ``[n, k]`` (``k = 1`` for two classes)."""
-        check_is_fitted(self, "directions_")
-        if X.ndim != 2 or X.shape[1] != self.n_features_in_:
-            raise ConfigError(f"expected residual vectors of shape [n, {self.n_features_in_}], got {tuple(X.shape)}; "
-                              "was the probe fitted on another model?")
+        self._check_shape(tuple(X.shape))
         t = lambda a: torch.as_tensor(np.asarray(a, np.float64), device=X.device)  # noqa: E731
         Z = (X.to(torch.float64) - t(self.scaler_.mean_)) / t(self.scaler_.scale_)
         return Z @ t(self.coef_).T + t(self.intercept_)
@@ -443,9 +441,9 @@ class WordIndexProbe(ClassifierMixin, BaseEstimator):
         D, b = self.directions_, self.bias_
         key = (resid.device, resid.dtype, id(D), D._version, id(b), b._version)
         cached = self.__dict__.get("_weights_on")
-        if cached is None or cached[0] != key or cached[1] is not D:
+        if cached is None or cached[0] != key:  # (the cache holds D and b, so their ids stay theirs)
             # kept per device and dtype: a host-to-device copy per call would stall an accelerator's queue
-            cached = (key, D, D.to(resid.device, resid.dtype).T, b.to(resid.device, resid.dtype))
+            cached = (key, (D, b), D.to(resid.device, resid.dtype).T, b.to(resid.device, resid.dtype))
             self.__dict__["_weights_on"] = cached
         return resid @ cached[2] + cached[3]
 
