@@ -102,7 +102,7 @@ def cmd_circuit(args: argparse.Namespace) -> int:
     vocab = _vocab_for(probe_dir, engine.tokenizer, args.seed)
     pairs = make_pairs(engine.tokenizer, args.n_pairs, vocab=vocab, words="test", n_words=len(probe.classes_),
                        seed=args.seed)
-    ctx = prepare(engine, pairs, probe)
+    ctx = prepare(engine, pairs, probe, full_base_cache=True)  # the edge runner reads both runs' writers
     s = edge_circuit_stage(engine, ctx, args.out / "circuit", scores=args.scores, ablation=args.ablation,
                            target=args.target, steps=args.steps, n_random=args.n_random, progress=not args.quiet,
                            rule=args.rule, seed=args.seed, model_name=args.model,

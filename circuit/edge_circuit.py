@@ -40,8 +40,8 @@ from wordpos.probing.errors import ConfigError
 RULES = ("top-n", "greedy")
 EDGE_CIRCUIT_FORMAT = "wordpos.edge_circuit/1"
 
-__all__ = ["EdgeCircuit", "RULES", "edge_circuit_stage", "edge_order", "greedy_order", "node_view", "prune_dangling",
-           "select_circuit"]
+__all__ = ["EdgeCircuit", "RULES", "edge_circuit_stage", "edge_order", "first_round_masks", "greedy_order", "node_view",
+           "prune_dangling", "select_circuit"]
 
 
 def greedy_order(scores: EdgeScores) -> Tensor:
@@ -219,6 +219,15 @@ def _interior(lo: int, hi: int, k: int) -> list[int]:
     return sorted({lo + max(1, min(hi - lo - 1, int(round((hi - lo) * (i + 1) / (k + 1))))) for i in range(k)})
 
 
+def first_round_masks(scores: EdgeScores, rule: str = "top-n", *, prune: bool = True, per_call: int = 8
+                      ) -> Bool[Tensor, "k n_writers n_readers"]:
+    """The circuits the search of :func:`select_circuit` evaluates first (its geometric grid over ``1..n_valid``),
+    known before any evaluation: for :meth:`~wordpos.circuit.evaluation.MemoEvaluate.prefetch`."""
+    graph = scores.graph
+    masks = masks_from_order(graph, edge_order(scores, rule), _geometric(0, graph.n_edges, max(2, per_call)))
+    return prune_dangling(graph, masks) if prune else masks
+
+
 def select_circuit(model: Any, ctx: Any, scores: EdgeScores, target: float = 0.8, rule: str = "top-n", *,
                    ablation: str = "counterfactual", prune: bool = True, per_call: int = 8, max_rounds: int = 40,
                    n_boot: int = 1000, alpha: float = 0.05, seed: int = 0, max_circuits: int | None = None,
@@ -310,7 +319,8 @@ def edge_circuit_stage(engine: Any, ctx: Any, out_dir: str | Path, scores: str =
     import time
 
     from wordpos.circuit.edge_render import render_circuit_edges, save_edge_circuit_figure
-    from wordpos.circuit.evaluation import faithfulness_curve, node_curve, node_effects, node_scores_from_edges
+    from wordpos.circuit.evaluation import (MemoEvaluate, curve_masks, faithfulness_curve, node_curve, node_curve_masks,
+                                            node_effects, node_scores_from_edges)
     from wordpos.circuit.export import save_edge_graph, save_mib_json
     from wordpos.patching.eap import score_edges
     from wordpos.patching.edge_runner import EdgeRunner
@@ -339,6 +349,17 @@ def edge_circuit_stage(engine: Any, ctx: Any, out_dir: str | Path, scores: str =
     sc.save(out)
     timings["scores"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    # every circuit known before any evaluation (the curve's, the node curve's, the search's first round) in one
+    # batched call: on a GPU each call costs a patched forward's fixed launches, whatever its size
+    evaluate = MemoEvaluate(evaluate)
+    ns = None
+    if node_baseline is not None:
+        ns = node_scores_from_edges(sc) if node_baseline == "edge-sum" else \
+            node_effects(engine, ctx, graph, ablation, evaluate=evaluate)
+    evaluate.prefetch(first_round_masks(sc, rule), *curve_masks(sc, n_random=n_random, seed=seed),
+                      *(node_curve_masks(graph, ns, n_random=n_random, seed=seed) if ns is not None else ()))
+    timings["prefetch"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     circuit = select_circuit(engine, ctx, sc, target=target, rule=rule, ablation=ablation, n_boot=n_boot, seed=seed,
                              evaluate=evaluate)
     timings["select"] = time.perf_counter() - t0
@@ -350,9 +371,7 @@ def edge_circuit_stage(engine: Any, ctx: Any, out_dir: str | Path, scores: str =
     curve.target, curve.chosen = target, circuit.chosen_marker()
     curve.save(out)
     others = []
-    if node_baseline is not None:
-        ns = node_scores_from_edges(sc) if node_baseline == "edge-sum" else \
-            node_effects(engine, ctx, graph, ablation, evaluate=evaluate)
+    if ns is not None:
         ncurve = node_curve(engine, ctx, graph, ns, ablation=ablation, n_random=n_random, n_boot=n_boot, seed=seed,
                             method=f"node ({node_baseline})", evaluate=evaluate)
         ncurve.save(out, name="node_curve")

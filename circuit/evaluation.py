@@ -422,6 +422,60 @@ def make_evaluate(model: Any, ctx: Any, ablation: str = "counterfactual", *, gra
     return lambda masks: runner.evaluate(masks, progress=progress)
 
 
+class MemoEvaluate:
+    """An :data:`Evaluate` that remembers every mask's per-pair values (keyed by the mask), so that the masks of
+    several steps known in advance (the curve's, the node curve's, the search's first round) run as ONE batched
+    call (:meth:`prefetch`) and none runs twice. On a GPU each call is a patched forward whose cost is mostly fixed
+    (kernel launches), so fewer, larger calls are what makes the circuit stage fast there."""
+
+    def __init__(self, evaluate: Evaluate):
+        self.evaluate = evaluate
+        self.values: dict[bytes, Tensor] = {}
+        self.full: Tensor | None = None
+        self.empty: Tensor | None = None
+        self.ablation: str | None = None
+        self.calls = 0  # calls of the wrapped evaluator
+
+    @staticmethod
+    def _key(mask: Tensor) -> bytes:
+        return mask.numpy().tobytes()
+
+    def prefetch(self, *masks: Bool[Tensor, "*c w r"]) -> None:
+        """Evaluate every mask not seen yet in one call (any leading shape: a curve's ``[s, w, r]``, random sets'
+        ``[n_random, s, w, r]``)."""
+        flat = [torch.as_tensor(m, dtype=torch.bool) for m in masks]
+        flat = [m.reshape(-1, *m.shape[-2:]) for m in flat if m.numel()]
+        if flat:
+            self(torch.cat(flat))
+
+    def __call__(self, masks: Bool[Tensor, "c w r"]) -> Any:
+        masks = torch.as_tensor(masks, dtype=torch.bool).cpu()
+        keys = [self._key(m) for m in masks]
+        new = list({k: i for i, k in reversed(list(enumerate(keys))) if k not in self.values}.values())
+        new.sort()
+        if new or self.full is None:
+            idx = new or [0]
+            ev = self.evaluate(masks[idx])
+            vals = torch.as_tensor(ev.values, dtype=torch.float64)
+            if vals.shape[0] != len(idx):
+                raise ConfigError(f"the evaluator returned {vals.shape[0]} circuits for {len(idx)} masks.")
+            for i, v in zip(idx, vals):
+                self.values[keys[i]] = v
+            if self.full is None:
+                self.full = torch.as_tensor(ev.full, dtype=torch.float64)
+                self.empty = torch.as_tensor(ev.empty, dtype=torch.float64)
+                self.ablation = getattr(ev, "ablation", None)
+            self.calls += 1
+        values = torch.stack([self.values[k] for k in keys]) if keys else torch.zeros(0, len(self.full))
+        if self.ablation is None:
+            from types import SimpleNamespace
+
+            return SimpleNamespace(values=values, full=self.full.clone(), empty=self.empty.clone())
+        from wordpos.patching.edge_runner import EdgeEval
+
+        return EdgeEval(values, self.full.clone(), self.empty.clone(), self.ablation, masks.flatten(1).sum(1))
+
+
 def run_masks(evaluate: Evaluate, masks: Bool[Tensor, "c w r"], max_circuits: int | None = None
               ) -> tuple[Tensor, Tensor, Tensor]:
     """``(values [C, P], full [P], empty [P])`` of every mask, in one call (or chunks of ``max_circuits``).
@@ -492,6 +546,14 @@ def curve_from_masks(graph: EdgeGraph, masks: Bool[Tensor, "s w r"], random: Boo
         n_boot=int(n_boot), alpha=float(alpha), seed=int(seed), prune=bool(prune), config=dict(config or {}))
 
 
+def curve_masks(scores: EdgeScores, fractions: Sequence[float] = DEFAULT_FRACTIONS, n_random: int = 3, seed: int = 0,
+                *, prune: bool = True) -> tuple[Bool[Tensor, "s w r"], Bool[Tensor, "n_random s w r"]]:
+    """The masks :func:`faithfulness_curve` evaluates: the top edges at each fraction and ``n_random`` random edge
+    sets of each size (for :meth:`MemoEvaluate.prefetch`)."""
+    sizes = sizes_for(_check_fractions(fractions), scores.graph.n_edges)
+    return top_n_masks(scores, sizes, prune=prune), random_masks(scores.graph, sizes, n_random, seed, prune=prune)
+
+
 def faithfulness_curve(model: Any, ctx: Any, scores: EdgeScores,
                        fractions: Sequence[float] = DEFAULT_FRACTIONS, ablation: str = "counterfactual",
                        n_random: int = 3, n_boot: int = 1000, seed: int = 0, *, prune: bool = True,
@@ -505,8 +567,7 @@ def faithfulness_curve(model: Any, ctx: Any, scores: EdgeScores,
         raise ConfigError(f"n_random must be ≥ 0 and n_boot ≥ 1, got {n_random} and {n_boot}.")
     graph = scores.graph
     sizes = sizes_for(fractions, graph.n_edges)
-    masks = top_n_masks(scores, sizes, prune=prune)
-    rnd = random_masks(graph, sizes, n_random, seed, prune=prune)
+    masks, rnd = curve_masks(scores, fractions, n_random, seed, prune=prune)
     evaluate = evaluate or make_evaluate(model, ctx, ablation)
     return curve_from_masks(graph, masks, rnd, evaluate, fractions=fractions, sizes=sizes, level="edge",
                             method=scores.method, ablation=ablation, n_items=graph.n_edges, n_boot=n_boot,
@@ -535,13 +596,11 @@ def node_effects(model: Any, ctx: Any, graph: EdgeGraph, ablation: str = "counte
     return torch.as_tensor(1 - faithfulness_of(values, full, empty))
 
 
-def node_curve(model: Any, ctx: Any, graph: EdgeGraph, node_scores: Float[Tensor, " n_nodes"],
-               fractions: Sequence[float] = DEFAULT_FRACTIONS, ablation: str = "counterfactual", n_random: int = 3,
-               n_boot: int = 1000, seed: int = 0, *, method: str = "node", alpha: float = 0.05,
-               max_circuits: int | None = None, evaluate: Evaluate | None = None) -> Curve:
-    """Node-level curve: the top ``k`` heads/MLPs by |node score| at each fraction of the nodes, as edge masks
-    (:func:`node_set_masks`), against random node sets of the same sizes; same runner, same statistics."""
-    _check_ablation(ablation)
+def node_curve_masks(graph: EdgeGraph, node_scores: Float[Tensor, " n_nodes"],
+                     fractions: Sequence[float] = DEFAULT_FRACTIONS, n_random: int = 3, seed: int = 0
+                     ) -> tuple[Bool[Tensor, "s w r"], Bool[Tensor, "n_random s w r"]]:
+    """The masks :func:`node_curve` evaluates: the top heads/MLPs by |node score| at each fraction and
+    ``n_random`` random node sets of each size, as edge masks (for :meth:`MemoEvaluate.prefetch`)."""
     fractions = _check_fractions(fractions)
     names = node_names(graph)
     ns = torch.as_tensor(node_scores, dtype=torch.float64)
@@ -563,6 +622,21 @@ def node_curve(model: Any, ctx: Any, graph: EdgeGraph, node_scores: Float[Tensor
     masks = node_set_masks(graph, keep)
     rnd = torch.stack([node_set_masks(graph, k) for k in rkeep]) if rkeep else \
         torch.zeros(0, len(sizes), graph.n_writers, graph.n_readers, dtype=torch.bool)
+    return masks, rnd
+
+
+def node_curve(model: Any, ctx: Any, graph: EdgeGraph, node_scores: Float[Tensor, " n_nodes"],
+               fractions: Sequence[float] = DEFAULT_FRACTIONS, ablation: str = "counterfactual", n_random: int = 3,
+               n_boot: int = 1000, seed: int = 0, *, method: str = "node", alpha: float = 0.05,
+               max_circuits: int | None = None, evaluate: Evaluate | None = None) -> Curve:
+    """Node-level curve: the top ``k`` heads/MLPs by |node score| at each fraction of the nodes, as edge masks
+    (:func:`node_set_masks`), against random node sets of the same sizes; same runner, same statistics."""
+    _check_ablation(ablation)
+    fractions = _check_fractions(fractions)
+    sizes = sizes_for(fractions, len(node_names(graph)))
+    masks, rnd = node_curve_masks(graph, node_scores, fractions, n_random, seed)
+    names = node_names(graph)
+    order = torch.argsort(torch.as_tensor(node_scores, dtype=torch.float64).abs(), descending=True, stable=True)
     evaluate = evaluate or make_evaluate(model, ctx, ablation)
     return curve_from_masks(graph, masks, rnd, evaluate, fractions=fractions, sizes=sizes, level="node",
                             method=method, ablation=ablation, n_items=len(names), n_boot=n_boot, alpha=alpha,
@@ -570,7 +644,8 @@ def node_curve(model: Any, ctx: Any, graph: EdgeGraph, node_scores: Float[Tensor
                             config={"node_order": [names[i] for i in order.tolist()]})
 
 
-__all__ = ["ABLATIONS", "Curve", "DEFAULT_FRACTIONS", "bootstrap_faithfulness", "curve_figure", "curve_from_masks",
-           "faithfulness_curve", "faithfulness_of", "masks_from_order", "node_curve", "node_effects",
-           "node_names", "node_scores_from_edges", "node_set_masks", "percentile_ci", "prune_dangling",
-           "random_masks", "reader_owner", "sizes_for", "top_n_masks", "trapezoid"]
+__all__ = ["ABLATIONS", "Curve", "DEFAULT_FRACTIONS", "MemoEvaluate", "bootstrap_faithfulness", "curve_figure",
+           "curve_from_masks", "curve_masks", "faithfulness_curve", "faithfulness_of", "masks_from_order",
+           "node_curve", "node_curve_masks", "node_effects", "node_names", "node_scores_from_edges",
+           "node_set_masks", "percentile_ci", "prune_dangling", "random_masks", "reader_owner", "sizes_for",
+           "top_n_masks", "trapezoid"]

@@ -295,7 +295,7 @@ def edge_circuit_run_stage(config: RunConfig, out: Path, *, model: Any = None, o
     vocab = _vocab_for(probe_dir, engine.tokenizer, config.seed)
     pairs = make_pairs(engine.tokenizer, config.n_pairs, vocab=vocab, words="test", n_words=len(probe.classes_),
                        seed=config.seed)
-    ctx = prepare(engine, pairs, probe)
+    ctx = prepare(engine, pairs, probe, full_base_cache=True)  # the edge runner reads both runs' writers
     return edge_circuit_stage(engine, ctx, cdir, scores=config.circuit_scores, ablation=config.circuit_ablation,
                               target=config.circuit_target, steps=config.circuit_steps,
                               n_random=config.circuit_n_random, progress=progress, seed=config.seed,

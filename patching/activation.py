@@ -102,13 +102,15 @@ def check_probe(engine: Engine, probe: WordIndexProbe) -> int:
 @torch.no_grad()
 def prepare(model: Any, pairs: PatchingPairs, probe: WordIndexProbe, *, metric: MetricKind = "logit_diff",
             direction: Direction = "denoising", sizing: Sizing | None = None,
-            reuse_prefix: bool = True) -> PatchContext:
+            reuse_prefix: bool = True, full_base_cache: bool = False) -> PatchContext:
     """Cache the source run's activations at every site below the probe, the base run's residuals, and
     calibrate the metric on the clean and corrupted runs.
 
     ``reuse_prefix`` (default, where the engine allows it: TransformerLens bridges over decoder-only models) also
     keeps the base run's keys/values, so patched forwards recompute only the positions from the patch on (from the
-    first clean/corrupted difference for whole-position patches); the results are the same up to float rounding."""
+    first clean/corrupted difference for whole-position patches); the results are the same up to float rounding.
+    ``full_base_cache`` keeps every cached site of the base run too, not only its residuals: the edge runner then
+    takes both runs' writer outputs from the context instead of running the prompts again."""
     engine = as_engine(model)
     layer = check_probe(engine, probe)
     if direction not in ("denoising", "noising"):
@@ -129,7 +131,8 @@ def prepare(model: Any, pairs: PatchingPairs, probe: WordIndexProbe, *, metric: 
         base, source, base_cache = pairs.corrupted, clean_cache, corr_cache
     else:
         base, source, base_cache = pairs.clean, corr_cache, clean_cache
-    base_cache = {k: v for k, v in base_cache.items() if k in base_resid_names(range(stop))}
+    keep = set(names if full_base_cache else base_resid_names(range(stop)))
+    base_cache = {k: v for k, v in base_cache.items() if k in keep}
     ctx = PatchContext(engine, pairs, probe, m, direction, base, source, base_cache, stop, sizing=sizing)
     if reuse_prefix:
         from wordpos.probing.engines.split_inputs import prefix_kv_unsupported, run_prefix

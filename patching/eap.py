@@ -107,7 +107,7 @@ def score_edges(model: Any, ctx: Any, method: Method = "eap-ig", steps: int = 5,
     alphas = [1.0] if method == "eap" else ig_alphas(steps, points)
     g = runner.graph
     if runner.clean_out is None:
-        runner.clean_out = runner.writer_outputs(runner.pairs.clean)
+        runner.clean_out = runner.run_outputs("clean")
     B, T = runner.pairs.clean.shape
     p0 = runner.p0
     T -= p0  # positions each forward runs

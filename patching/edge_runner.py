@@ -47,6 +47,7 @@ from wordpos.patching.edge_graph import EdgeGraph, EdgeScores
 from wordpos.patching.sizing import Sizing
 from wordpos.probing import hooks as H
 from wordpos.probing.engines import Engine, as_engine
+from wordpos.probing.engines.lean import LeanBlocks, lean_unsupported
 from wordpos.probing.engines.split_inputs import (PrefixKV, head_out_weights, prefix_kv_unsupported, reader_hook,
                                                   run_prefix, run_suffix, split_reader_inputs)
 from wordpos.probing.errors import ConfigError
@@ -111,7 +112,7 @@ class EdgeRunner:
 
     def __init__(self, model: Any, ctx: Any, graph: EdgeGraph | None = None, *, ablation: Ablation = "counterfactual",
                  reference: Int[Tensor, "n_ref pos"] | None = None, seed: int = 0, max_tokens: int | None = None,
-                 share_prefix: bool = True):
+                 share_prefix: bool = True, lean: bool = True):
         if ablation not in ABLATIONS:
             raise ConfigError(f"ablation must be one of {ABLATIONS}, got {ablation!r}.")
         self.engine = as_engine(model if model is not None else ctx.engine)
@@ -139,8 +140,73 @@ class EdgeRunner:
         self.p0 = 0  # patched forwards run positions p0.. on top of the pairs' cached prefix (0: full prompts)
         self.prefix: PrefixKV | None = None
         self.prefix_reason = "share_prefix=False" if not share_prefix else None
-        if share_prefix:
-            self._setup_prefix(reference)
+        self.lean: LeanBlocks | None = None  # the hook-free forward, when this model allows it and it checks out
+        self.x0: Tensor | None = None  # the clean prompts' layer-0 residual (the lean forward's input)
+        self.lean_reason = "lean=False" if not lean else None
+        # with the lean forward, its own check (a plain run's probe residual, on the prefix) covers the prefix too;
+        # the bridge's suffix route is checked only if the lean forward is not taken
+        pending = self._setup_prefix(reference, check=not (lean and lean_unsupported(self.engine) is None)) \
+            if share_prefix else None
+        if lean:
+            self._setup_lean()
+        if pending is not None and self.lean is None:
+            self._finish_prefix(*pending)
+
+    # ------------------------------------------------------------------ lean forward
+    def _setup_lean(self) -> None:
+        reason = lean_unsupported(self.engine)
+        if reason is None:
+            try:
+                blocks = LeanBlocks(self.engine, self.probe_layer + 1)
+                self.x0 = self._clean_input()
+                reason = self._check_lean(blocks)
+            except Exception as e:  # noqa: BLE001 - any failure of the lean route means: keep the bridge's hooks
+                reason = f"the lean forward failed ({type(e).__name__}: {e})"
+        if reason is not None:
+            self.lean_reason, self.x0 = reason, None
+            log.info("edge runner: the bridge's hooks (no lean forward): %s", reason)
+            return
+        self.lean = blocks
+
+    def _clean_input(self) -> Float[Tensor, "n_pairs pos d_model"]:
+        """The residual entering layer 0 of the clean prompts: from the context's caches, else a forward."""
+        name = H.resid(0, "resid_pre")
+        x = self._run_cache("clean").get(name)
+        if x is None or tuple(x.shape[:2]) != tuple(self.pairs.clean.shape):
+            with torch.no_grad():
+                _, cache = self.engine.run(self.pairs.clean, cache=[name], stop_at_layer=1)
+            x = cache[name]
+        return x.to(self.engine.device).detach()
+
+    @torch.no_grad()
+    def _check_lean(self, blocks: LeanBlocks) -> str | None:
+        """The lean forward must reproduce a plain run's probe residual (two pairs; the context's base run when it
+        holds its input and output, else a forward of the clean prompts)."""
+        n, p0, P = min(2, len(self.pairs)), self.p0, self.probe_layer + 1
+        name = H.resid(0, "resid_pre")
+        base_x, base_out = getattr(self.ctx, "base_cache", {}).get(name), getattr(self.ctx, "base_out", None)
+        shape = tuple(self.pairs.clean.shape)
+        if base_x is not None and base_out is not None and tuple(base_x.shape[:2]) == shape \
+                and tuple(base_out.shape[:2]) == shape:
+            x, full = base_x[:n], base_out[:n]
+        else:
+            x = self.x0[:n]
+            full, _ = self.engine.run(self.pairs.clean[:n], stop_at_layer=P)
+        dev = self.engine.device
+        x, full = x.to(dev), full.to(dev)
+        past = None
+        if p0:
+            pre = self._prefix_rows(torch.arange(n, device=dev), n)
+            past = (pre.keys, pre.values)
+        out = blocks.forward(x[:, p0:], start=p0, past=past)
+        err = float((out.to(full.dtype) - full[:, p0:]).abs().max())
+        scale = max(1.0, float(full.abs().max()))
+        tol = {torch.float64: 1e-6, torch.float32: 1e-4}.get(full.dtype, 5e-2) * scale
+        if not err <= tol:
+            msg = f"the lean forward differs from a plain run by {err:.2e} (> {tol:.1e})"
+            log.warning("edge runner: %s; using the bridge's hooks", msg)
+            return msg
+        return None
 
     # ------------------------------------------------------------------ shared prefix
     def shared_prefix_len(self, reference: Tensor | None = None) -> int:
@@ -157,33 +223,72 @@ class EdgeRunner:
         first_target = int(self.pairs.target_pos[self.pairs.target_mask].min())
         return min(p0, first_target, clean.shape[1] - 1)
 
-    def _setup_prefix(self, reference: Tensor | None) -> None:
+    def _setup_prefix(self, reference: Tensor | None, check: bool = True) -> tuple | None:
+        """Take the shared prefix (the context's cached base run, else a run of the prefix), checked against a
+        plain run now, or (``check=False``) returned for :meth:`_finish_prefix` to check later."""
         reason = prefix_kv_unsupported(self.engine)
         p0 = self.shared_prefix_len(reference)
         if reason is None and p0 < 1:
             reason = "the prompts differ from the first position on"
         if reason is None:
             try:
-                prefix = run_prefix(self.engine, self.pairs.clean[:, :p0], self.probe_layer + 1)
-                reason = self._check_prefix(prefix, p0)
+                ctx_prefix = self._context_prefix(p0)
+                if ctx_prefix is not None:  # prepare's base run: its first p0 positions are every prompt's
+                    prefix, tokens, full = ctx_prefix
+                else:
+                    prefix = run_prefix(self.engine, self.pairs.clean[:, :p0], self.probe_layer + 1)
+                    tokens, full = self.pairs.clean, None
+                if check:
+                    reason = self._check_prefix(prefix, p0, tokens, full)
             except Exception as e:  # noqa: BLE001 - any failure of the cached route means: run full prompts
                 reason = f"the cached-prefix run failed ({type(e).__name__}: {e})"
         if reason is not None:
             self.prefix_reason = reason
             log.info("edge runner: full prompts (no shared prefix): %s", reason)
-            return
+            return None
         # the metric reads only the suffix: every target is at or after p0 (shared_prefix_len stops at the first)
         assert int(self.pairs.target_pos[self.pairs.target_mask].min()) >= p0
         self.p0, self.prefix = p0, prefix
+        return None if check else (prefix, p0, tokens, full)
+
+    def _finish_prefix(self, prefix: PrefixKV, p0: int, tokens: Tensor, full: Tensor | None) -> None:
+        """The deferred check of the bridge's suffix route (the lean forward was not taken)."""
+        try:
+            reason = self._check_prefix(prefix, p0, tokens, full)
+        except Exception as e:  # noqa: BLE001
+            reason = f"the cached-prefix run failed ({type(e).__name__}: {e})"
+        if reason is not None:
+            self.p0, self.prefix, self.prefix_reason = 0, None, reason
+            log.info("edge runner: full prompts (no shared prefix): %s", reason)
+
+    def _context_prefix(self, p0: int) -> tuple[PrefixKV, Tensor, Tensor] | None:
+        """The context's cached base run (``prepare``'s keys/values at every position) cut to its first ``p0``
+        positions, which every prompt shares, with the base prompts and their probe residual to check it against;
+        None when the context has none that fits."""
+        kv, out, base = (getattr(self.ctx, k, None) for k in ("base_kv", "base_out", "base"))
+        P = self.probe_layer + 1
+        if kv is None or out is None or base is None or kv.resid is None or len(kv.keys) < P \
+                or kv.rows != len(self.pairs) or kv.length < p0 or tuple(base.shape) != tuple(self.pairs.clean.shape):
+            return None
+        dev = self.engine.device
+        if not bool((base[:, :p0].to(dev) == self.pairs.clean[:, :p0]).all()):  # a context of other prompts
+            return None
+        cut = lambda t: t[:, :, :p0].to(dev).contiguous()  # noqa: E731 - [rows, kv_heads, pos, d_head]
+        prefix = PrefixKV([cut(k) for k in kv.keys[:P]], [cut(v) for v in kv.values[:P]],
+                          kv.resid[:, :p0].to(dev).contiguous())
+        return prefix, base.to(dev), out.to(dev)
 
     @torch.no_grad()
-    def _check_prefix(self, prefix: PrefixKV, p0: int) -> str | None:
-        """The suffix run on the cached prefix must reproduce the full prompt's probe residual (two pairs)."""
+    def _check_prefix(self, prefix: PrefixKV, p0: int, tokens: Tensor, full: Tensor | None = None) -> str | None:
+        """The suffix run on the cached prefix must reproduce the full prompt's probe residual (two pairs of
+        ``tokens``; ``full``: their probe residual when already known)."""
         n = min(2, len(self.pairs))
-        full, _ = self.engine.run(self.pairs.clean[:n], stop_at_layer=self.probe_layer + 1)
+        if full is None:
+            full, _ = self.engine.run(tokens[:n], stop_at_layer=self.probe_layer + 1)
+        full = full[:n]
         sub = PrefixKV([k[:n] for k in prefix.keys], [v[:n] for v in prefix.values], prefix.resid[:n])
         with split_reader_inputs(self.engine):
-            suf = run_suffix(self.engine, self.pairs.clean[:n, p0:], sub, 1, (), self.probe_layer + 1)
+            suf = run_suffix(self.engine, tokens[:n, p0:], sub, 1, (), self.probe_layer + 1)
         err = float((suf.to(full.dtype) - full[:, p0:]).abs().max())
         scale = max(1.0, float(full.abs().max()))
         tol = (1e-9 if full.dtype == torch.float64 else 1e-4) * scale
@@ -230,24 +335,51 @@ class EdgeRunner:
         for s in range(0, B, per):
             sl = slice(s, min(B, s + per))
             _, cache = self.engine.run(tokens[sl], cache=self.writer_names(), stop_at_layer=self.probe_layer + 1)
-            out[0, sl] = cache[H.resid(0, "resid_pre")].to(self.dtype)
-            for L in range(self.probe_layer + 1):
-                z = cache[H.attn_z(L)].to(self.dtype)
-                out[self.w_heads[L], sl] = einops.rearrange(torch.einsum("btha,had->bthd", z, self.W_O[L]),
-                                                            "b t h d -> h b t d")
-                out[self.w_mlp[L], sl] = cache[H.mlp_out(L)].to(self.dtype)
+            self._fill_outputs(out, cache, sl)
         return out
+
+    def _fill_outputs(self, out: Tensor, cache: dict[str, Tensor], sl: slice) -> None:
+        """Rows ``sl`` of the writer outputs from a cache of :meth:`writer_names`."""
+        dev = self.engine.device
+        out[0, sl] = cache[H.resid(0, "resid_pre")].to(dev, self.dtype)
+        for L in range(self.probe_layer + 1):
+            z = cache[H.attn_z(L)].to(dev, self.dtype)
+            out[self.w_heads[L], sl] = einops.rearrange(torch.einsum("btha,had->bthd", z, self.W_O[L]),
+                                                        "b t h d -> h b t d")
+            out[self.w_mlp[L], sl] = cache[H.mlp_out(L)].to(dev, self.dtype)
+
+    def _run_cache(self, which: Literal["clean", "corrupted"]) -> dict[str, Tensor]:
+        """The context's cache of the clean or corrupted run (``prepare``'s source or base run; empty if none)."""
+        source = "clean" if getattr(self.ctx, "direction", "denoising") == "denoising" else "corrupted"
+        return getattr(self.ctx, "source_cache" if which == source else "base_cache", None) or {}
+
+    def run_outputs(self, which: Literal["clean", "corrupted"]) -> Float[Tensor, "n_writers n_pairs pos d_model"]:
+        """Every writer's output in the pairs' clean or corrupted run: from the context's caches when
+        :func:`~wordpos.patching.activation.prepare` kept that run's writer sites (its source run always; its base
+        run with ``full_base_cache=True``), else a forward over the prompts."""
+        tokens, cache = getattr(self.pairs, which), self._run_cache(which)
+        names = self.writer_names()
+        if all(n in cache and tuple(cache[n].shape[:2]) == tuple(tokens.shape) for n in names):
+            B, T = tokens.shape
+            out = torch.empty(self.graph.n_writers, B, T, self.engine.dims.d_model, dtype=self.dtype,
+                              device=self.engine.device)
+            self._fill_outputs(out, cache, slice(None))
+            return out
+        return self.writer_outputs(tokens)
 
     def _ablated_outputs(self, reference: Tensor | None, seed: int) -> Tensor:
         if self.ablation == "counterfactual":
             if reference is not None:
                 raise ConfigError("counterfactual ablation uses the corrupted prompts; pass reference= only with "
                                   "ablation='mean'.")
-            return self.writer_outputs(self.pairs.corrupted)
+            return self.run_outputs("corrupted")
         if self.ablation == "resample":
-            clean = self.writer_outputs(self.pairs.clean)
+            clean = self.run_outputs("clean")
             return clean[:, derangement(len(self.pairs), seed).to(clean.device)]
-        ref = torch.cat([self.pairs.clean, self.pairs.corrupted]) if reference is None else reference.to(self.engine.device)
+        if reference is None:  # the clean and corrupted prompts
+            clean = self.run_outputs("clean")
+            return (clean.sum(1, keepdim=True) + self.run_outputs("corrupted").sum(1, keepdim=True)) / (2 * clean.shape[1])
+        ref = reference.to(self.engine.device)
         if ref.dim() != 2 or ref.shape[1] != self.pairs.clean.shape[1]:
             raise ConfigError(f"the mean-ablation reference must be token ids [n, {self.pairs.clean.shape[1]}] (the "
                               f"pairs' length, so positions line up), got {tuple(ref.shape)}.")
@@ -285,15 +417,15 @@ class EdgeRunner:
 
         With a shared prefix (``self.p0 > 0``) only positions ``p0..`` run: the hooks, ``record`` and
         ``input_fn`` see those positions; the returned residual has the prefix's (unpatched) rows put back.
-        ``pairs`` (a slice or index tensor) names the pair of each row of ``tokens`` (default: all pairs, in order)."""
+        ``pairs`` (a slice or index tensor) names the pair of each row of ``tokens`` (default: all pairs, in order).
+        Runs on :class:`~wordpos.probing.engines.lean.LeanBlocks` when the runner set it up (``self.lean``), else
+        through the bridge's split-input hooks."""
         eng, P, p0 = self.engine, self.probe_layer, self.p0
         if p0:
             tokens, ablated = tokens[:, p0:], ablated[:, :, p0:]
         b, T = tokens.shape
         d = eng.dims.d_model
         C = 1 if keep_not is None else keep_not.shape[0]
-        x = einops.repeat(tokens, "b t -> (c b) t", c=C) if C > 1 else tokens
-        hooks: list[tuple[str, Callable]] = []
         D = None
         if keep_not is not None:
             keep_not = keep_not.to(self.dtype)
@@ -303,33 +435,66 @@ class EdgeRunner:
                 self._valid = self.graph.valid.to(eng.device, self.dtype)
             ablated_any = (keep_not * self._valid).amax((0, 1)).bool().tolist()
             D = torch.zeros(C, self.graph.n_writers, b * T * d, dtype=self.dtype, device=eng.device)
-            abl = einops.rearrange(ablated.expand(-1, b, -1, -1), "w b t d -> w (b t d)")
+            abl = ablated.expand(-1, b, -1, -1)  # [W, b, t, d] (a view)
+            kT = keep_not.transpose(1, 2).contiguous()  # [C, R, W]: contiguous rows, so bmm copies nothing
 
-            def put(w: slice, out: Tensor) -> None:  # out: [(c b), t, k, d]
-                o = einops.rearrange(out.to(self.dtype), "(c b) t k d -> c k (b t d)", c=C)
-                D[:, w] = o - abl[w]
+        def put(w: slice, out: Tensor) -> None:  # out: [(c b), t, k, d]; D[c, w] = out - ablated, in one kernel
+            if D is not None:
+                o = out.to(self.dtype).unflatten(0, (C, b)).permute(0, 3, 1, 2, 4)  # [C, k, b, t, d] (a view)
+                torch.sub(o, abl[w], out=D[:, w].view(C, -1, b, T, d))
 
-            def correction(r: slice, w_end: int) -> Tensor | None:
-                if not any(ablated_any[r]):
-                    return None
-                mk = keep_not[:, :w_end, r]
-                corr = torch.bmm(mk.transpose(1, 2), D[:, :w_end])  # [C, R, (b t d)]
-                return einops.rearrange(corr, "c r (b t d) -> (c b) t r d", b=b, t=T)
+        def correction(r: slice, w_end: int) -> Tensor | None:
+            """Σ over ablated edges into readers r of (out_w − ablated_w), as a view [C, b, t, R, d]."""
+            if D is None or not any(ablated_any[r]):
+                return None
+            corr = torch.bmm(kT[:, r, :w_end], D[:, :w_end])  # [C, R, (b t d)]
+            return corr.view(C, -1, b, T, d).permute(0, 2, 3, 1, 4)
 
-            hooks.append((H.resid(0, "resid_pre"), lambda act, _n: put(slice(0, 1), act[:, :, None]) and None))
+        def ablate(act: Tensor, r: slice, w_end: int) -> Tensor | None:
+            """``act`` ([(c b), t, R, d], or [(c b), t, d] for one reader) less its readers' corrections; None
+            when no circuit ablates an edge into them."""
+            corr = correction(r, w_end)
+            if corr is None:
+                return None
+            a = act.unflatten(0, (C, b))
+            out = torch.empty(a.shape, dtype=a.dtype, device=a.device)  # row-major, so the flatten is a view
+            torch.sub(a, (corr[:, :, :, 0] if a.dim() == 4 else corr).to(a.dtype), out=out)
+            return out.flatten(0, 1)
 
+        pre = self._prefix_rows(pairs, b) if p0 else None
+        if self.lean is not None:
+            out = self._lean_forward(b, C, pre, pairs, put, ablate, record, input_fn)
+        else:
+            out = self._hooked_forward(tokens, C, pre, put, ablate, record, input_fn, D is not None)
+        patched = ablate(out, slice(self.r_probe, self.r_probe + 1), self.graph.n_writers)
+        if patched is not None:
+            out = patched
+        if record is not None:
+            record[self.r_probe] = out
+        if p0:
+            head = einops.repeat(pre.resid, "b t d -> (c b) t d", c=C) if C > 1 else pre.resid
+            out = torch.cat([head.to(out.dtype), out], 1)
+        return out
+
+    def _hooked_forward(self, tokens: Tensor, C: int, pre: PrefixKV | None, put: Callable, ablate: Callable,
+                        record: dict[int, Tensor] | None, input_fn: Callable[[Tensor], Tensor] | None,
+                        patched: bool) -> Tensor:
+        """The patched forward through the bridge's split reader inputs and hooks."""
+        eng, P = self.engine, self.probe_layer
+        x = einops.repeat(tokens, "b t -> (c b) t", c=C) if C > 1 else tokens
+        hooks: list[tuple[str, Callable]] = []
+        if patched:
+            hooks.append((H.resid(0, "resid_pre"), lambda act, _n: put(slice(0, 1), act[:, :, None])))
         if input_fn is not None:
             hooks.insert(0, (H.resid(0, "resid_pre"), lambda act, _n: input_fn(act)))
-
         for L in range(P + 1):
             for site in ("q", "k", "v", "mlp"):
                 r, w_end = self.r_sites[L][site]
 
-                def reader(act: Tensor, _n: str, r=r, w_end=w_end, site=site) -> Tensor:
-                    if D is not None:
-                        corr = correction(r, w_end)
-                        if corr is not None:
-                            act = act - (corr[:, :, 0] if site == "mlp" else corr).to(act.dtype)
+                def reader(act: Tensor, _n: str, r=r, w_end=w_end) -> Tensor:
+                    patched = ablate(act, r, w_end)
+                    if patched is not None:
+                        act = patched
                     if record is not None:
                         # a new node: the hook's input may be the residual stream itself (hook_mlp_in), whose
                         # gradient would include the skip path; the clone's is this reader's alone
@@ -338,27 +503,54 @@ class EdgeRunner:
                     return act
 
                 hooks.append((reader_hook(L, site), reader))
-            if D is not None:
+            if patched:
                 hooks.append((H.attn_z(L), lambda act, _n, L=L: put(
-                    self.w_heads[L], torch.einsum("ntha,had->nthd", act.to(self.dtype), self.W_O[L])) and None))
+                    self.w_heads[L], torch.einsum("ntha,had->nthd", act.to(self.dtype), self.W_O[L]))))
                 hooks.append((H.mlp_out(L), lambda act, _n, L=L: put(slice(self.w_mlp[L], self.w_mlp[L] + 1),
-                                                                      act[:, :, None]) and None))
+                                                                      act[:, :, None])))
         with split_reader_inputs(eng):
-            if p0:
-                pre = self._prefix_rows(pairs, b)
-                out = run_suffix(eng, x, pre, C, hooks, P + 1)
-            else:
-                out, _ = eng.run(x, hooks=hooks, stop_at_layer=P + 1)
-        if D is not None:
-            corr = correction(slice(self.r_probe, self.r_probe + 1), self.graph.n_writers)
-            if corr is not None:
-                out = out - corr[:, :, 0].to(out.dtype)
-        if record is not None:
-            record[self.r_probe] = out
-        if p0:
-            head = einops.repeat(pre.resid, "b t d -> (c b) t d", c=C) if C > 1 else pre.resid
-            out = torch.cat([head.to(out.dtype), out], 1)
+            if pre is not None:
+                return run_suffix(eng, x, pre, C, hooks, P + 1)
+            out, _ = eng.run(x, hooks=hooks, stop_at_layer=P + 1)
         return out
+
+    def _lean_forward(self, b: int, C: int, pre: PrefixKV | None, pairs: slice | Tensor | None, put: Callable,
+                      ablate: Callable, record: dict[int, Tensor] | None,
+                      input_fn: Callable[[Tensor], Tensor] | None) -> Tensor:
+        """The patched forward on :class:`LeanBlocks`: the same readers and writers, no hooks. The layer-0 residual
+        is the clean prompts' (the runner's ``x0``), rows ``(c b)``."""
+        assert self.lean is not None and self.x0 is not None
+        x0 = self.x0[pairs] if pairs is not None else self.x0
+        if x0.shape[0] != b:
+            raise ConfigError(f"a lean forward of {b} rows needs pairs= naming each row's pair "
+                              f"({x0.shape[0]} rows given).")
+        x = x0[:, self.p0:]
+        x = einops.repeat(x, "b t d -> (c b) t d", c=C) if C > 1 else x
+        if input_fn is not None:
+            x = input_fn(x)
+        put(slice(0, 1), x[:, :, None])
+        sites = self.r_sites
+        n_slots = {"q": self.lean.n_heads, "k": self.lean.n_kv_heads, "v": self.lean.n_kv_heads}
+
+        def reader(L: int, site: str, resid: Tensor) -> Tensor | None:
+            r, w_end = sites[L][site]
+            act = resid if site == "mlp" else resid[:, :, None].expand(-1, -1, n_slots[site], -1)
+            patched = ablate(act, r, w_end)
+            if record is not None:
+                # a node of this reader's own (see _hooked_forward); the subtraction already made one
+                act = act.clone() if patched is None else patched
+                record[r.start] = act
+                return act
+            return patched  # None: this reader's input is the residual stream itself
+
+        def writer(L: int, kind: str, out: Tensor) -> None:
+            if kind == "heads":
+                put(self.w_heads[L], out)
+            else:
+                put(slice(self.w_mlp[L], self.w_mlp[L] + 1), out[:, :, None])
+
+        past = (pre.keys, pre.values) if pre is not None else None  # b rows: the lean blocks stack them C times
+        return self.lean.forward(x, start=self.p0, past=past, reader=reader, writer=writer)
 
     def _prefix_rows(self, pairs: slice | Tensor | None, b: int) -> PrefixKV:
         """The cached prefix of the pairs a forward runs (one row per row of its tokens)."""
@@ -427,10 +619,15 @@ class EdgeRunner:
     def evaluate(self, masks: Bool[Tensor, "n_circuits n_writers n_readers"], *, progress: bool = False) -> EdgeEval:
         masks = self.graph.check_mask(masks)
         kn = self.keep_not(masks)
-        if self._empty is None:  # the empty circuit rides along with the first call's circuits
-            kn = torch.cat([kn, self.keep_not(self.graph.empty_mask())])
-        vals = self.evaluate_keep_not(kn, progress=progress)
-        if self._empty is None:
+        # the empty circuit and the full model ride along with the first call's circuits (the full model as the
+        # circuit that ablates nothing: every correction is exactly zero)
+        new_empty, new_full = self._empty is None, self._full is None
+        extra = [self.keep_not(self.graph.empty_mask())] if new_empty else []
+        extra += [kn.new_zeros(1, *kn.shape[1:])] if new_full else []
+        vals = self.evaluate_keep_not(torch.cat([kn, *extra]) if extra else kn, progress=progress)
+        if new_full:
+            vals, self._full = vals[:-1], vals[-1]
+        if new_empty:
             vals, self._empty = vals[:-1], vals[-1]
         n_edges = (masks & self.graph.valid).sum((1, 2))
         return EdgeEval(vals, self.clean_values(), self._empty.clone(), self.ablation, n_edges)

@@ -334,3 +334,39 @@ def test_node_effects_ablate_each_node_alone():
     ref = torch.tensor([sum(abs(float(s.scores[g.edge(e)])) for e in g.edge_names() if e.split("->")[0] == n)
                         for n in node_names(g)], dtype=torch.float64)
     torch.testing.assert_close(node_scores_from_edges(s), ref)
+
+
+# ------------------------------------------------------------------------------------------------ memo / prefetch
+def test_prefetch_runs_every_known_circuit_in_one_call_and_changes_no_number():
+    """The stage's fold: the search's first round, the edge curve and the node curve prefetched in ONE evaluator call;
+    then the curve, the node curve and the search give exactly what they give on their own evaluator (a noisy
+    count evaluator: values differ per mask and per pair), and no mask is evaluated twice."""
+    from wordpos.circuit.edge_circuit import first_round_masks
+    from wordpos.circuit.evaluation import MemoEvaluate, curve_masks, node_curve_masks
+
+    g = EdgeGraph.build(3, 4, 2, 2)
+    s = _scores(g, seed=5)
+    ns = torch.tensor(np.random.default_rng(1).normal(size=len(node_names(g))))
+    fn = lambda x: 1 - np.exp(-x * 9)  # noqa: E731
+    inner = CountEvaluator(g, g=fn, noise=0.3)
+    memo = MemoEvaluate(inner)
+    known = [first_round_masks(s), *curve_masks(s, n_random=3, seed=2), *node_curve_masks(g, ns, n_random=3, seed=2)]
+    memo.prefetch(*known)
+    n_unique = len({m.numpy().tobytes() for k in known for m in k.reshape(-1, *k.shape[-2:])})
+    assert inner.calls == 1 and inner.seen == n_unique
+    c1 = faithfulness_curve(None, None, s, n_random=3, seed=2, evaluate=memo)
+    n1 = node_curve(None, None, g, ns, n_random=3, seed=2, evaluate=memo)
+    assert inner.calls == 1  # both curves came from the prefetch
+    sel = select_circuit(None, None, s, target=0.8, evaluate=memo)
+    assert inner.calls == sel.rounds  # the first round was prefetched: one call per later round
+    seen = inner.seen
+    # the references: each step on its own evaluator (same values per mask: the evaluator is a function of it)
+    c2 = faithfulness_curve(None, None, s, n_random=3, seed=2, evaluate=CountEvaluator(g, g=fn, noise=0.3))
+    n2 = node_curve(None, None, g, ns, n_random=3, seed=2, evaluate=CountEvaluator(g, g=fn, noise=0.3))
+    ref = select_circuit(None, None, s, target=0.8, evaluate=CountEvaluator(g, g=fn, noise=0.3))
+    assert c1.to_dict() == c2.to_dict() and n1.to_dict() == n2.to_dict()
+    assert sel.to_dict() == ref.to_dict()
+    memo(torch.stack([g.full_mask(), g.empty_mask()]))  # seen before or not: each mask at most once
+    assert inner.seen <= seen + 2
+    assert memo(torch.stack([g.full_mask(), g.full_mask()])).values.shape == (2, 16)
+    assert inner.seen <= seen + 2

@@ -133,3 +133,112 @@ def test_passthrough_restores_attention(gpt2_ctx):
     with kv_cache_passthrough(eng):
         assert all("_update_kv_cache" in b.attn.__dict__ for b in model.blocks)
     assert all("_update_kv_cache" not in b.attn.__dict__ for b in model.blocks)
+
+
+class _Forwards:
+    """Counts forwards: through the bridge's block 0 (every full, prefix and suffix run passes it once) and through
+    the runner's lean blocks."""
+
+    def __init__(self, model):
+        self.n, self.model = 0, model
+
+    def __enter__(self):
+        from wordpos.probing.engines.lean import LeanBlocks
+
+        self.h = self.model.blocks[0].register_forward_hook(lambda *a: setattr(self, "n", self.n + 1))
+        self.orig = LeanBlocks.forward
+
+        def counted(blocks, *a, **k):
+            self.n += 1
+            return self.orig(blocks, *a, **k)
+
+        LeanBlocks.forward = counted
+        return self
+
+    def __exit__(self, *exc):
+        self.h.remove()
+        from wordpos.probing.engines.lean import LeanBlocks
+
+        LeanBlocks.forward = self.orig
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_context_caches_replace_the_runners_own_forwards(request, name):
+    """With ``prepare(full_base_cache=True)`` the runner takes both runs' writer outputs and the shared prefix from
+    the context: one forward (the check of the lean forward on the prefix) instead of four, and the same ablated outputs, circuit values and
+    EAP scores as a runner that computes them itself (a context without caches)."""
+    from wordpos.patching import prepare
+
+    model, ctx = request.getfixturevalue(f"{name}_ctx")
+    bare = prepare(model, ctx.pairs, ctx.probe, reuse_prefix=False)  # no keys/values, base residuals only
+    full = prepare(model, ctx.pairs, ctx.probe, full_base_cache=True)
+    with _Forwards(model) as fw_bare:
+        r_bare = EdgeRunner(model, bare)
+    with _Forwards(model) as fw_full:
+        r_full = EdgeRunner(model, full)
+    assert r_full.prefix_reason is None and r_full.p0 == r_bare.p0 >= 1
+    # bare: the corrupted writers, the prefix, a full run and the lean forward to check both. From the context:
+    # the lean forward's check alone (on the base run, whose output the context holds)
+    assert fw_full.n == 1 and fw_bare.n == 4, (fw_full.n, fw_bare.n)
+    # the writers' outputs from the caches equal a fresh forward's (the runner's own route)
+    tol = 1e-9
+    assert torch.allclose(r_full.ablated, r_bare.writer_outputs(ctx.pairs.corrupted), atol=tol, rtol=0)
+    with _Forwards(model) as fw:
+        clean = r_full.run_outputs("clean")
+    assert fw.n == 0 and torch.allclose(clean, r_bare.writer_outputs(ctx.pairs.clean), atol=tol, rtol=0)
+    # and every downstream number: circuits, the full model, EAP scores
+    masks = _masks(r_full.graph)
+    a, b = r_full.evaluate(masks), r_bare.evaluate(masks)
+    for x, y in ((a.values, b.values), (a.full, b.full), (a.empty, b.empty)):
+        assert torch.allclose(x, y, atol=TOL, rtol=0), (x - y).abs().max()
+    with _Forwards(model) as fw:
+        sa = score_edges(model, full, "eap", runner=r_full)
+    sb = score_edges(model, bare, "eap", runner=r_bare)
+    v = sa.graph.valid
+    assert torch.allclose(sa.scores[v], sb.scores[v], atol=TOL, rtol=0) and sb.scores[v].abs().max() > 1e-3
+    assert fw.n == 1  # EAP's one gradient forward; the clean writer outputs came from the context
+
+
+def test_context_of_other_prompts_is_not_used(gpt2_ctx):
+    """A context whose base prompts do not start like the pairs (a user's swapped pairs) gives no prefix: the
+    runner computes its own."""
+    from dataclasses import replace
+
+    model, ctx = gpt2_ctx
+    other = replace(ctx, base=ctx.base.flip(1))
+    r = EdgeRunner(model, other)
+    assert r._context_prefix(r.p0) is None and r.prefix_reason is None
+    ref = _plain_resid(model, ctx.pairs.clean, int(ctx.probe.layer))
+    got = r.forward(ctx.pairs.clean, r.ablated, None)
+    assert (got - ref).abs().max().item() <= 1e-9 * max(1.0, ref.abs().max().item())
+
+
+def test_context_caches_follow_the_direction(gpt2_ctx):
+    """A noising context caches the corrupted run as its source and the clean one as its base: the runner still
+    ablates with the corrupted run's writers and reads the clean ones as clean."""
+    from wordpos.patching import prepare
+
+    model, ctx = gpt2_ctx
+    noising = prepare(model, ctx.pairs, ctx.probe, direction="noising", full_base_cache=True)
+    r = EdgeRunner(model, noising)
+    ref = EdgeRunner(model, ctx, share_prefix=False)
+    assert torch.allclose(r.ablated, ref.writer_outputs(ctx.pairs.corrupted), atol=1e-9, rtol=0)
+    assert torch.allclose(r.run_outputs("clean"), ref.writer_outputs(ctx.pairs.clean), atol=1e-9, rtol=0)
+    assert (r.ablated - r.run_outputs("clean")).abs().max() > 1e-3
+
+
+def test_lean_failure_falls_back_to_the_checked_bridge_route(gpt2_ctx, caplog, monkeypatch):
+    """When the lean forward fails its check, the runner says why, checks the bridge's suffix route it then uses,
+    and gives the bridge's numbers."""
+    from wordpos.probing.engines.lean import LeanBlocks
+
+    model, ctx = gpt2_ctx
+    orig = LeanBlocks.forward
+    monkeypatch.setattr(LeanBlocks, "forward", lambda self, resid, **k: orig(self, resid, **k) + 1.0)  # a broken forward
+    with caplog.at_level("INFO", logger="wordpos.patching.edge_runner"):
+        r = EdgeRunner(model, ctx)
+    assert r.lean is None and "lean forward differs" in r.lean_reason and "lean forward differs" in caplog.text
+    assert r.prefix_reason is None and r.p0 >= 1  # the bridge's suffix route, checked and kept
+    masks = _masks(r.graph)
+    ref = EdgeRunner(model, ctx, lean=False).evaluate(masks)
+    assert torch.allclose(r.evaluate(masks).values, ref.values, atol=TOL, rtol=0)

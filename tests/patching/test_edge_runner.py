@@ -91,10 +91,13 @@ def _full_empty_check(model, ctx):
     L = int(ctx.probe.layer)
     clean_ref = ref_pair_values(ctx, plain_run(model, ctx.pairs.clean, L))
     corr_ref = ref_pair_values(ctx, plain_run(model, ctx.pairs.corrupted, L))
-    assert torch.allclose(ev.values[0], clean_ref, atol=TOL)
-    assert torch.allclose(ev.full, clean_ref, atol=TOL)
-    assert torch.allclose(ev.values[1], corr_ref, atol=TOL)
-    assert torch.allclose(ev.empty, corr_ref, atol=TOL)
+    # float32 (the planted model, residuals ~1e3 where one float32 step is 6e-5): batch composition and summation
+    # order alone move a pair's normalised value by ~2e-5
+    tol = TOL if clean_ref.dtype == torch.float64 and next(model.parameters()).dtype == torch.float64 else 5e-5
+    assert torch.allclose(ev.values[0], clean_ref, atol=tol)
+    assert torch.allclose(ev.full, clean_ref, atol=tol)
+    assert torch.allclose(ev.values[1], corr_ref, atol=tol)
+    assert torch.allclose(ev.empty, corr_ref, atol=tol)
     # the means are the context's metric (float32 sums inside ProbeMetric: 1e-4 on a random model's small span)
     assert ev.values[0].mean().item() == pytest.approx(float(ctx.metric(plain_run(model, ctx.pairs.clean, L))), abs=1e-4)
     assert ev.values[1].mean().item() == pytest.approx(float(ctx.metric(plain_run(model, ctx.pairs.corrupted, L))),

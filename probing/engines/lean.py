@@ -1,0 +1,232 @@
+"""Hook-free decoder blocks with per-reader inputs: the edge runner's fast forward on GPT-2 and Llama models.
+
+Edge-level forwards (:mod:`wordpos.patching.edge_runner`) change the input of each head's query, each key/value
+head's key and value and each MLP separately. TransformerLens' bridge does this with its split-input mode
+(:mod:`~wordpos.probing.engines.split_inputs`): every block forks the residual per head and fires a few dozen
+hooks, about 250 tensor operations per layer. On a GPU those forwards are bound by kernel launches, not
+arithmetic. :class:`LeanBlocks` runs the same computation, written out with the bridge's own weights and the
+Hugging Face model's own norm, MLP and rotary modules, in about a quarter of the operations. A reader's input is
+only materialised per head when it differs from the residual stream (or its gradient is asked for).
+
+Supported: Hugging Face ``gpt2`` and ``llama`` (RMSNorm, RoPE, grouped-query attention) decoder blocks with the
+standard attention (no soft-capping, sliding windows or q/k norms). :func:`lean_unsupported` says why another
+model is not; the edge runner then keeps the bridge's hooks, and it checks the lean forward against a plain run
+before using it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+ARCHS = ("gpt2", "llama")
+Site = Literal["q", "k", "v", "mlp"]
+# reader(layer, site, resid) -> that reader's input ([rows, pos, slots, d] for q/k/v, [rows, pos, d] for the MLP),
+# or None when it is the residual stream itself
+Reader = Callable[[int, str, Tensor], Tensor | None]
+# writer(layer, kind, out): kind "heads" ([rows, pos, n_heads, d], each head's z @ W_O, no bias) or "mlp"
+# ([rows, pos, d]); only computed when a writer is given
+Writer = Callable[[int, str, Tensor], None]
+
+
+def lean_unsupported(engine: Any) -> str | None:
+    """Why :class:`LeanBlocks` cannot run this engine's model (None when it can)."""
+    model = getattr(engine, "model", None)
+    hf = getattr(model, "original_model", None)
+    blocks = getattr(model, "blocks", None)
+    if hf is None or blocks is None:
+        return f"{type(engine).__name__} is not the TransformerLens engine over a Hugging Face model"
+    cfg = hf.config
+    arch = getattr(cfg, "model_type", None)
+    if arch not in ARCHS:
+        return f"model type {arch!r} is not one of {ARCHS}"
+    if arch == "gpt2" and (getattr(cfg, "scale_attn_by_inverse_layer_idx", False)
+                           or getattr(cfg, "reorder_and_upcast_attn", False) or not getattr(cfg, "scale_attn_weights", True)):
+        return "this GPT-2 config scales or upcasts attention in a non-standard way"
+    if arch == "llama":
+        if getattr(cfg, "pretraining_tp", 1) not in (None, 1):
+            return "tensor-parallel Llama weights (pretraining_tp > 1)"
+        if getattr(cfg, "mlp_bias", False) is None:  # pragma: no cover - defensive
+            return "unknown MLP bias setting"
+    for b in blocks:
+        for part in ("ln1", "ln2", "mlp", "attn"):
+            if getattr(getattr(b, part, None), "original_component", None) is None:
+                return f"a block's {part} has no original Hugging Face module"
+        if getattr(b.attn, "W_Q", None) is None or getattr(b.attn, "W_O", None) is None:
+            return "the attention bridge exposes no W_Q/W_O"
+        if getattr(b.attn.original_component, "scaling", None) is None:
+            return "the attention module has no scaling"
+        if _o_proj(b.attn.original_component) is None:
+            return "the attention module has no output projection (o_proj / c_proj)"
+        if getattr(b.attn.original_component, "c_attn", None) is None and _split_proj(b.attn.original_component) is None:
+            return "the attention module has neither c_attn nor q/k/v_proj"
+    return None
+
+
+def _with_past(past: Float[Tensor, "r kv pre d_head"], x: Float[Tensor, "n kv t d_head"]) -> Tensor:
+    """``past`` then ``x`` along the positions, ``past``'s rows repeated to ``x``'s (without copying them first)."""
+    r, n = past.shape[0], x.shape[0]
+    past = past.to(x.dtype)
+    if r == n:
+        return torch.cat([past, x], 2)
+    if n % r:
+        from wordpos.probing.errors import ConfigError
+
+        raise ConfigError(f"{n} rows cannot attend to a cached prefix of {r} rows (not a multiple).")
+    return torch.cat([past.expand(n // r, *past.shape), x.unflatten(0, (n // r, r))], 3).flatten(0, 1)
+
+
+def _rope(x: Float[Tensor, "slots rows pos d_head"], cos: Tensor, sin: Tensor) -> Tensor:
+    """Llama's rotary embedding (Hugging Face's ``rotate_half`` convention) of slot-major q/k; ``cos``/``sin`` are
+    ``[1, pos, d_head]``."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+def _o_proj(hf_attn: Any) -> Any:
+    return getattr(hf_attn, "o_proj", None) or getattr(hf_attn, "c_proj", None)
+
+
+def _split_proj(hf_attn: Any) -> tuple[Any, Any, Any] | None:
+    mods = tuple(getattr(hf_attn, f"{x}_proj", None) for x in "qkv")
+    return mods if all(m is not None for m in mods) else None
+
+
+@dataclass
+class _Layer:
+    ln1: Any
+    ln2: Any
+    mlp: Any
+    W_Q: Tensor  # [n_heads, d_model, d_head]
+    W_K: Tensor  # [n_kv_heads, d_model, d_head]
+    W_V: Tensor
+    W_O: Tensor  # [n_heads, d_head, d_model]
+    b_Q: Tensor | None  # [n_heads, d_head]
+    b_K: Tensor | None
+    b_V: Tensor | None
+    b_O: Tensor | None  # [d_model]
+    scaling: float
+    o_proj: Any  # the model's own output projection (z flattened over heads -> d_model, bias included)
+    qkv: Any  # GPT-2's joint input projection (c_attn), else None
+    qkv_split: tuple[Any, Any, Any] | None  # Llama's q_proj, k_proj, v_proj
+    W_QKV: Tensor | None = None  # [n_heads + 2 n_kv_heads, d_model, d_head]
+    b_QKV: Tensor | None = None
+
+
+class LeanBlocks:
+    """Blocks ``0..n_layers-1`` of a TransformerBridge as plain tensor code (see the module docstring)."""
+
+    def __init__(self, engine: Any, n_layers: int):
+        reason = lean_unsupported(engine)
+        if reason is not None:
+            from wordpos.probing.errors import ConfigError
+
+            raise ConfigError(f"the lean forward cannot run this model: {reason}.")
+        model = engine.model
+        self.hf = model.original_model
+        self.arch = self.hf.config.model_type
+        self.n_layers = int(n_layers)
+
+        def w(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.detach()
+
+        self.layers = []
+        for b in list(model.blocks)[: self.n_layers]:
+            a = b.attn
+            self.layers.append(_Layer(b.ln1.original_component, b.ln2.original_component, b.mlp.original_component,
+                                      w(a.W_Q), w(a.W_K), w(a.W_V), w(a.W_O), w(getattr(a, "b_Q", None)),
+                                      w(getattr(a, "b_K", None)), w(getattr(a, "b_V", None)),
+                                      w(getattr(a, "b_O", None)), float(a.original_component.scaling),
+                                      _o_proj(a.original_component), getattr(a.original_component, "c_attn", None),
+                                      _split_proj(a.original_component)))
+        for ly in self.layers:  # q, k and v heads stacked: one matmul when every input is per head
+            ly.W_QKV = torch.cat([ly.W_Q, ly.W_K, ly.W_V])
+            ly.b_QKV = None if ly.b_Q is None else torch.cat([ly.b_Q, ly.b_K, ly.b_V])
+        self.n_heads = int(self.layers[0].W_Q.shape[0])
+        self.n_kv_heads = int(self.layers[0].W_K.shape[0])
+        self.d_model, self.d_head = int(self.layers[0].W_Q.shape[1]), int(self.layers[0].W_Q.shape[2])
+        self.rotary = getattr(getattr(self.hf, "model", None), "rotary_emb", None) if self.arch == "llama" else None
+        self.softmax_fp32 = self.arch == "llama"
+
+    @staticmethod
+    def _per_head(x: Float[Tensor, "rows pos slots d_model"], W: Float[Tensor, "slots d_model d_head"],
+                  b: Tensor | None) -> Float[Tensor, "slots rows pos d_head"]:
+        """Each slot's own input through its own weights: one batched matmul over the slots (slot-major)."""
+        S, (n, t) = x.shape[2], x.shape[:2]
+        out = torch.bmm(x.permute(2, 0, 1, 3).reshape(S, n * t, -1), W).view(S, n, t, -1)
+        return out if b is None else out + b[:, None, None, :]
+
+    def _shared_qkv(self, ly: "_Layer", normed: Tensor, xs: dict[str, Tensor | None]) -> dict[str, Tensor]:
+        """q/k/v (``[n, heads, t, d_head]``) of the sites whose input is the residual stream itself, by the model's
+        own projections (so an unpatched forward is the model's, to its summation order)."""
+        n, t, _ = normed.shape
+        heads = lambda x: x.view(n, t, -1, self.d_head).transpose(1, 2)  # noqa: E731
+        if ly.qkv is not None:  # GPT-2's joint c_attn
+            return dict(zip("qkv", (heads(x) for x in ly.qkv(normed).split(self.d_model, dim=2))))
+        return {site: heads(proj(normed)) for site, proj in zip("qkv", ly.qkv_split) if xs[site] is None}
+
+    def forward(self, resid: Float[Tensor, "rows pos d_model"], *, start: int = 0,
+                past: tuple[list[Tensor], list[Tensor]] | None = None, reader: Reader | None = None,
+                writer: Writer | None = None) -> Float[Tensor, "rows pos d_model"]:
+        """The residual stream after the last block, for inputs ``resid`` (the residual entering block 0) at
+        positions ``start..``; ``past`` holds each layer's keys and values of positions ``0..start-1``
+        (``[r, n_kv_heads, start, d_head]``, as the bridge's cache keeps them: after RoPE) for ``r`` rows that
+        repeat: row ``i`` of ``resid`` attends to past row ``i % r`` (the edge runner's circuit-major ``(c b)``)."""
+        n, t, _ = resid.shape
+        dev = resid.device
+        total = start + t
+        # query i (absolute position start + i) sees keys 0..start + i
+        mask = torch.ones(t, total, dtype=torch.bool, device=dev).tril(start) if t > 1 or start else None
+        cos_sin = None
+        if self.rotary is not None:
+            pos = torch.arange(start, total, device=dev)[None]
+            cos_sin = self.rotary(resid, pos)
+        gqa = self.n_kv_heads != self.n_heads
+        H, Hkv = self.n_heads, self.n_kv_heads
+        for L, ly in enumerate(self.layers):
+            xs = {site: reader(L, site, resid) if reader is not None else None for site in "qkv"}
+            if all(x is not None for x in xs.values()):
+                # every input per head (a patched forward, a gradient pass): one norm, one matmul, one RoPE
+                qkv = self._per_head(ly.ln1(torch.cat([xs["q"], xs["k"], xs["v"]], 2)), ly.W_QKV, ly.b_QKV)
+                if cos_sin is not None:
+                    qkv = torch.cat([_rope(qkv[:H + Hkv], *cos_sin), qkv[H + Hkv:]])
+                q, k, v = (y.transpose(0, 1) for y in qkv.split([H, Hkv, Hkv]))  # [n, heads, t, d_head]
+            else:
+                full = self._shared_qkv(ly, ly.ln1(resid), xs) if any(x is None for x in xs.values()) else {}
+                q, k, v = (full[site] if xs[site] is None else
+                           self._per_head(ly.ln1(xs[site]), W, bias).transpose(0, 1)
+                           for site, W, bias in (("q", ly.W_Q, ly.b_Q), ("k", ly.W_K, ly.b_K), ("v", ly.W_V, ly.b_V)))
+                if cos_sin is not None:
+                    q, k = (_rope(y.transpose(0, 1), *cos_sin).transpose(0, 1) for y in (q, k))
+            if past is not None:
+                k, v = _with_past(past[0][L], k), _with_past(past[1][L], v)
+            if self.softmax_fp32 and q.dtype == torch.float64:
+                # Hugging Face's eager Llama attention takes the softmax in float32 whatever the dtype: do the same,
+                # so a float64 model's lean forward is its own to float64 precision
+                kk, vv = (x.repeat_interleave(self.n_heads // self.n_kv_heads, 1) for x in (k, v)) if gqa else (k, v)
+                att = (q @ kk.transpose(-1, -2)) * ly.scaling
+                if mask is not None:
+                    att = att.masked_fill(~mask, torch.finfo(att.dtype).min)
+                z = torch.softmax(att, -1, dtype=torch.float32).to(q.dtype) @ vv
+            else:
+                z = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=ly.scaling,
+                                                                     enable_gqa=gqa)  # [n, h, t, d_head]
+            if writer is not None:  # each head's write: [n, t, h, d]
+                heads = torch.bmm(z.transpose(0, 1).reshape(H, n * t, -1), ly.W_O).view(H, n, t, -1)
+                writer(L, "heads", heads.permute(1, 2, 0, 3))
+            # the model's own projection of all heads at once (its summation order, its bias)
+            resid = resid + ly.o_proj(z.transpose(1, 2).reshape(n, t, -1))
+            x = reader(L, "mlp", resid) if reader is not None else None
+            out = ly.mlp(ly.ln2(x if x is not None else resid))
+            if writer is not None:
+                writer(L, "mlp", out)
+            resid = resid + out
+        return resid
+
+
+__all__ = ["ARCHS", "LeanBlocks", "lean_unsupported"]
