@@ -25,6 +25,7 @@ import plotly.graph_objects as go
 
 from wordpos.patching.edge_graph import EdgeGraph
 from wordpos.probing.errors import ConfigError
+from wordpos.probing.plots import fast_figure
 
 STEPS = (10, 20, 50, 100, 200)
 KIND_COLORS = {"q": "#1b9e77", "k": "#d95f02", "v": "#7570b3", "mlp": "#e7298a", "probe": "#444444"}
@@ -89,9 +90,10 @@ def step_sizes(n_edges: int, steps: Sequence[int] = STEPS, max_all: int = 400) -
 
 def render_edge_circuit(graph: EdgeGraph, edges: Sequence[tuple[str, float]], *, title: str | None = None,
                         steps: Sequence[int] = STEPS, default_max: int = 200, max_all: int = 400,
-                        info: dict[str, Any] | None = None) -> go.Figure:
+                        info: dict[str, Any] | None = None, validate: bool = False) -> go.Figure:
     """Draw the circuit ``edges`` (``[("w->r", score)]``) of ``graph`` with the top-K slider (module docstring).
-    ``info`` adds lines to the title (e.g. faithfulness, ablation)."""
+    ``info`` adds lines to the title (e.g. faithfulness, ablation). Built from plain dicts without plotly's
+    per-property validation (:func:`~wordpos.probing.plots.fast_figure`; ``validate=True`` validates)."""
     if not edges:
         raise ConfigError("the circuit has no edges to draw; select one with circuit.select_circuit.")
     parsed = []
@@ -104,7 +106,7 @@ def render_edge_circuit(graph: EdgeGraph, edges: Sequence[tuple[str, float]], *,
     ks = step_sizes(n, steps, max_all)
     default = max([k for k in ks if k <= default_max] or [ks[0]])
     scale = max(abs(e[3]) for e in parsed) or 1.0
-    fig = go.Figure()
+    data: list[dict[str, Any]] = []  # plain trace dicts, made a Figure once at the end (plots.fast_figure)
     visible_of: list[int] = []  # the step each trace belongs to (-1: always)
     for si, k in enumerate(ks):
         sub = parsed[:k]
@@ -129,13 +131,14 @@ def render_edge_circuit(graph: EdgeGraph, edges: Sequence[tuple[str, float]], *,
             mtext.append(f"<b>{w} → {r}</b>{extra}<br>reader: {KIND_LABELS[kind]}<br>score {s:+.4g} "
                          f"(rank {rank} of {n})")
         for (kind, carries, width), (xs, ys) in sorted(groups.items(), key=lambda kv: kv[0][2]):
-            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", hoverinfo="skip", showlegend=False,
-                                     line=dict(color=KIND_COLORS[kind], width=width, dash="solid" if carries else "dot"),
-                                     opacity=0.8, name=f"{kind} edges (top {k})", visible=k == default))
+            data.append(dict(type="scatter", x=xs, y=ys, mode="lines", hoverinfo="skip", showlegend=False,
+                             line=dict(color=KIND_COLORS[kind], width=width, dash="solid" if carries else "dot"),
+                             opacity=0.8, name=f"{kind} edges (top {k})", visible=k == default))
             visible_of.append(si)
-        fig.add_trace(go.Scatter(x=mx, y=my, mode="markers", name=f"edges (top {k})", meta=mnames, customdata=mnames,
-                                 marker=dict(size=8, color=mcolor, opacity=0.25), hovertext=mtext, hoverinfo="text",
-                                 showlegend=False, visible=k == default))
+        data.append(dict(type="scatter", x=mx, y=my, mode="markers", name=f"edges (top {k})", meta=mnames,
+                         customdata=mnames, marker=dict(size=8, color=mcolor, opacity=0.25), hovertext=mtext,
+                         hoverinfo="text",
+                         showlegend=False, visible=k == default))
         visible_of.append(si)
         out_sum: dict[str, float] = {}
         ins: dict[str, set[str]] = {}
@@ -160,7 +163,8 @@ def render_edge_circuit(graph: EdgeGraph, edges: Sequence[tuple[str, float]], *,
                 labels.append({"input": "input", "probe": f"probe (L{graph.probe_layer})"}.get(kd, f"MLP {v[1:]}"))
         hover = [f"<b>{v}</b> ({kd})<br>inputs used: {', '.join(sorted(ins.get(v, []))) or '—'}<br>"
                  f"Σ|score| out: {out_sum.get(v, 0.0):.4g}" for v, kd in zip(names, kinds)]
-        fig.add_trace(go.Scatter(
+        data.append(dict(
+            type="scatter",
             x=[_node_pos(graph, v)[0] for v in names], y=[_node_pos(graph, v)[1] for v in names],
             mode="markers+text", name=f"nodes (top {k})", meta=names, customdata=names, text=labels,
             textposition=["middle left" if kd == "input" else "middle right" if kd == "probe" else "top center"
@@ -171,11 +175,11 @@ def render_edge_circuit(graph: EdgeGraph, edges: Sequence[tuple[str, float]], *,
             hovertext=hover, hoverinfo="text", showlegend=False, visible=k == default))
         visible_of.append(si)
     for kind, color in KIND_COLORS.items():  # legend: reader kinds, always visible
-        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(color=color, width=3),
-                                 name=KIND_LABELS[kind]))
+        data.append(dict(type="scatter", x=[None], y=[None], mode="lines", line=dict(color=color, width=3),
+                         name=KIND_LABELS[kind]))
         visible_of.append(-1)
-    fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(color="#888", width=2, dash="dot"),
-                             name="dotted: works against the clean reading"))
+    data.append(dict(type="scatter", x=[None], y=[None], mode="lines", line=dict(color="#888", width=2, dash="dot"),
+                     name="dotted: works against the clean reading"))
     visible_of.append(-1)
     sliders = [dict(active=ks.index(default), currentvalue=dict(prefix="edges shown: "), pad=dict(t=30), y=0,
                     yanchor="top",
@@ -189,14 +193,14 @@ def render_edge_circuit(graph: EdgeGraph, edges: Sequence[tuple[str, float]], *,
     sub = f"{n} edges; slider: top-K by |score|; colour = reader (q/k/v/MLP/probe), width ∝ |score|"
     if info:
         sub = " · ".join(f"{k} {v}" for k, v in info.items()) + "<br>" + sub
-    fig.update_layout(title=f"{head}<br><sup>{sub}</sup>", template="plotly_white", hovermode="closest",
-                      sliders=sliders, width=int(max(900, 70 * (graph.probe_layer + 3) + 300)),
-                      height=int(max(520, 60 * (graph.n_heads + 3) + 160)),
-                      xaxis=dict(tickvals=ticks, ticktext=tick_text, showgrid=False, zeroline=False,
-                                 range=[-1.8, graph.probe_layer + 2.2]),
-                      yaxis=dict(visible=False, range=[-2.3, graph.n_heads + 0.2]),
-                      legend=dict(orientation="h", x=0, y=1.0, yanchor="bottom"), margin=dict(t=150, b=110))
-    return fig
+    layout = dict(title=f"{head}<br><sup>{sub}</sup>", template="plotly_white", hovermode="closest",
+                  sliders=sliders, width=int(max(900, 70 * (graph.probe_layer + 3) + 300)),
+                  height=int(max(520, 60 * (graph.n_heads + 3) + 160)),
+                  xaxis=dict(tickvals=ticks, ticktext=tick_text, showgrid=False, zeroline=False,
+                             range=[-1.8, graph.probe_layer + 2.2]),
+                  yaxis=dict(visible=False, range=[-2.3, graph.n_heads + 0.2]),
+                  legend=dict(orientation="h", x=0, y=1.0, yanchor="bottom"), margin=dict(t=150, b=110))
+    return fast_figure(data, layout, validate=validate)
 
 
 def render_circuit_edges(circuit: Any, title: str | None = None, **kw: Any) -> go.Figure:

@@ -24,6 +24,23 @@ INDEX_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"
                 "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173"]
 
 
+def fast_figure(data: Sequence[dict[str, Any]], layout: dict[str, Any], *, validate: bool = False) -> go.Figure:
+    """A Figure from plain trace and layout dicts, without plotly's per-property validation, which is most of the
+    time to build a figure of many traces (the edge-circuit diagram: 0.19 s → 0.05 s). It does what validation
+    would change in wordpos' own figures: a named template is resolved and a string title becomes
+    ``{"text": title}``. ``validate=True`` builds the validated figure; the tests check the two serialise alike."""
+    if validate:
+        return go.Figure(data=list(data), layout=layout)
+    import plotly.io as pio
+
+    layout = dict(layout)
+    if isinstance(layout.get("template"), str):
+        layout["template"] = pio.templates[layout["template"]]
+    if isinstance(layout.get("title"), str):
+        layout["title"] = {"text": layout["title"]}
+    return go.Figure(data=list(data), layout=layout, _validate=False)
+
+
 def index_color(k: int) -> str:
     return INDEX_COLORS[int(k) % len(INDEX_COLORS)]
 

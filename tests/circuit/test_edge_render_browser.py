@@ -71,6 +71,17 @@ def test_slider_steps_and_default_view_in_python():
     assert step_sizes(7) == [7] and step_sizes(30) == [10, 20, 30] and step_sizes(5000)[-1] == 200
 
 
+def test_unvalidated_figure_serialises_as_plotlys_validated_one():
+    """The diagram is built without plotly's validation (plots.fast_figure); plotly's validated construction of the
+    same dicts is the reference: the figures serialise identically."""
+    g, edges = _big_circuit()
+    info = {"f =": "0.81 [0.62, 0.96]", "ablation:": "counterfactual"}
+    fast = render_edge_circuit(g, edges, title="t", info=info)
+    ref = render_edge_circuit(g, edges, title="t", info=info, validate=True)
+    assert fast.to_dict() == ref.to_dict()
+    assert json.loads(fast.to_json()) == json.loads(ref.to_json())  # the HTML's figure (key order aside)
+
+
 @pytest.mark.browser
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (apt-get install chromium)")
 def test_edge_diagram_slider_in_chromium(tmp_path):

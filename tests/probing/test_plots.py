@@ -44,3 +44,18 @@ def test_images_off_and_immediate(tmp_path, monkeypatch):
     assert all(not str(p).endswith(".png") for paths in out.values() for p in paths)
     save_figures(_figs(2), tmp_path / "now")  # outside the block: written at once, one call per save
     assert calls == [2] and len(list((tmp_path / "now").glob("*.png"))) == 2
+
+
+def test_fast_figure_resolves_what_validation_would():
+    """A named template and a string title, as plotly's validated construction turns them."""
+    import plotly.graph_objects as go
+
+    from wordpos.probing.plots import fast_figure
+
+    data = [dict(type="scatter", x=[1, 2, None], y=[3.5, None, 1], mode="lines+markers", name="a",
+                 line=dict(color="#123456", width=2, dash="dot"), visible=False),
+            dict(type="scatter", x=[0], y=[0], mode="markers", marker=dict(size=[8], color=["red"]), hovertext=["h"])]
+    layout = dict(title="T<br><sup>s</sup>", template="plotly_white", width=700, xaxis=dict(range=[-1, 3]))
+    fast = fast_figure(data, layout)
+    assert fast.to_dict() == go.Figure(data=data, layout=layout).to_dict()
+    assert fast.layout.title.text == "T<br><sup>s</sup>" and fast.layout.template.layout.paper_bgcolor == "white"
