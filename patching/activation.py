@@ -124,22 +124,30 @@ def prepare(model: Any, pairs: PatchingPairs, probe: WordIndexProbe, *, metric: 
     for L in range(stop):
         names += [H.attn_z(L), H.resid(L, "resid_pre"), H.attn_out(L), H.mlp_out(L)]
     sizing = sizing or Sizing()
-    clean_out, clean_cache = cache_run(engine, pairs.clean, names, stop_at_layer=stop, sizing=sizing)
-    corr_out, corr_cache = cache_run(engine, pairs.corrupted, names, stop_at_layer=stop, sizing=sizing)
+    keep_base = names if full_base_cache else base_resid_names(range(stop))
+    b = 1 if direction == "denoising" else 0  # the base run: corrupted when denoising, clean when noising
+    from wordpos.probing.engines.split_inputs import cached_runs, prefix_kv_unsupported
+
+    kv = None
+    if reuse_prefix and prefix_kv_unsupported(engine) is None:
+        # the clean and corrupted runs stacked in one batch, the base run's keys/values kept from the same forward
+        rows = sizing.tokens_per_forward(engine.device) // max(1, pairs.clean.shape[1])
+        outs, caches, kv = cached_runs(engine, [pairs.clean, pairs.corrupted], names, stop, rows,
+                                       keep=[keep_base if g == b else names for g in (0, 1)], kv_group=b)
+        (clean_out, corr_out), (clean_cache, corr_cache) = outs, caches
+    else:
+        clean_out, clean_cache = cache_run(engine, pairs.clean, names, stop_at_layer=stop, sizing=sizing)
+        corr_out, corr_cache = cache_run(engine, pairs.corrupted, names, stop_at_layer=stop, sizing=sizing)
     m = ProbeMetric(probe, pairs, kind=metric).calibrate(clean_out, corr_out)
     if direction == "denoising":
         base, source, base_cache = pairs.corrupted, clean_cache, corr_cache
     else:
         base, source, base_cache = pairs.clean, corr_cache, clean_cache
-    keep = set(names if full_base_cache else base_resid_names(range(stop)))
+    keep = set(keep_base)
     base_cache = {k: v for k, v in base_cache.items() if k in keep}
     ctx = PatchContext(engine, pairs, probe, m, direction, base, source, base_cache, stop, sizing=sizing)
-    if reuse_prefix:
-        from wordpos.probing.engines.split_inputs import prefix_kv_unsupported, run_prefix
-
-        if prefix_kv_unsupported(engine) is None:
-            kv = run_prefix(engine, base, stop, split=False)
-            ctx.base_kv, ctx.base_out = kv, (corr_out if direction == "denoising" else clean_out)
+    if kv is not None:
+        ctx.base_kv, ctx.base_out = kv, (corr_out if direction == "denoising" else clean_out)
     return ctx
 
 

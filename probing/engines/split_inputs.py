@@ -222,6 +222,66 @@ def run_prefix(engine: Any, tokens: Int[Tensor, "rows prefix"], stop_at_layer: i
     return PrefixKV([l.keys.detach() for l in layers], [l.values.detach() for l in layers], resid.detach())
 
 
+def cached_runs(engine: Any, groups: Sequence[Int[Tensor, "rows pos"]], names: Sequence[str], stop_at_layer: int,
+                rows_per_forward: int, *, keep: Sequence[Sequence[str]] | None = None, kv_group: int | None = None
+                ) -> tuple[list[Tensor], list[dict[str, Tensor]], PrefixKV | None]:
+    """Plain forwards of several prompt groups (same length) stacked in one batch, ``rows_per_forward`` rows at a
+    time: per group its residual before block ``stop_at_layer`` and its activations at ``keep[g]`` (default: all
+    ``names``), and the keys/values of group ``kv_group`` at every position (as :func:`run_prefix` keeps them).
+    One forward where a context needs a clean run, a corrupted run and the base run's keys/values (``prepare``):
+    on an accelerator each forward's cost is mostly launches."""
+    from transformers import DynamicCache
+
+    groups = [g.to(engine.device) for g in groups]
+    keep = [list(names)] * len(groups) if keep is None else [list(k) for k in keep]
+    bounds = [0]
+    for g in groups:
+        bounds.append(bounds[-1] + g.shape[0])
+    tokens = torch.cat(groups)
+    outs: list[list[Tensor]] = [[] for _ in groups]
+    caches: list[dict[str, list[Tensor]]] = [{n: [] for n in k} for k in keep]
+    keys: list[list[Tensor]] = [[] for _ in range(stop_at_layer)]
+    values: list[list[Tensor]] = [[] for _ in range(stop_at_layer)]
+    per = max(1, int(rows_per_forward))
+    for s in range(0, bounds[-1], per):
+        e = min(bounds[-1], s + per)
+        store: dict[str, Tensor] = {}
+        hooks = [(n, lambda act, _n, n=n: store.__setitem__(n, act)) for n in names]
+        kv = None
+        if kv_group is not None and s < bounds[kv_group + 1] and e > bounds[kv_group]:
+            kv = DynamicCache()
+        with (kv_cache_passthrough(engine) if kv is not None else contextlib.nullcontext()), torch.no_grad():
+            out = _bridge_run(engine, tokens[s:e], hooks, stop_at_layer, kv)
+        for gi in range(len(groups)):
+            a, b = max(s, bounds[gi]), min(e, bounds[gi + 1])
+            if a >= b:
+                continue
+            loc = slice(a - s, b - s)
+            outs[gi].append(out[loc])
+            for n in keep[gi]:
+                caches[gi][n].append(store[n][loc])
+            if gi == kv_group:
+                layers = kv.layers[:stop_at_layer]
+                if len(layers) < stop_at_layer or any(getattr(l, "keys", None) is None for l in layers):
+                    raise ConfigError("the bridge did not fill the key/value cache for every layer below the stop "
+                                      "layer.")
+                for L, l in enumerate(layers):
+                    keys[L].append(l.keys[loc])
+                    values[L].append(l.values[loc])
+    def cat(xs: list[Tensor], own: bool = False) -> Tensor:
+        """The pieces as one tensor; ``own``: never a view of a forward's whole batch (whose other rows are not
+        kept), so that batch can be freed."""
+        if len(xs) > 1:
+            return torch.cat(xs)
+        return xs[0].clone() if own and xs[0].shape[0] < tokens.shape[0] else xs[0]
+
+    shared = set.intersection(*(set(k) for k in keep)) if keep else set()
+    prefix = None
+    if kv_group is not None:
+        prefix = PrefixKV([cat(k, True) for k in keys], [cat(v, True) for v in values], cat(outs[kv_group]))
+    return ([cat(o) for o in outs], [{n: cat(v, n not in shared) for n, v in c.items()} for c in caches], prefix)
+
+
 def run_suffix(engine: Any, tokens: Int[Tensor, "rows suffix"], prefix: PrefixKV, repeat: int,
                hooks: Sequence[tuple[str, Callable]], stop_at_layer: int) -> Float[Tensor, "rows suffix d_model"]:
     """The residual stream before block ``stop_at_layer`` at the suffix positions of ``tokens`` (rows ``(r b)``:

@@ -20,27 +20,6 @@ from wordpos.probing.errors import ConfigError
 REL = 1e-7
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory, gpt2_tok):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(3)
-    cfg = LlamaConfig(vocab_size=len(gpt2_tok), hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
-    path = tmp_path_factory.mktemp("lean-llama")
-    LlamaForCausalLM(cfg).eval().save_pretrained(path)
-    gpt2_tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module", params=["gpt2", "llama", "llama-float32"])
-def model(request, tiny_gpt2_dir, tiny_llama_dir):
-    """float64, and the Llama also in float32: there the lean blocks take the fused attention kernel (with
-    grouped-query heads), in float64 Hugging Face's float32 softmax."""
-    m = load_model(tiny_gpt2_dir if request.param == "gpt2" else tiny_llama_dir, device="cpu")
-    return m if request.param.endswith("float32") else m.to(torch.float64)
-
-
 def _rel(model) -> float:
     return REL if next(model.parameters()).dtype == torch.float64 else 1e-5
 
