@@ -450,16 +450,16 @@ class EdgeRunner:
             corr = torch.bmm(kT[:, r, :w_end], D[:, :w_end])  # [C, R, (b t d)]
             return corr.view(C, -1, b, T, d).permute(0, 2, 3, 1, 4)
 
-        def ablate(act: Tensor, r: slice, w_end: int) -> Tensor | None:
-            """``act`` ([(c b), t, R, d], or [(c b), t, d] for one reader) less its readers' corrections; None
-            when no circuit ablates an edge into them."""
+        def ablate(act: Tensor, r: slice, w_end: int, out: Tensor | None = None) -> Tensor | None:
+            """``act`` ([(c b), t, R, d], or [(c b), t, d] for one reader) less its readers' corrections, written
+            into ``out`` when given; None when no circuit ablates an edge into them."""
             corr = correction(r, w_end)
             if corr is None:
                 return None
             a = act.unflatten(0, (C, b))
-            out = torch.empty(a.shape, dtype=a.dtype, device=a.device)  # row-major, so the flatten is a view
-            torch.sub(a, (corr[:, :, :, 0] if a.dim() == 4 else corr).to(a.dtype), out=out)
-            return out.flatten(0, 1)
+            o = torch.empty(a.shape, dtype=a.dtype, device=a.device) if out is None else out.unflatten(0, (C, b))
+            torch.sub(a, (corr[:, :, :, 0] if a.dim() == 4 else corr).to(a.dtype), out=o)
+            return o.flatten(0, 1) if out is None else out  # (row-major: the flatten is a view)
 
         pre = self._prefix_rows(pairs, b) if p0 else None
         if self.lean is not None:
@@ -532,10 +532,10 @@ class EdgeRunner:
         sites = self.r_sites
         n_slots = {"q": self.lean.n_heads, "k": self.lean.n_kv_heads, "v": self.lean.n_kv_heads}
 
-        def reader(L: int, site: str, resid: Tensor) -> Tensor | None:
+        def reader(L: int, site: str, resid: Tensor, out: Tensor | None = None) -> Tensor | None:
             r, w_end = sites[L][site]
             act = resid if site == "mlp" else resid[:, :, None].expand(-1, -1, n_slots[site], -1)
-            patched = ablate(act, r, w_end)
+            patched = ablate(act, r, w_end, out if record is None else None)
             if record is not None:
                 # a node of this reader's own (see _hooked_forward); the subtraction already made one
                 act = act.clone() if patched is None else patched

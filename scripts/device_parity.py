@@ -1,8 +1,8 @@
 """Parity of the fast paths on the device they run on (issue 14): skipping the positions before each patch (the
 base run's cached keys/values) against recomputing full prompts, in each dtype, on the organism and on SmolLM2-135M's
-architecture (random weights, from ``scripts/bench_bundle``), and the accelerator's probe fit (batched L-BFGS
-replayed as a CUDA graph against the same run eagerly, torch's LBFGS and scikit-learn). Prints one JSON line per case
-and writes them all.
+architecture (random weights, from ``scripts/bench_bundle``), the edge runner's lean forward against the bridge's
+hooks (circuit values and EAP-IG scores), and the accelerator's probe fit (batched L-BFGS replayed as a CUDA graph
+against the same run eagerly, torch's LBFGS and scikit-learn). Prints one JSON line per case and writes them all.
 
     python scripts/device_parity.py --device cuda --out docs/perf/parity-cuda.json
 
@@ -54,8 +54,40 @@ def case(model_name: str, path: str, device: str, dtype: str) -> dict:
         t2 = time.perf_counter()
         out[name] = {"max_abs_diff": float(np.nanmax(np.abs(a - b))), "max_abs_effect": float(np.nanmax(np.abs(b))),
                      "fast_s": round(t1 - t0, 3), "full_s": round(t2 - t1, 3)}
+    out["edges"] = edge_case(model, pairs, probe)
     out["ok"] = all(out[k]["max_abs_diff"] <= TOL[dtype] * out[k]["max_abs_effect"] for k in ("heads_by_pos", "resid"))
+    e = out["edges"]
+    out["ok"] = out["ok"] and e["lean_used"] and all(e[k]["max_abs_diff"] <= TOL[dtype] * e[k]["max_abs_effect"]
+                                                    for k in ("circuits", "eap"))
     return out
+
+
+def edge_case(model, pairs, probe) -> dict:
+    """The edge runner's lean forward (probing/engines/lean.py) against the bridge's split-input hooks: random
+    circuits (plus the full and the empty one) and EAP scores, relative to the largest value."""
+    from wordpos.patching import prepare
+    from wordpos.patching.eap import score_edges
+    from wordpos.patching.edge_runner import EdgeRunner
+
+    ctx = prepare(model, pairs, probe, full_base_cache=True)
+    t0 = time.perf_counter()
+    lean = EdgeRunner(model, ctx)
+    hooks = EdgeRunner(model, ctx, lean=False)
+    g = lean.graph
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.stack([g.full_mask(), g.empty_mask(),
+                         *[(torch.rand(g.n_writers, g.n_readers, generator=gen) < p) & g.valid for p in (0.1, 0.5, 0.9)]])
+    t1 = time.perf_counter()
+    a = lean.evaluate(masks).values
+    sa = score_edges(model, ctx, "eap-ig", 3, runner=lean).scores[g.valid]
+    t2 = time.perf_counter()
+    b = hooks.evaluate(masks).values
+    sb = score_edges(model, ctx, "eap-ig", 3, runner=hooks).scores[g.valid]
+    t3 = time.perf_counter()
+    row = lambda x, y: {"max_abs_diff": float((x - y).abs().max()), "max_abs_effect": float(y.abs().max())}  # noqa: E731
+    return {"lean_used": lean.lean is not None, "lean_reason": lean.lean_reason, "prefix_reason": lean.prefix_reason,
+            "circuits": row(a, b), "eap": row(sa, sb), "setup_s": round(t1 - t0, 3), "lean_s": round(t2 - t1, 3),
+            "hooks_s": round(t3 - t2, 3)}
 
 
 def solver_case(device: str) -> dict:

@@ -26,9 +26,10 @@ from torch import Tensor
 
 ARCHS = ("gpt2", "llama")
 Site = Literal["q", "k", "v", "mlp"]
-# reader(layer, site, resid) -> that reader's input ([rows, pos, slots, d] for q/k/v, [rows, pos, d] for the MLP),
-# or None when it is the residual stream itself
-Reader = Callable[[int, str, Tensor], Tensor | None]
+# reader(layer, site, resid[, out]) -> that reader's input ([rows, pos, slots, d] for q/k/v, [rows, pos, d] for the
+# MLP), or None when it is the residual stream itself. Without gradients the q/k/v readers get ``out``, a view of
+# one buffer for all three: a reader that writes its input there (and returns ``out``) saves stacking them.
+Reader = Callable[..., Tensor | None]
 # writer(layer, kind, out): kind "heads" ([rows, pos, n_heads, d], each head's z @ W_O, no bias) or "mlp"
 # ([rows, pos, d]); only computed when a writer is given
 Writer = Callable[[int, str, Tensor], None]
@@ -188,11 +189,21 @@ class LeanBlocks:
             cos_sin = self.rotary(resid, pos)
         gqa = self.n_kv_heads != self.n_heads
         H, Hkv = self.n_heads, self.n_kv_heads
+        slots = {"q": slice(0, H), "k": slice(H, H + Hkv), "v": slice(H + Hkv, H + 2 * Hkv)}
+        buf = None
+        if reader is not None and not torch.is_grad_enabled():  # (a gradient pass stacks fresh tensors instead)
+            buf = resid.new_empty(n, t, H + 2 * Hkv, resid.shape[-1])
         for L, ly in enumerate(self.layers):
-            xs = {site: reader(L, site, resid) if reader is not None else None for site in "qkv"}
+            if buf is not None:  # readers write their inputs straight into one buffer: no copy to stack them
+                xs = {site: reader(L, site, resid, buf[:, :, slots[site]]) for site in "qkv"}
+            else:
+                xs = {site: reader(L, site, resid) if reader is not None else None for site in "qkv"}
             if all(x is not None for x in xs.values()):
                 # every input per head (a patched forward, a gradient pass): one norm, one matmul, one RoPE
-                qkv = self._per_head(ly.ln1(torch.cat([xs["q"], xs["k"], xs["v"]], 2)), ly.W_QKV, ly.b_QKV)
+                stacked = buf if buf is not None and all(xs[st] is not None and xs[st].data_ptr() ==
+                                                         buf[:, :, slots[st]].data_ptr() for st in "qkv") \
+                    else torch.cat([xs["q"], xs["k"], xs["v"]], 2)
+                qkv = self._per_head(ly.ln1(stacked), ly.W_QKV, ly.b_QKV)
                 if cos_sin is not None:
                     qkv = torch.cat([_rope(qkv[:H + Hkv], *cos_sin), qkv[H + Hkv:]])
                 q, k, v = (y.transpose(0, 1) for y in qkv.split([H, Hkv, Hkv]))  # [n, heads, t, d_head]

@@ -93,13 +93,15 @@ def test_patched_reader_inputs_and_head_outputs_equal_the_bridges_hooks(model):
     ref = _tl(model, tokens, stop, [tl_hook(s) for s in where], split=True)
     n_slots = {"q": H, "k": Hkv, "v": Hkv}
 
-    def reader(L, site, resid):
+    def reader(L, site, resid, out=None):
         if site not in where or where[site][0] != L:
             return None
         if site == "mlp":
             return resid + shift[site]
         act = resid[:, :, None].expand(-1, -1, n_slots[site], -1).clone()
         act[:, :, where[site][1]] += shift[site]
+        if out is not None and site == "q":  # the query input written into the lean blocks' buffer
+            return out.copy_(act)
         return act
 
     heads = {}
