@@ -450,6 +450,8 @@ class MemoEvaluate:
 
     def __call__(self, masks: Bool[Tensor, "c w r"]) -> Any:
         masks = torch.as_tensor(masks, dtype=torch.bool).cpu()
+        if masks.shape[0] == 0 and self.full is None:
+            raise ConfigError("no circuit to evaluate.")
         keys = [self._key(m) for m in masks]
         new = list({k: i for i, k in reversed(list(enumerate(keys))) if k not in self.values}.values())
         new.sort()

@@ -38,7 +38,11 @@ def fast_figure(data: Sequence[dict[str, Any]], layout: dict[str, Any], *, valid
         layout["template"] = pio.templates[layout["template"]]
     if isinstance(layout.get("title"), str):
         layout["title"] = {"text": layout["title"]}
-    return go.Figure(data=list(data), layout=layout, _validate=False)
+    fig = go.Figure(data=list(data), layout=layout, _validate=False)
+    fig._validate = fig.layout._validate = True  # later edits by the caller are validated as usual
+    for trace in fig.data:
+        trace._validate = True
+    return fig
 
 
 def index_color(k: int) -> str:

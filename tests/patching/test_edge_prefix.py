@@ -51,6 +51,7 @@ def test_prefix_route_taken_and_suffix_matches_full_run(model_ctx):
     model, ctx = model_ctx
     runner = EdgeRunner(model, ctx)
     assert runner.prefix_reason is None, runner.prefix_reason
+    assert runner.lean is not None, runner.lean_reason  # every edge test here runs on the lean forward
     assert runner.p0 == ctx.first_diff_pos >= 1
     assert int(ctx.pairs.target_pos[ctx.pairs.target_mask].min()) >= runner.p0
     # the unpatched suffix on the cached prefix is the full prompt's residual (independent: a plain TL run)
@@ -242,3 +243,14 @@ def test_lean_failure_falls_back_to_the_checked_bridge_route(gpt2_ctx, caplog, m
     masks = _masks(r.graph)
     ref = EdgeRunner(model, ctx, lean=False).evaluate(masks)
     assert torch.allclose(r.evaluate(masks).values, ref.values, atol=TOL, rtol=0)
+
+
+def test_lean_forward_refuses_other_tokens(gpt2_ctx):
+    """The lean forward's layer-0 input is the pairs' cached clean residual: other tokens are refused, not ignored."""
+    from wordpos.probing.errors import ConfigError
+
+    model, ctx = gpt2_ctx
+    r = EdgeRunner(model, ctx)
+    with pytest.raises(ConfigError, match="clean prompts"):
+        r.forward(ctx.pairs.corrupted, r.ablated, None)
+    assert EdgeRunner(model, ctx, lean=False).forward(ctx.pairs.corrupted, r.ablated, None).shape[0] == len(ctx.pairs)

@@ -59,3 +59,15 @@ def test_fast_figure_resolves_what_validation_would():
     fast = fast_figure(data, layout)
     assert fast.to_dict() == go.Figure(data=data, layout=layout).to_dict()
     assert fast.layout.title.text == "T<br><sup>s</sup>" and fast.layout.template.layout.paper_bgcolor == "white"
+
+
+def test_fast_figure_validates_later_edits():
+    import pytest
+
+    from wordpos.probing.plots import fast_figure
+
+    fig = fast_figure([dict(type="scatter", x=[1], y=[2])], dict(title="t", template="plotly_white"))
+    fig.update_layout(xaxis_title="X")
+    assert fig.layout.xaxis.title.text == "X"
+    with pytest.raises(ValueError):
+        fig.update_layout(width="abc")
