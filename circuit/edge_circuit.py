@@ -31,9 +31,9 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
-from wordpos.circuit.evaluation import (ABLATIONS, Evaluate, _edge_order, bootstrap_faithfulness, faithfulness_of,
-                                        load_record, make_evaluate, masks_from_order, percentile_ci, prune_dangling,
-                                        record_from_dict, run_masks, save_record)
+from wordpos.circuit.evaluation import (ABLATIONS, Evaluate, MemoEvaluate, _edge_order, bootstrap_faithfulness,
+                                        faithfulness_of, load_record, make_evaluate, masks_from_order, percentile_ci,
+                                        prune_dangling, record_from_dict, run_masks, save_record)
 from wordpos.patching.edge_graph import EdgeGraph, EdgeScores
 from wordpos.probing.errors import ConfigError
 
@@ -246,11 +246,12 @@ def select_circuit(model: Any, ctx: Any, scores: EdgeScores, target: float = 0.8
     order = edge_order(scores, rule)
     N = graph.n_edges
     evaluate = evaluate or make_evaluate(model, ctx, ablation)
+    # a pruned mask seen before (here or in a prefetch) is not re-run
+    memo = evaluate if isinstance(evaluate, MemoEvaluate) else MemoEvaluate(evaluate)
     f_of: dict[int, float] = {}
     values_of: dict[int, Tensor] = {}
     kept_of: dict[int, int] = {}
     trace: list[dict[str, Any]] = []
-    by_mask: dict[bytes, Tensor] = {}
     full = empty = None
 
     def run(sizes: list[int]) -> None:
@@ -261,16 +262,8 @@ def select_circuit(model: Any, ctx: Any, scores: EdgeScores, target: float = 0.8
         masks = masks_from_order(graph, order, sizes)
         if prune:
             masks = prune_dangling(graph, masks)
-        keys = [m.numpy().tobytes() for m in masks]
-        new = [i for i, k in enumerate(keys) if k not in by_mask]  # a pruned mask seen before is not re-run
-        if new:
-            vals, fu, em = run_masks(evaluate, masks[new], max_circuits)
-            if full is None:
-                full, empty = fu, em
-            for i, v in zip(new, vals):
-                by_mask[keys[i]] = v
-        for n, k, m in zip(sizes, keys, masks):
-            v = by_mask[k]
+        vals, full, empty = run_masks(memo, masks, max_circuits)
+        for n, v, m in zip(sizes, vals, masks):
             fv = float(faithfulness_of(v[None], full, empty)[0])
             f_of[n], values_of[n], kept_of[n] = fv, v, int(m.sum())
             trace.append({"n": int(n), "edges": kept_of[n], "faithfulness": fv})

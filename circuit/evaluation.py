@@ -453,8 +453,11 @@ class MemoEvaluate:
         if masks.shape[0] == 0 and self.full is None:
             raise ConfigError("no circuit to evaluate.")
         keys = [self._key(m) for m in masks]
-        new = list({k: i for i, k in reversed(list(enumerate(keys))) if k not in self.values}.values())
-        new.sort()
+        new, seen = [], set()  # the first index of each mask not evaluated yet
+        for i, k in enumerate(keys):
+            if k not in self.values and k not in seen:
+                seen.add(k)
+                new.append(i)
         if new or self.full is None:
             idx = new or [0]
             ev = self.evaluate(masks[idx])

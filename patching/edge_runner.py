@@ -395,7 +395,8 @@ class EdgeRunner:
             return clean[:, derangement(len(self.pairs), seed).to(clean.device)]
         if reference is None:  # the clean and corrupted prompts
             clean = self.run_outputs("clean")
-            return (clean.sum(1, keepdim=True) + self.run_outputs("corrupted").sum(1, keepdim=True)) / (2 * clean.shape[1])
+            corrupted = self.run_outputs("corrupted")
+            return (clean.sum(1, keepdim=True) + corrupted.sum(1, keepdim=True)) / (2 * clean.shape[1])
         ref = reference.to(self.engine.device)
         if ref.dim() != 2 or ref.shape[1] != self.pairs.clean.shape[1]:
             raise ConfigError(f"the mean-ablation reference must be token ids [n, {self.pairs.clean.shape[1]}] (the "
@@ -480,7 +481,7 @@ class EdgeRunner:
 
         pre = self._prefix_rows(pairs, b) if p0 else None
         if self.lean is not None:
-            out = self._lean_forward(tokens, b, C, pre, pairs, put, ablate, record, input_fn)
+            out = self._lean_forward(tokens, b, C, pre, pairs, put, ablate, record, input_fn, D is not None)
         else:
             out = self._hooked_forward(tokens, C, pre, put, ablate, record, input_fn, D is not None)
         patched = ablate(out, slice(self.r_probe, self.r_probe + 1), self.graph.n_writers)
@@ -532,11 +533,11 @@ class EdgeRunner:
         return out
 
     def _lean_forward(self, tokens: Tensor, b: int, C: int, pre: PrefixKV | None, pairs: slice | Tensor | None,
-                      put: Callable,
-                      ablate: Callable, record: dict[int, Tensor] | None,
-                      input_fn: Callable[[Tensor], Tensor] | None) -> Tensor:
-        """The patched forward on :class:`LeanBlocks`: the same readers and writers, no hooks. The layer-0 residual
-        is the clean prompts' (the runner's ``x0``), rows ``(c b)``."""
+                      put: Callable, ablate: Callable, record: dict[int, Tensor] | None,
+                      input_fn: Callable[[Tensor], Tensor] | None, patched: bool) -> Tensor:
+        """The patched forward on :class:`LeanBlocks`: the same readers and writers, no hooks (writers only when
+        ``patched``: no per-head writes are computed when no circuit reads them). The layer-0 residual is the clean
+        prompts' (the runner's ``x0``), rows ``(c b)``."""
         assert self.lean is not None and self.x0 is not None
         x0 = self.x0[pairs] if pairs is not None else self.x0
         if x0.shape[0] != b:
@@ -550,7 +551,8 @@ class EdgeRunner:
         x = einops.repeat(x, "b t d -> (c b) t d", c=C) if C > 1 else x
         if input_fn is not None:
             x = input_fn(x)
-        put(slice(0, 1), x[:, :, None])
+        if patched:
+            put(slice(0, 1), x[:, :, None])
         sites = self.r_sites
         n_slots = {"q": self.lean.n_heads, "k": self.lean.n_kv_heads, "v": self.lean.n_kv_heads}
 
@@ -572,7 +574,7 @@ class EdgeRunner:
                 put(slice(self.w_mlp[L], self.w_mlp[L] + 1), out[:, :, None])
 
         past = (pre.keys, pre.values) if pre is not None else None  # b rows: the lean blocks stack them C times
-        return self.lean.forward(x, start=self.p0, past=past, reader=reader, writer=writer)
+        return self.lean.forward(x, start=self.p0, past=past, reader=reader, writer=writer if patched else None)
 
     def _prefix_rows(self, pairs: slice | Tensor | None, b: int) -> PrefixKV:
         """The cached prefix of the pairs a forward runs (one row per row of its tokens)."""

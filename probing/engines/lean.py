@@ -110,7 +110,6 @@ class _Layer:
     b_Q: Tensor | None  # [n_heads, d_head]
     b_K: Tensor | None
     b_V: Tensor | None
-    b_O: Tensor | None  # [d_model]
     scaling: float
     o_proj: Any  # the model's own output projection (z flattened over heads -> d_model, bias included)
     qkv: Any  # GPT-2's joint input projection (c_attn), else None
@@ -142,14 +141,18 @@ class LeanBlocks:
             self.layers.append(_Layer(b.ln1.original_component, b.ln2.original_component, b.mlp.original_component,
                                       w(a.W_Q), w(a.W_K), w(a.W_V), w(a.W_O), w(getattr(a, "b_Q", None)),
                                       w(getattr(a, "b_K", None)), w(getattr(a, "b_V", None)),
-                                      w(getattr(a, "b_O", None)), float(a.original_component.scaling),
+                                      float(a.original_component.scaling),
                                       _o_proj(a.original_component), getattr(a.original_component, "c_attn", None),
                                       _split_proj(a.original_component)))
-        for ly in self.layers:  # q, k and v heads stacked: one matmul when every input is per head
-            ly.W_QKV = torch.cat([ly.W_Q, ly.W_K, ly.W_V])
-            ly.b_QKV = None if ly.b_Q is None else torch.cat([ly.b_Q, ly.b_K, ly.b_V])
         self.n_heads = int(self.layers[0].W_Q.shape[0])
         self.n_kv_heads = int(self.layers[0].W_K.shape[0])
+        split = [self.n_heads, self.n_kv_heads, self.n_kv_heads]
+        for ly in self.layers:  # q, k and v heads stacked (one matmul when every input is per head); W_Q/W_K/W_V
+            ly.W_QKV = torch.cat([ly.W_Q, ly.W_K, ly.W_V])  # and b_Q/b_K/b_V become views of it, not copies
+            ly.W_Q, ly.W_K, ly.W_V = ly.W_QKV.split(split)
+            if ly.b_Q is not None:
+                ly.b_QKV = torch.cat([ly.b_Q, ly.b_K, ly.b_V])
+                ly.b_Q, ly.b_K, ly.b_V = ly.b_QKV.split(split)
         self.d_model, self.d_head = int(self.layers[0].W_Q.shape[1]), int(self.layers[0].W_Q.shape[2])
         self.rotary = getattr(getattr(self.hf, "model", None), "rotary_emb", None) if self.arch == "llama" else None
         self.softmax_fp32 = self.arch == "llama"
@@ -190,19 +193,19 @@ class LeanBlocks:
         gqa = self.n_kv_heads != self.n_heads
         H, Hkv = self.n_heads, self.n_kv_heads
         slots = {"q": slice(0, H), "k": slice(H, H + Hkv), "v": slice(H + Hkv, H + 2 * Hkv)}
-        buf = None
+        buf, views = None, {}
         if reader is not None and not torch.is_grad_enabled():  # (a gradient pass stacks fresh tensors instead)
             buf = resid.new_empty(n, t, H + 2 * Hkv, resid.shape[-1])
+            views = {site: buf[:, :, sl] for site, sl in slots.items()}
         for L, ly in enumerate(self.layers):
             if buf is not None:  # readers write their inputs straight into one buffer: no copy to stack them
-                xs = {site: reader(L, site, resid, buf[:, :, slots[site]]) for site in "qkv"}
+                xs = {site: reader(L, site, resid, views[site]) for site in "qkv"}
             else:
                 xs = {site: reader(L, site, resid) if reader is not None else None for site in "qkv"}
             if all(x is not None for x in xs.values()):
                 # every input per head (a patched forward, a gradient pass): one norm, one matmul, one RoPE
-                stacked = buf if buf is not None and all(xs[st] is not None and xs[st].data_ptr() ==
-                                                         buf[:, :, slots[st]].data_ptr() for st in "qkv") \
-                    else torch.cat([xs["q"], xs["k"], xs["v"]], 2)
+                in_buf = buf is not None and all(xs[site] is views[site] for site in "qkv")
+                stacked = buf if in_buf else torch.cat([xs["q"], xs["k"], xs["v"]], 2)
                 qkv = self._per_head(ly.ln1(stacked), ly.W_QKV, ly.b_QKV)
                 if cos_sin is not None:
                     qkv = torch.cat([_rope(qkv[:H + Hkv], *cos_sin), qkv[H + Hkv:]])
