@@ -42,6 +42,7 @@ from torch import Tensor
 
 from wordpos.patching.edge_graph import EdgeGraph, EdgeScores
 from wordpos.probing.errors import ConfigError, CorruptFileError
+from wordpos.probing.plots import fast_figure, hline
 
 ABLATIONS = ("counterfactual", "mean", "resample")
 DEFAULT_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -354,51 +355,51 @@ def curve_figure(curves: Sequence[Curve], title: str | None = None) -> go.Figure
         raise ConfigError("curve_figure needs at least one Curve.")
     main = curves[0]
     x = main.fractions
-    fig = go.Figure()
-    fig.add_trace(go.Scatter(x=x + x[::-1], y=list(np.add(main.random_mean, main.random_std)) +
-                             list(np.subtract(main.random_mean, main.random_std))[::-1], fill="toself",
-                             fillcolor="rgba(150,150,150,0.25)", line=dict(width=0), hoverinfo="skip",
-                             name=f"random {main.level} sets: mean ± std ({main.n_random} draws)"))
-    fig.add_trace(go.Scatter(x=x, y=main.random_mean, mode="lines+markers", line=dict(color="#777", dash="dot"),
-                             name=f"random (CPR {main.random_cpr_mean:.3f}, CMD {main.random_cmd_mean:.3f})",
-                             hovertemplate="fraction %{x}<br>random f = %{y:.3f}<extra></extra>"))
+    data: list[dict[str, Any]] = [
+        dict(type="scatter", x=x + x[::-1], y=list(np.add(main.random_mean, main.random_std)) +
+             list(np.subtract(main.random_mean, main.random_std))[::-1], fill="toself",
+             fillcolor="rgba(150,150,150,0.25)", line=dict(width=0), hoverinfo="skip",
+             name=f"random {main.level} sets: mean ± std ({main.n_random} draws)"),
+        dict(type="scatter", x=x, y=main.random_mean, mode="lines+markers", line=dict(color="#777", dash="dot"),
+             name=f"random (CPR {main.random_cpr_mean:.3f}, CMD {main.random_cmd_mean:.3f})",
+             hovertemplate="fraction %{x}<br>random f = %{y:.3f}<extra></extra>")]
     palette = ["#2166ac", "#d6604d", "#4d9221", "#8073ac", "#e08214"]
     for i, c in enumerate(curves):
         color = palette[i % len(palette)]
         rgb = tuple(int(color[k:k + 2], 16) for k in (1, 3, 5))
-        fig.add_trace(go.Scatter(x=c.fractions + c.fractions[::-1], y=c.ci_high + c.ci_low[::-1], fill="toself",
-                                 fillcolor=f"rgba({rgb[0]},{rgb[1]},{rgb[2]},0.18)", line=dict(width=0),
-                                 hoverinfo="skip", showlegend=False))
+        data.append(dict(type="scatter", x=c.fractions + c.fractions[::-1], y=c.ci_high + c.ci_low[::-1],
+                         fill="toself", fillcolor=f"rgba({rgb[0]},{rgb[1]},{rgb[2]},0.18)", line=dict(width=0),
+                         hoverinfo="skip", showlegend=False))
         text = [f"{s} {c.level}s requested, {k} edges kept<br>95% CI [{lo:.3f}, {hi:.3f}]"
                 for s, k, lo, hi in zip(c.sizes, c.edges_kept, c.ci_low, c.ci_high)]
-        fig.add_trace(go.Scatter(x=c.fractions, y=c.faithfulness, mode="lines+markers", line=dict(color=color),
-                                 name=f"{_label(c)}: CPR {c.cpr:.3f} [{c.cpr_ci[0]:.3f}, {c.cpr_ci[1]:.3f}], "
-                                      f"CMD {c.cmd:.3f}", text=text,
-                                 hovertemplate="fraction %{x}<br>f = %{y:.3f}<br>%{text}<extra></extra>"))
-    fig.add_hline(y=1.0, line=dict(color="#1a9850", width=1), annotation_text="full model (f = 1)",
-                  annotation_position="top left")
+        data.append(dict(type="scatter", x=c.fractions, y=c.faithfulness, mode="lines+markers",
+                         line=dict(color=color), name=f"{_label(c)}: CPR {c.cpr:.3f} [{c.cpr_ci[0]:.3f}, "
+                                                     f"{c.cpr_ci[1]:.3f}], CMD {c.cmd:.3f}", text=text,
+                         hovertemplate="fraction %{x}<br>f = %{y:.3f}<br>%{text}<extra></extra>"))
+    layout: dict[str, Any] = {}
+    hline(layout, 1.0, dict(color="#1a9850", width=1), "full model (f = 1)", "top left")
     if main.target is not None:
-        fig.add_hline(y=main.target, line=dict(color="#b2182b", dash="dash", width=1),
-                      annotation_text=f"target f = {main.target:g}", annotation_position="bottom right")
+        hline(layout, main.target, dict(color="#b2182b", dash="dash", width=1), f"target f = {main.target:g}",
+              "bottom right")
     if main.chosen:
         ch = main.chosen
         ci = ch.get("ci") or [None, None]
-        fig.add_trace(go.Scatter(x=[ch["fraction"]], y=[ch["faithfulness"]], mode="markers",
-                                 marker=dict(symbol="star", size=16, color="#b2182b", line=dict(color="#333", width=1)),
-                                 error_y=dict(type="data", symmetric=False,
-                                              array=[(ci[1] - ch["faithfulness"]) if ci[1] is not None else 0],
-                                              arrayminus=[(ch["faithfulness"] - ci[0]) if ci[0] is not None else 0]),
-                                 name=f"chosen circuit: {ch['n_edges']} edges, f = {ch['faithfulness']:.3f}"))
-    fig.update_layout(
+        data.append(dict(type="scatter", x=[ch["fraction"]], y=[ch["faithfulness"]], mode="markers",
+                         marker=dict(symbol="star", size=16, color="#b2182b", line=dict(color="#333", width=1)),
+                         error_y=dict(type="data", symmetric=False,
+                                      array=[(ci[1] - ch["faithfulness"]) if ci[1] is not None else 0],
+                                      arrayminus=[(ch["faithfulness"] - ci[0]) if ci[0] is not None else 0]),
+                         name=f"chosen circuit: {ch['n_edges']} edges, f = {ch['faithfulness']:.3f}"))
+    layout.update(
         title=title or (f"Faithfulness curve ({main.ablation} ablation, {main.n_pairs} pairs)<br><sup>x drawn on a "
                         "log scale; CPR/CMD are trapezoid areas over the fraction on a LINEAR axis (MIB); bands: 95% "
                         "bootstrap CI over pairs, random mean ± std</sup>"),
         template="plotly_white", width=900, height=520, hovermode="closest",
-        xaxis=dict(type="log", title=f"fraction of {main.level}s kept (of {main.n_items})" + "".join(
-            f"; {c.method}: fraction of the {c.n_items} {c.level}s" for c in curves[1:] if c.level != main.level)),
-        yaxis=dict(title="faithfulness f = (m(C) − m(∅)) / (m(N) − m(∅))"),
+        xaxis=dict(type="log", title={"text": f"fraction of {main.level}s kept (of {main.n_items})" + "".join(
+            f"; {c.method}: fraction of the {c.n_items} {c.level}s" for c in curves[1:] if c.level != main.level)}),
+        yaxis=dict(title={"text": "faithfulness f = (m(C) − m(∅)) / (m(N) − m(∅))"}),
         legend=dict(orientation="h", y=-0.22))
-    return fig
+    return fast_figure(data, layout)
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation

@@ -4,6 +4,7 @@ the layer curve, the patching heatmaps, the circuit diagram and tables of the to
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import plotly.io as pio
 
 from wordpos.probing.io import write_text
 
+REPORT_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "svg"}}
 FIGURES = [
     ("probe/key_plot", "The key plot: what the probe predicts, by true word index (rows) and absolute position"),
     ("probe/layer_curve", "Probe accuracy by layer against the position-only baseline"),
@@ -112,9 +114,10 @@ def write_report(out: str | Path, summary: dict[str, Any]) -> Path:
         path = out / f"{stem}.plotly.json"
         if not path.exists():
             continue
-        fig = pio.read_json(path)
-        div = pio.to_html(fig, include_plotlyjs=True if first else False, full_html=False,
-                          config={"displaylogo": False, "toImageButtonOptions": {"format": "svg"}})
+        # the saved figure as its dict: it was validated when it was built, so it is not rebuilt as a Figure here
+        fig = json.loads(path.read_text(encoding="utf-8"))
+        div = pio.to_html(fig, include_plotlyjs=True if first else False, full_html=False, validate=False,
+                          config=REPORT_CONFIG)
         first = False
         parts.append(f"<figure>{div}<figcaption>{html.escape(caption)}</figcaption></figure>")
     p = summary["probe"]

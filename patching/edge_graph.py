@@ -256,23 +256,32 @@ class EdgeGraph:
         return {"role": "reader", "kind": kind, "layer": node_layer(name) if kind != "probe" else self.probe_layer + 1,
                 "component": self.reader_component(name), "heads": self.reader_heads(name)}
 
-    def to_networkx(self, scores: Tensor | None = None, mask: Tensor | None = None):
+    def to_networkx(self, scores: Tensor | None = None, mask: Tensor | None = None, *, in_graph_only: bool = False):
         """A ``networkx.DiGraph`` with one edge per valid edge (same names). Writer nodes are keyed by writer
         name; reader nodes by reader name (``m{L}`` is both MLP L's writer and reader name, so its reader node is
-        ``"m{L}<in>"``). Edge attributes: ``score`` (NaN if none), ``reader`` (q/k/v/mlp/probe), ``in_graph``."""
+        ``"m{L}<in>"``). Edge attributes: ``score`` (NaN if none), ``reader`` (q/k/v/mlp/probe), ``in_graph``.
+        ``in_graph_only`` keeps only the edges ``mask`` holds and the nodes they touch (same order as the whole
+        graph's), without building the rest."""
         import networkx as nx
 
         g = nx.DiGraph()
-        for w in self.writers:
-            g.add_node(w, **self.node_attrs(w, "writer"))
-        rnode = {r: (f"{r}<in>" if _MLP_RE.match(r) else r) for r in self.readers}
-        for r in self.readers:
-            g.add_node(rnode[r], name=r, **self.node_attrs(r, "reader"))
         wi, rj = self.edge_index()
+        mk_t = None if mask is None else torch.as_tensor(mask, dtype=torch.bool)[wi, rj]
+        if in_graph_only and mk_t is not None:
+            wi, rj, mk_t = wi[mk_t], rj[mk_t], mk_t[mk_t]
+        used_w = set(wi.tolist()) if in_graph_only else range(len(self.writers))
+        used_r = set(rj.tolist()) if in_graph_only else range(len(self.readers))
+        for i, w in enumerate(self.writers):
+            if i in used_w:
+                g.add_node(w, **self.node_attrs(w, "writer"))
+        rnode = {r: (f"{r}<in>" if _MLP_RE.match(r) else r) for r in self.readers}
+        for j, r in enumerate(self.readers):
+            if j in used_r:
+                g.add_node(rnode[r], name=r, **self.node_attrs(r, "reader"))
         # per-edge values read out in one go (indexing a tensor per edge costs ~10 µs each on 30k edges)
         sc = [float("nan")] * len(wi) if scores is None else \
             torch.as_tensor(scores, dtype=torch.float64)[wi, rj].tolist()
-        mk = [True] * len(wi) if mask is None else torch.as_tensor(mask, dtype=torch.bool)[wi, rj].tolist()
+        mk = [True] * len(wi) if mk_t is None else mk_t.tolist()
         kind = {r: self.reader_kind(r) for r in self.readers}
         for i, j, s, m in zip(wi.tolist(), rj.tolist(), sc, mk):
             w, r = self.writers[i], self.readers[j]
@@ -360,16 +369,12 @@ class EdgeScores:
         follows ``mask`` (default: every edge). A node is in the graph when an in-graph edge touches it."""
         mk = self.graph.full_mask() if mask is None else torch.as_tensor(mask, dtype=torch.bool) & self.graph.valid
         w, r = self.graph.edge_index()
-        edges = {}
-        touched: set[str] = set()
-        vals = self.scores[w, r].tolist()
-        inside = mk[w, r].tolist()
-        for i, j, s, ig in zip(w.tolist(), r.tolist(), vals, inside):
-            wn, rn = self.graph.writers[i], self.graph.readers[j]
-            edges[f"{wn}->{rn}"] = {"score": s, "in_graph": bool(ig)}
-            if ig:
-                touched.add(wn)
-                touched.update(self.graph.reader_heads(rn) or [self.graph.reader_component(rn)])
+        W, R = self.graph.writers, self.graph.readers
+        edges = {f"{W[i]}->{R[j]}": {"score": s, "in_graph": ig}
+                 for i, j, s, ig in zip(w.tolist(), r.tolist(), self.scores[w, r].tolist(), mk[w, r].tolist())}
+        touched = {W[i] for i in mk.any(1).nonzero().flatten().tolist()}
+        for j in mk.any(0).nonzero().flatten().tolist():
+            touched.update(self.graph.reader_heads(R[j]) or [self.graph.reader_component(R[j])])
         nodes = {n: {"in_graph": n in touched} for n in self.graph.writers + ["probe"]}
         return {"edges": edges, "nodes": nodes, "method": self.method, "metric": self.metric}
 

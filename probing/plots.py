@@ -8,6 +8,8 @@ numerical order (the original post's legend was not, "sigh").
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import logging
 import warnings
 from collections.abc import Iterator, Sequence
@@ -27,13 +29,15 @@ INDEX_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"
 def fast_figure(data: Sequence[dict[str, Any]], layout: dict[str, Any], *, validate: bool = False) -> go.Figure:
     """A Figure from plain trace and layout dicts, without plotly's per-property validation, which is most of the
     time to build a figure of many traces (the edge-circuit diagram: 0.19 s → 0.05 s). It does what validation
-    would change in wordpos' own figures: a named template is resolved and a string title becomes
-    ``{"text": title}``. ``validate=True`` builds the validated figure; the tests check the two serialise alike."""
+    would change in wordpos' own figures: a named template is resolved, a string title becomes
+    ``{"text": title}`` and a named colorscale is written out. ``validate=True`` builds the validated figure; the
+    tests check the two serialise alike."""
     if validate:
         return go.Figure(data=list(data), layout=layout)
     import plotly.io as pio
 
     layout = dict(layout)
+    data = [_named_colorscales(t) for t in data]
     if isinstance(layout.get("template"), str):
         layout["template"] = pio.templates[layout["template"]]
     if isinstance(layout.get("title"), str):
@@ -45,8 +49,56 @@ def fast_figure(data: Sequence[dict[str, Any]], layout: dict[str, Any], *, valid
     return fig
 
 
+@functools.lru_cache(maxsize=64)
+def _colorscale(name: str) -> str:
+    return json.dumps(go.Heatmap(colorscale=name).to_plotly_json()["colorscale"])  # validated once per name
+
+
+def _named_colorscales(trace: dict[str, Any]) -> dict[str, Any]:
+    """A named colorscale ("RdBu") written out as validation writes it (plotly.py's scale, not plotly.js')."""
+    if isinstance(trace.get("colorscale"), str):
+        trace = {**trace, "colorscale": json.loads(_colorscale(trace["colorscale"]))}
+    marker = trace.get("marker")
+    if isinstance(marker, dict) and isinstance(marker.get("colorscale"), str):
+        trace = {**trace, "marker": {**marker, "colorscale": json.loads(_colorscale(marker["colorscale"]))}}
+    return trace
+
+
 def index_color(k: int) -> str:
     return INDEX_COLORS[int(k) % len(INDEX_COLORS)]
+
+
+@functools.lru_cache(maxsize=16)
+def _subplot_layout_json(rows: int, cols: int, kwargs: str) -> str:
+    layout = make_subplots(rows=rows, cols=cols, **json.loads(kwargs)).to_dict()["layout"]
+    layout.pop("template", None)
+    return json.dumps(layout)
+
+
+def subplot_layout(rows: int, cols: int, **kwargs: Any) -> dict[str, Any]:
+    """``make_subplots(rows, cols, **kwargs)``'s layout (axes, domains, subplot titles) as a plain dict for
+    :func:`fast_figure`, computed once per grid: a trace in row ``r``, column ``c`` names its axes with
+    :func:`subplot_axes`."""
+    return json.loads(_subplot_layout_json(int(rows), int(cols), json.dumps(kwargs, sort_keys=True)))
+
+
+def subplot_axes(row: int, col: int, cols: int) -> dict[str, str]:
+    """The ``xaxis``/``yaxis`` a trace in (1-based) ``row``, ``col`` of a ``cols``-wide grid names."""
+    k = (row - 1) * cols + col
+    return {"xaxis": f"x{k if k > 1 else ''}", "yaxis": f"y{k if k > 1 else ''}"}
+
+
+def hline(layout: dict[str, Any], y: float, line: dict[str, Any], text: str | None = None,
+          position: str = "top right") -> None:
+    """What ``Figure.add_hline(y, line=..., annotation_text=..., annotation_position=...)`` adds to a one-plot
+    figure, added to a plain ``layout`` dict: a full-width line and its label at that corner."""
+    layout.setdefault("shapes", []).append({"type": "line", "line": dict(line), "x0": 0, "x1": 1,
+                                            "xref": "x domain", "y0": y, "y1": y, "yref": "y"})
+    if text is not None:
+        vert, horiz = position.split()
+        layout.setdefault("annotations", []).append({
+            "showarrow": False, "text": text, "x": 1 if horiz == "right" else 0, "xanchor": horiz,
+            "xref": "x domain", "y": y, "yanchor": "top" if vert == "bottom" else "bottom", "yref": "y"})
 
 
 def key_plot(abs_pos: Any, y_true: Any, y_pred: Any, title: str = "Probe predictions by absolute position") -> go.Figure:
@@ -56,56 +108,57 @@ def key_plot(abs_pos: Any, y_true: Any, y_pred: Any, title: str = "Probe predict
     pos, yt, yp = (np.asarray(a).reshape(-1) for a in (abs_pos, y_true, y_pred))
     classes = sorted(set(yt.tolist()) | set(yp.tolist()))
     rows = sorted(set(yt.tolist()))
-    fig = make_subplots(rows=len(rows), cols=1, shared_xaxes=True, vertical_spacing=0.02)
+    layout = subplot_layout(len(rows), 1, shared_xaxes=True, vertical_spacing=0.02)
+    data = []
     for r, k in enumerate(rows, start=1):
         sel = yt == k
         xs = sorted(set(pos[sel].tolist()))
         n_at = np.array([np.sum(pos[sel] == x) for x in xs])
         for c in classes:
             frac = np.array([np.sum((pos[sel] == x) & (yp[sel] == c)) for x in xs]) / np.maximum(n_at, 1)
-            fig.add_trace(go.Bar(
-                x=xs, y=frac, name=f"predicted {c}", legendgroup=str(c), showlegend=(r == 1),
-                marker_color=index_color(c), customdata=np.stack([n_at, frac * n_at], -1),
+            data.append(dict(
+                type="bar", x=xs, y=frac, name=f"predicted {c}", legendgroup=str(c), showlegend=(r == 1),
+                marker=dict(color=index_color(c)), customdata=np.stack([n_at, frac * n_at], -1),
                 hovertemplate=f"true {k}, predicted {c}<br>position %{{x}}<br>%{{y:.1%}} "
                               "(%{customdata[1]:.0f} of %{customdata[0]})<extra></extra>",
-            ), row=r, col=1)
-        fig.update_yaxes(range=[0, 1], tickformat=".0%", nticks=3, title_text=f"true {k}", row=r, col=1)
-    fig.update_layout(barmode="stack", title=title, height=110 * len(rows) + 160, bargap=0.1,
-                      legend=dict(traceorder="normal", title="predicted index"), template="plotly_white")
-    fig.update_xaxes(title_text="absolute token position", row=len(rows), col=1)
-    return fig
+                **subplot_axes(r, 1, 1)))
+        layout[f"yaxis{r if r > 1 else ''}"].update(range=[0, 1], tickformat=".0%", nticks=3,
+                                                    title={"text": f"true {k}"})
+    layout[f"xaxis{len(rows) if len(rows) > 1 else ''}"]["title"] = {"text": "absolute token position"}
+    layout.update(barmode="stack", title=title, height=110 * len(rows) + 160, bargap=0.1,
+                  legend=dict(traceorder="normal", title={"text": "predicted index"}), template="plotly_white")
+    return fast_figure(data, layout)
 
 
 def layer_curve(per_layer: dict[int, float], baseline: float, title: str = "Probe accuracy by layer",
                 shuffled: float | None = None, per_layer_val: dict[int, float] | None = None) -> go.Figure:
     """Held-out-word accuracy at each layer, with the position-only baseline (and shuffled control)."""
     layers = sorted(int(k) for k in per_layer)
-    fig = go.Figure()
-    fig.add_trace(go.Scatter(x=layers, y=[per_layer[L] for L in layers], mode="lines+markers",
-                             name="probe (held-out words)", line=dict(color="#1f77b4", width=3)))
+    data = [dict(type="scatter", x=layers, y=[per_layer[L] for L in layers], mode="lines+markers",
+                 name="probe (held-out words)", line=dict(color="#1f77b4", width=3))]
     if per_layer_val:
-        fig.add_trace(go.Scatter(x=layers, y=[per_layer_val[L] for L in layers], mode="lines",
-                                 name="probe (validation, train words)", line=dict(color="#1f77b4", dash="dot")))
-    fig.add_hline(y=baseline, line=dict(color="#d62728", dash="dash"),
-                  annotation_text=f"position-only baseline {baseline:.1%}", annotation_position="bottom right")
+        data.append(dict(type="scatter", x=layers, y=[per_layer_val[L] for L in layers], mode="lines",
+                         name="probe (validation, train words)", line=dict(color="#1f77b4", dash="dot")))
+    layout: dict[str, Any] = {}
+    hline(layout, baseline, dict(color="#d62728", dash="dash"), f"position-only baseline {baseline:.1%}",
+          "bottom right")
     if shuffled is not None:
-        fig.add_hline(y=shuffled, line=dict(color="#7f7f7f", dash="dot"),
-                      annotation_text=f"shuffled labels {shuffled:.1%}", annotation_position="top right")
-    fig.update_layout(title=title, xaxis_title="layer (residual stream after block)", yaxis_title="accuracy",
-                      yaxis=dict(range=[0, 1], tickformat=".0%"), template="plotly_white")
-    return fig
+        hline(layout, shuffled, dict(color="#7f7f7f", dash="dot"), f"shuffled labels {shuffled:.1%}", "top right")
+    layout.update(title=title, xaxis=dict(title={"text": "layer (residual stream after block)"}),
+                  yaxis=dict(range=[0, 1], tickformat=".0%", title={"text": "accuracy"}), template="plotly_white")
+    return fast_figure(data, layout)
 
 
 def confusion_heatmap(confusion: Sequence[Sequence[int]], title: str = "Confusion (held-out words)") -> go.Figure:
     cm = np.asarray(confusion, dtype=float)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     labels = [str(i) for i in range(cm.shape[0])]
-    fig = go.Figure(go.Heatmap(z=norm, x=labels, y=labels, colorscale="Blues", zmin=0, zmax=1,
-                               text=cm.astype(int), texttemplate="%{text}",
-                               hovertemplate="true %{y}, predicted %{x}: %{z:.1%}<extra></extra>"))
-    fig.update_layout(title=title, xaxis_title="predicted word index", yaxis_title="true word index",
-                      yaxis=dict(autorange="reversed"), template="plotly_white")
-    return fig
+    data = [dict(type="heatmap", z=norm, x=labels, y=labels, colorscale="Blues", zmin=0, zmax=1,
+                 text=cm.astype(int), texttemplate="%{text}",
+                 hovertemplate="true %{y}, predicted %{x}: %{z:.1%}<extra></extra>")]
+    return fast_figure(data, dict(title=title, xaxis=dict(title={"text": "predicted word index"}),
+                                  yaxis=dict(title={"text": "true word index"}, autorange="reversed"),
+                                  template="plotly_white"))
 
 
 class ImageQueue:
@@ -165,6 +218,34 @@ def _write_images(items: list[tuple[go.Figure, Path, float]], fmt: str) -> list[
         return []
 
 
+_JS_MARKER = "wordpos-inline-plotly.js"
+
+
+@functools.lru_cache(maxsize=1)
+def _plotlyjs_bytes() -> bytes:
+    from plotly.offline import get_plotlyjs
+
+    return get_plotlyjs().encode("utf-8")
+
+
+def _write_offline_html(fig_dict: dict[str, Any], path: Path) -> None:
+    """``plotly.io.write_html(fig, include_plotlyjs=True, full_html=True)``, byte for byte, without formatting the
+    4.8 MB plotly.js into a new string for every figure (most of a small figure's write time): plotly writes the
+    page with a placeholder script URL, and the bundle's bytes, read once per process, go in its place."""
+    import plotly.io as pio
+
+    html = pio.to_html(fig_dict, include_plotlyjs=_JS_MARKER, full_html=True, validate=False)
+    tag = f'<script charset="utf-8" src="{_JS_MARKER}"></script>'
+    if html.count(tag) != 1:  # a plotly whose page differs: its own writer
+        pio.write_html(fig_dict, path, include_plotlyjs=True, full_html=True, validate=False)
+        return
+    before, after = html.split(tag)
+    with open(path, "wb") as f:
+        f.write(before.encode("utf-8") + b"<script>")
+        f.write(_plotlyjs_bytes())
+        f.write(b"</script>" + after.encode("utf-8"))
+
+
 def save_figures(figures: dict[str, go.Figure], directory: str | Path, png: bool = True, svg: bool = False,
                  scale: float = 2.0) -> dict[str, list[Path]]:
     """Write each figure as ``{name}.html`` (plotly.js embedded: opens offline), ``{name}.png`` and
@@ -178,11 +259,14 @@ def save_figures(figures: dict[str, go.Figure], directory: str | Path, png: bool
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     written: dict[str, list[Path]] = {name: [] for name in figures}
+    import plotly.io as pio
+
     for name, fig in figures.items():
+        fig_dict = fig.to_dict()  # once for both files (a Figure is validated already: not again on writing)
         with atomic_path(directory / f"{name}.html") as tmp:
-            fig.write_html(tmp, include_plotlyjs=True, full_html=True)
+            _write_offline_html(fig_dict, tmp)
         with atomic_path(directory / f"{name}.plotly.json") as tmp:  # for reports that re-embed the figure
-            fig.write_json(tmp)
+            pio.write_json(fig_dict, tmp, validate=False)
         written[name] += [directory / f"{name}.html", directory / f"{name}.plotly.json"]
     formats = (["png"] if png else []) + (["svg"] if svg else [])
     for fmt in formats:

@@ -322,6 +322,80 @@ def test_curve_round_trips_and_plots(tmp_path):
         Curve.load(tmp_path / "bad.json")
 
 
+def _ref_curve_figure(curves, title):
+    """The curve figure as plotly's API builds it (add_trace, add_hline, update_layout): the reference."""
+    import numpy as np
+    import plotly.graph_objects as go
+
+    main = curves[0]
+    x = main.fractions
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=x + x[::-1], y=list(np.add(main.random_mean, main.random_std)) +
+                             list(np.subtract(main.random_mean, main.random_std))[::-1], fill="toself",
+                             fillcolor="rgba(150,150,150,0.25)", line=dict(width=0), hoverinfo="skip",
+                             name=f"random {main.level} sets: mean ± std ({main.n_random} draws)"))
+    fig.add_trace(go.Scatter(x=x, y=main.random_mean, mode="lines+markers", line=dict(color="#777", dash="dot"),
+                             name=f"random (CPR {main.random_cpr_mean:.3f}, CMD {main.random_cmd_mean:.3f})",
+                             hovertemplate="fraction %{x}<br>random f = %{y:.3f}<extra></extra>"))
+    palette = ["#2166ac", "#d6604d", "#4d9221", "#8073ac", "#e08214"]
+    for i, c in enumerate(curves):
+        color = palette[i % len(palette)]
+        rgb = tuple(int(color[k:k + 2], 16) for k in (1, 3, 5))
+        fig.add_trace(go.Scatter(x=c.fractions + c.fractions[::-1], y=c.ci_high + c.ci_low[::-1], fill="toself",
+                                 fillcolor=f"rgba({rgb[0]},{rgb[1]},{rgb[2]},0.18)", line=dict(width=0),
+                                 hoverinfo="skip", showlegend=False))
+        text = [f"{s} {c.level}s requested, {k} edges kept<br>95% CI [{lo:.3f}, {hi:.3f}]"
+                for s, k, lo, hi in zip(c.sizes, c.edges_kept, c.ci_low, c.ci_high)]
+        fig.add_trace(go.Scatter(x=c.fractions, y=c.faithfulness, mode="lines+markers", line=dict(color=color),
+                                 name=f"{c.method} ({c.level}s): CPR {c.cpr:.3f} [{c.cpr_ci[0]:.3f}, "
+                                      f"{c.cpr_ci[1]:.3f}], CMD {c.cmd:.3f}", text=text,
+                                 hovertemplate="fraction %{x}<br>f = %{y:.3f}<br>%{text}<extra></extra>"))
+    fig.add_hline(y=1.0, line=dict(color="#1a9850", width=1), annotation_text="full model (f = 1)",
+                  annotation_position="top left")
+    if main.target is not None:
+        fig.add_hline(y=main.target, line=dict(color="#b2182b", dash="dash", width=1),
+                      annotation_text=f"target f = {main.target:g}", annotation_position="bottom right")
+    if main.chosen:
+        ch = main.chosen
+        ci = ch.get("ci") or [None, None]
+        fig.add_trace(go.Scatter(x=[ch["fraction"]], y=[ch["faithfulness"]], mode="markers",
+                                 marker=dict(symbol="star", size=16, color="#b2182b", line=dict(color="#333", width=1)),
+                                 error_y=dict(type="data", symmetric=False,
+                                              array=[(ci[1] - ch["faithfulness"]) if ci[1] is not None else 0],
+                                              arrayminus=[(ch["faithfulness"] - ci[0]) if ci[0] is not None else 0]),
+                                 name=f"chosen circuit: {ch['n_edges']} edges, f = {ch['faithfulness']:.3f}"))
+    fig.update_layout(title=title, template="plotly_white", width=900, height=520, hovermode="closest",
+                      xaxis=dict(type="log", title=f"fraction of {main.level}s kept (of {main.n_items})" + "".join(
+                          f"; {c.method}: fraction of the {c.n_items} {c.level}s" for c in curves[1:]
+                          if c.level != main.level)),
+                      yaxis=dict(title="faithfulness f = (m(C) − m(∅)) / (m(N) − m(∅))"),
+                      legend=dict(orientation="h", y=-0.22))
+    return fig
+
+
+def test_curve_figure_equals_plotly_api_figure():
+    """The curve figure is built without plotly's validation (probing.plots.fast_figure): it equals the figure
+    plotly's API builds from the same calls, as the JSON the HTML embeds, with and without target, chosen circuit
+    and a second (node-level) curve."""
+    import json
+
+    import plotly.io as pio
+
+    from wordpos.circuit.evaluation import curve_figure, node_curve, node_scores_from_edges
+
+    g = _graph()
+    s = _scores(g)
+    c = faithfulness_curve(None, None, s, n_random=3, evaluate=CountEvaluator(g, noise=0.3))
+    n = node_curve(None, None, g, node_scores_from_edges(s), n_random=2, evaluate=CountEvaluator(g, noise=0.1))
+    cases = [([c], "T")]
+    c2 = Curve.from_dict(c.to_dict())
+    c2.target, c2.chosen = 0.8, {"n_edges": 5, "n_top": 5, "fraction": 0.05, "faithfulness": 0.85, "ci": [0.8, 0.9]}
+    cases += [([c2, n], "T2"), ([c2], "T3")]
+    for curves, title in cases:
+        fast, ref = curve_figure(curves, title), _ref_curve_figure(curves, title)
+        assert json.loads(pio.to_json(fast)) == json.loads(pio.to_json(ref))
+
+
 def test_node_effects_ablate_each_node_alone():
     """With f = fraction of edges kept, a node's single-node effect 1 − f is its out-degree / n_edges."""
     from wordpos.circuit.evaluation import node_effects, node_scores_from_edges

@@ -53,6 +53,39 @@ def test_run_writes_report_summary_and_circuit(planted_run):
     assert (out / "attention" / "patterns.html").exists() and "Attention evidence" in report
 
 
+def _newplot_args(page: str) -> list[list]:
+    """The (data, layout, config) JSON of every ``Plotly.newPlot`` call in an HTML page, in order."""
+    dec, out, i = json.JSONDecoder(), [], 0
+    while (i := page.find("Plotly.newPlot(", i)) >= 0:
+        j = page.index(",", i) + 1  # past the div id
+        args = []
+        for _ in range(3):
+            while page[j] in " \n,":
+                j += 1
+            obj, j = dec.raw_decode(page, j)
+            args.append(obj)
+        out.append(args)
+        i = j
+    return out
+
+
+def test_report_embeds_each_figure_as_plotly_would(planted_run):
+    """The report embeds each saved figure from its JSON without rebuilding a validated Figure: the figures it
+    draws equal what plotly makes of ``plotly.io.read_json`` (a validated Figure), and plotly.js is embedded once."""
+    import plotly.io as pio
+
+    from wordpos.circuit.report import FIGURES, REPORT_CONFIG
+
+    out, _ = planted_run
+    report = (out / "report.html").read_text(encoding="utf-8")
+    ref = "".join(pio.to_html(pio.read_json(out / f"{stem}.plotly.json"), include_plotlyjs=False, full_html=False,
+                              config=REPORT_CONFIG)
+                  for stem, _ in FIGURES if (out / f"{stem}.plotly.json").exists())
+    got, want = _newplot_args(report), _newplot_args(ref)
+    assert len(want) >= 8 and got == want
+    assert report.count("plotly.js v") == 1
+
+
 def test_rerun_reuses_finished_stages(planted_run):
     out, args = planted_run
     before = {p: p.stat().st_mtime_ns for p in [out / "probe" / "metrics.json", out / "patch_path" / "effects.npz"]}

@@ -111,3 +111,29 @@ def test_scores_roundtrip_top_and_mib(tmp_path):
         EdgeScores.load(tmp_path / "bad")
     with pytest.raises(ConfigError):
         EdgeScores(g, raw, "magic", "m", 1)
+
+
+def test_networkx_in_graph_only_and_mib_nodes_match_the_whole_graph():
+    """``to_networkx(in_graph_only=True)`` equals the whole graph with the other edges and the nodes left bare
+    removed (networkx's own operations: same nodes in the same order, same attributes); MIB's node flags are the
+    nodes an in-graph edge touches, read off the whole networkx graph (a reader's heads for q/k/v readers)."""
+    g = EdgeGraph.build(3, 4, 4, 2)
+    torch.manual_seed(1)
+    scores = torch.randn(g.n_writers, g.n_readers)
+    mask = g.mask_from_edges(["a0.h2->a1.h1<v>", "a1.h1->probe", "m0->a2.h3<k>", "input->m1"])
+    ref = g.to_networkx(scores, mask)
+    ref.remove_edges_from([(u, v) for u, v, d in ref.edges(data=True) if not d["in_graph"]])
+    ref.remove_nodes_from([n for n in list(ref) if ref.degree(n) == 0])
+    got = g.to_networkx(scores, mask, in_graph_only=True)
+    assert list(got.nodes(data=True)) == list(ref.nodes(data=True))
+    assert list(got.edges(data=True)) == list(ref.edges(data=True)) and got.number_of_edges() == 4
+    s = EdgeScores(g, scores, "eap", "m", 2)
+    mib = s.to_mib_json(mask)
+    touched = set()
+    for u, v, d in ref.edges(data=True):
+        touched.add(u)
+        r = ref.nodes[v]
+        touched.update(r["heads"] or [r["component"]])
+    assert {n for n, d in mib["nodes"].items() if d["in_graph"]} == touched
+    assert {n for n, d in mib["edges"].items() if d["in_graph"]} == {d["name"] for *_, d in ref.edges(data=True)}
+    assert mib["edges"]["m0->a2.h3<k>"]["score"] == pytest.approx(float(scores[g.edge("m0->a2.h3<k>")]))

@@ -71,3 +71,118 @@ def test_fast_figure_validates_later_edits():
     assert fig.layout.xaxis.title.text == "X"
     with pytest.raises(ValueError):
         fig.update_layout(width="abc")
+
+
+# ---- the run's figures are built without validation: each equals plotly's validated, API-built figure ----------
+def _same_json(fast, ref) -> None:
+    """Equal as the JSON the HTML embeds (what a browser draws), and built without validation."""
+    import json
+
+    import plotly.io as pio
+
+    assert json.loads(pio.to_json(fast)) == json.loads(pio.to_json(ref))
+    assert fast.to_dict()["layout"]["template"]["layout"]["paper_bgcolor"] == "white"
+
+
+def _ref_key_plot(abs_pos, y_true, y_pred, title):
+    """The key plot as plotly's API builds it (make_subplots, add_trace, update_*): the reference."""
+    import numpy as np
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from wordpos.probing.plots import index_color
+
+    pos, yt, yp = (np.asarray(a).reshape(-1) for a in (abs_pos, y_true, y_pred))
+    classes = sorted(set(yt.tolist()) | set(yp.tolist()))
+    rows = sorted(set(yt.tolist()))
+    fig = make_subplots(rows=len(rows), cols=1, shared_xaxes=True, vertical_spacing=0.02)
+    for r, k in enumerate(rows, start=1):
+        sel = yt == k
+        xs = sorted(set(pos[sel].tolist()))
+        n_at = np.array([np.sum(pos[sel] == x) for x in xs])
+        for c in classes:
+            frac = np.array([np.sum((pos[sel] == x) & (yp[sel] == c)) for x in xs]) / np.maximum(n_at, 1)
+            fig.add_trace(go.Bar(x=xs, y=frac, name=f"predicted {c}", legendgroup=str(c), showlegend=(r == 1),
+                                 marker_color=index_color(c), customdata=np.stack([n_at, frac * n_at], -1),
+                                 hovertemplate=f"true {k}, predicted {c}<br>position %{{x}}<br>%{{y:.1%}} "
+                                               "(%{customdata[1]:.0f} of %{customdata[0]})<extra></extra>"),
+                          row=r, col=1)
+        fig.update_yaxes(range=[0, 1], tickformat=".0%", nticks=3, title_text=f"true {k}", row=r, col=1)
+    fig.update_layout(barmode="stack", title=title, height=110 * len(rows) + 160, bargap=0.1,
+                      legend=dict(traceorder="normal", title="predicted index"), template="plotly_white")
+    fig.update_xaxes(title_text="absolute token position", row=len(rows), col=1)
+    return fig
+
+
+def test_probe_figures_equal_plotly_api_figures():
+    import numpy as np
+    import plotly.graph_objects as go
+
+    from wordpos.probing.plots import confusion_heatmap, key_plot, layer_curve
+
+    rng = np.random.default_rng(0)
+    for n_rows in (1, 4, 7):
+        yt = rng.integers(0, n_rows, 300)
+        yp = np.where(rng.random(300) < 0.7, yt, rng.integers(0, n_rows, 300))
+        pos = 19 + yt * 2 + rng.integers(0, 3, 300)
+        _same_json(key_plot(pos, yt, yp, "K"), _ref_key_plot(pos, yt, yp, "K"))
+
+    per, val = {0: 0.3, 1: 0.6, 2: 0.9}, {0: 0.35, 1: 0.65, 2: 0.95}
+    for shuffled, pv in ((None, None), (0.14, val)):
+        ref = go.Figure()
+        ref.add_trace(go.Scatter(x=[0, 1, 2], y=[0.3, 0.6, 0.9], mode="lines+markers", name="probe (held-out words)",
+                                 line=dict(color="#1f77b4", width=3)))
+        if pv:
+            ref.add_trace(go.Scatter(x=[0, 1, 2], y=[0.35, 0.65, 0.95], mode="lines",
+                                     name="probe (validation, train words)", line=dict(color="#1f77b4", dash="dot")))
+        ref.add_hline(y=0.5, line=dict(color="#d62728", dash="dash"), annotation_text="position-only baseline 50.0%",
+                      annotation_position="bottom right")
+        if shuffled is not None:
+            ref.add_hline(y=shuffled, line=dict(color="#7f7f7f", dash="dot"), annotation_text="shuffled labels 14.0%",
+                          annotation_position="top right")
+        ref.update_layout(title="L", xaxis_title="layer (residual stream after block)", yaxis_title="accuracy",
+                          yaxis=dict(range=[0, 1], tickformat=".0%"), template="plotly_white")
+        _same_json(layer_curve(per, 0.5, "L", shuffled=shuffled, per_layer_val=pv), ref)
+
+    cm = rng.integers(0, 20, (7, 7))
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    labels = [str(i) for i in range(7)]
+    ref = go.Figure(go.Heatmap(z=norm, x=labels, y=labels, colorscale="Blues", zmin=0, zmax=1, text=cm,
+                               texttemplate="%{text}",
+                               hovertemplate="true %{y}, predicted %{x}: %{z:.1%}<extra></extra>"))
+    ref.update_layout(title="C", xaxis_title="predicted word index", yaxis_title="true word index",
+                      yaxis=dict(autorange="reversed"), template="plotly_white")
+    _same_json(confusion_heatmap(cm, "C"), ref)
+
+
+def test_fast_figure_writes_out_named_colorscales():
+    import plotly.graph_objects as go
+
+    from wordpos.probing.plots import fast_figure
+
+    trace = dict(type="heatmap", z=[[1, 2]], colorscale="RdBu")
+    marker = dict(type="scatter", x=[1], y=[1], mode="markers", marker=dict(color=[1], colorscale="Viridis"))
+    fast = fast_figure([trace, marker], {})
+    assert fast.to_dict()["data"] == go.Figure(data=[trace, marker]).to_dict()["data"]
+    assert trace["colorscale"] == "RdBu" and marker["marker"]["colorscale"] == "Viridis"  # the caller's dicts kept
+
+
+def test_save_figures_writes_what_plotly_writes(tmp_path):
+    """One ``to_dict`` serves both files: they equal plotly's own ``write_json``/``write_html`` of the figure
+    (the HTML up to its random div id)."""
+    import re
+
+    from wordpos.probing.plots import key_plot
+
+    from wordpos.probing.plots import _JS_MARKER
+
+    uid = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+    # a title holding the placeholder's tag is escaped in the page's JSON, so the split still finds one tag
+    for title in ("K", f'<script charset="utf-8" src="{_JS_MARKER}"></script>'):
+        fig = key_plot([19, 20, 21, 22], [0, 0, 1, 1], [0, 1, 1, 1], title)
+        save_figures({"k": fig}, tmp_path, png=False)
+        fig.write_json(tmp_path / "ref.json")
+        fig.write_html(tmp_path / "ref.html", include_plotlyjs=True, full_html=True)
+        assert (tmp_path / "k.plotly.json").read_text() == (tmp_path / "ref.json").read_text()
+        got, ref = (uid.sub("ID", (tmp_path / n).read_text(encoding="utf-8")) for n in ("k.html", "ref.html"))
+        assert got == ref and "true 1, predicted 1" in got and "plotly.js v" in got
