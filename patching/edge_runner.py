@@ -59,6 +59,24 @@ Ablation = Literal["counterfactual", "mean", "resample"]
 ABLATIONS: tuple[str, ...] = ("counterfactual", "mean", "resample")
 
 
+# how closely a shortcut route (the lean forward, the suffix run on cached prefix keys/values) must reproduce a plain
+# run's probe residual, per dtype, as the largest error at any position relative to that position's norm
+ROUTE_TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-3}
+LOW_PRECISION_TOLERANCE = 0.1
+
+
+def position_error(out: Float[Tensor, "... pos d_model"], ref: Float[Tensor, "... pos d_model"]) -> float:
+    """The largest error at any position relative to that position's residual norm: a model's few huge activations
+    must not set the bar for the rest (in bfloat16 a bound relative to the largest value let a RoPE off by 3
+    positions through)."""
+    ref = ref.double()
+    return float(((out.double() - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-12)).max())
+
+
+def route_tolerance(dtype: torch.dtype) -> float:
+    return ROUTE_TOLERANCE.get(dtype, LOW_PRECISION_TOLERANCE)
+
+
 def tokens_per_forward(engine: Engine, n_writers: int, *, max_tokens: int | None = None, grad: bool = False) -> int:
     """Token rows (circuits × pairs × positions) per patched forward: 4096 on CPU (cache-sized batches run fastest
     there), 2^18 on an accelerator, and never more than fit a 1 GiB (CPU) / 8 GiB writer-difference buffer.
@@ -184,12 +202,9 @@ class EdgeRunner:
         """The lean forward must reproduce a plain run's probe residual (two pairs; the context's base run when it
         holds its input and output, else a forward of the clean prompts)."""
         n, p0, P = min(2, len(self.pairs)), self.p0, self.probe_layer + 1
-        name = H.resid(0, "resid_pre")
-        base_x, base_out = getattr(self.ctx, "base_cache", {}).get(name), getattr(self.ctx, "base_out", None)
-        shape = tuple(self.pairs.clean.shape)
-        if self._same_model() and base_x is not None and base_out is not None and tuple(base_x.shape[:2]) == shape \
-                and tuple(base_out.shape[:2]) == shape and base_x.dtype == self.dtype:
-            x, full = base_x[:n], base_out[:n]
+        base = self._context_base(p0)
+        if base is not None and base["x"] is not None:
+            x, full = base["x"][:n], base["out"][:n]
         else:
             x = self.x0[:n]
             full, _ = self.engine.run(self.pairs.clean[:n], stop_at_layer=P)
@@ -200,11 +215,7 @@ class EdgeRunner:
             pre = self._prefix_rows(torch.arange(n, device=dev), n)
             past = (pre.keys, pre.values)
         out = blocks.forward(x[:, p0:], start=p0, past=past)
-        # per position, relative to that position's residual norm: a model's few huge activations must not set the
-        # bar for the rest (in bfloat16 a scale-wide bound let a RoPE off by 3 positions through)
-        ref = full[:, p0:].double()
-        err = float(((out.double() - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-12)).max())
-        tol = {torch.float64: 1e-7, torch.float32: 1e-3}.get(full.dtype, 0.1)
+        err, tol = position_error(out, full[:, p0:]), route_tolerance(full.dtype)
         if not err <= tol:
             msg = f"the lean forward differs from a plain run by {err:.2e} of a position's norm (> {tol:.0e})"
             log.warning("edge runner: %s; using the bridge's hooks", msg)
@@ -264,24 +275,38 @@ class EdgeRunner:
             self.p0, self.prefix, self.prefix_reason = 0, None, reason
             log.info("edge runner: full prompts (no shared prefix): %s", reason)
 
-    def _context_prefix(self, p0: int) -> tuple[PrefixKV, Tensor, Tensor] | None:
-        """The context's cached base run (``prepare``'s keys/values at every position) cut to its first ``p0``
-        positions, which every prompt shares, with the base prompts and their probe residual to check it against;
-        None when the context has none that fits."""
-        kv, out, base = (getattr(self.ctx, k, None) for k in ("base_kv", "base_out", "base"))
+    def _context_base(self, p0: int) -> dict[str, Any] | None:
+        """The context's base run (``prepare``'s: its prompts, the residual entering layer 0, the probe residual and
+        the keys/values) when it was made on this model in this dtype, for prompts of the pairs' shape that share
+        their first ``p0`` tokens; else None. The lean check and the cached prefix both read it."""
         if not self._same_model():
             return None
-        P = self.probe_layer + 1
-        if kv is None or out is None or base is None or kv.resid is None or len(kv.keys) < P \
-                or kv.rows != len(self.pairs) or kv.length < p0 or tuple(base.shape) != tuple(self.pairs.clean.shape):
+        base, out = getattr(self.ctx, "base", None), getattr(self.ctx, "base_out", None)
+        shape = tuple(self.pairs.clean.shape)
+        if base is None or out is None or tuple(base.shape) != shape or tuple(out.shape[:2]) != shape \
+                or out.dtype != self.dtype:
             return None
         dev = self.engine.device
         if not bool((base[:, :p0].to(dev) == self.pairs.clean[:, :p0]).all()):  # a context of other prompts
             return None
+        x = (getattr(self.ctx, "base_cache", None) or {}).get(H.resid(0, "resid_pre"))
+        if x is not None and (tuple(x.shape[:2]) != shape or x.dtype != self.dtype):
+            x = None
+        return {"tokens": base, "x": x, "out": out, "kv": getattr(self.ctx, "base_kv", None)}
+
+    def _context_prefix(self, p0: int) -> tuple[PrefixKV, Tensor, Tensor] | None:
+        """The context's cached base run (``prepare``'s keys/values at every position) cut to its first ``p0``
+        positions, which every prompt shares, with the base prompts and their probe residual to check it against;
+        None when the context has none that fits."""
+        base = self._context_base(p0)
+        kv, P = (base or {}).get("kv"), self.probe_layer + 1
+        if kv is None or kv.resid is None or len(kv.keys) < P or kv.rows != len(self.pairs) or kv.length < p0:
+            return None
+        dev = self.engine.device
         cut = lambda t: t[:, :, :p0].to(dev).contiguous()  # noqa: E731 - [rows, kv_heads, pos, d_head]
         prefix = PrefixKV([cut(k) for k in kv.keys[:P]], [cut(v) for v in kv.values[:P]],
                           kv.resid[:, :p0].to(dev).contiguous())
-        return prefix, base.to(dev), out.to(dev)
+        return prefix, base["tokens"].to(dev), base["out"].to(dev)
 
     @torch.no_grad()
     def _check_prefix(self, prefix: PrefixKV, p0: int, tokens: Tensor, full: Tensor | None = None) -> str | None:
@@ -294,11 +319,9 @@ class EdgeRunner:
         sub = PrefixKV([k[:n] for k in prefix.keys], [v[:n] for v in prefix.values], prefix.resid[:n])
         with split_reader_inputs(self.engine):
             suf = run_suffix(self.engine, tokens[:n, p0:], sub, 1, (), self.probe_layer + 1)
-        err = float((suf.to(full.dtype) - full[:, p0:]).abs().max())
-        scale = max(1.0, float(full.abs().max()))
-        tol = (1e-9 if full.dtype == torch.float64 else 1e-4) * scale
+        err, tol = position_error(suf, full[:, p0:]), route_tolerance(full.dtype)
         if not err <= tol:
-            msg = f"the cached-prefix run differs from the full prompt by {err:.2e} (> {tol:.1e})"
+            msg = f"the cached-prefix run differs from the full prompt by {err:.2e} of a position's norm (> {tol:.0e})"
             log.warning("edge runner: %s; running full prompts", msg)
             return msg
         return None

@@ -209,17 +209,11 @@ def _bridge_run(engine: Any, tokens: Tensor, hooks: Sequence[tuple[str, Callable
 
 def run_prefix(engine: Any, tokens: Int[Tensor, "rows prefix"], stop_at_layer: int, *, split: bool = True) -> PrefixKV:
     """Run the prefix tokens once and keep their keys and values for the layers below ``stop_at_layer`` (with
-    ``split``, split reader inputs on, as the edge runner's patched forwards run; without, as a plain forward)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    with (split_reader_inputs(engine) if split else contextlib.nullcontext()), kv_cache_passthrough(engine), \
-            torch.no_grad():
-        resid = _bridge_run(engine, tokens, (), stop_at_layer, cache)
-    layers = cache.layers[:stop_at_layer]
-    if len(layers) < stop_at_layer or any(getattr(l, "keys", None) is None for l in layers):
-        raise ConfigError("the bridge did not fill the key/value cache for every layer below the stop layer.")
-    return PrefixKV([l.keys.detach() for l in layers], [l.values.detach() for l in layers], resid.detach())
+    ``split``, split reader inputs on, as the edge runner's patched forwards run; without, as a plain forward):
+    :func:`cached_runs` of one group in one forward."""
+    with split_reader_inputs(engine) if split else contextlib.nullcontext():
+        _, _, prefix = cached_runs(engine, [tokens], (), stop_at_layer, tokens.shape[0], kv_group=0)
+    return prefix
 
 
 def cached_runs(engine: Any, groups: Sequence[Int[Tensor, "rows pos"]], names: Sequence[str], stop_at_layer: int,

@@ -209,6 +209,8 @@ def test_context_of_other_prompts_is_not_used(gpt2_ctx):
     other = replace(ctx, base=ctx.base.flip(1))
     r = EdgeRunner(model, other)
     assert r._context_prefix(r.p0) is None and r.prefix_reason is None
+    # the lean check does not read the other prompts' run either (its prefix rows are the pairs'): it is taken
+    assert r._context_base(r.p0) is None and r.lean is not None, r.lean_reason
     ref = _plain_resid(model, ctx.pairs.clean, int(ctx.probe.layer))
     got = r.forward(ctx.pairs.clean, r.ablated, None)
     assert (got - ref).abs().max().item() <= 1e-9 * max(1.0, ref.abs().max().item())
@@ -243,6 +245,32 @@ def test_lean_failure_falls_back_to_the_checked_bridge_route(gpt2_ctx, caplog, m
     masks = _masks(r.graph)
     ref = EdgeRunner(model, ctx, lean=False).evaluate(masks)
     assert torch.allclose(r.evaluate(masks).values, ref.values, atol=TOL, rtol=0)
+
+
+def test_suffix_route_check_is_per_position(gpt2_ctx, caplog, monkeypatch):
+    """The bridge's suffix route (no lean forward) is checked position by position against a plain run: an error
+    of 1e-5 of one position's norm, far below the residual's largest value, is caught, and the runner runs full
+    prompts with the numbers of a runner that never shared a prefix."""
+    import wordpos.patching.edge_runner as ER
+
+    model, ctx = gpt2_ctx
+    orig = ER.run_suffix
+
+    def nudged(*a, **k):
+        out = orig(*a, **k).clone()
+        small = int(out[0].norm(dim=-1).argmin())
+        out[0, small] += 1e-5 * out[0, small].norm() / out.shape[-1] ** 0.5
+        return out
+
+    monkeypatch.setattr(ER, "run_suffix", nudged)
+    with caplog.at_level("INFO", logger="wordpos.patching.edge_runner"):
+        r = EdgeRunner(model, ctx, lean=False)
+    assert r.p0 == 0 and "of a position's norm" in r.prefix_reason and "cached-prefix run differs" in caplog.text
+    masks = _masks(r.graph)
+    ref = EdgeRunner(model, ctx, lean=False, share_prefix=False).evaluate(masks)
+    assert torch.allclose(r.evaluate(masks).values, ref.values, atol=TOL, rtol=0)
+    monkeypatch.setattr(ER, "run_suffix", orig)
+    assert EdgeRunner(model, ctx, lean=False).p0 >= 1  # unbroken, the route is kept
 
 
 def test_lean_forward_refuses_other_tokens(gpt2_ctx):
