@@ -266,7 +266,7 @@ class EdgeGraph:
 
         g = nx.DiGraph()
         wi, rj = self.edge_index()
-        mk_t = None if mask is None else torch.as_tensor(mask, dtype=torch.bool)[wi, rj]
+        mk_t = None if mask is None else torch.as_tensor(mask, dtype=torch.bool).cpu()[wi, rj]
         if in_graph_only and mk_t is not None:
             wi, rj, mk_t = wi[mk_t], rj[mk_t], mk_t[mk_t]
         used_w = set(wi.tolist()) if in_graph_only else range(len(self.writers))
@@ -367,7 +367,7 @@ class EdgeScores:
     def to_mib_json(self, mask: Tensor | None = None) -> dict[str, Any]:
         """MIB-style ``{"edges": {"w->r": {"score", "in_graph"}}, "nodes": {name: {"in_graph"}}}``. ``in_graph``
         follows ``mask`` (default: every edge). A node is in the graph when an in-graph edge touches it."""
-        mk = self.graph.full_mask() if mask is None else torch.as_tensor(mask, dtype=torch.bool) & self.graph.valid
+        mk = self.graph.full_mask() if mask is None else torch.as_tensor(mask, dtype=torch.bool).cpu() & self.graph.valid
         w, r = self.graph.edge_index()
         W, R = self.graph.writers, self.graph.readers
         edges = {f"{W[i]}->{R[j]}": {"score": s, "in_graph": ig}

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import plotly.graph_objects as go
 
-from wordpos.probing.plots import fast_figure, subplot_axes, subplot_layout
+from wordpos.probing.plots import fast_figure, subplot_axes, subplot_grid, subplot_layout
 
 
 def head_heatmap(effects: np.ndarray, title: str, colorbar: str = "effect", text_fmt: str = ".2f") -> go.Figure:
@@ -49,8 +49,9 @@ def attention_patterns(patterns: dict[str, np.ndarray], tokens: Sequence[str], t
     cols = min(3, max(1, len(names)))
     rows = (len(names) + cols - 1) // cols
     labels = [f"{i}:{t.replace('Ġ', '␣').replace('▁', '␣').replace('Ċ', '⏎')}"[:14] for i, t in enumerate(tokens)]
-    layout = subplot_layout(rows, cols, subplot_titles=[f"head {n}" for n in names], horizontal_spacing=0.1,
-                            vertical_spacing=0.45 / max(rows, 1))
+    grid = dict(subplot_titles=[f"head {n}" for n in names], horizontal_spacing=0.1,
+                vertical_spacing=0.45 / max(rows, 1))
+    layout = subplot_layout(rows, cols, **grid)
     data = [dict(type="heatmap", z=np.asarray(patterns[n])[query_from:], x=labels, y=labels[query_from:],
                  colorscale="Blues", zmin=0, zmax=1, showscale=i == 0, colorbar=dict(title={"text": "attention"}),
                  hovertemplate=f"head {n}<br>query %{{y}}<br>key %{{x}}<br>%{{z:.3f}}<extra></extra>",
@@ -61,4 +62,4 @@ def attention_patterns(patterns: dict[str, np.ndarray], tokens: Sequence[str], t
         elif k.startswith("xaxis"):
             ax.update(tickfont=dict(size=8), tickangle=-60)
     layout.update(title=title, template="plotly_white", height=420 * rows + 120, width=max(560, 460 * cols))
-    return fast_figure(data, layout)
+    return fast_figure(data, layout, grid=subplot_grid(rows, cols, **grid))

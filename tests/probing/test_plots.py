@@ -186,3 +186,47 @@ def test_save_figures_writes_what_plotly_writes(tmp_path):
         assert (tmp_path / "k.plotly.json").read_text() == (tmp_path / "ref.json").read_text()
         got, ref = (uid.sub("ID", (tmp_path / n).read_text(encoding="utf-8")) for n in ("k.html", "ref.html"))
         assert got == ref and "true 1, predicted 1" in got and "plotly.js v" in got
+
+
+def test_subplot_figures_take_row_col_edits_like_make_subplots():
+    """The key plot and the attention grid keep make_subplots' grid reference: row/col edits land on the same axes
+    as on the API-built reference, and ``get_subplot`` works."""
+    import json
+
+    import numpy as np
+    import plotly.io as pio
+
+    from wordpos.patching.plots import attention_patterns
+    from wordpos.probing.plots import key_plot
+
+    yt = np.array([0, 0, 1, 1, 2, 2])
+    fast, ref = key_plot(19 + yt, yt, yt, "K"), _ref_key_plot(19 + yt, yt, yt, "K")
+    for fig in (fast, ref):
+        fig.update_yaxes(range=[0, 2], row=2, col=1)
+        fig.add_annotation(text="here", x=20, y=1, row=3, col=1)
+    assert json.loads(pio.to_json(fast)) == json.loads(pio.to_json(ref))
+    assert fast.get_subplot(2, 1).yaxis.range == (0, 2)
+    pats = {"0.1": np.eye(3), "1.2": np.eye(3), "1.3": np.eye(3), "2.0": np.eye(3)}
+    att = attention_patterns(pats, ["a", "b", "c"], "A")
+    att.update_xaxes(tickangle=0, row=2, col=1)
+    assert att.layout.xaxis4.tickangle == 0 and att.layout.xaxis.tickangle == -60
+
+
+def test_hline_writes_what_add_hline_adds_and_refuses_other_positions():
+    import plotly.graph_objects as go
+    import pytest
+
+    from wordpos.probing.errors import ConfigError
+    from wordpos.probing.plots import HLINE_POSITIONS, hline
+
+    for pos in HLINE_POSITIONS:
+        ref = go.Figure(go.Scatter(x=[0, 1], y=[0, 1]))
+        ref.add_hline(y=0.3, line=dict(color="red", width=2), annotation_text="t", annotation_position=pos)
+        layout: dict = {}
+        hline(layout, 0.3, dict(color="red", width=2), "t", pos)
+        got = go.Figure(go.Scatter(x=[0, 1], y=[0, 1]), layout=layout).to_dict()["layout"]
+        want = ref.to_dict()["layout"]
+        assert got["shapes"] == want["shapes"] and got["annotations"] == want["annotations"], pos
+    for bad in ("top", "left", "left top", "middle"):
+        with pytest.raises(ConfigError, match="hline labels"):
+            hline({}, 0.3, {}, "t", bad)
