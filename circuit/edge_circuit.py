@@ -219,12 +219,18 @@ def _interior(lo: int, hi: int, k: int) -> list[int]:
     return sorted({lo + max(1, min(hi - lo - 1, int(round((hi - lo) * (i + 1) / (k + 1))))) for i in range(k)})
 
 
+def _first_round(n_edges: int, per_call: int) -> list[int]:
+    """The sizes the search of :func:`select_circuit` evaluates first: a geometric grid over ``1..n_edges`` that
+    always holds 1 and ``n_edges``."""
+    return _geometric(0, n_edges, max(2, per_call))
+
+
 def first_round_masks(scores: EdgeScores, rule: str = "top-n", *, prune: bool = True, per_call: int = 8
                       ) -> Bool[Tensor, "k n_writers n_readers"]:
-    """The circuits the search of :func:`select_circuit` evaluates first (its geometric grid over ``1..n_valid``),
-    known before any evaluation: for :meth:`~wordpos.circuit.evaluation.MemoEvaluate.prefetch`."""
+    """The circuits the search of :func:`select_circuit` evaluates first, known before any evaluation: for
+    :meth:`~wordpos.circuit.evaluation.MemoEvaluate.prefetch`."""
     graph = scores.graph
-    masks = masks_from_order(graph, edge_order(scores, rule), _geometric(0, graph.n_edges, max(2, per_call)))
+    masks = masks_from_order(graph, edge_order(scores, rule), _first_round(graph.n_edges, per_call))
     return prune_dangling(graph, masks) if prune else masks
 
 
@@ -269,7 +275,7 @@ def select_circuit(model: Any, ctx: Any, scores: EdgeScores, target: float = 0.8
             trace.append({"n": int(n), "edges": kept_of[n], "faithfulness": fv})
 
     rounds = 0
-    grid = _geometric(0, N, max(2, per_call))  # the first round always holds n = 1 and n = N
+    grid = _first_round(N, per_call)
     while True:
         run(grid)
         rounds += 1

@@ -137,8 +137,7 @@ def render_edge_circuit(graph: EdgeGraph, edges: Sequence[tuple[str, float]], *,
             visible_of.append(si)
         data.append(dict(type="scatter", x=mx, y=my, mode="markers", name=f"edges (top {k})", meta=mnames,
                          customdata=mnames, marker=dict(size=8, color=mcolor, opacity=0.25), hovertext=mtext,
-                         hoverinfo="text",
-                         showlegend=False, visible=k == default))
+                         hoverinfo="text", showlegend=False, visible=k == default))
         visible_of.append(si)
         out_sum: dict[str, float] = {}
         ins: dict[str, set[str]] = {}

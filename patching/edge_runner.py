@@ -77,6 +77,17 @@ def route_tolerance(dtype: torch.dtype) -> float:
     return ROUTE_TOLERANCE.get(dtype, LOW_PRECISION_TOLERANCE)
 
 
+def route_mismatch(out: Tensor, ref: Tensor, differs: str, instead: str) -> str | None:
+    """Why a shortcut route's probe residual ``out`` may not stand in for a plain run's ``ref`` (``differs``: what
+    differs from what), logged with what is done ``instead``; None when it agrees within :func:`route_tolerance`."""
+    err, tol = position_error(out, ref), route_tolerance(ref.dtype)
+    if err <= tol:
+        return None
+    msg = f"{differs} by {err:.2e} of a position's norm (> {tol:.0e})"
+    log.warning("edge runner: %s; %s", msg, instead)
+    return msg
+
+
 def tokens_per_forward(engine: Engine, n_writers: int, *, max_tokens: int | None = None, grad: bool = False) -> int:
     """Token rows (circuits × pairs × positions) per patched forward: 4096 on CPU (cache-sized batches run fastest
     there), 2^18 on an accelerator, and never more than fit a 1 GiB (CPU) / 8 GiB writer-difference buffer.
@@ -215,12 +226,7 @@ class EdgeRunner:
             pre = self._prefix_rows(torch.arange(n, device=dev), n)
             past = (pre.keys, pre.values)
         out = blocks.forward(x[:, p0:], start=p0, past=past)
-        err, tol = position_error(out, full[:, p0:]), route_tolerance(full.dtype)
-        if not err <= tol:
-            msg = f"the lean forward differs from a plain run by {err:.2e} of a position's norm (> {tol:.0e})"
-            log.warning("edge runner: %s; using the bridge's hooks", msg)
-            return msg
-        return None
+        return route_mismatch(out, full[:, p0:], "the lean forward differs from a plain run", "using the bridge's hooks")
 
     # ------------------------------------------------------------------ shared prefix
     def shared_prefix_len(self, reference: Tensor | None = None) -> int:
@@ -319,12 +325,8 @@ class EdgeRunner:
         sub = PrefixKV([k[:n] for k in prefix.keys], [v[:n] for v in prefix.values], prefix.resid[:n])
         with split_reader_inputs(self.engine):
             suf = run_suffix(self.engine, tokens[:n, p0:], sub, 1, (), self.probe_layer + 1)
-        err, tol = position_error(suf, full[:, p0:]), route_tolerance(full.dtype)
-        if not err <= tol:
-            msg = f"the cached-prefix run differs from the full prompt by {err:.2e} of a position's norm (> {tol:.0e})"
-            log.warning("edge runner: %s; running full prompts", msg)
-            return msg
-        return None
+        return route_mismatch(suf, full[:, p0:], "the cached-prefix run differs from the full prompt",
+                              "running full prompts")
 
     # ------------------------------------------------------------------ layout
     def _layout(self) -> None:

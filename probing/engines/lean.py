@@ -24,6 +24,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from wordpos.probing.errors import ConfigError
+
 ARCHS = ("gpt2", "llama")
 Site = Literal["q", "k", "v", "mlp"]
 # reader(layer, site, resid[, out]) -> that reader's input ([rows, pos, slots, d] for q/k/v, [rows, pos, d] for the
@@ -76,8 +78,6 @@ def _with_past(past: Float[Tensor, "r kv pre d_head"], x: Float[Tensor, "n kv t 
     if r == n:
         return torch.cat([past, x], 2)
     if n % r:
-        from wordpos.probing.errors import ConfigError
-
         raise ConfigError(f"{n} rows cannot attend to a cached prefix of {r} rows (not a multiple).")
     return torch.cat([past.expand(n // r, *past.shape), x.unflatten(0, (n // r, r))], 3).flatten(0, 1)
 
@@ -124,8 +124,6 @@ class LeanBlocks:
     def __init__(self, engine: Any, n_layers: int):
         reason = lean_unsupported(engine)
         if reason is not None:
-            from wordpos.probing.errors import ConfigError
-
             raise ConfigError(f"the lean forward cannot run this model: {reason}.")
         model = engine.model
         self.hf = model.original_model

@@ -262,6 +262,7 @@ def cached_runs(engine: Any, groups: Sequence[Int[Tensor, "rows pos"]], names: S
                 for L, l in enumerate(layers):
                     keys[L].append(l.keys[loc])
                     values[L].append(l.values[loc])
+
     def cat(xs: list[Tensor], own: bool = False) -> Tensor:
         """The pieces as one tensor; ``own``: never a view of a forward's whole batch (whose other rows are not
         kept), so that batch can be freed."""
