@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import confusion_matrix
 from wordpos.probing.progress import progress_bar as tqdm
 
 from wordpos.probing.activations import Residuals
@@ -86,20 +85,42 @@ class ProbeSweep:
 
 
 def _per_group(pred: np.ndarray, y: np.ndarray, groups: np.ndarray) -> dict[int, float]:
-    return {int(g): float(np.mean(pred[groups == g] == y[groups == g])) for g in np.unique(groups)}
+    """Accuracy within each value of ``groups`` (sorted), from one pass over the samples."""
+    keys, inv = np.unique(groups, return_inverse=True)
+    hits = np.bincount(inv, weights=(pred == y), minlength=len(keys))
+    return {int(g): float(h / n) for g, h, n in zip(keys, hits, np.bincount(inv, minlength=len(keys)))}
+
+
+def _confusion(y: np.ndarray, pred: np.ndarray, labels: np.ndarray) -> list[list[int]]:
+    """``sklearn.metrics.confusion_matrix(y, pred, labels=labels)`` (rows true, columns predicted) by one
+    ``bincount``; labels outside ``labels`` are left out, as there."""
+    k = len(labels)
+    ti, pi = np.searchsorted(labels, y), np.searchsorted(labels, pred)
+    ti, pi = np.minimum(ti, k - 1), np.minimum(pi, k - 1)
+    keep = (labels[ti] == y) & (labels[pi] == pred)
+    return np.bincount(ti[keep] * k + pi[keep], minlength=k * k).reshape(k, k).tolist()
+
+
+def position_baseline_predictions(residuals: Residuals) -> np.ndarray:
+    """The position-only classifier's predictions on the test split (fitted on the training split): the same
+    for every layer, so a sweep computes them once."""
+    base = PositionBaseline().fit(residuals.abs_pos["train"], residuals.labels["train"])
+    return base.predict(residuals.abs_pos["test"])
 
 
 def evaluate_layer(residuals: Residuals, layer: int, probe: WordIndexProbe | None = None, *,
-                   shuffled_control: bool = True, seed: int = 0, **probe_params: Any) -> tuple[LayerResult, WordIndexProbe]:
-    """Fit (unless given) and evaluate the probe at ``layer`` on the held-out-word test split."""
+                   shuffled_control: bool = True, seed: int = 0, baseline_pred: np.ndarray | None = None,
+                   **probe_params: Any) -> tuple[LayerResult, WordIndexProbe]:
+    """Fit (unless given) and evaluate the probe at ``layer`` on the held-out-word test split. Each split is
+    predicted once; every accuracy, per-group accuracy and the confusion matrix are read from those
+    predictions. ``baseline_pred``: :func:`position_baseline_predictions`, when the caller already has them."""
     Xtr, ytr = residuals.train(layer), residuals.labels["train"]
     Xte, yte = residuals.test(layer), residuals.labels["test"]
     params = {"layer": layer, "site": residuals.kind, "model": residuals.model_name, **probe_params}
     if probe is None:
         probe = WordIndexProbe(**params).fit(Xtr, ytr)
     pred = probe.predict(Xte)
-    base = PositionBaseline().fit(residuals.abs_pos["train"], ytr)
-    base_pred = base.predict(residuals.abs_pos["test"])
+    base_pred = position_baseline_predictions(residuals) if baseline_pred is None else baseline_pred
     val_acc = float(probe.score(residuals.val(layer), residuals.labels["val"])) if "val" in residuals.data else float("nan")
     shuffled = (shuffled_label_accuracy(lambda: WordIndexProbe(**params), Xtr, ytr, Xte, yte, seed=seed)
                 if shuffled_control else None)
@@ -114,7 +135,7 @@ def evaluate_layer(residuals: Residuals, layer: int, probe: WordIndexProbe | Non
         per_word_accuracy=_per_group(pred, yte, yte),
         baseline_per_word_accuracy=_per_group(base_pred, yte, yte),
         per_position_accuracy=_per_group(pred, yte, residuals.abs_pos["test"]),
-        confusion=confusion_matrix(yte, pred, labels=labels).tolist(),
+        confusion=_confusion(np.asarray(yte), pred, labels),
         n_train=int(len(ytr)),
         n_test=int(len(yte)),
     )
@@ -193,12 +214,15 @@ def sweep_layers(residuals: Residuals, layers: list[int] | None = None, *, shuff
         fitted = fit_layers(residuals, todo, device=device, **probe_params)
     if solver == "torch" and device is not None:
         probe_params = {**probe_params, "device": str(device)}
+    base_pred = None
     for L in tqdm(layers, desc="probes", unit="layer", disable=not progress):
         if L in done:
             results[L], probes[L] = done[L]
             continue
+        if base_pred is None:
+            base_pred = position_baseline_predictions(residuals)
         results[L], probes[L] = evaluate_layer(residuals, L, fitted.get(L), shuffled_control=shuffled_control == "all",
-                                               seed=seed, **probe_params)
+                                               seed=seed, baseline_pred=base_pred, **probe_params)
         if checkpoint_dir is not None:
             ckpt = Path(checkpoint_dir) / f"layer{L}"
             probes[L].save(ckpt)
@@ -207,5 +231,5 @@ def sweep_layers(residuals: Residuals, layers: list[int] | None = None, *, shuff
     if shuffled_control == "best":
         best = sweep.best_layer
         results[best], _ = evaluate_layer(residuals, best, probes[best], shuffled_control=True, seed=seed,
-                                          **probe_params)
+                                          baseline_pred=base_pred, **probe_params)
     return sweep

@@ -1,0 +1,132 @@
+"""The probe's evaluation against scikit-learn's own estimators and metrics: the host decision path bit for bit,
+and every number of a layer's result as scikit-learn and a plain loop compute it."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, confusion_matrix
+
+from wordpos.probing import ConfigError, WordIndexProbe
+from wordpos.probing.activations import Residuals
+from wordpos.probing.baselines import PositionBaseline
+from wordpos.probing.evaluation import _confusion, evaluate_layer, sweep_layers
+
+
+def _blobs(n_classes: int, n: int = 300, d: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, n_classes, n)
+    X = rng.normal(size=(n_classes, d))[y] * 1.5 + rng.normal(size=(n, d)) + 3.0
+    X[:, 1] *= 25
+    return X.astype(np.float32), y
+
+
+@pytest.mark.parametrize("solver", ["sklearn", "torch"])
+@pytest.mark.parametrize("n_classes,standardize", [(2, True), (3, False), (7, True)])
+def test_host_decision_is_scikit_learns_bit_for_bit(solver, n_classes, standardize):
+    X, y = _blobs(n_classes)
+    probe = WordIndexProbe(solver=solver, standardize=standardize).fit(X, y)
+    Xt, yt = _blobs(n_classes, n=200, seed=1)
+    scaler, clf = probe.scaler_, probe.clf_
+    ref = clf.decision_function(scaler.transform(Xt.astype(np.float64)))
+    assert np.array_equal(probe.decision_function(Xt), ref)
+    assert np.array_equal(probe.decision_function(torch.from_numpy(Xt)), ref)  # a host tensor: the same path
+    ref_pred = clf.predict(scaler.transform(Xt.astype(np.float64)))
+    assert np.array_equal(probe.predict(Xt), ref_pred)
+    assert probe.score(Xt, yt) == accuracy_score(yt, ref_pred)
+    w = np.random.default_rng(2).random(len(yt))
+    assert probe.score(Xt, yt, sample_weight=w) == pytest.approx(accuracy_score(yt, ref_pred, sample_weight=w),
+                                                                 abs=1e-15)
+
+
+def test_host_decision_refuses_bad_input():
+    X, y = _blobs(3)
+    probe = WordIndexProbe().fit(X, y)
+    bad = X.copy()
+    bad[4, 2] = np.nan
+    with pytest.raises(ConfigError, match="NaN or inf"):
+        probe.predict(bad)
+    with pytest.raises(ConfigError, match="shape"):
+        probe.predict(X[:, :5])
+    with pytest.raises(ConfigError, match="labels"):
+        probe.score(X, y[:10])
+
+
+@pytest.mark.parametrize("labels", [[0, 1, 2, 3], [1, 2, 5], [0, 3]])
+def test_confusion_is_scikit_learns(labels):
+    rng = np.random.default_rng(0)
+    y, pred = rng.integers(0, 6, 500), rng.integers(0, 6, 500)
+    labels = np.array(labels)
+    assert _confusion(y, pred, labels) == confusion_matrix(y, pred, labels=labels).tolist()
+
+
+def _residuals(seed: int = 0, n_layers: int = 3, d: int = 10) -> Residuals:
+    """Word indices 0-6 at positions that overlap between indices, with a signal that grows with the layer."""
+    rng = np.random.default_rng(seed)
+    data, labels, abs_pos, pidx = {}, {}, {}, {}
+    for split, n in (("train", 700), ("val", 140), ("test", 350)):
+        y = rng.integers(0, 7, n)
+        X = rng.normal(size=(n, n_layers, d))
+        X[:, :, 0] += y[:, None] * np.arange(n_layers)[None, :] * 0.4
+        data[split], labels[split] = X.astype(np.float32), y
+        abs_pos[split], pidx[split] = 19 + y + rng.integers(0, 8, n), np.arange(n) // 7
+    return Residuals(layers=list(range(n_layers)), kind="resid_post", positions="last", data=data, labels=labels,
+                     abs_pos=abs_pos, prompt_idx=pidx, model_name="synthetic")
+
+
+def _reference(r: Residuals, layer: int, probe: WordIndexProbe) -> dict:
+    """Every number of a layer's result from scikit-learn's estimators and metrics and plain loops."""
+    to64 = lambda X: probe.scaler_.transform(np.asarray(X, np.float64))  # noqa: E731
+    yte, ytr = r.labels["test"], r.labels["train"]
+    pred = probe.clf_.predict(to64(r.test(layer)))
+    base = PositionBaseline().fit(r.abs_pos["train"], ytr)
+    base_pred = base.predict(r.abs_pos["test"])
+
+    def per(p, groups):
+        out = {}
+        for g in sorted(set(groups.tolist())):
+            sel = [i for i in range(len(groups)) if groups[i] == g]
+            out[g] = sum(p[i] == yte[i] for i in sel) / len(sel)
+        return out
+
+    return dict(
+        accuracy=accuracy_score(yte, pred),
+        val_accuracy=accuracy_score(r.labels["val"], probe.clf_.predict(to64(r.val(layer)))),
+        train_accuracy=accuracy_score(ytr, probe.clf_.predict(to64(r.train(layer)))),
+        baseline_abs_pos_accuracy=base.score(r.abs_pos["test"], yte),
+        per_word_accuracy=per(pred, yte), baseline_per_word_accuracy=per(base_pred, yte),
+        per_position_accuracy=per(pred, r.abs_pos["test"]),
+        confusion=confusion_matrix(yte, pred, labels=np.unique(np.concatenate([ytr, yte]))).tolist(),
+        n_train=len(ytr), n_test=len(yte))
+
+
+@pytest.mark.parametrize("solver", ["sklearn", "torch"])
+def test_sweep_results_equal_scikit_learns_metrics(solver):
+    r = _residuals()
+    sweep = sweep_layers(r, solver=solver, shuffled_control="best", progress=False)
+    for L in r.layers:
+        got = sweep.results[L].to_dict()
+        for key, value in _reference(r, L, sweep.probes[L]).items():
+            if isinstance(value, dict):
+                assert got[key].keys() == value.keys(), key
+                assert all(got[key][k] == pytest.approx(v, abs=1e-15) for k, v in value.items()), key
+            elif isinstance(value, list):
+                assert got[key] == value, key
+            else:
+                assert got[key] == pytest.approx(value, abs=1e-15), key
+    assert sweep.results[2].accuracy > sweep.results[0].accuracy + 0.1  # the signal grows with the layer
+    best = sweep.best_layer
+    # the shuffled-label control: a probe fitted on permuted labels, scored by scikit-learn
+    perm = np.random.default_rng(0).permutation(r.labels["train"])
+    ctrl = WordIndexProbe(solver=solver, layer=best, site="resid_post", model="synthetic").fit(r.train(best), perm)
+    ref = accuracy_score(r.labels["test"], ctrl.clf_.predict(ctrl.scaler_.transform(np.asarray(r.test(best),
+                                                                                                np.float64))))
+    assert sweep.results[best].shuffled_label_accuracy == pytest.approx(ref, abs=1e-15)
+    assert all(sweep.results[L].shuffled_label_accuracy is None for L in r.layers if L != best)
+
+
+def test_evaluate_layer_alone_equals_the_sweeps_layer():
+    """``evaluate_layer`` without the sweep's shared baseline predictions gives the same result."""
+    r = _residuals(seed=3)
+    sweep = sweep_layers(r, solver="sklearn", shuffled_control="none", progress=False)
+    alone, _ = evaluate_layer(r, 1, sweep.probes[1], shuffled_control=False, solver="sklearn")
+    assert alone == sweep.results[1]
