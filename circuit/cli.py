@@ -1,7 +1,9 @@
 """The ``wordpos`` command line: subcommands over the Python API (probe, patch, circuit, run, models).
 
-Heavy imports happen inside the commands so ``wordpos --help`` is instant. Bad input surfaces as one
-line naming the problem and the fix (a :class:`probing.errors.WordposError`), not a traceback.
+The packages import their public names lazily (:mod:`probing.lazy`) and the commands import what they use, so
+the heavy imports (torch, transformers, scikit-learn) happen inside :func:`main`, after it has paused the garbage
+collector until the model is loaded (:mod:`probing.heap`). Bad input surfaces as one line naming the problem and
+the fix (a :class:`probing.errors.WordposError`), not a traceback.
 """
 
 from __future__ import annotations
@@ -40,6 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from wordpos.probing import heap
+
+    heap.pause_until_loaded()  # no collections through imports and model loading (see probing.heap)
+    try:
+        return _main(argv)
+    finally:
+        heap.resume()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from wordpos.probing.errors import WordposError
 
     parser = build_parser()

@@ -8,23 +8,19 @@
 >>> probe.score(acts.test(layer=3), data.test.labels)
 """
 
-from wordpos.probing.activations import Residuals, collect_residuals
-from wordpos.probing.baselines import PositionBaseline, analytic_position_baseline, position_baseline_accuracy
-from wordpos.probing.datasets import REFERENCE_PREFIX, DatasetConfig, PromptSet, WordIndexDataset
-from wordpos.probing.engines import Engine, ModelDims, TLEngine, as_engine
-from wordpos.probing.errors import (ConfigError, CorruptFileError, ModelNotAvailableError, RunDirError, TokenizationError,
-                            WordposError)
-from wordpos.probing.evaluation import LayerResult, ProbeSweep, evaluate_layer, sweep_layers
-from wordpos.probing.experiment import ProbeConfig, run_probe
-from wordpos.probing.models import KNOWN_MODELS, load_model
-from wordpos.probing.probe import WordIndexProbe
-from wordpos.probing.models.tokenizers import gpt2_tokenizer
-from wordpos.probing.vocab import WordVocab
+from wordpos.probing.lazy import lazy_exports
 
-__all__ = [
-    "REFERENCE_PREFIX", "KNOWN_MODELS", "ConfigError", "CorruptFileError", "DatasetConfig", "Engine", "LayerResult",
-    "ModelDims", "ModelNotAvailableError", "PositionBaseline", "ProbeConfig", "ProbeSweep", "PromptSet", "Residuals",
-    "RunDirError", "TLEngine", "TokenizationError", "WordIndexDataset", "WordIndexProbe", "WordVocab", "WordposError",
-    "analytic_position_baseline", "as_engine", "collect_residuals", "evaluate_layer", "gpt2_tokenizer", "load_model",
-    "position_baseline_accuracy", "run_probe", "sweep_layers",
-]
+# public names, imported from their submodules on first use (see probing.lazy)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "activations": ["Residuals", "collect_residuals"],
+    "baselines": ["PositionBaseline", "analytic_position_baseline", "position_baseline_accuracy"],
+    "datasets": ["REFERENCE_PREFIX", "DatasetConfig", "PromptSet", "WordIndexDataset"],
+    "engines": ["Engine", "ModelDims", "TLEngine", "as_engine"],
+    "errors": ["ConfigError", "CorruptFileError", "ModelNotAvailableError", "RunDirError", "TokenizationError", "WordposError"],
+    "evaluation": ["LayerResult", "ProbeSweep", "evaluate_layer", "sweep_layers"],
+    "experiment": ["ProbeConfig", "run_probe"],
+    "models": ["KNOWN_MODELS", "load_model"],
+    "probe": ["WordIndexProbe"],
+    "models.tokenizers": ["gpt2_tokenizer"],
+    "vocab": ["WordVocab"],
+})

@@ -2,7 +2,10 @@
 (:class:`~wordpos.probing.engines.nnsight_engine.NNsightEngine`), and the per-architecture module table
 (:mod:`~wordpos.probing.engines.archs`) the nnsight engine reads."""
 
-from wordpos.probing.engines.base import Engine, HookFn, ModelDims, as_engine, make_engine
-from wordpos.probing.engines.tl import TLEngine
+from wordpos.probing.lazy import lazy_exports
 
-__all__ = ["Engine", "HookFn", "ModelDims", "TLEngine", "as_engine", "make_engine"]
+# public names, imported from their submodules on first use (see probing.lazy)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "base": ["Engine", "HookFn", "ModelDims", "as_engine", "make_engine"],
+    "tl": ["TLEngine"],
+})

@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from wordpos.probing import heap
 from wordpos.probing.errors import ConfigError, ModelNotAvailableError
 
 if TYPE_CHECKING:
@@ -205,6 +206,7 @@ def load_model(name_or_dir: str | os.PathLike = DEFAULT_MODEL, device: str | tor
         ) from e
     model.eval()
     model.wordpos_name = str(name_or_dir)  # the name results are saved under
+    heap.model_loaded()  # the command line paused the garbage collector through imports and loading
     return model
 
 

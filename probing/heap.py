@@ -1,0 +1,41 @@
+"""The command line's handling of Python's cyclic garbage collector.
+
+Importing torch, transformers and TransformerLens and loading a model create about half a million long-lived
+objects and almost no cyclic garbage, yet while they pile up the collector scans the whole heap about ten times
+(1.8-2.2 s of an organism ``wordpos run`` on 2 cores, most of the start-up). The command line pauses the collector
+until the model is loaded, then freezes what exists (:func:`gc.freeze`: never scanned again, so later full
+collections cost what the run itself allocated) and resumes it. Library callers are left alone: nothing here
+runs unless :func:`pause_until_loaded` was called.
+"""
+
+from __future__ import annotations
+
+import gc
+
+_paused = False
+
+
+def pause_until_loaded() -> None:
+    """Pause the collector until :func:`model_loaded` (or :func:`resume`) is called; for a process's entry point."""
+    global _paused
+    if gc.isenabled():
+        gc.disable()
+        _paused = True
+
+
+def model_loaded() -> None:
+    """Called by ``load_model``: if the collector was paused here, freeze the heap built so far and resume it."""
+    global _paused
+    if _paused:
+        _paused = False
+        gc.freeze()
+        gc.enable()
+
+
+def resume() -> None:
+    """Resume a collector paused by :func:`pause_until_loaded` without freezing (a command that loaded no model,
+    or one that failed before it did)."""
+    global _paused
+    if _paused:
+        _paused = False
+        gc.enable()

@@ -1,0 +1,34 @@
+"""Lazy package namespaces (PEP 562): a package's public names are imported from their submodules on first use,
+so ``import wordpos.circuit.cli`` (and ``wordpos --help``) does not pay for torch, transformers and scikit-learn,
+while ``from wordpos.circuit import EdgeCircuit`` works as before."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable
+from typing import Any
+
+
+def lazy_exports(package: str, exports: dict[str, list[str]]) -> tuple[Callable[[str], Any], Callable[[], list[str]],
+                                                                       list[str]]:
+    """``(__getattr__, __dir__, __all__)`` for ``package``, whose public names are ``exports``: submodule (relative
+    to the package) → the names it defines. A name is imported from its submodule when first asked for and then
+    kept in the package's namespace."""
+    where = {name: sub for sub, names in exports.items() for name in names}
+    names = sorted(where)
+
+    def __getattr__(name: str) -> Any:
+        sub = where.get(name)
+        if sub is None:
+            if not name.startswith("_") and importlib.util.find_spec(f"{package}.{name}") is not None:
+                return importlib.import_module(f"{package}.{name}")  # a submodule, as an eager package had it
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f"{package}.{sub}"), name)
+        setattr(importlib.import_module(package), name, value)  # later lookups skip __getattr__
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(set(names) | set(vars(importlib.import_module(package))))
+
+    return __getattr__, __dir__, names

@@ -1,0 +1,89 @@
+"""The packages' lazy namespaces (probing.lazy) and the command line's garbage-collector pause (probing.heap)."""
+
+import importlib
+import json
+import subprocess
+import sys
+
+import pytest
+
+from wordpos.probing.lazy import lazy_exports
+
+PACKAGES = ["wordpos.probing", "wordpos.probing.engines", "wordpos.probing.models", "wordpos.patching",
+            "wordpos.circuit"]
+
+
+def _run(code: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_importing_the_command_line_imports_no_heavy_library():
+    got = _run("import sys, json, wordpos.circuit.cli, wordpos.probing, wordpos.patching\n"
+               "wordpos.probing.errors, wordpos.probing.heap\n"
+               "print(json.dumps(sorted(m for m in ('torch', 'transformers', 'sklearn', 'transformer_lens', "
+               "'plotly', 'networkx') if m in sys.modules)))")
+    assert got == []
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_every_public_name_is_its_submodules_object(package):
+    """Each name in ``__all__`` resolves (attribute access and ``from ... import``) to the object its submodule
+    defines, under the same name; ``dir()`` lists it; anything else is an AttributeError."""
+    pkg = importlib.import_module(package)
+    assert pkg.__all__ and len(set(pkg.__all__)) == len(pkg.__all__)
+    for name in pkg.__all__:
+        value = getattr(pkg, name)
+        home = importlib.import_module(value.__module__) if hasattr(value, "__module__") and \
+            not isinstance(value, (str, tuple, dict, list)) else None
+        if home is not None and hasattr(home, name):
+            assert getattr(home, name) is value, name
+        assert name in dir(pkg)
+    ns: dict = {}
+    exec(f"from {package} import *", ns)
+    assert set(pkg.__all__) <= set(ns)
+    with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
+        pkg.not_a_name  # noqa: B018
+
+
+def test_lazy_exports_imports_on_first_use(tmp_path, monkeypatch):
+    (tmp_path / "lazypkg").mkdir()
+    (tmp_path / "lazypkg" / "__init__.py").write_text(
+        "from wordpos.probing.lazy import lazy_exports\n"
+        "__getattr__, __dir__, __all__ = lazy_exports(__name__, {'heavy': ['thing', 'VALUE']})\n")
+    (tmp_path / "lazypkg" / "heavy.py").write_text("VALUE = 3\ndef thing():\n    return 'x'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    pkg = importlib.import_module("lazypkg")
+    assert "lazypkg.heavy" not in sys.modules and pkg.__all__ == ["VALUE", "thing"]
+    assert pkg.VALUE == 3 and "lazypkg.heavy" in sys.modules
+    assert pkg.thing is sys.modules["lazypkg.heavy"].thing and "thing" in vars(pkg)  # kept after first use
+    assert pkg.heavy is sys.modules["lazypkg.heavy"]  # a submodule's name imports it
+    with pytest.raises(AttributeError):
+        pkg.light  # noqa: B018
+    _, _, names = lazy_exports("x", {"a": ["b"]})
+    assert names == ["b"]
+
+
+def test_the_command_line_pauses_the_collector_until_the_model_is_loaded():
+    """``wordpos`` pauses the collector through imports and loading, then freezes that heap and resumes; a library
+    caller's collector is never touched; a command that loads no model resumes it unfrozen."""
+    got = _run(
+        "import gc, json\n"
+        "from wordpos.probing import heap\n"
+        "from wordpos.circuit.cli import main\n"
+        "r = {}\n"
+        "main(['models', 'list'])\n"
+        "r['after_list'] = [gc.isenabled(), gc.get_freeze_count()]\n"
+        "from wordpos.probing import load_model\n"
+        "load_model('organism', device='cpu')\n"
+        "r['library'] = [gc.isenabled(), gc.get_freeze_count()]\n"
+        "heap.pause_until_loaded()\n"
+        "r['paused'] = gc.isenabled()\n"
+        "load_model('organism', device='cpu')\n"
+        "r['loaded'] = [gc.isenabled(), gc.get_freeze_count()]\n"
+        "print(json.dumps(r))")
+    assert got["after_list"] == [True, 0]
+    assert got["library"] == [True, 0]
+    assert got["paused"] is False
+    assert got["loaded"][0] is True and got["loaded"][1] > 10_000
