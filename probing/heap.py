@@ -2,7 +2,7 @@
 
 Importing torch, transformers and TransformerLens and loading a model create about half a million long-lived
 objects and almost no cyclic garbage, yet while they pile up the collector scans the whole heap about ten times
-(1.8-2.2 s of an organism ``wordpos run`` on 2 cores, most of the start-up). The command line pauses the collector
+(1.8-2.5 s of an organism ``wordpos run`` on 2 cores). The command line pauses the collector
 until the model is loaded, then freezes what exists (:func:`gc.freeze`: never scanned again, so later full
 collections cost what the run itself allocated) and resumes it. Library callers are left alone: nothing here
 runs unless :func:`pause_until_loaded` was called.
