@@ -24,7 +24,8 @@ def pause_until_loaded() -> None:
 
 
 def model_loaded() -> None:
-    """Called by ``load_model``: if the collector was paused here, freeze the heap built so far and resume it."""
+    """Called by ``load_model`` and ``make_engine`` (every engine; the command line loads models through it): if
+    the collector was paused here, freeze the heap built so far and resume it."""
     global _paused
     if _paused:
         _paused = False

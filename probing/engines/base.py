@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from wordpos.probing import heap
 from wordpos.probing import hooks as H
 from wordpos.probing.errors import ConfigError
 
@@ -161,7 +162,7 @@ def make_engine(model_or_name: Any, engine: str = "tl", device: str | None = Non
 
         from wordpos.probing.engines.tl import TLEngine
 
-        return TLEngine(load_model(model_or_name, device=device, dtype=wanted))
+        out = TLEngine(load_model(model_or_name, device=device, dtype=wanted))
     else:
         out = as_engine(model_or_name)
     have = engine_dtype(out)
@@ -169,4 +170,5 @@ def make_engine(model_or_name: Any, engine: str = "tl", device: str | None = Non
         raise ConfigError(f"dtype={str(wanted).removeprefix('torch.')!r} was asked for, but the model passed in is "
                           f"already loaded in {str(have).removeprefix('torch.')}. Load it with that dtype "
                           "(load_model(name, dtype=...)) or pass the model name instead of the model.")
+    heap.model_loaded()  # every engine, nnsight's too: the command line paused the garbage collector until now
     return out

@@ -82,8 +82,14 @@ def test_the_command_line_pauses_the_collector_until_the_model_is_loaded():
         "r['paused'] = gc.isenabled()\n"
         "load_model('organism', device='cpu')\n"
         "r['loaded'] = [gc.isenabled(), gc.get_freeze_count()]\n"
+        "gc.unfreeze()\n"
+        "from wordpos.probing.engines import make_engine\n"
+        "heap.pause_until_loaded()\n"
+        "make_engine('organism', engine='nnsight', device='cpu')\n"  # not through load_model
+        "r['nnsight'] = [gc.isenabled(), gc.get_freeze_count()]\n"
         "print(json.dumps(r))")
     assert got["after_list"] == [True, 0]
     assert got["library"] == [True, 0]
     assert got["paused"] is False
     assert got["loaded"][0] is True and got["loaded"][1] > 10_000
+    assert got["nnsight"][0] is True and got["nnsight"][1] > 10_000
