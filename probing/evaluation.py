@@ -13,7 +13,7 @@ from wordpos.probing.progress import progress_bar as tqdm
 
 from wordpos.probing.activations import Residuals
 from wordpos.probing.baselines import PositionBaseline, shuffled_label_accuracy
-from wordpos.probing.errors import CorruptFileError
+from wordpos.probing.errors import ConfigError, CorruptFileError
 from wordpos.probing.io import read_json, write_json
 from wordpos.probing.probe import DEFAULT_SOLVER, WordIndexProbe, fit_probes
 
@@ -92,13 +92,19 @@ def _per_group(pred: np.ndarray, y: np.ndarray, groups: np.ndarray) -> dict[int,
 
 
 def _confusion(y: np.ndarray, pred: np.ndarray, labels: np.ndarray) -> list[list[int]]:
-    """``sklearn.metrics.confusion_matrix(y, pred, labels=labels)`` (rows true, columns predicted) by one
-    ``bincount``; labels outside ``labels`` are left out, as there."""
+    """``sklearn.metrics.confusion_matrix(y, pred, labels=labels)`` (rows true, columns predicted, in the order of
+    ``labels``) by one ``bincount``; labels outside ``labels`` are left out, as there."""
+    labels = np.asarray(labels)
     k = len(labels)
-    ti, pi = np.searchsorted(labels, y), np.searchsorted(labels, pred)
+    order = np.argsort(labels, kind="stable")
+    ranked = labels[order]
+    ti, pi = np.searchsorted(ranked, y), np.searchsorted(ranked, pred)
     ti, pi = np.minimum(ti, k - 1), np.minimum(pi, k - 1)
-    keep = (labels[ti] == y) & (labels[pi] == pred)
-    return np.bincount(ti[keep] * k + pi[keep], minlength=k * k).reshape(k, k).tolist()
+    keep = (ranked[ti] == y) & (ranked[pi] == pred)
+    M = np.bincount(ti[keep] * k + pi[keep], minlength=k * k).reshape(k, k)
+    rank = np.empty(k, dtype=np.int64)
+    rank[order] = np.arange(k)  # where each of ``labels`` sits in the sorted order
+    return M[rank][:, rank].tolist()
 
 
 def position_baseline_predictions(residuals: Residuals) -> np.ndarray:
@@ -120,7 +126,10 @@ def evaluate_layer(residuals: Residuals, layer: int, probe: WordIndexProbe | Non
     if probe is None:
         probe = WordIndexProbe(**params).fit(Xtr, ytr)
     pred = probe.predict(Xte)
-    base_pred = position_baseline_predictions(residuals) if baseline_pred is None else baseline_pred
+    base_pred = position_baseline_predictions(residuals) if baseline_pred is None else np.asarray(baseline_pred)
+    if len(base_pred) != len(yte):
+        raise ConfigError(f"baseline_pred has {len(base_pred)} predictions for {len(yte)} test samples; pass "
+                          "position_baseline_predictions(residuals) of these residuals.")
     val_acc = float(probe.score(residuals.val(layer), residuals.labels["val"])) if "val" in residuals.data else float("nan")
     shuffled = (shuffled_label_accuracy(lambda: WordIndexProbe(**params), Xtr, ytr, Xte, yte, seed=seed)
                 if shuffled_control else None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 
 _paused = False
+_froze = False  # this module froze the heap (and nothing else had): resume() unfreezes it
 
 
 def pause_until_loaded() -> None:
@@ -26,17 +27,22 @@ def pause_until_loaded() -> None:
 def model_loaded() -> None:
     """Called by ``load_model`` and ``make_engine`` (every engine; the command line loads models through it): if
     the collector was paused here, freeze the heap built so far and resume it."""
-    global _paused
+    global _paused, _froze
     if _paused:
         _paused = False
+        _froze = gc.get_freeze_count() == 0
         gc.freeze()
         gc.enable()
 
 
 def resume() -> None:
-    """Resume a collector paused by :func:`pause_until_loaded` without freezing (a command that loaded no model,
-    or one that failed before it did)."""
-    global _paused
+    """End of the entry point: resume a collector still paused (a command that loaded no model, or failed before it
+    did) and unfreeze what :func:`model_loaded` froze, so a process that calls ``main`` again (tests, notebooks)
+    collects the garbage of the last command like any other."""
+    global _paused, _froze
     if _paused:
         _paused = False
         gc.enable()
+    if _froze:
+        _froze = False
+        gc.unfreeze()

@@ -6,8 +6,21 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
+import types
 from collections.abc import Callable
 from typing import Any
+
+
+def _namespace(clashes: set[str]) -> type[types.ModuleType]:
+    class Namespace(types.ModuleType):
+        def __setattr__(self, key: str, value: Any) -> None:
+            if key in clashes and isinstance(value, types.ModuleType) and value.__name__ == f"{self.__name__}.{key}" \
+                    and hasattr(value, key):
+                value = getattr(value, key)
+            super().__setattr__(key, value)
+
+    return Namespace
 
 
 def lazy_exports(package: str, exports: dict[str, list[str]]) -> tuple[Callable[[str], Any], Callable[[], list[str]],
@@ -17,6 +30,12 @@ def lazy_exports(package: str, exports: dict[str, list[str]]) -> tuple[Callable[
     kept in the package's namespace."""
     where = {name: sub for sub, names in exports.items() for name in names}
     names = sorted(where)
+    # a public name that is also a submodule's name (``circuit.faithfulness``, the function in ``faithfulness.py``):
+    # importing the submodule sets the package attribute to the module, so the package swaps the export back in,
+    # as ``from .faithfulness import faithfulness`` in an eager ``__init__`` did
+    clashes = {name for name, sub in where.items() if name == sub.split(".")[0]}
+    if clashes:
+        sys.modules[package].__class__ = _namespace(clashes)
 
     def __getattr__(name: str) -> Any:
         sub = where.get(name)

@@ -420,6 +420,8 @@ class WordIndexProbe(ClassifierMixin, BaseEstimator):
         ``X @ coef_.T + intercept_``), bit for bit, without its input validation, which cost more than the
         arithmetic when a sweep scores 30 layers three times each. ``[n, k]`` (``k = 1`` for two classes)."""
         Z = self._check(X).astype(np.float64)  # a private copy, standardised in place as scikit-learn does
+        if len(Z) == 0:
+            raise ConfigError("no residual vectors to score (0 samples); is the split empty?")
         if not np.isfinite(Z).all():
             raise ConfigError("the residual vectors contain NaN or inf; check the model's dtype (a float16 overflow?) "
                               "or collect them again in float32.")
@@ -449,12 +451,18 @@ class WordIndexProbe(ClassifierMixin, BaseEstimator):
     def score(self, X: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | None = None) -> float:
         """Accuracy of ``predict(X)`` against ``y`` (scikit-learn's ``score``, without its target checks)."""
         y = _np(y).reshape(-1)
+        if y.dtype.kind not in "biu" and not (y.dtype.kind == "f" and np.array_equal(y, np.round(y))):
+            raise ConfigError(f"y must hold word indices (integers), got {y.dtype} values such as {y[:3].tolist()}.")
         pred = self.predict(X)
         if len(pred) != len(y):
             raise ConfigError(f"X has {len(pred)} samples but y has {len(y)} labels; pass matching arrays.")
-        if sample_weight is not None:
-            return float(np.average(pred == y, weights=_np(sample_weight)))
-        return float(np.mean(pred == y))
+        if sample_weight is None:
+            return float(np.mean(pred == y))
+        w = _np(sample_weight).reshape(-1)
+        if len(w) != len(y) or not w.sum() > 0:
+            raise ConfigError(f"sample_weight must hold one weight per sample ({len(y)}) with a positive sum; got "
+                              f"{len(w)} weights summing to {w.sum()}.")
+        return float(np.average(pred == y, weights=w))
 
     def logits(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... n_classes"]:
         """Differentiable probe logits in torch, on ``resid``'s device and dtype."""

@@ -49,9 +49,20 @@ def test_host_decision_refuses_bad_input():
         probe.predict(X[:, :5])
     with pytest.raises(ConfigError, match="labels"):
         probe.score(X, y[:10])
+    with pytest.raises(ConfigError, match="0 samples"):
+        probe.predict(X[:0])
+    with pytest.raises(ConfigError, match="word indices"):
+        probe.score(X, y + 0.5)
+    with pytest.raises(ConfigError, match="word indices"):
+        probe.score(X, y.astype(str))
+    assert probe.score(X, y.astype(float)) == probe.score(X, y)  # integral floats are word indices
+    with pytest.raises(ConfigError, match="sample_weight"):
+        probe.score(X, y, sample_weight=np.ones(5))
+    with pytest.raises(ConfigError, match="sample_weight"):
+        probe.score(X, y, sample_weight=np.zeros(len(y)))
 
 
-@pytest.mark.parametrize("labels", [[0, 1, 2, 3], [1, 2, 5], [0, 3]])
+@pytest.mark.parametrize("labels", [[0, 1, 2, 3], [1, 2, 5], [0, 3], [2, 0, 1], [5, 3, 4, 0]])
 def test_confusion_is_scikit_learns(labels):
     rng = np.random.default_rng(0)
     y, pred = rng.integers(0, 6, 500), rng.integers(0, 6, 500)
@@ -122,6 +133,12 @@ def test_sweep_results_equal_scikit_learns_metrics(solver):
                                                                                                 np.float64))))
     assert sweep.results[best].shuffled_label_accuracy == pytest.approx(ref, abs=1e-15)
     assert all(sweep.results[L].shuffled_label_accuracy is None for L in r.layers if L != best)
+
+
+def test_evaluate_layer_refuses_a_baseline_of_other_residuals():
+    r = _residuals(seed=4)
+    with pytest.raises(ConfigError, match="baseline_pred"):
+        evaluate_layer(r, 0, shuffled_control=False, solver="sklearn", baseline_pred=np.zeros(3, dtype=int))
 
 
 def test_evaluate_layer_alone_equals_the_sweeps_layer():

@@ -4,6 +4,7 @@ import importlib
 import json
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -35,6 +36,7 @@ def test_every_public_name_is_its_submodules_object(package):
     assert pkg.__all__ and len(set(pkg.__all__)) == len(pkg.__all__)
     for name in pkg.__all__:
         value = getattr(pkg, name)
+        assert not isinstance(value, types.ModuleType), name  # e.g. circuit.faithfulness: the function
         home = importlib.import_module(value.__module__) if hasattr(value, "__module__") and \
             not isinstance(value, (str, tuple, dict, list)) else None
         if home is not None and hasattr(home, name):
@@ -45,6 +47,24 @@ def test_every_public_name_is_its_submodules_object(package):
     assert set(pkg.__all__) <= set(ns)
     with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
         pkg.not_a_name  # noqa: B018
+
+
+def test_a_name_shared_with_its_submodule_stays_the_export():
+    """``wordpos.circuit.faithfulness`` is the function (as the eager package had it), whether the submodule was
+    imported before, after or never; the module stays reachable in ``sys.modules``."""
+    got = _run("import json, sys\n"
+               "from wordpos.circuit import faithfulness as a\n"
+               "import wordpos.circuit.faithfulness\n"
+               "from wordpos.circuit import faithfulness as b\n"
+               "import wordpos.circuit as c\n"
+               "m = sys.modules['wordpos.circuit.faithfulness']\n"
+               "print(json.dumps([callable(a), a is b, c.faithfulness is m.faithfulness, type(m).__name__]))")
+    assert got == [True, True, True, "module"]
+    got = _run("import json, sys\n"
+               "import wordpos.circuit.faithfulness\n"  # the submodule first: the import system sets the attribute
+               "from wordpos.circuit import faithfulness\n"
+               "print(json.dumps([callable(faithfulness), faithfulness.__module__]))")
+    assert got == [True, "wordpos.circuit.faithfulness"]
 
 
 def test_lazy_exports_imports_on_first_use(tmp_path, monkeypatch):
@@ -59,6 +79,13 @@ def test_lazy_exports_imports_on_first_use(tmp_path, monkeypatch):
     assert pkg.VALUE == 3 and "lazypkg.heavy" in sys.modules
     assert pkg.thing is sys.modules["lazypkg.heavy"].thing and "thing" in vars(pkg)  # kept after first use
     assert pkg.heavy is sys.modules["lazypkg.heavy"]  # a submodule's name imports it
+    (tmp_path / "lazypkg2").mkdir()
+    (tmp_path / "lazypkg2" / "__init__.py").write_text(
+        "from wordpos.probing.lazy import lazy_exports\n"
+        "__getattr__, __dir__, __all__ = lazy_exports(__name__, {'thing': ['thing']})\n")
+    (tmp_path / "lazypkg2" / "thing.py").write_text("def thing():\n    return 'x'\n")
+    importlib.import_module("lazypkg2.thing")  # the import system sets the package attribute to the module
+    assert sys.modules["lazypkg2"].thing is sys.modules["lazypkg2.thing"].thing
     with pytest.raises(AttributeError):
         pkg.light  # noqa: B018
     _, _, names = lazy_exports("x", {"a": ["b"]})
@@ -87,9 +114,12 @@ def test_the_command_line_pauses_the_collector_until_the_model_is_loaded():
         "heap.pause_until_loaded()\n"
         "make_engine('organism', engine='nnsight', device='cpu')\n"  # not through load_model
         "r['nnsight'] = [gc.isenabled(), gc.get_freeze_count()]\n"
+        "heap.resume()\n"
+        "r['resumed'] = [gc.isenabled(), gc.get_freeze_count()]\n"
         "print(json.dumps(r))")
     assert got["after_list"] == [True, 0]
     assert got["library"] == [True, 0]
     assert got["paused"] is False
     assert got["loaded"][0] is True and got["loaded"][1] > 10_000
     assert got["nnsight"][0] is True and got["nnsight"][1] > 10_000
+    assert got["resumed"] == [True, 0]  # main's end leaves the process as it found it
