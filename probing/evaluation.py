@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.metrics import confusion_matrix
 from wordpos.probing.progress import progress_bar as tqdm
 
 from wordpos.probing.activations import Residuals
@@ -85,26 +86,7 @@ class ProbeSweep:
 
 
 def _per_group(pred: np.ndarray, y: np.ndarray, groups: np.ndarray) -> dict[int, float]:
-    """Accuracy within each value of ``groups`` (sorted), from one pass over the samples."""
-    keys, inv = np.unique(groups, return_inverse=True)
-    hits = np.bincount(inv, weights=(pred == y), minlength=len(keys))
-    return {int(g): float(h / n) for g, h, n in zip(keys, hits, np.bincount(inv, minlength=len(keys)))}
-
-
-def _confusion(y: np.ndarray, pred: np.ndarray, labels: np.ndarray) -> list[list[int]]:
-    """``sklearn.metrics.confusion_matrix(y, pred, labels=labels)`` (rows true, columns predicted, in the order of
-    ``labels``) by one ``bincount``; labels outside ``labels`` are left out, as there."""
-    labels = np.asarray(labels)
-    k = len(labels)
-    order = np.argsort(labels, kind="stable")
-    ranked = labels[order]
-    ti, pi = np.searchsorted(ranked, y), np.searchsorted(ranked, pred)
-    ti, pi = np.minimum(ti, k - 1), np.minimum(pi, k - 1)
-    keep = (ranked[ti] == y) & (ranked[pi] == pred)
-    M = np.bincount(ti[keep] * k + pi[keep], minlength=k * k).reshape(k, k)
-    rank = np.empty(k, dtype=np.int64)
-    rank[order] = np.arange(k)  # where each of ``labels`` sits in the sorted order
-    return M[rank][:, rank].tolist()
+    return {int(g): float(np.mean(pred[groups == g] == y[groups == g])) for g in np.unique(groups)}
 
 
 def position_baseline_predictions(residuals: Residuals) -> np.ndarray:
@@ -144,7 +126,7 @@ def evaluate_layer(residuals: Residuals, layer: int, probe: WordIndexProbe | Non
         per_word_accuracy=_per_group(pred, yte, yte),
         baseline_per_word_accuracy=_per_group(base_pred, yte, yte),
         per_position_accuracy=_per_group(pred, yte, residuals.abs_pos["test"]),
-        confusion=_confusion(np.asarray(yte), pred, labels),
+        confusion=confusion_matrix(yte, pred, labels=labels).tolist(),
         n_train=int(len(ytr)),
         n_test=int(len(yte)),
     )
@@ -223,13 +205,11 @@ def sweep_layers(residuals: Residuals, layers: list[int] | None = None, *, shuff
         fitted = fit_layers(residuals, todo, device=device, **probe_params)
     if solver == "torch" and device is not None:
         probe_params = {**probe_params, "device": str(device)}
-    base_pred = None
+    base_pred = position_baseline_predictions(residuals)
     for L in tqdm(layers, desc="probes", unit="layer", disable=not progress):
         if L in done:
             results[L], probes[L] = done[L]
             continue
-        if base_pred is None:
-            base_pred = position_baseline_predictions(residuals)
         results[L], probes[L] = evaluate_layer(residuals, L, fitted.get(L), shuffled_control=shuffled_control == "all",
                                                seed=seed, baseline_pred=base_pred, **probe_params)
         if checkpoint_dir is not None:

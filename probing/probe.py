@@ -430,9 +430,13 @@ class WordIndexProbe(ClassifierMixin, BaseEstimator):
             Z /= self.scaler_.scale_
         return Z @ self.coef_.T + self.intercept_
 
-    def decision_function(self, X: ArrayLike) -> np.ndarray:
+    def _decision(self, X: ArrayLike) -> np.ndarray:
+        """Decision values ``[n, k]`` (``k = 1`` for two classes), computed where ``X`` lives."""
         dev = self._on_device(X)
-        d = dev.cpu().numpy() if dev is not None else self._host_decision(X)
+        return dev.cpu().numpy() if dev is not None else self._host_decision(X)
+
+    def decision_function(self, X: ArrayLike) -> np.ndarray:
+        d = self._decision(X)
         return d[:, 0] if d.shape[1] == 1 else d
 
     def predict_proba(self, X: ArrayLike) -> np.ndarray:
@@ -440,12 +444,8 @@ class WordIndexProbe(ClassifierMixin, BaseEstimator):
         return self.clf_.predict_proba(self.scaler_.transform(X))
 
     def predict(self, X: ArrayLike) -> np.ndarray:
-        dev = self._on_device(X)
-        if dev is not None:  # scikit-learn's rule: argmax, or decision > 0 for two classes
-            idx = ((dev[:, 0] > 0).long() if dev.shape[1] == 1 else dev.argmax(1)).cpu().numpy()
-        else:
-            d = self._host_decision(X)
-            idx = (d[:, 0] > 0).astype(np.int64) if d.shape[1] == 1 else d.argmax(1)
+        d = self._decision(X)  # scikit-learn's rule: argmax, or decision > 0 for two classes
+        idx = (d[:, 0] > 0).astype(np.int64) if d.shape[1] == 1 else d.argmax(1)
         return np.asarray(self.classes_)[idx]
 
     def score(self, X: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | None = None) -> float:

@@ -9,7 +9,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix
 from wordpos.probing import ConfigError, WordIndexProbe
 from wordpos.probing.activations import Residuals
 from wordpos.probing.baselines import PositionBaseline
-from wordpos.probing.evaluation import _confusion, evaluate_layer, sweep_layers
+from wordpos.probing.evaluation import evaluate_layer, sweep_layers
 
 
 def _blobs(n_classes: int, n: int = 300, d: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -60,14 +60,6 @@ def test_host_decision_refuses_bad_input():
         probe.score(X, y, sample_weight=np.ones(5))
     with pytest.raises(ConfigError, match="sample_weight"):
         probe.score(X, y, sample_weight=np.zeros(len(y)))
-
-
-@pytest.mark.parametrize("labels", [[0, 1, 2, 3], [1, 2, 5], [0, 3], [2, 0, 1], [5, 3, 4, 0]])
-def test_confusion_is_scikit_learns(labels):
-    rng = np.random.default_rng(0)
-    y, pred = rng.integers(0, 6, 500), rng.integers(0, 6, 500)
-    labels = np.array(labels)
-    assert _confusion(y, pred, labels) == confusion_matrix(y, pred, labels=labels).tolist()
 
 
 def _residuals(seed: int = 0, n_layers: int = 3, d: int = 10) -> Residuals:
