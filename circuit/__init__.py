@@ -11,6 +11,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "evaluation": ["Curve", "faithfulness_curve", "node_curve"],
     "export": ["edge_graph_networkx", "load_graph", "save_edge_graph", "save_graph", "save_mib_json"],
     "faithfulness": ["FaithfulnessResult", "faithfulness"],
+    "pipeline": ["RunConfig", "run_pipeline"],
     "graph": ["build_graph", "circuit_heads", "graph_from_dict", "graph_to_dict", "probe_inflow"],
     "prune": ["PruneResult", "prune_min_edges", "prune_threshold", "prune_top_k"],
     "render": ["render_circuit", "save_circuit_figure"],

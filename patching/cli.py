@@ -12,7 +12,7 @@ from wordpos.probing.cli import add_common_model_args
 
 def add_patch_parser(sub: argparse._SubParsersAction) -> None:
     from wordpos.patching import registry
-    from wordpos.patching.experiment import PatchConfig
+    from wordpos.patching.config import PatchConfig
 
     defaults = {f.name: f.default for f in fields(PatchConfig)}
     methods = registry.methods(cli_only=True)

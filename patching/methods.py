@@ -1,5 +1,6 @@
-"""The built-in methods, registered in :mod:`wordpos.patching.registry`: activation, attribution, path and
-ablation (the stages of ``wordpos patch``), and the statistics the stages share (head means, head roles)."""
+"""The built-in methods' stage functions: activation, attribution, path and ablation (the stages of ``wordpos
+patch``), and the statistics the stages share (head means, head roles). :mod:`wordpos.patching.registry` lists
+them by name and imports this module on a method's first run."""
 
 from __future__ import annotations
 
@@ -10,11 +11,9 @@ from wordpos.patching.activation import patch_heads, patch_layer_outputs, patch_
 from wordpos.patching.attribution import correlation
 from wordpos.patching.path import path_patch_direct, path_patch_edges
 from wordpos.patching.plots import head_heatmap, position_heatmap
-from wordpos.patching.registry import MethodSpec, StageInputs, StageOutput, register
+from wordpos.patching.registry import StageInputs, StageOutput
 from wordpos.patching.results import EffectResult
 from wordpos.patching.roles import head_roles
-
-PAIR_OPTIONS = ("metric", "direction", "n_pairs", "corruption", "max_tokens")
 
 
 def _label(inp: StageInputs, ctx) -> str:
@@ -186,17 +185,3 @@ def roles_stage(inp: StageInputs) -> StageOutput:
                        sizing=s)
     return StageOutput({"roles": roles})
 
-
-register(MethodSpec("activation", activation_stage, ("layer", "head"), PAIR_OPTIONS + ("by_pos",),
-                    "activation patching of heads, residual stream, MLPs (and heads x positions)"))
-register(MethodSpec("attribution", attribution_stage, ("layer", "head"), PAIR_OPTIONS,
-                    "attribution patching (gradient estimate), compared with activation patching"))
-register(MethodSpec("path", path_stage, ("layer", "head"), PAIR_OPTIONS + ("receivers", "senders"),
-                    "path patching: direct paths and sender -> receiver edges"))
-register(MethodSpec("ablation", ablation_stage, ("layer", "head"),
-                    ("ablation", "top_k", "n_random", "n_prompts", "max_tokens"),
-                    "ablate each head, then the top-k together against random k-sets", uses_pairs=False))
-register(MethodSpec("head_means", head_means_stage, ("pos", "head", "d_head"), ("n_prompts",),
-                    "position-wise mean head outputs (mean-ablation reference)", cli=False, uses_pairs=False))
-register(MethodSpec("roles", roles_stage, ("layer", "head"), (), "attention roles of every head", cli=False,
-                    uses_pairs=False))

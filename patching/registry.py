@@ -3,11 +3,14 @@ options it reads), driving ``wordpos patch`` (argparse choices and options), :fu
 
 A stage function takes :class:`StageInputs` (engine, probe, config, word split) and returns a
 :class:`StageOutput` (named :class:`~wordpos.patching.results.EffectResult` s, figures, summary entries and how its
-main result ranks heads). Methods register themselves in :mod:`wordpos.patching.methods`.
+main result ranks heads). The built-in methods are listed at the end of this module with their stage functions
+named as ``"module:function"`` (in :mod:`wordpos.patching.methods`), imported on first run: the command line reads
+the names, options and help without importing torch. Other code registers its own with :func:`register`.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,15 +113,30 @@ class StageOutput:
 class MethodSpec:
     """One registered method. ``axes``: the axes of its main result; ``options``: the ``PatchConfig`` fields it
     reads (its CLI options); ``cli``: offered by ``wordpos patch --method``; ``uses_pairs``: built on
-    clean/corrupted pairs (else on prompts)."""
+    clean/corrupted pairs (else on prompts). ``stage`` is the stage function, or its ``"module:function"`` name,
+    imported by the first :meth:`run`."""
 
     name: str
-    run: Callable[[StageInputs], Any]
+    stage: Callable[[StageInputs], Any] | str
     axes: tuple[str, ...]
     options: tuple[str, ...]
     help: str
     cli: bool = True
     uses_pairs: bool = True
+
+    def function(self) -> Callable[[StageInputs], Any]:
+        """The stage function (imported here when the spec names it)."""
+        if callable(self.stage):
+            return self.stage
+        module, _, attr = self.stage.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"method {self.name!r}: its stage function {self.stage!r} cannot be imported ({e}); "
+                              "register the method with a function or an importable 'module:function'.") from e
+
+    def run(self, inputs: StageInputs) -> StageOutput:
+        return self.function()(inputs)
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -144,6 +162,9 @@ OPTIONS: dict[str, Option] = {
 
 
 def register(spec: MethodSpec) -> MethodSpec:
+    if not callable(spec.stage) and (not isinstance(spec.stage, str) or ":" not in spec.stage):
+        raise ConfigError(f"method {spec.name!r}: stage must be a function or a 'module:function' name, got "
+                          f"{spec.stage!r}.")
     unknown = [o for o in spec.options if o not in OPTIONS]
     if unknown:
         raise ConfigError(f"method {spec.name!r} names unknown options {unknown}; known: {sorted(OPTIONS)}.")
@@ -152,9 +173,7 @@ def register(spec: MethodSpec) -> MethodSpec:
 
 
 def methods(cli_only: bool = False) -> dict[str, MethodSpec]:
-    """Every registered method (importing :mod:`wordpos.patching.methods` registers the built-in ones)."""
-    import wordpos.patching.methods  # noqa: F401
-
+    """Every registered method: the built-in ones (below) and any registered since."""
     return {k: v for k, v in METHODS.items() if v.cli or not cli_only}
 
 
@@ -172,3 +191,21 @@ def cli_options() -> list[Option]:
         for o in spec.options:
             seen.setdefault(o, OPTIONS[o])
     return list(seen.values())
+
+
+PAIR_OPTIONS = ("metric", "direction", "n_pairs", "corruption", "max_tokens")
+_M = "wordpos.patching.methods:"
+
+register(MethodSpec("activation", _M + "activation_stage", ("layer", "head"), PAIR_OPTIONS + ("by_pos",),
+                    "activation patching of heads, residual stream, MLPs (and heads x positions)"))
+register(MethodSpec("attribution", _M + "attribution_stage", ("layer", "head"), PAIR_OPTIONS,
+                    "attribution patching (gradient estimate), compared with activation patching"))
+register(MethodSpec("path", _M + "path_stage", ("layer", "head"), PAIR_OPTIONS + ("receivers", "senders"),
+                    "path patching: direct paths and sender -> receiver edges"))
+register(MethodSpec("ablation", _M + "ablation_stage", ("layer", "head"),
+                    ("ablation", "top_k", "n_random", "n_prompts", "max_tokens"),
+                    "ablate each head, then the top-k together against random k-sets", uses_pairs=False))
+register(MethodSpec("head_means", _M + "head_means_stage", ("pos", "head", "d_head"), ("n_prompts",),
+                    "position-wise mean head outputs (mean-ablation reference)", cli=False, uses_pairs=False))
+register(MethodSpec("roles", _M + "roles_stage", ("layer", "head"), (), "attention roles of every head", cli=False,
+                    uses_pairs=False))

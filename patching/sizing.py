@@ -8,11 +8,12 @@ result was computed with. ``tokens_per_forward`` is the one chunking rule of the
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from wordpos.probing.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,8 @@ class Sizing:
 
     def tokens_per_forward(self, device: torch.device | str) -> int:
         """The token budget of one batched forward on ``device``."""
+        import torch  # here, so that reading a config (``wordpos --help``) does not import torch
+
         return self.cpu_tokens if torch.device(device).type == "cpu" else self.accelerator_tokens
 
     def to_dict(self) -> dict[str, Any]:

@@ -28,6 +28,30 @@ def test_importing_the_command_line_imports_no_heavy_library():
     assert got == []
 
 
+
+def test_every_commands_help_imports_no_heavy_library():
+    """``wordpos --help`` and each subcommand's ``--help`` are read from the registries and configs alone: building
+    the parser imports neither torch nor scikit-learn (it used to import the methods, ~6 s), and the patch help
+    still lists every command-line method and option."""
+    got = _run("import contextlib, io, json, sys\n"
+               "from wordpos.circuit.cli import build_parser\n"
+               "helps = {}\n"
+               "for cmd in ([], ['probe'], ['patch'], ['circuit'], ['run'], ['models']):\n"
+               "    buf = io.StringIO()\n"
+               "    with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):\n"
+               "        build_parser().parse_args(cmd + ['--help'])\n"
+               "    helps[' '.join(cmd)] = buf.getvalue()\n"
+               "heavy = sorted(m for m in ('torch', 'transformers', 'sklearn', 'transformer_lens', 'plotly', "
+               "'networkx', 'wordpos.patching.methods') if m in sys.modules)\n"
+               "print(json.dumps([heavy, helps]))")
+    heavy, helps = got
+    assert heavy == []
+    assert all(helps.values()) and set(helps) == {"", "probe", "patch", "circuit", "run", "models"}
+    for word in ("activation", "attribution", "path", "ablation", "--n-pairs", "--top-k", "--receivers",
+                 "--max-tokens", "--no-by-pos", "--ablation", "--metric"):
+        assert word in helps["patch"], word
+    assert "head_means" not in helps["patch"]  # registered, but not a command-line method
+
 @pytest.mark.parametrize("package", PACKAGES)
 def test_every_public_name_is_its_submodules_object(package):
     """Each name in ``__all__`` resolves (attribute access and ``from ... import``) to the object its submodule
