@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import re
 import socket
+import warnings
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlparse
@@ -336,10 +337,23 @@ class NNsightEngine:
             stop_at_layer: int | None = None, start_at_layer: int | None = None,
             past: Any = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Same contract as :meth:`wordpos.probing.engines.Engine.run` (see ``TLEngine.run``), in one nnsight
-        trace. Cached prefix keys/values (``past``) are not supported here."""
+        trace. ``past``: a :class:`~wordpos.probing.engines.split_inputs.PrefixKV` (the positions before
+        ``inputs``), or a Hugging Face cache the forward extends in place (how
+        :func:`~wordpos.probing.engines.split_inputs.cached_runs` keeps a run's keys/values); local models only."""
+        hf_cache = None
         if past is not None:
-            raise ConfigError("the nnsight engine does not run on cached prefix keys/values (past=); patching "
-                              "recomputes full prompts on it. Use the TransformerLens engine for the faster path.")
+            from wordpos.probing.engines.split_inputs import PrefixKV
+
+            if self.remote:
+                raise ConfigError("a remote (NDIF) model is not sent cached prefix keys/values (past=); run without "
+                                  "past, or locally.")
+            if isinstance(past, PrefixKV):
+                if past.rows != int(inputs.shape[0]):
+                    raise ConfigError(f"the cached prefix holds {past.rows} rows but the inputs have "
+                                      f"{inputs.shape[0]}.")
+                hf_cache = past.cache(1)
+            else:
+                hf_cache = past
         n = self.dims.n_layers
         if stop_at_layer is not None and not 0 <= stop_at_layer <= n:
             raise ConfigError(f"stop_at_layer={stop_at_layer} is out of range 0..{n}.")
@@ -380,11 +394,17 @@ class NNsightEngine:
                 nnsight.register(package)
             kwargs["remote"] = self.remote
         model = self.model
-        with model.trace(ids, **kwargs) as tracer:
-            result = {"cache": {}, "out": None}
-            nnsight_save(result)
-            interleave(model, tracer, self.arch, self.dims, plan, result, first=first, end=end,
-                       stop_at_layer=stop_at_layer, resid_in=resid_in, want_edge=want_edge, edge=edge)
+        with warnings.catch_warnings():
+            if hf_cache is not None:
+                # nnsight assumes no attention mask beside a cache, so the model builds one over prefix and inputs;
+                # positions (GPT-2's embeddings, RoPE) continue from the cache's length
+                kwargs["past_key_values"] = hf_cache
+                warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*")
+            with model.trace(ids, **kwargs) as tracer:
+                result = {"cache": {}, "out": None}
+                nnsight_save(result)
+                interleave(model, tracer, self.arch, self.dims, plan, result, first=first, end=end,
+                           stop_at_layer=stop_at_layer, resid_in=resid_in, want_edge=want_edge, edge=edge)
         out = result["out"]
         if stop_at_layer is None and (out is None or out.shape[-1] != self.dims.d_vocab):
             raise RuntimeError("expected logits from a full forward pass")

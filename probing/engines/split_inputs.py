@@ -93,22 +93,37 @@ class _Stop(Exception):
 def prefix_kv_unsupported(engine: Any) -> str | None:
     """Why this engine cannot run a prompt's suffix on top of cached prefix keys/values (None when it can).
 
-    The route needs a ``TransformerBridge`` over a decoder-only Hugging Face model whose attention bridges extend
-    the Hugging Face ``DynamicCache`` (``_update_kv_cache``)."""
+    The route needs a decoder-only Hugging Face model that extends a ``DynamicCache``: under a ``TransformerBridge``
+    whose attention bridges extend it (``_update_kv_cache``), or wrapped by nnsight and run locally (the model's own
+    forward takes the cache)."""
+    try:
+        from transformers import DynamicCache  # noqa: F401
+    except ImportError:  # pragma: no cover - transformers always ships it
+        return "transformers has no DynamicCache"
+    if _is_nnsight(engine):
+        if engine.remote:
+            return "a remote (NDIF) model is not sent cached keys/values"
+        hf_cfg = getattr(getattr(engine.model, "_module", None), "config", None)
+        if bool(getattr(hf_cfg, "is_encoder_decoder", False)):
+            return "encoder-decoder models are not supported"
+        return None
     model = getattr(engine, "model", None)
     blocks = getattr(model, "blocks", None)
     if model is None or blocks is None or not hasattr(model, "run_with_hooks"):
-        return f"{type(engine).__name__} is not the TransformerLens engine (prefix keys/values need a TransformerBridge)"
+        return (f"{type(engine).__name__} is neither the TransformerLens nor the nnsight engine (prefix keys/values "
+                "need a TransformerBridge or a local nnsight model)")
     if not all(hasattr(b, "attn") and hasattr(b.attn, "_update_kv_cache") for b in blocks):
         return "this bridge's attention components do not extend a key/value cache"
     hf_cfg = getattr(getattr(model, "original_model", None), "config", None)
     if bool(getattr(hf_cfg, "is_encoder_decoder", False)):
         return "encoder-decoder models are not supported"
-    try:
-        from transformers import DynamicCache  # noqa: F401
-    except ImportError:  # pragma: no cover - transformers always ships it
-        return "transformers has no DynamicCache"
     return None
+
+
+def _is_nnsight(engine: Any) -> bool:
+    from wordpos.probing.engines.nnsight_engine import NNsightEngine
+
+    return isinstance(engine, NNsightEngine)
 
 
 @contextlib.contextmanager
@@ -129,6 +144,9 @@ def kv_cache_passthrough(engine: Any) -> Iterator[None]:
 
         return update
 
+    if _is_nnsight(engine):  # the Hugging Face model's own attention takes the cache
+        yield
+        return
     with instance_overrides([b.attn for b in engine.model.blocks], "_update_kv_cache", accepting_cache):
         yield
 
@@ -181,7 +199,10 @@ class PrefixKV:
 
 def _bridge_run(engine: Any, tokens: Tensor, hooks: Sequence[tuple[str, Callable]], stop_at_layer: int,
                 cache: Any) -> Tensor:
-    """``blocks.{stop_at_layer}.hook_resid_pre`` (or the last ``resid_post``) of ``tokens`` on top of ``cache``."""
+    """``blocks.{stop_at_layer}.hook_resid_pre`` (or the last ``resid_post``) of ``tokens`` on top of ``cache`` (a
+    Hugging Face cache the forward extends). The nnsight engine's ``run`` takes the cache itself."""
+    if _is_nnsight(engine):
+        return engine.run(tokens, hooks=hooks, stop_at_layer=stop_at_layer, past=cache)[0]
     model = engine.model
     n = len(model.blocks)
 

@@ -113,8 +113,8 @@ def test_fallbacks_are_logged(gpt2_ctx, caplog):
     model, ctx = gpt2_ctx
     r = EdgeRunner(model, ctx, share_prefix=False)
     assert r.p0 == 0 and r.prefix_reason == "share_prefix=False"
-    # an engine without a bridge (e.g. nnsight) says why
-    assert "not the TransformerLens engine" in prefix_kv_unsupported(object())
+    # an engine that is neither a bridge nor a local nnsight model says why
+    assert "neither the TransformerLens nor the nnsight engine" in prefix_kv_unsupported(object())
     # prompts that differ from position 0 on: nothing to share, full prompts, reason logged
     from dataclasses import replace
 

@@ -38,7 +38,7 @@ def test_residuals_patching_and_path_patching_agree(engines):
         assert np.array_equal(np.isnan(x), np.isnan(y))
         assert np.nanmax(np.abs(x - y)) <= 1e-4
     assert torch.isfinite(torch.tensor(c_tl.metric.clean_value))
-    # resample ablation: TransformerLens skips the shared prefix on cached keys/values, nnsight recomputes it
+    # resample ablation: both skip the shared prefix, each on its own engine's cached keys/values
     from wordpos.patching.ablation import ablated_sets
 
     sets = [[], [(0, 2)], [(1, 1), (1, 0)], [(1, 3)]]  # the planted circuit (0.2, 1.1) and the organism's (1.0, 1.3)

@@ -1,7 +1,8 @@
 """Patched forwards that skip what a patch cannot change (issue 14): blocks before ``start_at_layer`` and positions
 before the patch (run on the base run's cached keys/values). References: the full-prompt path of the same runner
 (``prepare(..., reuse_prefix=False)``, itself checked against TransformerLens' patching in test_activation) and
-plain TransformerLens hook runs; float64 GPT-2 and grouped-query Llama."""
+plain TransformerLens hook runs; float64 GPT-2 and grouped-query Llama, through the TransformerLens engine and the
+nnsight engine (which runs on the Hugging Face model's own key/value cache)."""
 
 import numpy as np
 import pytest
@@ -12,11 +13,23 @@ from wordpos.patching.path import path_patch_direct
 from wordpos.probing import as_engine, hooks
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+@pytest.fixture(scope="module", params=["gpt2", "llama", "gpt2-nnsight", "llama-nnsight"])
 def both(request, gpt2_ctx, llama_ctx, tiny_pairs):
-    model, ctx = gpt2_ctx if request.param == "gpt2" else llama_ctx
+    model, ctx = gpt2_ctx if request.param.startswith("gpt2") else llama_ctx
+    if request.param.endswith("nnsight"):
+        from wordpos.probing.engines import make_engine
+
+        model = make_engine(model, "nnsight")  # the same weights, through nnsight and the Hugging Face model
+        ctx = prepare(model, tiny_pairs, ctx.probe)
     full = prepare(model, tiny_pairs, ctx.probe, reuse_prefix=False)
     return model, ctx, full
+
+
+@pytest.fixture(scope="module")
+def tl_full(gpt2_ctx, llama_ctx, tiny_pairs):
+    """Per architecture, the TransformerLens engine's full-prompt context: the reference for the nnsight routes."""
+    return {name: prepare(m, tiny_pairs, c.probe, reuse_prefix=False)
+            for name, (m, c) in (("gpt2", gpt2_ctx), ("llama", llama_ctx))}
 
 
 def test_contexts_differ_only_in_the_cache(both):
@@ -26,12 +39,13 @@ def test_contexts_differ_only_in_the_cache(both):
 
 
 def record_runs(engine, monkeypatch) -> list:
-    """Spy on ``engine.run``: one ``(positions run, start_at_layer, cached positions or None)`` per forward."""
+    """Spy on ``engine.run``: one ``(positions run, start_at_layer, cached positions or None)`` per forward. (The
+    nnsight engine's runs that fill a Hugging Face cache for later count as uncached.)"""
     calls, real = [], engine.run
 
     def spy(inputs, **kw):
         past = kw.get("past")
-        calls.append((int(inputs.shape[1]), kw.get("start_at_layer"), None if past is None else past.length))
+        calls.append((int(inputs.shape[1]), kw.get("start_at_layer"), getattr(past, "length", None)))
         return real(inputs, **kw)
 
     monkeypatch.setattr(engine, "run", spy)
@@ -52,6 +66,29 @@ def test_skipping_positions_gives_the_full_prompt_answer(both, sweep):
     assert np.nanmax(np.abs(b)) > 1e-3  # the sweep measured something
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("sweep", ["heads_by_pos", "resid", "mlp_by_pos"])
+def test_nnsight_on_cached_keys_values_gives_transformerlens_full_prompt_answer(arch, sweep, gpt2_ctx, llama_ctx,
+                                                                                 tiny_pairs, tl_full, monkeypatch):
+    """The nnsight engine's by-position sweeps on the base run's cached keys/values (the Hugging Face model's own
+    cache) equal the TransformerLens engine's sweeps over full prompts (float64), and really run the suffixes."""
+    from wordpos.probing.engines import make_engine
+
+    model, ctx = gpt2_ctx if arch == "gpt2" else llama_ctx
+    nn = make_engine(model, "nnsight")
+    nctx = prepare(nn, tiny_pairs, ctx.probe)
+    assert nctx.base_kv is not None
+    run = {"heads_by_pos": lambda m, c: patch_heads(m, c, by_pos=True, progress=False),
+           "resid": lambda m, c: patch_resid(m, c, progress=False),
+           "mlp_by_pos": lambda m, c: patch_layer_outputs(m, c, by_pos=True, progress=False)}[sweep]
+    calls = record_runs(nn, monkeypatch)
+    a = run(nn, nctx).effects
+    b = run(model, tl_full[arch]).effects
+    assert np.array_equal(np.isnan(a), np.isnan(b)) and np.isfinite(b).sum() > 0
+    assert np.nanmax(np.abs(a - b)) < 1e-9 and np.nanmax(np.abs(b)) > 1e-3
+    assert any(past for _, _, past in calls)  # positions before the patch came from the cache
+
+
 def test_forwards_run_only_from_the_patch_on(both, monkeypatch):
     model, ctx, _ = both
     engine = ctx.engine
@@ -67,6 +104,8 @@ def test_forwards_run_only_from_the_patch_on(both, monkeypatch):
 def test_start_at_layer_skips_the_blocks_before(both):
     """``Engine.run(start_at_layer=k)`` matches a plain TransformerLens run and never runs blocks 0..k-1."""
     model, ctx, _ = both
+    if not hasattr(model, "run_with_cache"):
+        pytest.skip("TransformerLens' skip_blocks (the nnsight engine's start_at_layer: tests/probing/test_engine_nnsight.py)")
     engine = as_engine(model)
     tokens = ctx.pairs.clean
     k, n = 1, engine.dims.n_layers

@@ -222,6 +222,53 @@ def test_start_at_layer_matches(engines, toks):
         assert_close(out_nn, out_tl, f"patched out start={start}")
 
 
+
+@pytest.mark.parametrize("p", [1, 4])
+def test_past_runs_the_suffix_like_the_full_prompt(engines, toks, p):
+    """``run(suffix, past=PrefixKV)`` on the Hugging Face model's own cache gives the TransformerLens engine's
+    full-prompt values at the suffix positions: outputs, cached sites (attention patterns over prefix + suffix
+    included), a patch, ``stop_at_layer`` and ``start_at_layer``. The prefix comes from an nnsight run too."""
+    from wordpos.probing.engines.split_inputs import prefix_kv_unsupported, run_prefix
+
+    tl, nn = engines
+    n = tl.dims.n_layers
+    assert prefix_kv_unsupported(nn) is None
+    cache = [H.attn_z(0), H.attn_pattern(n - 1), H.resid(n - 1, "resid_post")]
+
+    def zero_suffix(z, name):  # the reference patches the suffix positions only: the cached prefix is unpatched
+        z = z.clone()
+        z[:, p:, 1] = 0.0
+        return z
+
+    for stop in (1, n):
+        pre = run_prefix(nn, toks[:, :p], stop, split=False)
+        assert pre.length == p and len(pre.keys) == stop
+        names = [c for c in cache if int(c.split(".")[1]) < stop]
+        for hk, hk_ref in (((), ()), ([(H.attn_z(0), _zero_head(1, False))], [(H.attn_z(0), zero_suffix)])):
+            ref, c_ref = tl.run(toks, hooks=hk_ref, cache=names, stop_at_layer=stop)
+            out, c_out = nn.run(toks[:, p:], hooks=hk, cache=names, stop_at_layer=stop, past=pre)
+            assert_close(out, ref[:, p:], f"suffix out p={p} stop={stop} hooks={bool(hk)}")
+            for name in names:
+                want = c_ref[name][..., p:, :] if "pattern" in name else c_ref[name][:, p:]
+                assert_close(c_out[name], want, f"{name} p={p} stop={stop}")
+    _, r = tl.run(toks, cache=[H.resid(1, "resid_pre")], stop_at_layer=n)
+    resid = r[H.resid(1, "resid_pre")]
+    ref, _ = tl.run(resid, start_at_layer=1, stop_at_layer=n)
+    out, _ = nn.run(resid[:, p:], start_at_layer=1, stop_at_layer=n, past=run_prefix(nn, toks[:, :p], n, split=False))
+    assert_close(out, ref[:, p:], f"start_at_layer=1 on the prefix p={p}")
+    with pytest.raises(ConfigError, match="rows"):
+        nn.run(toks[:2, p:], past=run_prefix(nn, toks[:, :p], n, split=False))
+
+
+def test_remote_models_refuse_past(tiny_model, toks):
+    from wordpos.probing.engines.split_inputs import prefix_kv_unsupported, run_prefix
+
+    local = NNsightEngine.from_model(tiny_model)
+    remote = NNsightEngine.from_model(tiny_model, remote="local")
+    assert "remote" in prefix_kv_unsupported(remote)
+    with pytest.raises(ConfigError, match="remote"):
+        remote.run(toks[:, 3:], past=run_prefix(local, toks[:, :3], 2, split=False))
+
 def test_collect_residuals_matches(engines, small_data):
     from wordpos.probing import collect_residuals
 
