@@ -153,7 +153,10 @@ def path_patch_edges(model: Any, pairs: PatchingPairs | PatchContext, probe: Wor
         ivs.append(Intervention((Edit(name, "value", slot, value=f"{sL}.{sH}|{name}"),), start_layer=rL,
                                 label=f"{sL}.{sH}->{rL}.{rH}.{w}"))
     if ivs:
-        req = Request(tokens=ctx.base, read=_metric_reader(ctx), stop_at_layer=L_stop, resid=resid_in, values=step1)
+        # step 1 changed nothing before the first clean/corrupted difference (its sender's source equals the base
+        # run there), so its q/k/v equal the base run's there and step 2 runs only the positions after
+        req = Request(tokens=ctx.base, read=_metric_reader(ctx), stop_at_layer=L_stop, resid=resid_in, values=step1,
+                      values_same_before=True, **ctx.skip_fields())
         vals = run_interventions(ctx.engine, req, ivs, sizing=ctx.sizing, max_tokens=max_tokens, progress=progress,
                                  desc="path patching (step 2)", unit="edge").numpy()
         for ((sL, sH), (rL, rH), w), v in zip(jobs, vals):

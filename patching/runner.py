@@ -22,8 +22,10 @@ an edit can change, so a forward starts there, on top of the base run's cached k
 output fills the positions before it. An edit at position p changes positions >= p; a whole-position ``source``
 edit (and a ``mean`` one) changes positions >= ``Request.same_before``, which the caller sets to where the written
 values first can differ from the base run's (activation patching: the first clean/corrupted difference; resample
-ablation: the end of the prefix every prompt shares); ``base`` edits change nothing by themselves; ``zero`` and
-``value`` writes change every position. A forward never starts beyond the cached keys/values. Interventions of a group are run in order
+ablation: the end of the prefix every prompt shares); ``base`` edits change nothing by themselves; ``zero`` writes
+change every position, and so do ``value`` writes unless the request says its values equal the base run's before
+``same_before`` (``values_same_before``: path patching's step 2, whose values were recorded in runs that changed
+nothing before it). A forward never starts beyond the cached keys/values. Interventions of a group are run in order
 of that first position, so a chunk starts as late as its earliest member allows.
 """
 
@@ -105,7 +107,8 @@ class Request:
     (:class:`~wordpos.probing.engines.split_inputs.PrefixKV`, rows ``N``, or 1 when every prompt shares them), its
     output at ``stop_at_layer`` there (``[N or 1, length, d_model]``), and the first position where a written value
     can differ from the base run's; with them, forwards skip the positions no edit can change (module docstring).
-    Only for requests without ``cache`` (a cache would miss the skipped positions).
+    Only for requests without ``cache`` (a cache would miss the skipped positions). ``values_same_before``: the
+    ``values`` equal the base run's activations before ``same_before``, so ``value`` edits change nothing there.
 
     ``split_prompts``: the reader's output has a prompt axis (axis 1) and prompts may be batched
     (``combine="cat"`` concatenates along it; ``"sum"`` adds the outputs of prompt batches). Without it every
@@ -126,6 +129,7 @@ class Request:
     kv: Any = None
     out: Tensor | None = None
     same_before: int = 0
+    values_same_before: bool = False
 
     @property
     def skips_positions(self) -> bool:
@@ -138,7 +142,7 @@ class Request:
         for e in iv.edits:
             if e.pos is not None:
                 first = min(first, e.pos)
-            elif e.write in ("source", "mean"):
+            elif e.write in ("source", "mean") or (e.write == "value" and self.values_same_before):
                 first = min(first, self.same_before)
             elif e.write != "base":
                 first = 0

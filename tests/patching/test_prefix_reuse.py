@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from wordpos.patching import patch_heads, patch_layer_outputs, patch_resid, prepare
-from wordpos.patching.path import path_patch_direct
+from wordpos.patching.path import path_patch_direct, path_patch_edges
 from wordpos.probing import as_engine, hooks
 
 
@@ -52,14 +52,17 @@ def record_runs(engine, monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize("sweep", ["heads", "heads_by_pos", "resid", "mlp_by_pos", "path_direct"])
+@pytest.mark.parametrize("sweep", ["heads", "heads_by_pos", "resid", "mlp_by_pos", "path_direct", "path_edges",
+                                   "path_edges_frozen_mlps"])
 def test_skipping_positions_gives_the_full_prompt_answer(both, sweep):
     model, ctx, full = both
     run = {"heads": lambda c: patch_heads(model, c, progress=False),
            "heads_by_pos": lambda c: patch_heads(model, c, by_pos=True, progress=False),
            "resid": lambda c: patch_resid(model, c, progress=False),
            "mlp_by_pos": lambda c: patch_layer_outputs(model, c, by_pos=True, progress=False),
-           "path_direct": lambda c: path_patch_direct(model, c, progress=False)}[sweep]
+           "path_direct": lambda c: path_patch_direct(model, c, progress=False),
+           "path_edges": lambda c: path_patch_edges(model, c, progress=False),
+           "path_edges_frozen_mlps": lambda c: path_patch_edges(model, c, freeze_mlps=True, progress=False)}[sweep]
     a, b = run(ctx).effects, run(full).effects
     assert np.isfinite(b).sum() > 0 and np.array_equal(np.isnan(a), np.isnan(b))
     assert np.nanmax(np.abs(a - b)) < 1e-9
@@ -100,6 +103,19 @@ def test_forwards_run_only_from_the_patch_on(both, monkeypatch):
         assert past and width + past == T
     assert sorted({T - w for w, _, _ in widths}) == list(ctx.sweep_positions())
 
+
+
+def test_path_patching_step_2_runs_only_after_the_first_difference(both, monkeypatch):
+    """Step 1 records the receivers' q/k/v over whole prompts (it reads a cache); step 2 writes them back and runs
+    only from the first clean/corrupted difference on, on the base run's cached keys/values."""
+    model, ctx, _ = both
+    fresh = prepare(model, ctx.pairs, ctx.probe)
+    calls = record_runs(fresh.engine, monkeypatch)
+    path_patch_edges(model, fresh, progress=False)
+    T, p0 = fresh.pairs.clean.shape[1], fresh.first_diff_pos
+    step2 = [c for c in calls if c[2] is not None]
+    assert step2 and all(w == T - p0 and past == p0 for w, _, past in step2)
+    assert all(w == T for w, _, past in calls if past is None)  # base runs and step 1: whole prompts
 
 def test_start_at_layer_skips_the_blocks_before(both):
     """``Engine.run(start_at_layer=k)`` matches a plain TransformerLens run and never runs blocks 0..k-1."""
