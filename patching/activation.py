@@ -44,6 +44,7 @@ class PatchContext:
     base_cache: dict[str, Tensor]
     stop_at_layer: int
     base_full: dict[str, Tensor] | None = None  # every head/MLP output of the base run (path patching)
+    base_full_out: Tensor | None = None  # that run's residual at the probe's stop layer
     sizing: Sizing = Sizing()
     base_kv: Any = None  # the base run's keys/values at every position and layer (PrefixKV), when the engine allows
     base_out: Tensor | None = None  # the base run's residual at the probe's stop layer

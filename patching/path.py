@@ -2,7 +2,10 @@
 
 * **Direct path** (sender → probe): the sender head's output is patched, every other attention head
   and every MLP downstream is frozen to its base-run value, so the only change that reaches the
-  probe's residual stream is the sender's own write. Batched over senders.
+  probe's residual stream is the sender's own write. With everything else frozen that residual is the base
+  run's plus ``Δz_h · W_O[h]`` (the probe reads the residual stream itself, no norm), so on engines that expose
+  ``W_O`` it is computed in that closed form, without a forward per sender (``route="closed_form"``, the
+  default); ``route="forward"`` runs the frozen forwards through the runner, batched over senders.
 * **Sender → receiver** through the receiver's query, key or value: step 1 runs the base prompts with
   the sender patched and all other heads frozen (MLPs recompute unless ``freeze_mlps``), and records
   the receiver's q/k/v; step 2 runs the base prompts with only the receiver's q/k/v replaced by the
@@ -53,11 +56,13 @@ def _path_edits(ctx: PatchContext, sender: tuple[int, int], *, freeze_mlps: bool
 
 
 def _base_full(ctx: PatchContext) -> dict[str, Tensor]:
-    """The base run's head outputs, MLP outputs and q/k/v at every layer (for freezing), cached on the context."""
+    """The base run's head outputs, MLP outputs and q/k/v at every layer (for freezing), cached on the context with
+    its output at the probe's layer (``ctx.base_full_out``)."""
     if getattr(ctx, "base_full", None) is None:
         names = [n for L in ctx.layers for n in (H.attn_z(L), H.mlp_out(L))]
         names += [H.attn_qkv(L, w) for L in ctx.layers for w in "qkv"]
-        _, ctx.base_full = cache_run(ctx.engine, ctx.base, names, stop_at_layer=ctx.stop_at_layer, sizing=ctx.sizing)
+        ctx.base_full_out, ctx.base_full = cache_run(ctx.engine, ctx.base, names, stop_at_layer=ctx.stop_at_layer,
+                                                     sizing=ctx.sizing)
     return ctx.base_full
 
 
@@ -72,24 +77,60 @@ def _metric_reader(ctx: PatchContext):
 @torch.no_grad()
 def path_patch_direct(model: Any, pairs: PatchingPairs | PatchContext, probe: WordIndexProbe | None = None, *,
                       metric: MetricKind = "logit_diff", direction: Direction = "denoising",
-                      max_tokens: int | None = None, progress: bool = True) -> EffectResult:
-    """Effect of each head on the probe through the direct path only (axes ``layer, head``)."""
+                      max_tokens: int | None = None, progress: bool = True,
+                      route: Literal["closed_form", "forward"] = "closed_form") -> EffectResult:
+    """Effect of each head on the probe through the direct path only (axes ``layer, head``).
+
+    ``route``: ``"closed_form"`` (base residual + ``Δz_h · W_O[h]``, one probe reading per head; the frozen
+    forward on engines without ``W_O``) or ``"forward"`` (the frozen forwards, through the runner). The same
+    numbers up to rounding (tested in float64)."""
+    if route not in ("closed_form", "forward"):
+        raise ConfigError(f"route={route!r} is not one of 'closed_form', 'forward'.")
     ctx = _ctx(model, pairs, probe, metric, direction)
-    base_full = _base_full(ctx)
     n_heads = ctx.engine.dims.n_heads
     senders = [(s, h) for s in ctx.layers for h in range(n_heads)]
-    ivs = [Intervention(_path_edits(ctx, sd, freeze_mlps=True), start_layer=sd[0], label=f"{sd[0]}.{sd[1]}")
-           for sd in senders]
-    req = Request(tokens=ctx.base, read=_metric_reader(ctx), stop_at_layer=ctx.stop_at_layer, resid=_resid_in(ctx),
-                  source=ctx.source_cache, base=base_full, **ctx.skip_fields())
-    vals = run_interventions(ctx.engine, req, ivs, sizing=ctx.sizing, max_tokens=max_tokens, progress=progress,
-                             desc="path patching (direct)", unit="head")
+    vals = _direct_closed_form(ctx, max_tokens) if route == "closed_form" else None
+    if vals is None:
+        base_full = _base_full(ctx)
+        ivs = [Intervention(_path_edits(ctx, sd, freeze_mlps=True), start_layer=sd[0], label=f"{sd[0]}.{sd[1]}")
+               for sd in senders]
+        req = Request(tokens=ctx.base, read=_metric_reader(ctx), stop_at_layer=ctx.stop_at_layer,
+                      resid=_resid_in(ctx), source=ctx.source_cache, base=base_full, **ctx.skip_fields())
+        vals = run_interventions(ctx.engine, req, ivs, sizing=ctx.sizing, max_tokens=max_tokens, progress=progress,
+                                 desc="path patching (direct)", unit="head")
+        route = "forward"
     levels = np.full((ctx.stop_at_layer, n_heads), np.nan)
     for (s, h), v in zip(senders, vals.numpy()):
         levels[s, h] = v
     return EffectResult(levels - ctx.unpatched, ("layer", "head"), "path", ctx.metric.name, direction=ctx.direction,
                         n_prompts=len(ctx.pairs), config=ctx.config(sweep="path_direct", freeze_mlps=True),
-                        extra={"level": levels})
+                        extra={"level": levels, "route": route})
+
+
+def _direct_closed_form(ctx: PatchContext, max_tokens: int | None) -> Tensor | None:
+    """The normalised metric of every direct path, layer-major (``[n_layers * n_heads]``), as the base run's
+    residual at the probe's layer plus the sender's write ``Δz_h · W_O[h]``; None when the engine has no ``W_O``."""
+    from wordpos.probing.engines.split_inputs import head_out_weights
+
+    try:
+        W_O = head_out_weights(ctx.engine, ctx.stop_at_layer)  # [layer, head, d_head, d_model]
+    except ConfigError:
+        return None
+    base_z = _base_full(ctx)
+    base_out = ctx.base_out if ctx.base_out is not None else ctx.base_full_out
+    N, T, n_heads = int(base_out.shape[0]), int(base_out.shape[1]), ctx.engine.dims.n_heads
+    budget = max_tokens or ctx.sizing.tokens_per_forward(ctx.engine.device)
+    per = max(1, min(n_heads, budget // (N * T)))  # heads per reading, as many tokens as a forward holds
+    vals = []
+    for s in ctx.layers:
+        name = H.attn_z(s)
+        dz = ctx.source_cache[name].to(base_out) - base_z[name].to(base_out)  # [N, T, head, d_head]
+        for h0 in range(0, n_heads, per):
+            hs = slice(h0, min(n_heads, h0 + per))
+            write = torch.einsum("nthd,hdm->hntm", dz[:, :, hs], W_O[s, hs].to(base_out))
+            out = einops.rearrange(base_out.unsqueeze(0) + write, "h n t m -> (h n) t m")
+            vals.append(ctx.metric(out).detach().double().cpu())
+    return torch.cat(vals)
 
 
 @torch.no_grad()

@@ -21,6 +21,47 @@ def test_direct_path_equals_the_output_projection_of_the_patched_head(tiny_model
             assert abs(float(expected.detach()) - res.effects[L, h]) < 1e-4
 
 
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("direction, metric", [("denoising", "logit_diff"), ("noising", "projection")])
+def test_direct_path_closed_form_equals_the_frozen_forwards(arch, direction, metric, gpt2_ctx, llama_ctx, tiny_pairs):
+    """The closed form (base residual + Δz_h · W_O[h]) equals the runner's frozen forwards and hand-built frozen
+    runs (sender patched, later heads and the MLPs from its layer on set to the base run's), float64, GPT-2 and
+    grouped-query Llama; the nnsight engine (no W_O) takes the forward route and agrees."""
+    from wordpos.patching import prepare
+    from wordpos.probing import as_engine
+    from wordpos.probing.engines import make_engine
+
+    model, ctx = gpt2_ctx if arch == "gpt2" else llama_ctx
+    c = prepare(model, tiny_pairs, ctx.probe, metric=metric, direction=direction)
+    a = path_patch_direct(model, c, progress=False)
+    b = path_patch_direct(model, prepare(model, tiny_pairs, ctx.probe, metric=metric, direction=direction),
+                          route="forward", progress=False)
+    assert a.extra["route"] == "closed_form" and b.extra["route"] == "forward"
+    assert np.isfinite(a.effects).all() and np.abs(a.effects - b.effects).max() < 1e-9
+    assert np.abs(b.effects).max() > 1e-3
+    engine, n = as_engine(model), c.stop_at_layer
+    with torch.no_grad():
+        _, base = engine.run(c.base, cache=[hooks.attn_z(L) for L in range(n)] + [hooks.mlp_out(L) for L in range(n)],
+                             stop_at_layer=n)
+        for s, h in [(0, 1), (1, 2), (n - 1, 3)]:
+            def sender(z, name, s=s, h=h):
+                z = z.clone()
+                z[:, :, h] = c.source_cache[hooks.attn_z(s)][:, :, h]
+                return z
+
+            fwd = [(hooks.attn_z(s), sender)]
+            fwd += [(hooks.attn_z(L), lambda z, name: base[name]) for L in range(s + 1, n)]
+            fwd += [(hooks.mlp_out(L), lambda x, name: base[name]) for L in range(s, n)]
+            out, _ = engine.run(c.base, hooks=fwd, stop_at_layer=n)
+            expected = float(c.metric(out)) - c.unpatched
+            assert abs(expected - a.effects[s, h]) < 1e-9, (s, h)
+    nn = make_engine(model, "nnsight")
+    d = path_patch_direct(nn, prepare(nn, tiny_pairs, ctx.probe, metric=metric, direction=direction), progress=False)
+    assert d.extra["route"] == "forward" and np.abs(d.effects - a.effects).max() < 1e-9
+    with pytest.raises(ConfigError, match="route"):
+        path_patch_direct(model, c, route="linear", progress=False)
+
 def test_edges_are_nan_where_the_sender_is_not_before_the_receiver(tiny_model, tiny_ctx):
     res = path_patch_edges(tiny_model, tiny_ctx, receivers=[(1, 0), (1, 3)], progress=False)
     assert res.effects.shape == (2, 4, 2, 4, 3)

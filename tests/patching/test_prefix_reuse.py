@@ -52,8 +52,8 @@ def record_runs(engine, monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize("sweep", ["heads", "heads_by_pos", "resid", "mlp_by_pos", "path_direct", "path_edges",
-                                   "path_edges_frozen_mlps"])
+@pytest.mark.parametrize("sweep", ["heads", "heads_by_pos", "resid", "mlp_by_pos", "path_direct",
+                                   "path_direct_forward", "path_edges", "path_edges_frozen_mlps"])
 def test_skipping_positions_gives_the_full_prompt_answer(both, sweep):
     model, ctx, full = both
     run = {"heads": lambda c: patch_heads(model, c, progress=False),
@@ -61,6 +61,7 @@ def test_skipping_positions_gives_the_full_prompt_answer(both, sweep):
            "resid": lambda c: patch_resid(model, c, progress=False),
            "mlp_by_pos": lambda c: patch_layer_outputs(model, c, by_pos=True, progress=False),
            "path_direct": lambda c: path_patch_direct(model, c, progress=False),
+           "path_direct_forward": lambda c: path_patch_direct(model, c, route="forward", progress=False),
            "path_edges": lambda c: path_patch_edges(model, c, progress=False),
            "path_edges_frozen_mlps": lambda c: path_patch_edges(model, c, freeze_mlps=True, progress=False)}[sweep]
     a, b = run(ctx).effects, run(full).effects
@@ -207,7 +208,7 @@ def test_accelerator_coalescing_of_start_layers_gives_the_same_answer(both, swee
     run = {"heads": lambda c: patch_heads(model, c, progress=False),
            "heads_by_pos": lambda c: patch_heads(model, c, by_pos=True, progress=False),
            "resid": lambda c: patch_resid(model, c, progress=False),
-           "path_direct": lambda c: path_patch_direct(model, c, progress=False),
+           "path_direct": lambda c: path_patch_direct(model, c, route="forward", progress=False),
            "path_edges": lambda c: path_patch_edges(model, c, progress=False)}[sweep]
     fresh = lambda: prepare(model, ctx.pairs, ctx.probe)  # noqa: E731 - a context remembers its sweeps
     c1, c2 = fresh(), fresh()
