@@ -23,6 +23,7 @@ from the unpatched run; the levels are in ``extra["level"]``.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 import einops
@@ -40,6 +41,7 @@ from wordpos.probing.errors import ConfigError
 from wordpos.probing.probe import WordIndexProbe
 
 Via = Literal["q", "k", "v"]
+log = logging.getLogger(__name__)
 
 
 def _path_edits(ctx: PatchContext, sender: tuple[int, int], *, freeze_mlps: bool) -> tuple[Edit, ...]:
@@ -109,7 +111,11 @@ def path_patch_direct(model: Any, pairs: PatchingPairs | PatchContext, probe: Wo
 
 def _direct_closed_form(ctx: PatchContext, max_tokens: int | None) -> Tensor | None:
     """The normalised metric of every direct path, layer-major (``[n_layers * n_heads]``), as the base run's
-    residual at the probe's layer plus the sender's write ``Δz_h · W_O[h]``; None when the engine has no ``W_O``."""
+    residual at the probe's layer plus the sender's write ``Δz_h · W_O[h]``. None (the caller runs the frozen
+    forwards) when the engine has no ``W_O``, or when the head with the largest write, run as a frozen forward,
+    does not land where the closed form puts it (an architecture whose attention output is not ``z · W_O`` added
+    to the residual stream, e.g. a norm after attention)."""
+    from wordpos.patching.edge_runner import route_tolerance
     from wordpos.probing.engines.split_inputs import head_out_weights
 
     try:
@@ -121,16 +127,33 @@ def _direct_closed_form(ctx: PatchContext, max_tokens: int | None) -> Tensor | N
     N, T, n_heads = int(base_out.shape[0]), int(base_out.shape[1]), ctx.engine.dims.n_heads
     budget = max_tokens or ctx.sizing.tokens_per_forward(ctx.engine.device)
     per = max(1, min(n_heads, budget // (N * T)))  # heads per reading, as many tokens as a forward holds
-    vals = []
+    vals, sizes = [], []
     for s in ctx.layers:
         name = H.attn_z(s)
         dz = ctx.source_cache[name].to(base_out) - base_z[name].to(base_out)  # [N, T, head, d_head]
         for h0 in range(0, n_heads, per):
             hs = slice(h0, min(n_heads, h0 + per))
             write = torch.einsum("nthd,hdm->hntm", dz[:, :, hs], W_O[s, hs].to(base_out))
-            out = einops.rearrange(base_out.unsqueeze(0) + write, "h n t m -> (h n) t m")
-            vals.append(ctx.metric(out).detach().double().cpu())
-    return torch.cat(vals)
+            vals.append(ctx.metric(einops.rearrange(base_out.unsqueeze(0) + write, "h n t m -> (h n) t m")).detach())
+            sizes.append(write.norm(dim=-1).amax(dim=(1, 2)))  # each head's largest write at any position
+    sizes = torch.cat(sizes)
+    f = int(sizes.argmax())  # the check: the frozen forward of the head with the largest write, through the runner
+    s, h, size = f // n_heads, f % n_heads, float(sizes[f])
+    if size > 0:
+        name = H.attn_z(s)
+        dz = ctx.source_cache[name][:, :, h].to(base_out) - base_z[name][:, :, h].to(base_out)
+        closed = base_out + dz @ W_O[s, h].to(base_out)
+        read = lambda out, cache, P, sl: einops.rearrange(out, "(p b) t m -> p b t m", p=P)  # noqa: E731
+        req = Request(tokens=ctx.base, read=read, stop_at_layer=ctx.stop_at_layer, resid=_resid_in(ctx),
+                      source=ctx.source_cache, base=base_z, **ctx.skip_fields())
+        iv = Intervention(_path_edits(ctx, (s, h), freeze_mlps=True), start_layer=s)
+        ref = run_interventions(ctx.engine, req, [iv], sizing=ctx.sizing, max_tokens=max_tokens, progress=False)[0]
+        err = float((closed.double() - ref.double()).norm(dim=-1).max())
+        if err > route_tolerance(ref.dtype) * size:
+            log.warning("direct path patching: head %d.%d's frozen forward differs from base + dz W_O by %.2e of its "
+                        "write (%.2e); running every sender's frozen forward instead", s, h, err / size, size)
+            return None
+    return torch.cat(vals).double().cpu()
 
 
 @torch.no_grad()

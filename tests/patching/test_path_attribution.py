@@ -62,6 +62,23 @@ def test_direct_path_closed_form_equals_the_frozen_forwards(arch, direction, met
     with pytest.raises(ConfigError, match="route"):
         path_patch_direct(model, c, route="linear", progress=False)
 
+
+def test_direct_path_closed_form_falls_back_when_a_frozen_forward_disagrees(gpt2_ctx, tiny_pairs, monkeypatch, caplog):
+    """An attention output that is not z · W_O (here: W_O as the closed form reads it, off by 1%) is caught by the
+    check forward of the largest write; every sender then runs its frozen forward, with the forward route's
+    numbers."""
+    from wordpos.patching import prepare
+    from wordpos.probing.engines import split_inputs
+
+    model, ctx = gpt2_ctx
+    want = path_patch_direct(model, prepare(model, tiny_pairs, ctx.probe), route="forward", progress=False)
+    real = split_inputs.head_out_weights
+    monkeypatch.setattr(split_inputs, "head_out_weights", lambda engine, layers=None: real(engine, layers) * 1.01)
+    with caplog.at_level("WARNING", logger="wordpos.patching.path"):
+        got = path_patch_direct(model, prepare(model, tiny_pairs, ctx.probe), progress=False)
+    assert got.extra["route"] == "forward" and "frozen forward differs" in caplog.text
+    assert np.abs(got.effects - want.effects).max() < 1e-12
+
 def test_edges_are_nan_where_the_sender_is_not_before_the_receiver(tiny_model, tiny_ctx):
     res = path_patch_edges(tiny_model, tiny_ctx, receivers=[(1, 0), (1, 3)], progress=False)
     assert res.effects.shape == (2, 4, 2, 4, 3)
