@@ -118,11 +118,11 @@ def test_path_patching_step_2_runs_only_after_the_first_difference(both, monkeyp
     assert step2 and all(w == T - p0 and past == p0 for w, _, past in step2)
     assert all(w == T for w, _, past in calls if past is None)  # base runs and step 1: whole prompts
 
-def test_start_at_layer_skips_the_blocks_before(both):
-    """``Engine.run(start_at_layer=k)`` matches a plain TransformerLens run and never runs blocks 0..k-1."""
-    model, ctx, _ = both
-    if not hasattr(model, "run_with_cache"):
-        pytest.skip("TransformerLens' skip_blocks (the nnsight engine's start_at_layer: tests/probing/test_engine_nnsight.py)")
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_start_at_layer_skips_the_blocks_before(arch, gpt2_ctx, llama_ctx):
+    """``TLEngine.run(start_at_layer=k)`` matches a plain TransformerLens run and never runs blocks 0..k-1. (The
+    nnsight engine's ``start_at_layer``: tests/probing/test_engine_nnsight.py.)"""
+    model, ctx = gpt2_ctx if arch == "gpt2" else llama_ctx
     engine = as_engine(model)
     tokens = ctx.pairs.clean
     k, n = 1, engine.dims.n_layers
