@@ -159,7 +159,7 @@ def ablated_sets(engine: Engine, layer: int, prompts: PromptSet, head_sets: Sequ
 
     With ``skip`` (default) forwards compute only what an ablation can change: each set starts at its first
     ablated layer from the unablated run's residual there, and resample ablation starts after the prefix every
-    prompt shares, on that prefix's cached keys/values (TransformerLens engine); ``skip=False`` runs every prompt
+    prompt shares, on that prefix's cached keys/values (TransformerLens, and nnsight locally); ``skip=False`` runs every prompt
     from its first token (the same numbers up to float rounding, tested)."""
     if method not in ABLATIONS:
         raise ConfigError(f"method must be one of {ABLATIONS}, got {method!r}.")

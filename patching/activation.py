@@ -107,7 +107,8 @@ def prepare(model: Any, pairs: PatchingPairs, probe: WordIndexProbe, *, metric: 
     """Cache the source run's activations at every site below the probe, the base run's residuals, and
     calibrate the metric on the clean and corrupted runs.
 
-    ``reuse_prefix`` (default, where the engine allows it: TransformerLens bridges over decoder-only models) also
+    ``reuse_prefix`` (default, where the engine allows it: TransformerLens bridges over decoder-only models, and
+    decoder-only models that nnsight runs locally) also
     keeps the base run's keys/values, so patched forwards recompute only the positions from the patch on (from the
     first clean/corrupted difference for whole-position patches); the results are the same up to float rounding.
     ``full_base_cache`` keeps every cached site of the base run too, not only its residuals: the edge runner then

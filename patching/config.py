@@ -7,14 +7,11 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from wordpos.patching import registry
+from wordpos.patching.registry import ABLATIONS, CORRUPTIONS, DIRECTIONS, METRICS
 from wordpos.patching.sizing import Sizing
 from wordpos.probing.errors import ConfigError
 from wordpos.probing.io import config_identity
 
-METRICS = ("logit_diff", "projection", "accuracy")
-DIRECTIONS = ("denoising", "noising")
-ABLATIONS = ("zero", "mean", "resample")
-CORRUPTIONS = ("split", "merge")
 
 
 @dataclass

@@ -13,6 +13,7 @@ from typing import Any
 from wordpos.patching import registry
 from wordpos.patching.config import ABLATIONS, CORRUPTIONS, DIRECTIONS, METRICS, PatchConfig  # noqa: F401
 from wordpos.patching.results import EffectResult
+from wordpos.patching.sizing import Sizing  # noqa: F401 - importable from here, as before
 from wordpos.probing.engines import as_engine, make_engine
 from wordpos.probing.errors import ConfigError, CorruptFileError
 from wordpos.probing.io import prepare_run_dir, read_json, write_json
@@ -20,6 +21,12 @@ from wordpos.probing.probe import WordIndexProbe
 from wordpos.probing.vocab import WordVocab
 
 log = logging.getLogger(__name__)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "METHODS":  # the CLI methods, from the registry (kept for callers that import it from here)
+        return tuple(registry.methods(cli_only=True))
+    raise AttributeError(name)
 @dataclass
 class PatchRun:
     out: Path

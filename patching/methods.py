@@ -11,7 +11,7 @@ from wordpos.patching.activation import patch_heads, patch_layer_outputs, patch_
 from wordpos.patching.attribution import correlation
 from wordpos.patching.path import path_patch_direct, path_patch_edges
 from wordpos.patching.plots import head_heatmap, position_heatmap
-from wordpos.patching.registry import StageInputs, StageOutput
+from wordpos.patching.registry import PAIR_OPTIONS, StageInputs, StageOutput  # noqa: F401 - PAIR_OPTIONS, as before
 from wordpos.patching.results import EffectResult
 from wordpos.patching.roles import head_roles
 

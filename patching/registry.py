@@ -4,7 +4,7 @@ options it reads), driving ``wordpos patch`` (argparse choices and options), :fu
 A stage function takes :class:`StageInputs` (engine, probe, config, word split) and returns a
 :class:`StageOutput` (named :class:`~wordpos.patching.results.EffectResult` s, figures, summary entries and how its
 main result ranks heads). The built-in methods are listed at the end of this module with their stage functions
-named as ``"module:function"`` (in :mod:`wordpos.patching.methods`), imported on first run: the command line reads
+named as ``"module:function"`` (in :mod:`wordpos.patching.methods`), imported on first call: the command line reads
 the names, options and help without importing torch. Other code registers its own with :func:`register`.
 """
 
@@ -109,48 +109,90 @@ class StageOutput:
     rank: str = "abs"
 
 
+class LazyStage:
+    """A stage function named ``"module:function"``, imported on its first call, so that reading the registry
+    (``wordpos --help``) imports no method's dependencies."""
+
+    def __init__(self, target: str):
+        if not isinstance(target, str) or ":" not in target:
+            raise ConfigError(f"a stage must be a function or a 'module:function' name, got {target!r}.")
+        self.target = target
+        self._fn: Callable[[StageInputs], Any] | None = None
+
+    def resolve(self) -> Callable[[StageInputs], Any]:
+        """The function; a missing module or name is one ConfigError, while an import that fails inside the module
+        (e.g. a missing dependency) raises its own error, which names what to install."""
+        if self._fn is None:
+            module, _, attr = self.target.partition(":")
+            try:
+                mod = importlib.import_module(module)
+            except ModuleNotFoundError as e:
+                if e.name and (module == e.name or module.startswith(e.name + ".")):
+                    raise ConfigError(f"stage {self.target!r}: there is no module {module!r}; register the method "
+                                      "with a function or an importable 'module:function'.") from e
+                raise
+            if not callable(getattr(mod, attr, None)):
+                raise ConfigError(f"stage {self.target!r}: module {module!r} has no function {attr!r}; register the "
+                                  "method with a function or an importable 'module:function'.")
+            self._fn = getattr(mod, attr)
+        return self._fn
+
+    def __call__(self, inputs: StageInputs) -> Any:
+        return self.resolve()(inputs)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LazyStage) and other.target == self.target
+
+    def __hash__(self) -> int:
+        return hash(self.target)
+
+    def __repr__(self) -> str:
+        return f"LazyStage({self.target!r})"
+
+
 @dataclass(frozen=True)
 class MethodSpec:
-    """One registered method. ``axes``: the axes of its main result; ``options``: the ``PatchConfig`` fields it
-    reads (its CLI options); ``cli``: offered by ``wordpos patch --method``; ``uses_pairs``: built on
-    clean/corrupted pairs (else on prompts). ``stage`` is the stage function, or its ``"module:function"`` name,
-    imported by the first :meth:`run`."""
+    """One registered method. ``run``: the stage function, or its ``"module:function"`` name (kept as a
+    :class:`LazyStage`, imported on the first call); ``axes``: the axes of its main result; ``options``: the
+    ``PatchConfig`` fields it reads (its CLI options); ``cli``: offered by ``wordpos patch --method``;
+    ``uses_pairs``: built on clean/corrupted pairs (else on prompts)."""
 
     name: str
-    stage: Callable[[StageInputs], Any] | str
+    run: Callable[[StageInputs], Any]
     axes: tuple[str, ...]
     options: tuple[str, ...]
     help: str
     cli: bool = True
     uses_pairs: bool = True
 
+    def __post_init__(self) -> None:
+        if isinstance(self.run, str):
+            object.__setattr__(self, "run", LazyStage(self.run))
+        elif not callable(self.run):
+            raise ConfigError(f"method {self.name!r}: run must be a function or a 'module:function' name, got "
+                              f"{self.run!r}.")
+
     def function(self) -> Callable[[StageInputs], Any]:
         """The stage function (imported here when the spec names it)."""
-        if callable(self.stage):
-            return self.stage
-        module, _, attr = self.stage.partition(":")
-        try:
-            return getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            raise ConfigError(f"method {self.name!r}: its stage function {self.stage!r} cannot be imported ({e}); "
-                              "register the method with a function or an importable 'module:function'.") from e
-
-    def run(self, inputs: StageInputs) -> StageOutput:
-        return self.function()(inputs)
+        return self.run.resolve() if isinstance(self.run, LazyStage) else self.run
 
 
 METHODS: dict[str, MethodSpec] = {}
+METRICS = ("logit_diff", "projection", "accuracy")
+DIRECTIONS = ("denoising", "noising")
+ABLATIONS = ("zero", "mean", "resample")
+CORRUPTIONS = ("split", "merge")
 
 OPTIONS: dict[str, Option] = {
     "metric": Option("--metric", "metric", "probe metric (normalised: 1 = clean, 0 = corrupted)",
-                     choices=("logit_diff", "projection", "accuracy")),
+                     choices=METRICS),
     "direction": Option("--direction", "direction", "denoising: corrupted run, clean activations patched in; "
-                        "noising: the reverse", choices=("denoising", "noising")),
+                        "noising: the reverse", choices=DIRECTIONS),
     "n_pairs": Option("--n-pairs", "n_pairs", "clean/corrupted pairs", type=int),
     "corruption": Option("--corruption", "corruption", "split: one 3-token word -> three 1-token words (indices "
-                         "+2); merge: the reverse", choices=("split", "merge")),
+                         "+2); merge: the reverse", choices=CORRUPTIONS),
     "by_pos": Option("--no-by-pos", "by_pos", "skip the head x position sweep", action="store_false"),
-    "ablation": Option("--ablation", "ablation", "how heads are ablated", choices=("zero", "mean", "resample")),
+    "ablation": Option("--ablation", "ablation", "how heads are ablated", choices=ABLATIONS),
     "top_k": Option("--top-k", "top_k", "heads ablated together", type=int),
     "n_random": Option("--n-random", "n_random", "random-head control draws", type=int),
     "n_prompts": Option("--n-prompts", "n_prompts", "prompts generated for ablation", type=int),
@@ -162,9 +204,6 @@ OPTIONS: dict[str, Option] = {
 
 
 def register(spec: MethodSpec) -> MethodSpec:
-    if not callable(spec.stage) and (not isinstance(spec.stage, str) or ":" not in spec.stage):
-        raise ConfigError(f"method {spec.name!r}: stage must be a function or a 'module:function' name, got "
-                          f"{spec.stage!r}.")
     unknown = [o for o in spec.options if o not in OPTIONS]
     if unknown:
         raise ConfigError(f"method {spec.name!r} names unknown options {unknown}; known: {sorted(OPTIONS)}.")

@@ -81,6 +81,9 @@ class Engine(Protocol):
         ``past`` (optional; engines without it refuse it, see
         :func:`~wordpos.probing.engines.split_inputs.prefix_kv_unsupported`): the keys/values of the positions
         before ``inputs`` (a ``PrefixKV`` with one row per input row), so ``inputs`` are the later positions only.
+        (The nnsight engine also takes an empty Hugging Face cache there, which the forward fills: how
+        :func:`~wordpos.probing.engines.split_inputs.cached_runs` keeps its keys/values; the TransformerLens engine
+        gets that cache through the bridge instead.)
 
         Returns ``(out, cache)``: ``out`` is the residual stream before block ``stop_at_layer``
         (``blocks.{stop_at_layer}.hook_resid_pre``, or the final ``resid_post`` when it equals

@@ -42,6 +42,7 @@ from torch import Tensor
 from wordpos.probing import hooks as H
 from wordpos.probing.engines.archs import ArchSpec, arch_for, get_path
 from wordpos.probing.engines import HookFn, ModelDims
+from wordpos.probing.engines.split_inputs import PAST_DEPRECATED
 from wordpos.probing.errors import ConfigError, ModelNotAvailableError
 
 # Sites of one decoder layer, in the order a forward pass produces them.
@@ -347,13 +348,7 @@ class NNsightEngine:
             if self.remote:
                 raise ConfigError("a remote (NDIF) model is not sent cached prefix keys/values (past=); run without "
                                   "past, or locally.")
-            if isinstance(past, PrefixKV):
-                if past.rows != int(inputs.shape[0]):
-                    raise ConfigError(f"the cached prefix holds {past.rows} rows but the inputs have "
-                                      f"{inputs.shape[0]}.")
-                hf_cache = past.cache(1)
-            else:
-                hf_cache = past
+            hf_cache = past.cache_for(inputs) if isinstance(past, PrefixKV) else past
         n = self.dims.n_layers
         if stop_at_layer is not None and not 0 <= stop_at_layer <= n:
             raise ConfigError(f"stop_at_layer={stop_at_layer} is out of range 0..{n}.")
@@ -399,7 +394,7 @@ class NNsightEngine:
                 # nnsight assumes no attention mask beside a cache, so the model builds one over prefix and inputs;
                 # positions (GPT-2's embeddings, RoPE) continue from the cache's length
                 kwargs["past_key_values"] = hf_cache
-                warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*")
+                warnings.filterwarnings("ignore", message=PAST_DEPRECATED)
             with model.trace(ids, **kwargs) as tracer:
                 result = {"cache": {}, "out": None}
                 nnsight_save(result)

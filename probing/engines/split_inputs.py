@@ -35,6 +35,9 @@ from wordpos.probing.engines.base import instance_overrides
 from wordpos.probing.errors import ConfigError
 
 ReaderSite = Literal["q", "k", "v", "mlp"]
+PAST_DEPRECATED = ".*past_key_values.*deprecated.*"
+"""transformers >= 5 warns that ``past_key_values`` is a deprecated alias of ``cache``; both engines pass it (nnsight
+builds no attention mask beside it), so its warning is silenced around those calls."""
 
 
 def reader_hook(layer: int, site: ReaderSite) -> str:
@@ -186,6 +189,12 @@ class PrefixKV:
 
         return PrefixKV([cut(k) for k in self.keys], [cut(v) for v in self.values])
 
+    def cache_for(self, inputs: Tensor) -> Any:
+        """:meth:`cache` for a forward of ``inputs`` (one row per prefix row), refusing any other row count."""
+        if self.rows != int(inputs.shape[0]):
+            raise ConfigError(f"the cached prefix holds {self.rows} rows but the inputs have {inputs.shape[0]}.")
+        return self.cache(1)
+
     def cache(self, repeat: int) -> Any:
         """A fresh Hugging Face cache holding the prefix of ``repeat`` stacked copies of the rows (rows ``(r b)``);
         a forward extends it in place, so each forward needs its own."""
@@ -221,7 +230,7 @@ def _bridge_run(engine: Any, tokens: Tensor, hooks: Sequence[tuple[str, Callable
         fwd.append((f"blocks.{n - 1}.hook_resid_post", stop))
         stop_at = None
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*")
+        warnings.filterwarnings("ignore", message=PAST_DEPRECATED)
         try:
             return model.run_with_hooks(tokens, fwd_hooks=fwd, stop_at_layer=stop_at, past_key_values=cache)
         except _Stop as s:
@@ -278,8 +287,8 @@ def cached_runs(engine: Any, groups: Sequence[Int[Tensor, "rows pos"]], names: S
             if gi == kv_group:
                 layers = kv.layers[:stop_at_layer]
                 if len(layers) < stop_at_layer or any(getattr(l, "keys", None) is None for l in layers):
-                    raise ConfigError("the bridge did not fill the key/value cache for every layer below the stop "
-                                      "layer.")
+                    raise ConfigError(f"{type(engine).__name__}'s model did not fill the key/value cache for every "
+                                      "layer below the stop layer.")
                 for L, l in enumerate(layers):
                     keys[L].append(l.keys[loc])
                     values[L].append(l.values[loc])

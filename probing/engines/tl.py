@@ -74,14 +74,12 @@ class TLEngine:
         kw: dict[str, Any] = {}
         ctx: contextlib.ExitStack = contextlib.ExitStack()
         if past is not None:
-            from wordpos.probing.engines.split_inputs import kv_cache_passthrough
+            from wordpos.probing.engines.split_inputs import PAST_DEPRECATED, kv_cache_passthrough
 
-            if past.rows != int(inputs.shape[0]):
-                raise ConfigError(f"the cached prefix holds {past.rows} rows but the inputs have {inputs.shape[0]}.")
-            kw["past_key_values"] = past.cache(1)
+            kw["past_key_values"] = past.cache_for(inputs)
             ctx.enter_context(kv_cache_passthrough(self))
             ctx.enter_context(warnings.catch_warnings())
-            warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*")
+            warnings.filterwarnings("ignore", message=PAST_DEPRECATED)
         if start_at_layer:
             ctx.enter_context(skip_blocks(self.model, start_at_layer))
         with ctx:

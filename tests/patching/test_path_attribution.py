@@ -37,7 +37,7 @@ def test_direct_path_closed_form_equals_the_frozen_forwards(arch, direction, met
     a = path_patch_direct(model, c, progress=False)
     b = path_patch_direct(model, prepare(model, tiny_pairs, ctx.probe, metric=metric, direction=direction),
                           route="forward", progress=False)
-    assert a.extra["route"] == "closed_form" and b.extra["route"] == "forward"
+    assert a.config["route"] == "closed_form" and b.config["route"] == "forward"
     assert np.isfinite(a.effects).all() and np.abs(a.effects - b.effects).max() < 1e-9
     assert np.abs(b.effects).max() > 1e-3
     engine, n = as_engine(model), c.stop_at_layer
@@ -58,7 +58,7 @@ def test_direct_path_closed_form_equals_the_frozen_forwards(arch, direction, met
             assert abs(expected - a.effects[s, h]) < 1e-9, (s, h)
     nn = make_engine(model, "nnsight")
     d = path_patch_direct(nn, prepare(nn, tiny_pairs, ctx.probe, metric=metric, direction=direction), progress=False)
-    assert d.extra["route"] == "forward" and np.abs(d.effects - a.effects).max() < 1e-9
+    assert d.config["route"] == "forward" and np.abs(d.effects - a.effects).max() < 1e-9
     with pytest.raises(ConfigError, match="route"):
         path_patch_direct(model, c, route="linear", progress=False)
 
@@ -76,8 +76,35 @@ def test_direct_path_closed_form_falls_back_when_a_frozen_forward_disagrees(gpt2
     monkeypatch.setattr(split_inputs, "head_out_weights", lambda engine, layers=None: real(engine, layers) * 1.01)
     with caplog.at_level("WARNING", logger="wordpos.patching.path"):
         got = path_patch_direct(model, prepare(model, tiny_pairs, ctx.probe), progress=False)
-    assert got.extra["route"] == "forward" and "frozen forward differs" in caplog.text
+    assert got.config["route"] == "forward" and "frozen forward differs" in caplog.text
     assert np.abs(got.effects - want.effects).max() < 1e-12
+
+
+def test_direct_path_closed_form_stands_in_bfloat16(tmp_path, gpt2_tok, small_data, tiny_pairs):
+    """In bfloat16 the check forward's own rounding (it re-adds the whole residual over the layers after the
+    sender) must not send the run down the forward route: on a 6-layer grouped-query Llama the closed form is taken,
+    and it is no further from the float64 answer than the forward route."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from wordpos.patching import prepare
+    from wordpos.probing import WordIndexProbe, as_engine, collect_residuals, load_model
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=len(gpt2_tok), hidden_size=128, intermediate_size=256, num_hidden_layers=6,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).eval().save_pretrained(tmp_path)
+    gpt2_tok.save_pretrained(tmp_path)
+    model = load_model(tmp_path, device="cpu")
+    acts = collect_residuals(model, small_data, layers=[5], progress=False)
+    probe = WordIndexProbe(layer=5, model=as_engine(model).name).fit(acts.train(5), acts.labels["train"])
+    model.to(torch.float64)
+    exact = path_patch_direct(model, prepare(model, tiny_pairs, probe), route="forward", progress=False).effects
+    model.to(torch.bfloat16)
+    a = path_patch_direct(model, prepare(model, tiny_pairs, probe), progress=False)
+    b = path_patch_direct(model, prepare(model, tiny_pairs, probe), route="forward", progress=False)
+    assert a.config["route"] == "closed_form"
+    assert np.abs(a.effects - exact).max() <= 2 * np.abs(b.effects - exact).max() + 1e-3
 
 def test_edges_are_nan_where_the_sender_is_not_before_the_receiver(tiny_model, tiny_ctx):
     res = path_patch_edges(tiny_model, tiny_ctx, receivers=[(1, 0), (1, 3)], progress=False)

@@ -118,6 +118,25 @@ def test_path_patching_step_2_runs_only_after_the_first_difference(both, monkeyp
     assert step2 and all(w == T - p0 and past == p0 for w, _, past in step2)
     assert all(w == T for w, _, past in calls if past is None)  # base runs and step 1: whole prompts
 
+
+def test_path_patching_step_2_checks_what_it_skips(gpt2_ctx, tiny_pairs, monkeypatch, caplog):
+    """If step 1's values differed from the base run's before the first difference (here: forced), step 2 says so
+    and runs whole prompts, with the full-prompt answer."""
+    from wordpos.patching import path as path_mod
+
+    model, ctx = gpt2_ctx
+    full = path_patch_edges(model, prepare(model, tiny_pairs, ctx.probe, reuse_prefix=False), progress=False).effects
+    same_before = path_mod._same_before
+    monkeypatch.setattr(path_mod, "_same_before", lambda *a: False)
+    fresh = prepare(model, tiny_pairs, ctx.probe)
+    calls = record_runs(fresh.engine, monkeypatch)
+    with caplog.at_level("WARNING", logger="wordpos.patching.path"):
+        got = path_patch_edges(model, fresh, progress=False).effects
+    assert "step 2 runs whole prompts" in caplog.text and all(past is None for _, _, past in calls)
+    assert np.nanmax(np.abs(got - full)) < 1e-9
+    assert same_before({"0.1|x": torch.ones(2, 3, 1)}, {"x": torch.ones(2, 3, 1)}, 2)
+    assert not same_before({"0.1|x": torch.ones(2, 3, 1)}, {"x": torch.zeros(2, 3, 1)}, 2)
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_start_at_layer_skips_the_blocks_before(arch, gpt2_ctx, llama_ctx):
     """``TLEngine.run(start_at_layer=k)`` matches a plain TransformerLens run and never runs blocks 0..k-1. (The

@@ -31,25 +31,37 @@ def test_a_method_registered_with_a_function_or_a_name_runs(monkeypatch):
     registry.register(registry.MethodSpec("named", "json:dumps", ("layer",), (), "by name"))
     assert registry.get("named").run([1, 2]) == "[1, 2]"
     assert "mine" in registry.methods(cli_only=True) and "--top-k" in {o.flag for o in registry.cli_options()}
+    # the keyword and dataclasses.replace of the field still work as before the registry named stages lazily
+    import dataclasses
+
+    spec = dataclasses.replace(registry.get("activation"), run=lambda inp: "replaced")
+    assert spec.run(None) == "replaced" and spec.function()(None) == "replaced"
+    assert registry.MethodSpec("kw", run="json:dumps", axes=(), options=(), help="").run({}) == "{}"
 
 
-@pytest.mark.parametrize("stage, where, match", [
-    ("no_colon", "register", "must be a function or a 'module:function'"),
-    (3, "register", "must be a function or a 'module:function'"),
-    ("wordpos.patching.no_such_module:f", "run", "cannot be imported"),
-    ("wordpos.patching.methods:no_such_stage", "run", "cannot be imported"),
-])
-def test_bad_stage_names_get_one_clear_error(monkeypatch, stage, where, match):
+@pytest.mark.parametrize("stage", ["no_colon", 3])
+def test_a_stage_that_is_neither_a_function_nor_a_name_is_refused(stage):
+    with pytest.raises(ConfigError, match="function or a 'module:function'"):
+        registry.MethodSpec("bad", stage, ("layer",), (), "bad")
+
+
+@pytest.mark.parametrize("stage, match", [("wordpos.patching.no_such_module:f", "there is no module"),
+                                          ("wordpos.patching.methods:no_such_stage", "has no function")])
+def test_a_stage_that_cannot_be_found_is_one_clear_error(monkeypatch, stage, match):
     monkeypatch.setattr(registry, "METHODS", dict(registry.METHODS))
-    spec = registry.MethodSpec("bad", stage, ("layer",), (), "bad")
-    if where == "register":
-        with pytest.raises(ConfigError, match=match):
-            registry.register(spec)
-        assert "bad" not in registry.METHODS
-    else:
-        registry.register(spec)
-        with pytest.raises(ConfigError, match=match):
-            registry.get("bad").run(None)
+    registry.register(registry.MethodSpec("bad", stage, ("layer",), (), "bad"))
+    with pytest.raises(ConfigError, match=match):
+        registry.get("bad").run(None)
+
+
+def test_a_module_that_fails_inside_raises_its_own_error(tmp_path, monkeypatch):
+    """A dependency missing inside the stage's module is that dependency's error (which names what to install),
+    not advice to re-register the method."""
+    (tmp_path / "stage_needs_dep.py").write_text("import no_such_dependency_xyz\ndef stage(inp):\n    return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = registry.MethodSpec("dep", "stage_needs_dep:stage", ("layer",), (), "dep")
+    with pytest.raises(ModuleNotFoundError, match="no_such_dependency_xyz"):
+        spec.run(None)
 
 
 def test_unknown_options_and_methods_are_refused(monkeypatch):
