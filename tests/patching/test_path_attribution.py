@@ -80,29 +80,17 @@ def test_direct_path_closed_form_falls_back_when_a_frozen_forward_disagrees(gpt2
     assert np.abs(got.effects - want.effects).max() < 1e-12
 
 
-def test_direct_path_closed_form_stands_in_bfloat16(tmp_path, gpt2_tok, small_data, tiny_pairs):
+def test_direct_path_closed_form_stands_in_bfloat16(tiny_llama_ctx, tiny_pairs):
     """In bfloat16 the check forward's own rounding (it re-adds the whole residual over the layers after the
     sender) must not send the run down the forward route: on a 6-layer grouped-query Llama the closed form is taken,
     and it is no further from the float64 answer than the forward route."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from wordpos.patching import prepare
-    from wordpos.probing import WordIndexProbe, as_engine, collect_residuals, load_model
 
-    torch.manual_seed(1)
-    cfg = LlamaConfig(vocab_size=len(gpt2_tok), hidden_size=128, intermediate_size=256, num_hidden_layers=6,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).eval().save_pretrained(tmp_path)
-    gpt2_tok.save_pretrained(tmp_path)
-    model = load_model(tmp_path, device="cpu")
-    acts = collect_residuals(model, small_data, layers=[5], progress=False)
-    probe = WordIndexProbe(layer=5, model=as_engine(model).name).fit(acts.train(5), acts.labels["train"])
-    model.to(torch.float64)
-    exact = path_patch_direct(model, prepare(model, tiny_pairs, probe), route="forward", progress=False).effects
+    model, ctx = tiny_llama_ctx(1, n_layers=6, hidden=128, intermediate=256)  # float64
+    exact = path_patch_direct(model, ctx, route="forward", progress=False).effects
     model.to(torch.bfloat16)
-    a = path_patch_direct(model, prepare(model, tiny_pairs, probe), progress=False)
-    b = path_patch_direct(model, prepare(model, tiny_pairs, probe), route="forward", progress=False)
+    a = path_patch_direct(model, prepare(model, tiny_pairs, ctx.probe), progress=False)
+    b = path_patch_direct(model, prepare(model, tiny_pairs, ctx.probe), route="forward", progress=False)
     assert a.config["route"] == "closed_form"
     assert np.abs(a.effects - exact).max() <= 2 * np.abs(b.effects - exact).max() + 1e-3
 
