@@ -13,7 +13,6 @@ from wordpos.probing.errors import ConfigError
 from wordpos.probing.io import config_identity
 
 
-
 @dataclass
 class PatchConfig:
     """Settings of a patching run (saved as ``config.json``, with the sizing policy)."""

@@ -27,6 +27,8 @@ def __getattr__(name: str) -> Any:
     if name == "METHODS":  # the CLI methods, from the registry (kept for callers that import it from here)
         return tuple(registry.methods(cli_only=True))
     raise AttributeError(name)
+
+
 @dataclass
 class PatchRun:
     out: Path

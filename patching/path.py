@@ -76,6 +76,12 @@ def _metric_reader(ctx: PatchContext):
     return lambda out, cache, P, sl: ctx.metric(out).detach().double().cpu()
 
 
+def _frozen_request(ctx: PatchContext, base_full: dict[str, Tensor], read: Any) -> Request:
+    """The request of direct-path forwards: senders from the source run, everything they freeze from the base run."""
+    return Request(tokens=ctx.base, read=read, stop_at_layer=ctx.stop_at_layer, resid=_resid_in(ctx),
+                   source=ctx.source_cache, base=base_full, **ctx.skip_fields())
+
+
 @torch.no_grad()
 def path_patch_direct(model: Any, pairs: PatchingPairs | PatchContext, probe: WordIndexProbe | None = None, *,
                       metric: MetricKind = "logit_diff", direction: Direction = "denoising",
@@ -93,11 +99,9 @@ def path_patch_direct(model: Any, pairs: PatchingPairs | PatchContext, probe: Wo
     senders = [(s, h) for s in ctx.layers for h in range(n_heads)]
     vals = _direct_closed_form(ctx, max_tokens) if route == "closed_form" else None
     if vals is None:
-        base_full = _base_full(ctx)
         ivs = [Intervention(_path_edits(ctx, sd, freeze_mlps=True), start_layer=sd[0], label=f"{sd[0]}.{sd[1]}")
                for sd in senders]
-        req = Request(tokens=ctx.base, read=_metric_reader(ctx), stop_at_layer=ctx.stop_at_layer,
-                      resid=_resid_in(ctx), source=ctx.source_cache, base=base_full, **ctx.skip_fields())
+        req = _frozen_request(ctx, _base_full(ctx), _metric_reader(ctx))
         vals = run_interventions(ctx.engine, req, ivs, sizing=ctx.sizing, max_tokens=max_tokens, progress=progress,
                                  desc="path patching (direct)", unit="head")
         route = "forward"
@@ -143,9 +147,7 @@ def _direct_closed_form(ctx: PatchContext, max_tokens: int | None) -> Tensor | N
         name = H.attn_z(s)
         dz = ctx.source_cache[name][:, :, h].to(base_out) - base_z[name][:, :, h].to(base_out)
         closed = base_out + dz @ W_O[s, h].to(base_out)
-        read = lambda out, cache, P, sl: einops.rearrange(out, "(p b) t m -> p b t m", p=P)  # noqa: E731
-        req = Request(tokens=ctx.base, read=read, stop_at_layer=ctx.stop_at_layer, resid=_resid_in(ctx),
-                      source=ctx.source_cache, base=base_z, **ctx.skip_fields())
+        req = _frozen_request(ctx, base_z, lambda out, cache, P, sl: einops.rearrange(out, "(p b) t m -> p b t m", p=P))
         iv = Intervention(_path_edits(ctx, (s, h), freeze_mlps=True), start_layer=s)
         ref = run_interventions(ctx.engine, req, [iv], sizing=ctx.sizing, max_tokens=max_tokens, progress=False)[0]
         # allowed per position: the route tolerance of the write, plus the forward's own rounding, which grows with

@@ -106,19 +106,17 @@ def prefix_kv_unsupported(engine: Any) -> str | None:
     if _is_nnsight(engine):
         if engine.remote:
             return "a remote (NDIF) model is not sent cached keys/values"
-        hf_cfg = getattr(getattr(engine.model, "_module", None), "config", None)
-        if bool(getattr(hf_cfg, "is_encoder_decoder", False)):
-            return "encoder-decoder models are not supported"
-        return None
-    model = getattr(engine, "model", None)
-    blocks = getattr(model, "blocks", None)
-    if model is None or blocks is None or not hasattr(model, "run_with_hooks"):
-        return (f"{type(engine).__name__} is neither the TransformerLens nor the nnsight engine (prefix keys/values "
-                "need a TransformerBridge or a local nnsight model)")
-    if not all(hasattr(b, "attn") and hasattr(b.attn, "_update_kv_cache") for b in blocks):
-        return "this bridge's attention components do not extend a key/value cache"
-    hf_cfg = getattr(getattr(model, "original_model", None), "config", None)
-    if bool(getattr(hf_cfg, "is_encoder_decoder", False)):
+        hf_model = getattr(engine.model, "_module", None)
+    else:
+        model = getattr(engine, "model", None)
+        blocks = getattr(model, "blocks", None)
+        if model is None or blocks is None or not hasattr(model, "run_with_hooks"):
+            return (f"{type(engine).__name__} is neither the TransformerLens nor the nnsight engine (prefix "
+                    "keys/values need a TransformerBridge or a local nnsight model)")
+        if not all(hasattr(b, "attn") and hasattr(b.attn, "_update_kv_cache") for b in blocks):
+            return "this bridge's attention components do not extend a key/value cache"
+        hf_model = getattr(model, "original_model", None)
+    if bool(getattr(getattr(hf_model, "config", None), "is_encoder_decoder", False)):
         return "encoder-decoder models are not supported"
     return None
 
