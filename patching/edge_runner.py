@@ -139,6 +139,9 @@ class EdgeRunner:
     """Edge-level interventions on one :class:`~wordpos.patching.activation.PatchContext`: the graph up to the probe,
     the writers' ablated outputs (computed once), and the patched forward."""
 
+    #: one correction product per layer for its q, k and v readers (False: one per site; kept for benchmarks)
+    fuse_qkv: bool = True
+
     def __init__(self, model: Any, ctx: Any, graph: EdgeGraph | None = None, *, ablation: Ablation = "counterfactual",
                  reference: Int[Tensor, "n_ref pos"] | None = None, seed: int = 0, max_tokens: int | None = None,
                  share_prefix: bool = True, lean: bool = True):
@@ -339,6 +342,7 @@ class EdgeRunner:
             return slice(idx[0], idx[-1] + 1)
 
         self.w_heads, self.w_mlp, self.r_sites = [], [], []
+        self._qkv_span: dict[int, slice] = {}  # first reader of a q, k or v group -> its layer's q/k/v readers
         for L in range(self.probe_layer + 1):
             heads, mlp = g.writers_of(L)
             self.w_heads.append(span(heads))
@@ -348,6 +352,8 @@ class EdgeRunner:
                 sites[site] = (span(g.readers_of(L, site)), heads[0])  # readers, writers before them
             sites["mlp"] = (span(g.readers_of(L, "mlp")), mlp)
             self.r_sites.append(sites)
+            qkv = span(range(sites["q"][0].start, sites["v"][0].stop))  # q, k, v readers are contiguous
+            self._qkv_span.update({sites[site][0].start: qkv for site in ("q", "k", "v")})
         self.r_probe = g.n_readers - 1
 
     def writer_names(self) -> list[str]:
@@ -486,11 +492,20 @@ class EdgeRunner:
                 o = out.to(self.dtype).unflatten(0, (C, b)).permute(0, 3, 1, 2, 4)  # [C, k, b, t, d] (a view)
                 torch.sub(o, abl[w], out=D[:, w].view(C, -1, b, T, d))
 
+        fused: dict[tuple[int, int], Tensor] = {}
+
         def correction(r: slice, w_end: int) -> Tensor | None:
-            """Σ over ablated edges into readers r of (out_w − ablated_w), as a view [C, b, t, R, d]."""
+            """Σ over ablated edges into readers r of (out_w − ablated_w), as a view [C, b, t, R, d]. A layer's
+            q, k and v readers share their writers, so one bmm serves all three: the product reads the writers'
+            differences D once per layer instead of once per site (it is bound by reading D)."""
             if D is None or not any(ablated_any[r]):
                 return None
-            corr = torch.bmm(kT[:, r, :w_end], D[:, :w_end])  # [C, R, (b t d)]
+            span = self._qkv_span.get(r.start, r) if self.fuse_qkv else r
+            key = (span.start, w_end)
+            if key not in fused:
+                fused.clear()  # D grows between layers: a layer's product is never read again
+                fused[key] = torch.bmm(kT[:, span, :w_end], D[:, :w_end])  # [C, R, (b t d)]
+            corr = fused[key][:, r.start - span.start:r.stop - span.start]
             return corr.view(C, -1, b, T, d).permute(0, 2, 3, 1, 4)
 
         def ablate(act: Tensor, r: slice, w_end: int, out: Tensor | None = None) -> Tensor | None:

@@ -269,7 +269,8 @@ def stage_work(run: Path, summary: dict[str, Any], n_layers: int, prompt_tokens:
                           "rendering and exports: seconds only",
                           "terms": {"P": Pc, "T": T, "D": D, "scores": method, "steps": steps,
                                     "score_passes": score_passes, "curve_circuits": n_curve,
-                                    "node_curve_circuits": n_node, "search_circuits": n_select}}
+                                    "node_curve_circuits": n_node, "search_circuits": n_select},
+                          "phases_s": circ.get("timings_s")}
     else:  # the former head-level circuit
         n_c = int((circ.get("faithfulness") or {}).get("n_samples") or 0)
         n_circuit_prompts = min(int(summary.get("n_prompts") or 1024), 1024)
@@ -361,6 +362,8 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
                 wk = works[stage]
                 row.update(work_token_layers=float(wk["work"]), formula=wk["formula"], terms=wk["terms"],
                            efficiency=float(wk["work"]) / max(float(secs), 1e-9) / rate)
+                if "phases_s" in wk:
+                    row["phases_s"] = wk["phases_s"]
                 if stage in side:
                     row["fits_plots_s"] = side[stage]
                     row["efficiency_without_fits_plots"] = \

@@ -121,6 +121,12 @@ class _Layer:
 class LeanBlocks:
     """Blocks ``0..n_layers-1`` of a TransformerBridge as plain tensor code (see the module docstring)."""
 
+    #: attention kernels the forward may use on CUDA (None: PyTorch's choice). PyTorch picks cuDNN's for half
+    #: precision with a mask, and cuDNN builds a plan for each new shape; the edge circuit's forwards come in many
+    #: shapes. H100, bfloat16, SmolLM2's architecture to layer 23: a first circuit stage 4.97 s with cuDNN, 2.07 s
+    #: with these (MATH is chosen); a second one 0.58 s and 0.71 s (docs/performance.md)
+    sdpa_backends: tuple[Any, ...] | None = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
     def __init__(self, engine: Any, n_layers: int):
         reason = lean_unsupported(engine)
         if reason is not None:
@@ -179,6 +185,15 @@ class LeanBlocks:
         positions ``start..``; ``past`` holds each layer's keys and values of positions ``0..start-1``
         (``[r, n_kv_heads, start, d_head]``, as the bridge's cache keeps them: after RoPE) for ``r`` rows that
         repeat: row ``i`` of ``resid`` attends to past row ``i % r`` (the edge runner's circuit-major ``(c b)``)."""
+        if resid.is_cuda and self.sdpa_backends:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel([getattr(SDPBackend, b) if isinstance(b, str) else b for b in self.sdpa_backends]):
+                return self._forward(resid, start, past, reader, writer)
+        return self._forward(resid, start, past, reader, writer)
+
+    def _forward(self, resid: Tensor, start: int, past: tuple[list[Tensor], list[Tensor]] | None,
+                 reader: Reader | None, writer: Writer | None) -> Tensor:
         n, t, _ = resid.shape
         dev = resid.device
         total = start + t

@@ -121,3 +121,14 @@ def test_unsupported_models_say_why():
     assert "not the TransformerLens engine" in lean_unsupported(object())
     with pytest.raises(ConfigError, match="lean forward cannot run"):
         LeanBlocks(object(), 1)
+
+
+def test_attention_backends_name_real_kernels_and_leave_out_cudnn():
+    """The kernels the lean forward allows on CUDA are real SDPBackend members (a typo would only surface on a GPU)
+    and exclude cuDNN's, whose per-shape plans cost seconds per edge circuit on an H100 in bfloat16."""
+    from torch.nn.attention import SDPBackend
+
+    names = LeanBlocks.sdpa_backends
+    assert names, "the lean forward should restrict the attention kernels on CUDA"
+    backends = [getattr(SDPBackend, b) for b in names]
+    assert SDPBackend.CUDNN_ATTENTION not in backends and SDPBackend.MATH in backends

@@ -1,0 +1,180 @@
+"""Where the edge-circuit stage's time goes on a device (issue 14): the stage of ``wordpos run``
+(``circuit.edge_circuit.edge_circuit_stage``: EAP-IG scores, the prefetched curve circuits, the search, the curves,
+figures and exports) run three times on one probe: once cold (its phases; ``--cold-profile`` adds a cProfile of it), once timed (its phases as the stage records
+them), once under ``torch.profiler`` (kernel launches, host syncs, device busy time, the top operators). It also
+times one batched evaluation of random circuits with the q/k/v correction fused per layer and per site
+(``EdgeRunner.fuse_qkv``), beside a plain forward of the same pairs. Prints a summary and writes JSON.
+
+    python scripts/profile_circuit.py --model smollm2-arch --device cuda --layer 23 --dtype bfloat16 --out p.json
+
+``smollm2-arch`` is SmolLM2-135M's architecture with random weights (``scripts/bench_bundle``): timings only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import build_smollm2_arch  # noqa: E402
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: str) -> tuple[float, object]:
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - t0, out
+
+
+def _profile(fn, device: str, top: int = 20) -> dict:
+    """Counts from one profiled call: launches, host syncs, device busy seconds, top operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=acts) as prof:
+        wall, _ = _timed(fn, device)
+    ka = prof.key_averages()
+    count = lambda *names: sum(e.count for e in ka if e.key in names)  # noqa: E731
+    dev_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in ka)
+    rows = lambda key: [{"op": e.key, "count": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2),  # noqa: E731
+                         "self_device_ms": round((getattr(e, "self_device_time_total", 0) or 0) / 1e3, 2)}
+                        for e in sorted(ka, key=key, reverse=True)[:top]]
+    return {"wall_s_profiled": round(wall, 3),
+            "kernel_launches": count("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"),
+            "host_syncs": count("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"),
+            "memcpy_calls": count("cudaMemcpyAsync", "cudaMemcpy"),
+            "aten_ops": sum(e.count for e in ka if e.key.startswith("aten::")),
+            "device_busy_s": round(dev_us / 1e6, 3),
+            "top_self_cpu": rows(lambda e: e.self_cpu_time_total),
+            "top_self_device": rows(lambda e: getattr(e, "self_device_time_total", 0) or 0)}
+
+
+def sdpa_choice(engine, layer: int, dtype: str) -> dict:
+    """The attention kernel PyTorch picks for the lean forward's shapes (14 query positions after a 19-token
+    prefix, the model's heads, a boolean mask), with every backend allowed and with ``LeanBlocks.sdpa_backends``."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from wordpos.probing.engines.lean import LeanBlocks
+
+    d = engine.dims
+    dh = d.d_model // d.n_heads
+    kw = {"device": engine.device, "dtype": getattr(torch, dtype)}
+    q, k = torch.randn(64, d.n_heads, 14, dh, **kw), torch.randn(64, d.n_kv_heads, 33, dh, **kw)
+    mask = torch.ones(14, 33, dtype=torch.bool, device=engine.device).tril(19)
+    names = {int(v.value): k for k, v in SDPBackend.__members__.items()}
+    pick = lambda: names.get(int(torch._fused_sdp_choice(q, k, k, attn_mask=mask,  # noqa: E731
+                                                          enable_gqa=d.n_kv_heads != d.n_heads)), "?")
+    out = {"default": pick()}
+    if LeanBlocks.sdpa_backends:
+        with sdpa_kernel([getattr(SDPBackend, b) for b in LeanBlocks.sdpa_backends]):
+            out["lean"] = pick()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-arch", help="smollm2-arch (random weights), organism, or a path")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--layer", type=int, default=8, help="the probe's layer (the circuit's graph ends there)")
+    ap.add_argument("--pairs", type=int, default=16)
+    ap.add_argument("--n-circuits", type=int, default=40, help="random circuits in the fused/unfused evaluation")
+    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--sdpa-default", action="store_true",
+                    help="let PyTorch choose the lean forward's attention kernel (LeanBlocks.sdpa_backends = None)")
+    ap.add_argument("--cold-profile", action="store_true", help="cProfile the first (cold) call")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    from wordpos.circuit.edge_circuit import edge_circuit_stage
+    from wordpos.patching import make_pairs, prepare
+    from wordpos.patching.edge_runner import EdgeRunner
+    from wordpos.probing import WordIndexDataset, WordIndexProbe, as_engine, collect_residuals, load_model
+
+    from wordpos.probing.engines.lean import LeanBlocks
+
+    if args.sdpa_default:
+        LeanBlocks.sdpa_backends = None
+    work = Path(tempfile.mkdtemp(prefix="wordpos-profile-"))
+    path = str(build_smollm2_arch(work / "smollm2-arch")) if args.model == "smollm2-arch" else args.model
+    model = load_model(path, device=args.device, dtype=args.dtype)
+    engine = as_engine(model)
+    data = WordIndexDataset.default(engine.tokenizer, n_prompts=256, seed=0)
+    L = args.layer
+    acts = collect_residuals(model, data, layers=[L], progress=False)
+    probe = WordIndexProbe(layer=L, model=engine.name).fit(acts.train(L), acts.labels["train"])
+    pairs = make_pairs(engine.tokenizer, args.pairs, vocab=data.vocab, words="test", seed=0)
+    ctx = prepare(engine, pairs, probe, full_base_cache=True)
+    stage = lambda d: edge_circuit_stage(engine, ctx, work / d, progress=False, png=False)  # noqa: E731
+    rec: dict = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
+                 "model": args.model, "random_weights": args.model == "smollm2-arch", "dtype": args.dtype,
+                 "probe_layer": L, "n_pairs": args.pairs, "torch": torch.__version__,
+                 "sdpa_backends": LeanBlocks.sdpa_backends, "sdpa_choice": sdpa_choice(engine, L, args.dtype)}
+    if args.cold_profile:  # the first call's Python profile: where first-use costs (kernels, imports) land
+        import cProfile
+        import io
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+    warm, first = _timed(lambda: stage("warm"), args.device)
+    if args.cold_profile:
+        prof.disable()
+        for key in ("tottime", "cumulative"):
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(40)
+            rec[f"cold_profile_{key}"] = buf.getvalue()
+    wall, summary = _timed(lambda: stage("timed"), args.device)
+    rec.update(warmup_s=round(warm, 3), warmup_phases_s=first["timings_s"],  # type: ignore[index]
+               stage_s=round(wall, 3), phases_s=summary["timings_s"],  # type: ignore[index]
+               edges=summary["edges"], n_valid_edges=summary["n_valid_edges"])  # type: ignore[index]
+
+    runner = EdgeRunner(engine, ctx)
+    g = runner.graph
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.stack([(torch.rand(g.n_writers, g.n_readers, generator=gen) < p) & g.valid
+                         for p in torch.linspace(0.01, 0.99, args.n_circuits).tolist()])
+    runner.evaluate(masks[:2])  # warm: full model, empty circuit
+    evals, vals = {}, {}
+    for fuse in (False, True, False, True):
+        EdgeRunner.fuse_qkv = fuse
+        dt, res = _timed(lambda: runner.evaluate(masks).values, args.device)
+        key = "fused" if fuse else "per_site"
+        evals[key] = round(min(dt, evals.get(key, float("inf"))), 4)
+        vals[key] = res
+    EdgeRunner.fuse_qkv = True
+    clean = pairs.clean.to(engine.device)
+    dt, _ = _timed(lambda: engine.run(clean, stop_at_layer=L + 1), args.device)
+    dt, _ = _timed(lambda: engine.run(clean, stop_at_layer=L + 1), args.device)
+    rec["evaluation"] = {"n_circuits": args.n_circuits, **evals,
+                         "fused_vs_per_site_max_abs_diff": float((vals["fused"] - vals["per_site"]).abs().max()),
+                         "plain_forward_of_the_pairs_s": round(dt, 4)}
+    if not args.no_profile:
+        rec["profile"] = _profile(lambda: stage("profiled"), args.device)
+    print(json.dumps({k: v for k, v in rec.items() if k != "profile" and not k.startswith("cold_")}))
+    if "profile" in rec:
+        p = rec["profile"]
+        print({k: p[k] for k in ("wall_s_profiled", "kernel_launches", "host_syncs", "memcpy_calls", "aten_ops",
+                                 "device_busy_s")})
+        for r in p["top_self_cpu"][:12]:
+            print("  cpu ", r)
+        for r in p["top_self_device"][:8]:
+            print("  dev ", r)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(rec, indent=1))
+
+
+if __name__ == "__main__":
+    main()
