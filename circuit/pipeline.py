@@ -138,6 +138,15 @@ def _run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool, progre
                   images: Any) -> RunResult:
     from wordpos.probing.engines import as_engine, make_engine
 
+    if config.circuit == "edges":
+        # the edge circuit's modules (networkx among them, for its GEXF/GraphML exports) load with the run's other
+        # imports, before any stage's clock starts, as the patching stages' modules load with this module
+        import wordpos.circuit.edge_circuit  # noqa: F401
+        import wordpos.circuit.edge_render  # noqa: F401
+        import wordpos.circuit.evaluation  # noqa: F401
+        import wordpos.circuit.export  # noqa: F401
+        import wordpos.patching.eap  # noqa: F401
+        import wordpos.patching.edge_runner  # noqa: F401
     out = Path(out)
     timings: dict[str, float] = {}
     with _stage("load model", timings, progress):
