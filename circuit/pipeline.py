@@ -138,15 +138,6 @@ def _run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool, progre
                   images: Any) -> RunResult:
     from wordpos.probing.engines import as_engine, make_engine
 
-    if config.circuit == "edges":
-        # the edge circuit's modules (networkx among them, for its GEXF/GraphML exports) load with the run's other
-        # imports, before any stage's clock starts, as the patching stages' modules load with this module
-        import wordpos.circuit.edge_circuit  # noqa: F401
-        import wordpos.circuit.edge_render  # noqa: F401
-        import wordpos.circuit.evaluation  # noqa: F401
-        import wordpos.circuit.export  # noqa: F401
-        import wordpos.patching.eap  # noqa: F401
-        import wordpos.patching.edge_runner  # noqa: F401
     out = Path(out)
     timings: dict[str, float] = {}
     with _stage("load model", timings, progress):
@@ -160,6 +151,16 @@ def _run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool, progre
     computed: dict[str, float] = dict(prev.get("compute_s", prev.get("timings_s", {})))  # older runs: timings_s
     computed["load model"] = timings["load model"]
     kw = dict(computed=computed, overwrite=overwrite)
+    if config.circuit == "edges" and config.engine == "tl":
+        # the edge circuit's modules (networkx among them, for its GEXF/GraphML exports) load here, before the
+        # stages, as the patching stages' modules load with this module; timed on their own, not in the circuit's
+        with _stage("circuit imports", timings, progress, computed=computed):
+            import wordpos.circuit.edge_circuit  # noqa: F401
+            import wordpos.circuit.edge_render  # noqa: F401
+            import wordpos.circuit.evaluation  # noqa: F401
+            import wordpos.circuit.export  # noqa: F401
+            import wordpos.patching.eap  # noqa: F401
+            import wordpos.patching.edge_runner  # noqa: F401
     with _stage("probe (all layers)", timings, progress, out / "probe" / "metrics.json", **kw):
         probe_run = run_probe(ProbeConfig(model=config.model, layers="all", n_prompts=config.n_prompts,
                                           seed=config.seed, device=config.device),

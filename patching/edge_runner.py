@@ -352,7 +352,10 @@ class EdgeRunner:
                 sites[site] = (span(g.readers_of(L, site)), heads[0])  # readers, writers before them
             sites["mlp"] = (span(g.readers_of(L, "mlp")), mlp)
             self.r_sites.append(sites)
-            qkv = span(range(sites["q"][0].start, sites["v"][0].stop))  # q, k, v readers are contiguous
+            q, k, v = (sites[site][0] for site in ("q", "k", "v"))
+            if not (k.start == q.stop and v.start == k.stop):
+                raise AssertionError("a layer's q, k and v readers must be contiguous")
+            qkv = slice(q.start, v.stop)
             self._qkv_span.update({sites[site][0].start: qkv for site in ("q", "k", "v")})
         self.r_probe = g.n_readers - 1
 
@@ -487,12 +490,13 @@ class EdgeRunner:
             abl = ablated.expand(-1, b, -1, -1)  # [W, b, t, d] (a view)
             kT = keep_not.transpose(1, 2).contiguous()  # [C, R, W]: contiguous rows, so bmm copies nothing
 
+        fused: dict[tuple[int, int], Tensor] = {}  # one layer's q/k/v correction product (see correction)
+
         def put(w: slice, out: Tensor) -> None:  # out: [(c b), t, k, d]; D[c, w] = out - ablated, in one kernel
             if D is not None:
+                fused.clear()  # D changes: a product of it is stale (and its memory is free before the MLP)
                 o = out.to(self.dtype).unflatten(0, (C, b)).permute(0, 3, 1, 2, 4)  # [C, k, b, t, d] (a view)
                 torch.sub(o, abl[w], out=D[:, w].view(C, -1, b, T, d))
-
-        fused: dict[tuple[int, int], Tensor] = {}
 
         def correction(r: slice, w_end: int) -> Tensor | None:
             """Σ over ablated edges into readers r of (out_w − ablated_w), as a view [C, b, t, R, d]. A layer's
@@ -503,7 +507,7 @@ class EdgeRunner:
             span = self._qkv_span.get(r.start, r) if self.fuse_qkv else r
             key = (span.start, w_end)
             if key not in fused:
-                fused.clear()  # D grows between layers: a layer's product is never read again
+                fused.clear()
                 fused[key] = torch.bmm(kT[:, span, :w_end], D[:, :w_end])  # [C, R, (b t d)]
             corr = fused[key][:, r.start - span.start:r.stop - span.start]
             return corr.view(C, -1, b, T, d).permute(0, 2, 3, 1, 4)

@@ -75,7 +75,7 @@ def case(model_name: str, path: str, device: str, dtype: str) -> dict:
 def path_case(model, fast, full, ref=None) -> dict:
     """Path patching's shortcuts on the device: the direct path in closed form (base output + dz W_O, checked
     against one frozen forward inside) against the frozen forwards, and the edge paths' step 2 on the base run's
-    cached prefix against full prompts (4 receivers at the last layer below the probe's, every earlier head).
+    cached prefix against full prompts (up to 4 receivers at the probe's own layer, every earlier head).
 
     In half precision the two direct routes round differently, and on a random model each is off float32 by
     more than the sweep tolerance (CPU, SmolLM2's architecture, bfloat16: closed form 0.66 and frozen forwards

@@ -10,15 +10,19 @@ OUT=/tmp/device-run-logs
 mkdir -p "$OUT" "$FINAL"
 pack() { cp "$OUT"/*.json "$OUT/gpu.txt" "$FINAL"/ 2>/dev/null; tar czf "$FINAL/logs.tgz" -C "$OUT" . ; }
 trap pack EXIT
-python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   > "$OUT/pip.log" 2>&1 || { echo "wheel install failed"; tail -5 "$OUT/pip.log"; }
 export PYTHONPATH=/tmp/site
-# bytecode, as a normal install has: the lent image sets PYTHONDONTWRITEBYTECODE and ships some packages without it
-# (networkx: 0.44-0.69 s of compile in every process, charged to the first stage that imports it)
+# bytecode, as a normal install has (pip's own compile step is skipped: compileall does it on every core): the lent
+# image sets PYTHONDONTWRITEBYTECODE and ships some packages without it (networkx: 0.44-0.69 s of compile per process)
 python3 - > "$OUT/compileall.log" 2>&1 <<'PY'
-import compileall, importlib, os, sys
-roots = ["/tmp/site"] + [os.path.dirname(importlib.import_module(m).__file__) for m in ("networkx", "sklearn", "plotly")]
-for root in roots:
+import compileall, importlib.util, os, sys
+roots = ["/tmp/site"]
+for name in ("networkx", "sklearn", "plotly"):
+    spec = importlib.util.find_spec(name)
+    if spec is not None and spec.origin:
+        roots.append(os.path.dirname(spec.origin))
+for root in roots:  # in parallel; a read-only or broken file is reported and left as is
     ok = compileall.compile_dir(root, quiet=1, workers=0)
     print(root, "ok" if ok else "errors (read-only or syntax; left as is)", file=sys.stderr)
 PY
@@ -37,7 +41,8 @@ python3 -c "import sys; sys.path.insert(0, 'scripts'); from bench import build_s
 step e2e-smollm2 /usr/bin/time -f "END-TO-END %e s" python3 -m wordpos.circuit.cli run --model /tmp/smollm2-arch --device cuda --out /tmp/e2e --quiet
 grep -h "END-TO-END" "$OUT/e2e-smollm2.log"
 step smollm2-bf16 python3 scripts/bench.py --model smollm2-arch --device cuda --dtype bfloat16 --out "$OUT/$tag-smollm2-arch-bf16.json" --markdown
-step circuit-profile python3 scripts/profile_circuit.py --device cuda --layer 8 --cold-profile --out "$OUT/$tag-circuit-profile-fp32-L8.json"
+pack  # the records so far are safe before the circuit profile
+step circuit-profile python3 scripts/profile_circuit.py --device cuda --layer 8 --out "$OUT/$tag-circuit-profile-fp32-L8.json"
 pack
 if [ "${PROFILE:-0}" = 1 ]; then
   step profile python3 -m cProfile -o "$OUT/prof.out" scripts/bench.py --model smollm2-arch --device cuda --keep /tmp/prof-run

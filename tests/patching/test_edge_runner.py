@@ -191,3 +191,24 @@ def test_resample_and_mean_empty_circuits(gpt2_ctx):
         evaluate_masks(tiny_model, ctx, g.full_mask(), ablation="zero")
     with pytest.raises(ConfigError):
         evaluate_masks(tiny_model, ctx, torch.ones(3, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_fused_qkv_correction_equals_one_product_per_site(llama_ctx, monkeypatch, lean):
+    """One correction product per layer for its q, k and v readers (the default) gives each reader what a product
+    of its own gives, on both forward routes: random circuits, and one that ablates only a layer's k readers (the
+    fused product then serves k alone, its q rows unused)."""
+    model, ctx = llama_ctx
+    runner = EdgeRunner(model, ctx, lean=lean)
+    assert (runner.lean is not None) == lean
+    g = runner.graph
+    gen = torch.Generator().manual_seed(0)
+    masks = [(torch.rand(g.n_writers, g.n_readers, generator=gen) < p) & g.valid for p in (0.1, 0.5, 0.9)]
+    k_only = g.full_mask().clone()
+    k_only[:, runner.r_sites[1]["k"][0]] = False
+    masks = torch.stack(masks + [k_only & g.valid])
+    fused = runner.evaluate(masks).values
+    monkeypatch.setattr(EdgeRunner, "fuse_qkv", False)
+    per_site = EdgeRunner(model, ctx, lean=lean).evaluate(masks).values
+    assert torch.allclose(fused, per_site, atol=1e-9, rtol=0)
+    assert not torch.allclose(fused[3], EdgeRunner(model, ctx, lean=lean).evaluate(g.full_mask()[None]).values[0])
