@@ -155,12 +155,9 @@ def _run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool, progre
         # the edge circuit's modules (networkx among them, for its GEXF/GraphML exports) load here, before the
         # stages, as the patching stages' modules load with this module; timed on their own, not in the circuit's
         with _stage("circuit imports", timings, progress, computed=computed):
-            import wordpos.circuit.edge_circuit  # noqa: F401
-            import wordpos.circuit.edge_render  # noqa: F401
-            import wordpos.circuit.evaluation  # noqa: F401
-            import wordpos.circuit.export  # noqa: F401
-            import wordpos.patching.eap  # noqa: F401
-            import wordpos.patching.edge_runner  # noqa: F401
+            from wordpos.circuit.edge_circuit import load_stage_modules
+
+            load_stage_modules()
     with _stage("probe (all layers)", timings, progress, out / "probe" / "metrics.json", **kw):
         probe_run = run_probe(ProbeConfig(model=config.model, layers="all", n_prompts=config.n_prompts,
                                           seed=config.seed, device=config.device),

@@ -21,19 +21,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import build_smollm2_arch  # noqa: E402
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+from bench import _sync, build_smollm2_arch  # noqa: E402
 
 
 def _timed(fn, device: str) -> tuple[float, object]:
-    _sync(device)
+    _sync(torch.device(device))
     t0 = time.perf_counter()
     out = fn()
-    _sync(device)
+    _sync(torch.device(device))
     return time.perf_counter() - t0, out
 
 
@@ -76,8 +71,9 @@ def sdpa_choice(engine, layer: int, dtype: str) -> dict:
     pick = lambda: names.get(int(torch._fused_sdp_choice(q, k, k, attn_mask=mask,  # noqa: E731
                                                           enable_gqa=d.n_kv_heads != d.n_heads)), "?")
     out = {"default": pick()}
-    if LeanBlocks.sdpa_backends:
-        with sdpa_kernel([getattr(SDPBackend, b) for b in LeanBlocks.sdpa_backends]):
+    kernels = LeanBlocks.attention_kernels()
+    if kernels:
+        with sdpa_kernel(kernels):
             out["lean"] = pick()
     return out
 

@@ -125,7 +125,16 @@ class LeanBlocks:
     #: precision with a mask, and cuDNN builds a plan for each new shape; the edge circuit's forwards come in many
     #: shapes. H100, bfloat16, SmolLM2's architecture to layer 23: a first circuit stage 4.97 s with cuDNN, 2.07 s
     #: with these (MATH is chosen); a second one 0.58 s and 0.71 s (docs/performance.md)
-    sdpa_backends: tuple[Any, ...] | None = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+    sdpa_backends: tuple[str, ...] | None = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+    @classmethod
+    def attention_kernels(cls) -> list[Any] | None:
+        """``sdpa_backends`` as ``torch.nn.attention.SDPBackend`` members (None: PyTorch's choice)."""
+        if not cls.sdpa_backends:
+            return None
+        from torch.nn.attention import SDPBackend
+
+        return [getattr(SDPBackend, name) for name in cls.sdpa_backends]
 
     def __init__(self, engine: Any, n_layers: int):
         reason = lean_unsupported(engine)
@@ -185,10 +194,11 @@ class LeanBlocks:
         positions ``start..``; ``past`` holds each layer's keys and values of positions ``0..start-1``
         (``[r, n_kv_heads, start, d_head]``, as the bridge's cache keeps them: after RoPE) for ``r`` rows that
         repeat: row ``i`` of ``resid`` attends to past row ``i % r`` (the edge runner's circuit-major ``(c b)``)."""
-        if resid.is_cuda and self.sdpa_backends:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
+        kernels = self.attention_kernels() if resid.is_cuda else None
+        if kernels:
+            from torch.nn.attention import sdpa_kernel
 
-            with sdpa_kernel([getattr(SDPBackend, b) if isinstance(b, str) else b for b in self.sdpa_backends]):
+            with sdpa_kernel(kernels):
                 return self._forward(resid, start, past, reader, writer)
         return self._forward(resid, start, past, reader, writer)
 

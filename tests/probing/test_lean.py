@@ -128,7 +128,6 @@ def test_attention_backends_name_real_kernels_and_leave_out_cudnn():
     and exclude cuDNN's, whose per-shape plans cost seconds per edge circuit on an H100 in bfloat16."""
     from torch.nn.attention import SDPBackend
 
-    names = LeanBlocks.sdpa_backends
-    assert names, "the lean forward should restrict the attention kernels on CUDA"
-    backends = [getattr(SDPBackend, b) for b in names]
+    backends = LeanBlocks.attention_kernels()
+    assert backends, "the lean forward should restrict the attention kernels on CUDA"
     assert SDPBackend.CUDNN_ATTENTION not in backends and SDPBackend.MATH in backends
