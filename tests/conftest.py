@@ -48,6 +48,21 @@ def small_data(gpt2_tok):
     return WordIndexDataset.default(gpt2_tok, n_prompts=200, seed=0)
 
 
+@pytest.fixture(scope="session")
+def can_export_png(tmp_path_factory) -> bool:
+    """Whether kaleido renders static images on this machine (it needs a Chrome/Chromium: CI installs one, a
+    fresh machine may lack it). Tested by exporting a one-point figure through plotly itself, not wordpos."""
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    path = tmp_path_factory.mktemp("png-probe") / "probe.png"
+    try:
+        pio.write_image(go.Figure(go.Scatter(x=[0], y=[0])), str(path), format="png")
+    except Exception:  # kaleido without a browser, ...
+        return False
+    return path.exists() and path.stat().st_size > 0
+
+
 @pytest.fixture
 def isolated_cache(tmp_path, monkeypatch):
     """Point wordpos' model cache at an empty temporary directory."""
