@@ -207,7 +207,10 @@ def bootstrap_faithfulness(values: Float[Tensor, "c n_pairs"], full: Float[Tenso
 
 def percentile_ci(samples: np.ndarray, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
     """Percentile interval over the first axis (NaN resamples ignored)."""
-    lo, hi = np.nanpercentile(samples, [100 * alpha / 2, 100 * (1 - alpha / 2)], axis=0)
+    q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
+    samples = np.asarray(samples)
+    # nanpercentile's NaN handling costs several times the percentile itself: only where there is a NaN
+    lo, hi = np.nanpercentile(samples, q, axis=0) if np.isnan(samples).any() else np.percentile(samples, q, axis=0)
     return lo, hi
 
 
@@ -563,17 +566,22 @@ def curve_masks(scores: EdgeScores, fractions: Sequence[float] = DEFAULT_FRACTIO
 def faithfulness_curve(model: Any, ctx: Any, scores: EdgeScores,
                        fractions: Sequence[float] = DEFAULT_FRACTIONS, ablation: str = "counterfactual",
                        n_random: int = 3, n_boot: int = 1000, seed: int = 0, *, prune: bool = True,
-                       alpha: float = 0.05, max_circuits: int | None = None, evaluate: Evaluate | None = None) -> Curve:
+                       alpha: float = 0.05, max_circuits: int | None = None, evaluate: Evaluate | None = None,
+                       masks: tuple[Tensor, Tensor] | None = None) -> Curve:
     """The edge-level faithfulness curve of ``scores`` (top edges by |score| at each fraction) against
     ``n_random`` random edge sets of each size, with bootstrap CIs; one batched runner call (see module docs).
-    ``evaluate`` replaces the runner (``masks -> .values/.full/.empty``), e.g. in tests."""
+    ``evaluate`` replaces the runner (``masks -> .values/.full/.empty``), e.g. in tests; ``masks`` is
+    :func:`curve_masks` of the same arguments when the caller has built it already (for a prefetch)."""
     _check_ablation(ablation)
     fractions = _check_fractions(fractions)
     if n_random < 0 or n_boot < 1:
         raise ConfigError(f"n_random must be ≥ 0 and n_boot ≥ 1, got {n_random} and {n_boot}.")
     graph = scores.graph
     sizes = sizes_for(fractions, graph.n_edges)
-    masks, rnd = curve_masks(scores, fractions, n_random, seed, prune=prune)
+    masks, rnd = masks if masks is not None else curve_masks(scores, fractions, n_random, seed, prune=prune)
+    if masks.shape[0] != len(sizes) or rnd.shape[:2] != (n_random, len(sizes)):
+        raise ConfigError(f"masks= must be curve_masks of the same fractions and n_random ({len(sizes)} sizes, "
+                          f"{n_random} random sets); got {tuple(masks.shape)} and {tuple(rnd.shape)}.")
     evaluate = evaluate or make_evaluate(model, ctx, ablation)
     return curve_from_masks(graph, masks, rnd, evaluate, fractions=fractions, sizes=sizes, level="edge",
                             method=scores.method, ablation=ablation, n_items=graph.n_edges, n_boot=n_boot,
@@ -634,13 +642,18 @@ def node_curve_masks(graph: EdgeGraph, node_scores: Float[Tensor, " n_nodes"],
 def node_curve(model: Any, ctx: Any, graph: EdgeGraph, node_scores: Float[Tensor, " n_nodes"],
                fractions: Sequence[float] = DEFAULT_FRACTIONS, ablation: str = "counterfactual", n_random: int = 3,
                n_boot: int = 1000, seed: int = 0, *, method: str = "node", alpha: float = 0.05,
-               max_circuits: int | None = None, evaluate: Evaluate | None = None) -> Curve:
+               max_circuits: int | None = None, evaluate: Evaluate | None = None,
+               masks: tuple[Tensor, Tensor] | None = None) -> Curve:
     """Node-level curve: the top ``k`` heads/MLPs by |node score| at each fraction of the nodes, as edge masks
-    (:func:`node_set_masks`), against random node sets of the same sizes; same runner, same statistics."""
+    (:func:`node_set_masks`), against random node sets of the same sizes; same runner, same statistics.
+    ``masks``: :func:`node_curve_masks` of the same arguments, when already built."""
     _check_ablation(ablation)
     fractions = _check_fractions(fractions)
     sizes = sizes_for(fractions, len(node_names(graph)))
-    masks, rnd = node_curve_masks(graph, node_scores, fractions, n_random, seed)
+    masks, rnd = masks if masks is not None else node_curve_masks(graph, node_scores, fractions, n_random, seed)
+    if masks.shape[0] != len(sizes) or rnd.shape[:2] != (n_random, len(sizes)):
+        raise ConfigError(f"masks= must be node_curve_masks of the same fractions and n_random ({len(sizes)} sizes, "
+                          f"{n_random} random sets); got {tuple(masks.shape)} and {tuple(rnd.shape)}.")
     names = node_names(graph)
     order = torch.argsort(torch.as_tensor(node_scores, dtype=torch.float64).abs(), descending=True, stable=True)
     evaluate = evaluate or make_evaluate(model, ctx, ablation)

@@ -100,6 +100,8 @@ def test_percentile_ci_is_numpys_percentile_interval():
         lo, hi = percentile_ci(samples, alpha)
         ref = np.nanpercentile(samples, [100 * alpha / 2, 100 - 100 * alpha / 2], axis=0)
         np.testing.assert_allclose([lo, hi], ref)
+    clean = samples[np.isfinite(samples).all(1)]  # without NaN (the fast path): the same as numpy's nanpercentile
+    np.testing.assert_array_equal(percentile_ci(clean), np.nanpercentile(clean, [2.5, 97.5], axis=0))
     lo, hi = percentile_ci(samples)
     assert np.all(np.abs(lo + 1.96) < 0.2) and np.all(np.abs(hi - 1.96) < 0.2)  # the normal's 2.5% / 97.5% points
 
@@ -424,12 +426,18 @@ def test_prefetch_runs_every_known_circuit_in_one_call_and_changes_no_number():
     fn = lambda x: 1 - np.exp(-x * 9)  # noqa: E731
     inner = CountEvaluator(g, g=fn, noise=0.3)
     memo = MemoEvaluate(inner)
-    known = [first_round_masks(s), *curve_masks(s, n_random=3, seed=2), *node_curve_masks(g, ns, n_random=3, seed=2)]
+    cm, nm = curve_masks(s, n_random=3, seed=2), node_curve_masks(g, ns, n_random=3, seed=2)
+    known = [first_round_masks(s), *cm, *nm]
     memo.prefetch(*known)
     n_unique = len({m.numpy().tobytes() for k in known for m in k.reshape(-1, *k.shape[-2:])})
     assert inner.calls == 1 and inner.seen == n_unique
-    c1 = faithfulness_curve(None, None, s, n_random=3, seed=2, evaluate=memo)
-    n1 = node_curve(None, None, g, ns, n_random=3, seed=2, evaluate=memo)
+    # as the stage does: the curves take the masks it built for the prefetch (and a wrong set is refused)
+    c1 = faithfulness_curve(None, None, s, n_random=3, seed=2, evaluate=memo, masks=cm)
+    n1 = node_curve(None, None, g, ns, n_random=3, seed=2, evaluate=memo, masks=nm)
+    with pytest.raises(ConfigError, match="masks= must be curve_masks"):
+        faithfulness_curve(None, None, s, n_random=2, seed=2, evaluate=memo, masks=cm)
+    with pytest.raises(ConfigError, match="masks= must be node_curve_masks"):
+        node_curve(None, None, g, ns, n_random=2, seed=2, evaluate=memo, masks=nm)
     assert inner.calls == 1  # both curves came from the prefetch
     sel = select_circuit(None, None, s, target=0.8, evaluate=memo)
     assert inner.calls == sel.rounds  # the first round was prefetched: one call per later round
