@@ -43,6 +43,8 @@ grep -h "END-TO-END" "$OUT/e2e-smollm2.log"
 step smollm2-bf16 python3 scripts/bench.py --model smollm2-arch --device cuda --dtype bfloat16 --out "$OUT/$tag-smollm2-arch-bf16.json" --markdown
 pack  # the records so far are safe before the circuit profile
 step circuit-profile python3 scripts/profile_circuit.py --device cuda --layer 8 --out "$OUT/$tag-circuit-profile-fp32-L8.json"
+# the stage's host share on this machine's CPU (every forward stood in for): the rest of the stage is the device's
+step circuit-host python3 scripts/profile_circuit.py --device cuda --layer 8 --host-only --out "$OUT/$tag-circuit-host-only.json"
 pack
 if [ "${PROFILE:-0}" = 1 ]; then
   step profile python3 -m cProfile -o "$OUT/prof.out" scripts/bench.py --model smollm2-arch --device cuda --keep /tmp/prof-run
