@@ -555,12 +555,40 @@ def curve_from_masks(graph: EdgeGraph, masks: Bool[Tensor, "s w r"], random: Boo
         n_boot=int(n_boot), alpha=float(alpha), seed=int(seed), prune=bool(prune), config=dict(config or {}))
 
 
+class CurveMasks(tuple):
+    """``(masks [s, w, r], random [n_random, s, w, r])`` as :func:`curve_masks` or :func:`node_curve_masks` built
+    them, remembering from what (``made_of``), so that a curve given them (``masks=``) can refuse another curve's."""
+
+    made_of: dict[str, Any]
+
+    def __new__(cls, masks: Tensor, random: Tensor, **made_of: Any) -> "CurveMasks":
+        obj = super().__new__(cls, (masks, random))
+        obj.made_of = made_of
+        return obj
+
+
+def _given_masks(masks: Any, expected: dict[str, Any], builder: str) -> tuple[Tensor, Tensor]:
+    """``masks`` when :func:`curve_masks`/:func:`node_curve_masks` built them from ``expected``; else ConfigError."""
+    made = getattr(masks, "made_of", None)
+    same = made is not None and made.keys() == expected.keys() and all(
+        made[k] is v if k == "scores" else made[k] == v for k, v in expected.items())
+    if not same:
+        got = f"masks built from {({k: v for k, v in made.items() if k != 'scores'})}" if made else type(masks).__name__
+        raise ConfigError(f"masks= must be what {builder} returned for the same arguments ({sorted(expected)}); got "
+                          f"{got}. Leave masks=None to build them here.")
+    return masks
+
+
 def curve_masks(scores: EdgeScores, fractions: Sequence[float] = DEFAULT_FRACTIONS, n_random: int = 3, seed: int = 0,
-                *, prune: bool = True) -> tuple[Bool[Tensor, "s w r"], Bool[Tensor, "n_random s w r"]]:
+                *, prune: bool = True) -> CurveMasks:
     """The masks :func:`faithfulness_curve` evaluates: the top edges at each fraction and ``n_random`` random edge
     sets of each size (for :meth:`MemoEvaluate.prefetch`)."""
-    sizes = sizes_for(_check_fractions(fractions), scores.graph.n_edges)
-    return top_n_masks(scores, sizes, prune=prune), random_masks(scores.graph, sizes, n_random, seed, prune=prune)
+    fractions = _check_fractions(fractions)
+    sizes = sizes_for(fractions, scores.graph.n_edges)
+    return CurveMasks(top_n_masks(scores, sizes, prune=prune), random_masks(scores.graph, sizes, n_random, seed,
+                                                                            prune=prune),
+                      level="edge", scores=scores, fractions=tuple(fractions), n_random=int(n_random), seed=int(seed),
+                      prune=bool(prune))
 
 
 def faithfulness_curve(model: Any, ctx: Any, scores: EdgeScores,
@@ -570,18 +598,17 @@ def faithfulness_curve(model: Any, ctx: Any, scores: EdgeScores,
                        masks: tuple[Tensor, Tensor] | None = None) -> Curve:
     """The edge-level faithfulness curve of ``scores`` (top edges by |score| at each fraction) against
     ``n_random`` random edge sets of each size, with bootstrap CIs; one batched runner call (see module docs).
-    ``evaluate`` replaces the runner (``masks -> .values/.full/.empty``), e.g. in tests; ``masks`` is
-    :func:`curve_masks` of the same arguments when the caller has built it already (for a prefetch)."""
+    ``evaluate`` replaces the runner (``masks -> .values/.full/.empty``), e.g. in tests; ``masks`` is what
+    :func:`curve_masks` returned for the same arguments, when the caller has built it already (for a prefetch)."""
     _check_ablation(ablation)
     fractions = _check_fractions(fractions)
     if n_random < 0 or n_boot < 1:
         raise ConfigError(f"n_random must be ≥ 0 and n_boot ≥ 1, got {n_random} and {n_boot}.")
     graph = scores.graph
     sizes = sizes_for(fractions, graph.n_edges)
-    masks, rnd = masks if masks is not None else curve_masks(scores, fractions, n_random, seed, prune=prune)
-    if masks.shape[0] != len(sizes) or rnd.shape[:2] != (n_random, len(sizes)):
-        raise ConfigError(f"masks= must be curve_masks of the same fractions and n_random ({len(sizes)} sizes, "
-                          f"{n_random} random sets); got {tuple(masks.shape)} and {tuple(rnd.shape)}.")
+    masks, rnd = curve_masks(scores, fractions, n_random, seed, prune=prune) if masks is None else _given_masks(
+        masks, {"level": "edge", "scores": scores, "fractions": tuple(fractions), "n_random": int(n_random),
+                "seed": int(seed), "prune": bool(prune)}, "curve_masks")
     evaluate = evaluate or make_evaluate(model, ctx, ablation)
     return curve_from_masks(graph, masks, rnd, evaluate, fractions=fractions, sizes=sizes, level="edge",
                             method=scores.method, ablation=ablation, n_items=graph.n_edges, n_boot=n_boot,
@@ -612,7 +639,7 @@ def node_effects(model: Any, ctx: Any, graph: EdgeGraph, ablation: str = "counte
 
 def node_curve_masks(graph: EdgeGraph, node_scores: Float[Tensor, " n_nodes"],
                      fractions: Sequence[float] = DEFAULT_FRACTIONS, n_random: int = 3, seed: int = 0
-                     ) -> tuple[Bool[Tensor, "s w r"], Bool[Tensor, "n_random s w r"]]:
+                     ) -> CurveMasks:
     """The masks :func:`node_curve` evaluates: the top heads/MLPs by |node score| at each fraction and
     ``n_random`` random node sets of each size, as edge masks (for :meth:`MemoEvaluate.prefetch`)."""
     fractions = _check_fractions(fractions)
@@ -636,7 +663,8 @@ def node_curve_masks(graph: EdgeGraph, node_scores: Float[Tensor, " n_nodes"],
     masks = node_set_masks(graph, keep)
     rnd = torch.stack([node_set_masks(graph, k) for k in rkeep]) if rkeep else \
         torch.zeros(0, len(sizes), graph.n_writers, graph.n_readers, dtype=torch.bool)
-    return masks, rnd
+    return CurveMasks(masks, rnd, level="node", graph=graph.to_dict(), node_scores=tuple(ns.tolist()),
+                      fractions=tuple(fractions), n_random=int(n_random), seed=int(seed))
 
 
 def node_curve(model: Any, ctx: Any, graph: EdgeGraph, node_scores: Float[Tensor, " n_nodes"],
@@ -646,14 +674,14 @@ def node_curve(model: Any, ctx: Any, graph: EdgeGraph, node_scores: Float[Tensor
                masks: tuple[Tensor, Tensor] | None = None) -> Curve:
     """Node-level curve: the top ``k`` heads/MLPs by |node score| at each fraction of the nodes, as edge masks
     (:func:`node_set_masks`), against random node sets of the same sizes; same runner, same statistics.
-    ``masks``: :func:`node_curve_masks` of the same arguments, when already built."""
+    ``masks``: what :func:`node_curve_masks` returned for the same arguments, when already built."""
     _check_ablation(ablation)
     fractions = _check_fractions(fractions)
     sizes = sizes_for(fractions, len(node_names(graph)))
-    masks, rnd = masks if masks is not None else node_curve_masks(graph, node_scores, fractions, n_random, seed)
-    if masks.shape[0] != len(sizes) or rnd.shape[:2] != (n_random, len(sizes)):
-        raise ConfigError(f"masks= must be node_curve_masks of the same fractions and n_random ({len(sizes)} sizes, "
-                          f"{n_random} random sets); got {tuple(masks.shape)} and {tuple(rnd.shape)}.")
+    masks, rnd = node_curve_masks(graph, node_scores, fractions, n_random, seed) if masks is None else _given_masks(
+        masks, {"level": "node", "graph": graph.to_dict(),
+                "node_scores": tuple(torch.as_tensor(node_scores, dtype=torch.float64).flatten().tolist()),
+                "fractions": tuple(fractions), "n_random": int(n_random), "seed": int(seed)}, "node_curve_masks")
     names = node_names(graph)
     order = torch.argsort(torch.as_tensor(node_scores, dtype=torch.float64).abs(), descending=True, stable=True)
     evaluate = evaluate or make_evaluate(model, ctx, ablation)
@@ -663,7 +691,8 @@ def node_curve(model: Any, ctx: Any, graph: EdgeGraph, node_scores: Float[Tensor
                             config={"node_order": [names[i] for i in order.tolist()]})
 
 
-__all__ = ["ABLATIONS", "Curve", "DEFAULT_FRACTIONS", "MemoEvaluate", "bootstrap_faithfulness", "curve_figure",
+__all__ = ["ABLATIONS", "Curve", "CurveMasks", "DEFAULT_FRACTIONS", "MemoEvaluate", "bootstrap_faithfulness",
+           "curve_figure",
            "curve_from_masks", "curve_masks", "faithfulness_curve", "faithfulness_of", "masks_from_order",
            "node_curve", "node_curve_masks", "node_effects", "node_names", "node_scores_from_edges",
            "node_set_masks", "percentile_ci", "prune_dangling", "random_masks", "reader_owner", "sizes_for",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of docs/performance.md in one call on a lent machine with no network (issue 14): wordpos and the
 # packages the machine's image lacks travel as wheels in .whl/ (git-ignored; `.venv/bin/python
-# scripts/device_wheels.py` builds them all, ~37 MiB: see its docstring). Writes the JSON records under $OUT and every log, with
+# scripts/device_wheels.py` builds them all, ~36 MiB: see its docstring). Writes the JSON records under $OUT and every log, with
 # PROFILE=1 also a cProfile of the SmolLM2-architecture benchmark (last, so a time limit cuts only it), into
 # $OUT/logs.tgz (the device tool brings back at most 8 files).
 set -uo pipefail
@@ -43,8 +43,9 @@ grep -h "END-TO-END" "$OUT/e2e-smollm2.log"
 step smollm2-bf16 python3 scripts/bench.py --model smollm2-arch --device cuda --dtype bfloat16 --out "$OUT/$tag-smollm2-arch-bf16.json" --markdown
 pack  # the records so far are safe before the circuit profile
 step circuit-profile python3 scripts/profile_circuit.py --device cuda --layer 8 --out "$OUT/$tag-circuit-profile-fp32-L8.json"
-# the stage's host share on this machine's CPU (every forward stood in for): the rest of the stage is the device's
-step circuit-host python3 scripts/profile_circuit.py --device cuda --layer 8 --host-only --out "$OUT/$tag-circuit-host-only.json"
+# the stage's host share on this machine's CPU (every forward stood in for, the model on the CPU so that no mask
+# travels to the GPU): the rest of the stage is the device's
+step circuit-host python3 scripts/profile_circuit.py --device cpu --layer 8 --host-only --out "$OUT/$tag-circuit-host-only.json"
 pack
 if [ "${PROFILE:-0}" = 1 ]; then
   step profile python3 -m cProfile -o "$OUT/prof.out" scripts/bench.py --model smollm2-arch --device cuda --keep /tmp/prof-run

@@ -6,7 +6,10 @@ the machine's image holds (``scripts/device_image.txt``). A package the image ho
 venv's is carried too when it is pure Python (transformers, huggingface-hub: the versions the tests ran with); a
 compiled one (torch, numpy, tokenizers...) stays the image's, built for its CUDA and Python. Wheels are fetched for
 the image's Python (3.12, manylinux x86-64) with ``pip download --no-deps``; wordpos itself is built from this
-checkout. Stale wheels in ``.whl/`` are removed (two versions of one package stop the install there).
+checkout. A wheel already in ``.whl/`` in the planned version is kept (one fetched by hand, say); any other is
+removed (two versions of one package stop the install there, and an unneeded one would shadow the image's). Then
+each carried wheel's requirements are checked against the carried versions and the image's, where its list gives
+one (not a whole ``pip check``).
 
     .venv/bin/python scripts/device_wheels.py            # then run(carry=[".whl"], command="... device_run.sh")
 
@@ -41,7 +44,7 @@ make_engine("organism", "nnsight", "cpu", False)
 import bench, device_parity, profile_circuit  # noqa: F401
 from wordpos.circuit.edge_circuit import load_stage_modules
 load_stage_modules()
-print("MODULES=" + json.dumps(sorted({m.split(".")[0] for m in list(sys.modules)})))
+print("FILES=" + json.dumps(sorted({f for m in list(sys.modules.values()) if (f := getattr(m, "__file__", None))})))
 """
 
 
@@ -57,14 +60,25 @@ def image_packages(path: Path) -> dict[str, str | None]:
 
 
 def imported_distributions() -> dict[str, str]:
-    """``name -> version`` of the distributions (of this venv) whose top-level modules the probe run imports."""
+    """``name -> version`` of the distributions (of this venv) owning a module file the probe run imported (by the
+    distributions' own file lists: a namespace package such as ``google`` names no distribution by itself)."""
     res = subprocess.run([sys.executable, "-c", PROBE, str(ROOT)], capture_output=True, text=True, cwd=ROOT)
-    line = next((x for x in res.stdout.splitlines() if x.startswith("MODULES=")), None)
+    line = next((x for x in res.stdout.splitlines() if x.startswith("FILES=")), None)
     if res.returncode != 0 or line is None:
         raise SystemExit(f"the import probe failed (rc {res.returncode}):\n{res.stderr[-2000:]}")
-    owners = md.packages_distributions()
-    dists = {canonicalize_name(d) for top in json.loads(line[8:]) for d in owners.get(top, [])}
-    return {d: md.version(d) for d in sorted(dists)}
+    files = {str(Path(f).resolve()) for f in json.loads(line[6:])}
+    found: dict[str, str] = {}
+    for dist in md.distributions():
+        name = canonicalize_name(dist.metadata["Name"])
+        if name in found:
+            continue
+        if name == "wordpos":  # an editable install lists no module files: it is built from this checkout anyway
+            found[name] = dist.version
+            continue
+        modules = (f for f in dist.files or () if f.suffix in (".py", ".so", ".pyd"))
+        if any(str(Path(dist.locate_file(f)).resolve()) in files for f in modules):
+            found[name] = dist.version
+    return dict(sorted(found.items()))
 
 
 def is_pure(name: str) -> bool:
@@ -74,26 +88,32 @@ def is_pure(name: str) -> bool:
 
 
 def plan(imported: dict[str, str], image: dict[str, str | None]) -> dict[str, str]:
-    """``name -> reason`` of the distributions to carry (wordpos itself is built, not listed)."""
+    """``name -> reason`` of the distributions to carry (wordpos itself is built, not listed). A package the image
+    lists without a version is taken as the image's (neither carried nor checked)."""
+    from packaging.version import Version
+
     carry = {}
     for name, version in imported.items():
         if name == "wordpos":
             continue
         if name not in image:
             carry[name] = f"{version}: not in the image"
-        elif image[name] is not None and image[name] != version and is_pure(name):
+        elif image[name] is not None and Version(image[name]) != Version(version) and is_pure(name):
             carry[name] = f"{version}: the image has {image[name]} (pure Python: the tested version travels)"
     return carry
 
 
 def unmet(wheels: list[Path], image: dict[str, str | None], python_version: str) -> list[str]:
-    """``pip check`` for the machine, done here: each carried wheel's requirements (extras left out) against the
-    carried versions and the image's versions, where known; the conflicts."""
+    """Each carried wheel's requirements (extras left out) against the carried versions and the image's, where the
+    image's list gives one: the conflicts. (Not a whole ``pip check``: the image's own packages' requirements on a
+    carried version, and packages the list names without a version, are not checked.)"""
     import zipfile
 
     from packaging.requirements import Requirement
+    from packaging.version import Version
 
-    env = {"python_version": python_version, "python_full_version": python_version + ".3", "sys_platform": "linux",
+    v = Version(python_version)
+    env = {"python_version": f"{v.major}.{v.minor}", "python_full_version": python_version, "sys_platform": "linux",
            "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
            "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
     have: dict[str, str | None] = dict(image)
@@ -118,10 +138,12 @@ def unmet(wheels: list[Path], image: dict[str, str | None], python_version: str)
 
 
 def main() -> None:
+    from packaging.version import Version
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / ".whl")
     ap.add_argument("--image", type=Path, default=ROOT / "scripts" / "device_image.txt")
-    ap.add_argument("--python-version", default="3.12")
+    ap.add_argument("--python-version", default="3.12.3", help="the image's Python (major.minor.micro)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan, download nothing")
     args = ap.parse_args()
 
@@ -133,29 +155,41 @@ def main() -> None:
     if args.dry_run:
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        pins = [f"{name}=={imported[name]}" for name in carry]
-        plat = [x for p in PLATFORMS for x in ("--platform", p)]
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                        "--python-version", args.python_version, "--implementation", "cp", *plat, "-d", tmp, *pins],
-                       check=True)
+    want = {name: Version(imported[name]) for name in carry}
+
+    def ident(path: Path) -> tuple[str, Version]:
+        name, version, *_ = parse_wheel_filename(path.name)
+        return canonicalize_name(str(name)), version
+
+    # a wheel already there in the planned version (one fetched by hand, say) is kept; any other goes: one version of
+    # each package, and none the machine does not need (the install there shadows the image's own packages)
+    for old in args.out.glob("*.whl"):
+        name, version = ident(old)
+        if name != "wordpos" and want.get(name) != version:
+            old.unlink()
+    have = {ident(p)[0] for p in args.out.glob("*.whl")}
+    plat = [x for p in PLATFORMS for x in ("--platform", p)]
+    v = Version(args.python_version)
+    for pin in [f"{name}=={imported[name]}" for name in carry if name not in have]:  # one at a time: a miss is named
+        res = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                              "--python-version", f"{v.major}.{v.minor}", "--implementation", "cp", *plat,
+                              "-d", str(args.out), pin], capture_output=True, text=True)
+        if res.returncode != 0:
+            said = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "no message"
+            raise SystemExit(f"pip found no wheel of {pin} for CPython {v.major}.{v.minor} on manylinux x86-64 "
+                             f"({said}). Fetch one by hand into {args.out} (the device tool's README: other --platform "
+                             "tags) and run this again: the wheels already there in the planned version are kept.")
+    with tempfile.TemporaryDirectory() as tmp:  # wordpos from this checkout, replacing an older build
         subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp, str(ROOT)], check=True)
-        fresh = {p.name: p for p in Path(tmp).glob("*.whl")}
-        wanted = set(carry) | {"wordpos"}
-        got = {canonicalize_name(str(parse_wheel_filename(n)[0])) for n in fresh}
-        if wanted - got:
-            raise SystemExit(f"no wheel came for {sorted(wanted - got)}; fetch them by hand (see the device tool's "
-                             f"README) into {args.out}")
-        for old in args.out.glob("*.whl"):  # one version of each package: the install refuses two
-            if old.name not in fresh:
-                old.unlink()
-        for name, path in fresh.items():
-            path.replace(args.out / name)
+        for old in args.out.glob("wordpos-*.whl"):
+            old.unlink()
+        for path in Path(tmp).glob("wordpos-*.whl"):
+            path.replace(args.out / path.name)
     wheels = sorted(args.out.glob("*.whl"))
     for problem in unmet(wheels, image, args.python_version):
         print("warning:", problem)
     total = sum(p.stat().st_size for p in wheels)
-    print(f"{len(fresh)} wheels in {args.out}: {total / 2**20:.1f} MiB (the device tool carries 64 MiB with the "
+    print(f"{len(wheels)} wheels in {args.out}: {total / 2**20:.1f} MiB (the device tool carries 64 MiB with the "
           f"working tree)")
 
 

@@ -70,7 +70,7 @@ def host_only(engine, ctx, work: Path, repeats: int = 5) -> dict:
     g = runner.graph
     gen = torch.Generator().manual_seed(0)
     truth = 0.01 * torch.rand(g.n_writers, g.n_readers, generator=gen) * g.valid
-    # a planted circuit of a dozen edges (paths input -> head/MLP -> probe), so the selected circuit is as small as
+    # a planted circuit of 13 edges (paths input -> head/MLP -> probe), so the selected circuit is as small as
     # a real one and the figures and exports cost what they cost there
     planted = ["input->probe"] + [e for L in (0, g.probe_layer // 2, g.probe_layer)
                                   for e in (f"input->a{L}.h0<v>", f"a{L}.h0->probe", f"input->m{L}", f"m{L}->probe")]
@@ -80,16 +80,18 @@ def host_only(engine, ctx, work: Path, repeats: int = 5) -> dict:
     def values(self, keep_not, n_circuits=None, **_):
         kn = keep_not(0, n_circuits) if callable(keep_not) else keep_not
         lost = (kn.double().cpu() * truth).sum((1, 2)) / truth.sum()
-        return (1 - lost)[:, None] + 0.01 * torch.randn(kn.shape[0], len(self.pairs), generator=gen, dtype=torch.float64)
+        noise = torch.randn(kn.shape[0], len(self.pairs), generator=gen, dtype=torch.float64)
+        return (1 - lost)[:, None] + 0.01 * noise
 
     def scores(model, ctx, method="eap-ig", steps=5, **_):
         return EdgeScores(g, (-truth + 0.05 * torch.randn(truth.shape, generator=gen)).double() * g.valid, method,
                           "probe", len(runner.pairs), {})
 
     best: dict[str, float] = {}
+    ones = lambda self: torch.ones(len(self.pairs), dtype=torch.float64)  # noqa: E731
     with mock.patch.object(EdgeRunner, "__init__", lambda self, *a, **k: self.__dict__.update(runner.__dict__)), \
             mock.patch.object(EdgeRunner, "evaluate_keep_not", values), \
-            mock.patch.object(EdgeRunner, "clean_values", lambda self: torch.ones(len(self.pairs), dtype=torch.float64)), \
+            mock.patch.object(EdgeRunner, "clean_values", ones), \
             mock.patch("wordpos.patching.eap.score_edges", scores):
         for i in range(repeats + 1):  # the first: warm-up
             t0 = time.perf_counter()
@@ -138,7 +140,8 @@ def main() -> None:
     ap.add_argument("--cold-profile", action="store_true",
                     help="cProfile the first (cold) call (its seconds then include the profiler's overhead)")
     ap.add_argument("--host-only", action="store_true",
-                    help="only the host's share of the stage: every forward replaced by an instant stand-in (host_only)")
+                    help="only the host's share of the stage: every forward replaced by an instant stand-in "
+                    "(host_only)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 

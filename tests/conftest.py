@@ -56,8 +56,9 @@ def can_export_png(tmp_path_factory) -> bool:
     import plotly.io as pio
 
     path = tmp_path_factory.mktemp("png-probe") / "probe.png"
-    try:
-        pio.write_image(go.Figure(go.Scatter(x=[0], y=[0])), str(path), format="png")
+    try:  # the call wordpos makes (probing.plots._write_images): a batch, with sizes and scales
+        pio.write_images([go.Figure(go.Scatter(x=[0], y=[0]))], [str(path)], format="png", scale=[2.0], width=[700],
+                         height=[500])
     except Exception:  # kaleido without a browser, ...
         return False
     return path.exists() and path.stat().st_size > 0

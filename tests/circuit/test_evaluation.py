@@ -102,6 +102,8 @@ def test_percentile_ci_is_numpys_percentile_interval():
         np.testing.assert_allclose([lo, hi], ref)
     clean = samples[np.isfinite(samples).all(1)]  # without NaN (the fast path): the same as numpy's nanpercentile
     np.testing.assert_array_equal(percentile_ci(clean), np.nanpercentile(clean, [2.5, 97.5], axis=0))
+    for one_d in (clean[:, 0], samples[:, 1]):  # one curve's samples ([n_boot]), with and without a NaN
+        np.testing.assert_array_equal(percentile_ci(one_d), np.nanpercentile(one_d, [2.5, 97.5]))
     lo, hi = percentile_ci(samples)
     assert np.all(np.abs(lo + 1.96) < 0.2) and np.all(np.abs(hi - 1.96) < 0.2)  # the normal's 2.5% / 97.5% points
 
@@ -434,10 +436,24 @@ def test_prefetch_runs_every_known_circuit_in_one_call_and_changes_no_number():
     # as the stage does: the curves take the masks it built for the prefetch (and a wrong set is refused)
     c1 = faithfulness_curve(None, None, s, n_random=3, seed=2, evaluate=memo, masks=cm)
     n1 = node_curve(None, None, g, ns, n_random=3, seed=2, evaluate=memo, masks=nm)
-    with pytest.raises(ConfigError, match="masks= must be curve_masks"):
-        faithfulness_curve(None, None, s, n_random=2, seed=2, evaluate=memo, masks=cm)
-    with pytest.raises(ConfigError, match="masks= must be node_curve_masks"):
-        node_curve(None, None, g, ns, n_random=2, seed=2, evaluate=memo, masks=nm)
+    # another curve's masks, even of the same shapes, are refused: each argument they were built from must match
+    refused = {"curve_masks": [dict(n_random=2, seed=2), dict(n_random=3, seed=3), dict(n_random=3, seed=2, prune=False),
+                               dict(n_random=3, seed=2, fractions=(0.01, 0.03, 0.06, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0))],
+               "node_curve_masks": [dict(n_random=2, seed=2), dict(n_random=3, seed=4)]}
+    for kw in refused["curve_masks"]:
+        with pytest.raises(ConfigError, match="masks= must be what curve_masks returned"):
+            faithfulness_curve(None, None, s, evaluate=memo, masks=cm, **kw)
+    with pytest.raises(ConfigError, match="masks= must be what curve_masks returned"):
+        faithfulness_curve(None, None, s, n_random=3, seed=2, evaluate=memo, masks=nm)  # the node curve's
+    with pytest.raises(ConfigError, match="masks= must be what curve_masks returned"):
+        faithfulness_curve(None, None, _scores(g, seed=6), n_random=3, seed=2, evaluate=memo, masks=cm)  # other scores
+    with pytest.raises(ConfigError, match="masks= must be what curve_masks returned"):
+        faithfulness_curve(None, None, s, n_random=3, seed=2, evaluate=memo, masks=tuple(cm))  # a plain pair
+    for kw in refused["node_curve_masks"]:
+        with pytest.raises(ConfigError, match="masks= must be what node_curve_masks returned"):
+            node_curve(None, None, g, ns, evaluate=memo, masks=nm, **kw)
+    with pytest.raises(ConfigError, match="masks= must be what node_curve_masks returned"):
+        node_curve(None, None, g, ns + 1, n_random=3, seed=2, evaluate=memo, masks=nm)  # other node scores
     assert inner.calls == 1  # both curves came from the prefetch
     sel = select_circuit(None, None, s, target=0.8, evaluate=memo)
     assert inner.calls == sel.rounds  # the first round was prefetched: one call per later round
