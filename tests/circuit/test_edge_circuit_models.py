@@ -118,6 +118,11 @@ def test_circuit_command_writes_the_edge_circuit(planted_model, planted_probe, t
     from wordpos.probing.engines import as_engine
 
     planted_probe.save(tmp_path / "probe")
+    # modules that bind make_engine by name on import must be imported before the patch, or (run first, as in
+    # `pytest tests/circuit tests/patching/test_cli.py`) they keep the planted stand-in for every later test
+    import wordpos.patching.experiment  # noqa: F401
+    import wordpos.probing.experiment  # noqa: F401
+
     monkeypatch.setattr("wordpos.probing.engines.make_engine", lambda *a, **k: as_engine(planted_model))
     out = tmp_path / "run"
     assert main(["circuit", "--model", "planted", "--probe", str(tmp_path / "probe"), "--out", str(out),
