@@ -40,8 +40,8 @@ from wordpos.probing.errors import ConfigError
 RULES = ("top-n", "greedy")
 EDGE_CIRCUIT_FORMAT = "wordpos.edge_circuit/1"
 
-__all__ = ["EdgeCircuit", "RULES", "STAGE_MODULES", "edge_circuit_stage", "edge_order", "first_round_masks", "greedy_order",
-           "load_stage_modules", "node_view", "prune_dangling", "select_circuit"]
+__all__ = ["EdgeCircuit", "RULES", "STAGE_MODULES", "edge_circuit_stage", "edge_order", "first_round_masks",
+           "greedy_order", "load_stage_modules", "node_view", "prune_dangling", "select_circuit"]
 
 
 def greedy_order(scores: EdgeScores) -> Tensor:

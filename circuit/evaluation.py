@@ -567,6 +567,21 @@ class CurveMasks(tuple):
         return obj
 
 
+def _edge_curve_source(scores: EdgeScores, fractions: Sequence[float], n_random: int, seed: int, prune: bool
+                       ) -> dict[str, Any]:
+    """What :func:`curve_masks` builds its masks from (its ``made_of``; :func:`faithfulness_curve` checks it)."""
+    return {"level": "edge", "scores": scores, "fractions": tuple(fractions), "n_random": int(n_random),
+            "seed": int(seed), "prune": bool(prune)}
+
+
+def _node_curve_source(graph: EdgeGraph, node_scores: Any, fractions: Sequence[float], n_random: int, seed: int
+                       ) -> dict[str, Any]:
+    """What :func:`node_curve_masks` builds its masks from (its ``made_of``; :func:`node_curve` checks it)."""
+    return {"level": "node", "graph": graph.to_dict(),
+            "node_scores": tuple(torch.as_tensor(node_scores, dtype=torch.float64).flatten().tolist()),
+            "fractions": tuple(fractions), "n_random": int(n_random), "seed": int(seed)}
+
+
 def _given_masks(masks: Any, expected: dict[str, Any], builder: str) -> tuple[Tensor, Tensor]:
     """``masks`` when :func:`curve_masks`/:func:`node_curve_masks` built them from ``expected``; else ConfigError."""
     made = getattr(masks, "made_of", None)
@@ -585,10 +600,9 @@ def curve_masks(scores: EdgeScores, fractions: Sequence[float] = DEFAULT_FRACTIO
     sets of each size (for :meth:`MemoEvaluate.prefetch`)."""
     fractions = _check_fractions(fractions)
     sizes = sizes_for(fractions, scores.graph.n_edges)
-    return CurveMasks(top_n_masks(scores, sizes, prune=prune), random_masks(scores.graph, sizes, n_random, seed,
-                                                                            prune=prune),
-                      level="edge", scores=scores, fractions=tuple(fractions), n_random=int(n_random), seed=int(seed),
-                      prune=bool(prune))
+    return CurveMasks(top_n_masks(scores, sizes, prune=prune),
+                      random_masks(scores.graph, sizes, n_random, seed, prune=prune),
+                      **_edge_curve_source(scores, fractions, n_random, seed, prune))
 
 
 def faithfulness_curve(model: Any, ctx: Any, scores: EdgeScores,
@@ -607,8 +621,7 @@ def faithfulness_curve(model: Any, ctx: Any, scores: EdgeScores,
     graph = scores.graph
     sizes = sizes_for(fractions, graph.n_edges)
     masks, rnd = curve_masks(scores, fractions, n_random, seed, prune=prune) if masks is None else _given_masks(
-        masks, {"level": "edge", "scores": scores, "fractions": tuple(fractions), "n_random": int(n_random),
-                "seed": int(seed), "prune": bool(prune)}, "curve_masks")
+        masks, _edge_curve_source(scores, fractions, n_random, seed, prune), "curve_masks")
     evaluate = evaluate or make_evaluate(model, ctx, ablation)
     return curve_from_masks(graph, masks, rnd, evaluate, fractions=fractions, sizes=sizes, level="edge",
                             method=scores.method, ablation=ablation, n_items=graph.n_edges, n_boot=n_boot,
@@ -663,8 +676,7 @@ def node_curve_masks(graph: EdgeGraph, node_scores: Float[Tensor, " n_nodes"],
     masks = node_set_masks(graph, keep)
     rnd = torch.stack([node_set_masks(graph, k) for k in rkeep]) if rkeep else \
         torch.zeros(0, len(sizes), graph.n_writers, graph.n_readers, dtype=torch.bool)
-    return CurveMasks(masks, rnd, level="node", graph=graph.to_dict(), node_scores=tuple(ns.tolist()),
-                      fractions=tuple(fractions), n_random=int(n_random), seed=int(seed))
+    return CurveMasks(masks, rnd, **_node_curve_source(graph, ns, fractions, n_random, seed))
 
 
 def node_curve(model: Any, ctx: Any, graph: EdgeGraph, node_scores: Float[Tensor, " n_nodes"],
@@ -679,9 +691,7 @@ def node_curve(model: Any, ctx: Any, graph: EdgeGraph, node_scores: Float[Tensor
     fractions = _check_fractions(fractions)
     sizes = sizes_for(fractions, len(node_names(graph)))
     masks, rnd = node_curve_masks(graph, node_scores, fractions, n_random, seed) if masks is None else _given_masks(
-        masks, {"level": "node", "graph": graph.to_dict(),
-                "node_scores": tuple(torch.as_tensor(node_scores, dtype=torch.float64).flatten().tolist()),
-                "fractions": tuple(fractions), "n_random": int(n_random), "seed": int(seed)}, "node_curve_masks")
+        masks, _node_curve_source(graph, node_scores, fractions, n_random, seed), "node_curve_masks")
     names = node_names(graph)
     order = torch.argsort(torch.as_tensor(node_scores, dtype=torch.float64).abs(), descending=True, stable=True)
     evaluate = evaluate or make_evaluate(model, ctx, ablation)
@@ -692,8 +702,7 @@ def node_curve(model: Any, ctx: Any, graph: EdgeGraph, node_scores: Float[Tensor
 
 
 __all__ = ["ABLATIONS", "Curve", "CurveMasks", "DEFAULT_FRACTIONS", "MemoEvaluate", "bootstrap_faithfulness",
-           "curve_figure",
-           "curve_from_masks", "curve_masks", "faithfulness_curve", "faithfulness_of", "masks_from_order",
-           "node_curve", "node_curve_masks", "node_effects", "node_names", "node_scores_from_edges",
+           "curve_figure", "curve_from_masks", "curve_masks", "faithfulness_curve", "faithfulness_of",
+           "masks_from_order", "node_curve", "node_curve_masks", "node_effects", "node_names", "node_scores_from_edges",
            "node_set_masks", "percentile_ci", "prune_dangling", "random_masks", "reader_owner", "sizes_for",
            "top_n_masks", "trapezoid"]

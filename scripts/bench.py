@@ -156,26 +156,22 @@ def _depth_sum(res: Any, probe_layer: int, layer_axis: str = "layer") -> float:
     return float(sum(int(c) * max(probe_layer + 1 - L, 0) for L, c in enumerate(per_layer)))
 
 
-def fits_and_plots(run: Path, probe_timings: dict[str, Any], parts: dict[str, dict[str, float]] | None = None
-                   ) -> dict[str, float]:
-    """Seconds each stage spent fitting probes and drawing and writing figures, as the stages recorded them: the
-    probe stage's fits and plots, each patching stage's figures (and the ablation stage's refits), the circuit
-    stage's rendering and exports. ``parts`` (a dict) receives each stage's terms apart (fits, figures)."""
-    parts = {} if parts is None else parts
-    parts["probe (all layers)"] = {"fits": float(probe_timings.get("probes_s") or 0),
-                                   "figures": float(probe_timings.get("plots_s") or 0)}
-    out = {"probe (all layers)": float(probe_timings.get("probes_s") or 0) + float(probe_timings.get("plots_s") or 0)}
+def fits_and_plots(run: Path, probe_timings: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Seconds each stage spent fitting probes and drawing and writing figures, as the stages recorded them, by part:
+    the probe stage's fits and plots, each patching stage's figures (and the ablation stage's refits), the circuit
+    stage's rendering and exports."""
+    parts = {"probe (all layers)": {"fits": float(probe_timings.get("probes_s") or 0),
+                                    "figures": float(probe_timings.get("plots_s") or 0)}}
     for method, stage in (("activation", "activation patching"), ("attribution", "attribution patching"),
                           ("path", "path patching"), ("ablation", "ablation")):
         s = _json(run / f"patch_{method}" / "summary.json")
         if "figures_s" in s.get("timings", {}):
             refit = ((s.get("top_k_ablation") or {}).get("config") or {}).get("timings", {}).get("refit_s", 0.0)
-            out[stage] = float(s["timings"]["figures_s"]) + float(refit)
             parts[stage] = {"figures": float(s["timings"]["figures_s"]), "refits": float(refit)}
     render = (_json(run / "circuit" / "circuit.json").get("timings_s") or {}).get("render")
     if render is not None:
-        out["circuit"] = float(render)
-    return out
+        parts["circuit"] = {"figures and exports": float(render)}
+    return parts
 
 
 def stage_work(run: Path, summary: dict[str, Any], n_layers: int, prompt_tokens: float) -> dict[str, dict[str, Any]]:
@@ -359,8 +355,8 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
             "terms": {"N": plain["n_prompts"], "T_mean": plain["mean_tokens_per_prompt"], "n_layers": dims.n_layers,
                       "collect_s": t_probe.get("residuals_s"), "checkpoint_s": t_probe.get("residuals_checkpoint_s"), "fits_s": t_probe.get("probes_s"),
                       "plots_s": t_probe.get("plots_s")}}, **works}
-        side_parts: dict[str, dict[str, float]] = {}
-        side = fits_and_plots(Path(run_dir), t_probe, side_parts)
+        side_parts = fits_and_plots(Path(run_dir), t_probe)
+        side = {stage: sum(p.values()) for stage, p in side_parts.items()}
         stages = []
         for stage, secs in compute.items():
             row: dict[str, Any] = {"stage": stage, "seconds": float(secs)}
@@ -372,7 +368,7 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
                     row["phases_s"] = wk["phases_s"]
                 if stage in side:
                     row["fits_plots_s"] = side[stage]
-                    if len(side_parts.get(stage, {})) > 1:
+                    if len(side_parts[stage]) > 1:  # (the circuit's one part is fits_plots_s itself)
                         row["fits_plots_parts_s"] = side_parts[stage]
                     row["efficiency_without_fits_plots"] = \
                         float(wk["work"]) / max(float(secs) - side[stage], 1e-9) / rate

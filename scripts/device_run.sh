@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU figures of docs/performance.md in one call on a lent machine with no network (issue 14): wordpos and the
 # packages the machine's image lacks travel as wheels in .whl/ (git-ignored; `.venv/bin/python
-# scripts/device_wheels.py` builds them all, ~36 MiB: see its docstring). Writes the JSON records under $OUT and every log, with
-# PROFILE=1 also a cProfile of the SmolLM2-architecture benchmark (last, so a time limit cuts only it), into
-# $OUT/logs.tgz (the device tool brings back at most 8 files).
+# scripts/device_wheels.py` builds them all, ~36 MiB: see its docstring). Writes the JSON records under $OUT and
+# every log, with PROFILE=1 also a cProfile of the SmolLM2-architecture benchmark (last, so a time limit cuts only
+# it), into $OUT/logs.tgz (the device tool brings back at most 8 files).
 set -uo pipefail
 FINAL=${OUT:-/tmp/out}
 OUT=/tmp/device-run-logs

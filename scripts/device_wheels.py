@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 from packaging.utils import canonicalize_name, parse_wheel_filename
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
@@ -81,6 +82,12 @@ def imported_distributions() -> dict[str, str]:
     return dict(sorted(found.items()))
 
 
+def wheel_id(path: Path) -> tuple[str, Version]:
+    """A wheel file's (canonical package name, version)."""
+    name, version, *_ = parse_wheel_filename(path.name)
+    return canonicalize_name(str(name)), version
+
+
 def is_pure(name: str) -> bool:
     """Whether this venv's copy of ``name`` came from a pure-Python wheel (``Root-Is-Purelib: true``)."""
     wheel = md.distribution(name).read_text("WHEEL") or ""
@@ -90,8 +97,6 @@ def is_pure(name: str) -> bool:
 def plan(imported: dict[str, str], image: dict[str, str | None]) -> dict[str, str]:
     """``name -> reason`` of the distributions to carry (wordpos itself is built, not listed). A package the image
     lists without a version is taken as the image's (neither carried nor checked)."""
-    from packaging.version import Version
-
     carry = {}
     for name, version in imported.items():
         if name == "wordpos":
@@ -110,15 +115,13 @@ def unmet(wheels: list[Path], image: dict[str, str | None], python_version: str)
     import zipfile
 
     from packaging.requirements import Requirement
-    from packaging.version import Version
 
     v = Version(python_version)
     env = {"python_version": f"{v.major}.{v.minor}", "python_full_version": python_version, "sys_platform": "linux",
            "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
            "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
     have: dict[str, str | None] = dict(image)
-    have.update({canonicalize_name(str(parse_wheel_filename(w.name)[0])): str(parse_wheel_filename(w.name)[1])
-                 for w in wheels})
+    have.update({name: str(version) for name, version in map(wheel_id, wheels)})
     problems = []
     for w in wheels:
         with zipfile.ZipFile(w) as z:
@@ -138,8 +141,6 @@ def unmet(wheels: list[Path], image: dict[str, str | None], python_version: str)
 
 
 def main() -> None:
-    from packaging.version import Version
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / ".whl")
     ap.add_argument("--image", type=Path, default=ROOT / "scripts" / "device_image.txt")
@@ -156,18 +157,13 @@ def main() -> None:
         return
     args.out.mkdir(parents=True, exist_ok=True)
     want = {name: Version(imported[name]) for name in carry}
-
-    def ident(path: Path) -> tuple[str, Version]:
-        name, version, *_ = parse_wheel_filename(path.name)
-        return canonicalize_name(str(name)), version
-
     # a wheel already there in the planned version (one fetched by hand, say) is kept; any other goes: one version of
     # each package, and none the machine does not need (the install there shadows the image's own packages)
     for old in args.out.glob("*.whl"):
-        name, version = ident(old)
+        name, version = wheel_id(old)
         if name != "wordpos" and want.get(name) != version:
             old.unlink()
-    have = {ident(p)[0] for p in args.out.glob("*.whl")}
+    have = {wheel_id(p)[0] for p in args.out.glob("*.whl")}
     plat = [x for p in PLATFORMS for x in ("--platform", p)]
     v = Version(args.python_version)
     for pin in [f"{name}=={imported[name]}" for name in carry if name not in have]:  # one at a time: a miss is named
