@@ -1,0 +1,231 @@
+"""The circuit stage's launches, counted on the CPU (issue 14): on a GPU the stage is bound by the host's work per
+operator (the H100 profile: 3,611 kernel launches and ~28,000 aten calls for 0.16 s of device time), and that work
+does not depend on the device, so counting operators here says what a change does there before a GPU times it.
+
+The stage (``circuit.edge_circuit.edge_circuit_stage``, as ``wordpos run`` calls it) runs under a
+``TorchDispatchMode`` that counts every aten operator it dispatches, per phase (scores, prefetch, select, curve, and
+``other``: the runner's set-up, figures and exports), on a NARROW model with SmolLM2-135M's architecture (30 layers,
+9 heads, 3 key/value heads, RMSNorm, RoPE; width 36 instead of 576: operator counts depend on the layer and head
+structure, not the width) and with the accelerator's chunking (``Sizing.accelerator_tokens``, the writer-buffer cap
+of the real width), so batches are split where a GPU would split them.
+
+Counted: ``ops`` (every aten call, views included), ``kernels`` (calls that would launch device work: views,
+allocations and metadata excluded), ``syncs`` (calls that make the host wait for the device: ``.item()``/``float()``,
+``nonzero``, ``torch.equal``, ``bool(tensor)``, ...; device-to-host copies such as ``.cpu()``/``.tolist()`` are not
+dispatched on the CPU and are not counted), and the forwards (``forwards``: lean patched forwards and gradient
+passes, each a run of the model's blocks). Counts are exact and repeatable; they are not times.
+
+    python scripts/count_ops.py                       # probe layer 8, 16 pairs (the benchmark's circuit stage)
+    python scripts/count_ops.py --layer 23 --top 30 --out ops.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import json
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import BUNDLE  # noqa: E402
+
+#: aten calls that make the host wait for the device (their result is read on the host)
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "equal", "is_nonzero", "masked_select", "_unique2", "unique_dim",
+            "unique_consecutive", "item", "allclose", "nonzero_static"}
+#: aten calls that launch no kernel: allocations, metadata and views (views are also told by their schema)
+NO_KERNEL = {"empty", "empty_strided", "empty_like", "lift_fresh", "detach", "alias", "view", "_unsafe_view",
+             "as_strided", "set_", "resize_", "_to_copy_noop", "is_same_size", "sym_size", "sym_stride",
+             "sym_numel", "sym_storage_offset", "_reshape_alias", "clone_noop"}
+PHASES = ("scores", "prefetch", "select", "curve", "other")
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts aten calls by phase (``self.phase``) and by where they would run on a GPU: ``device`` inside the edge
+    runner's calls and the edge scoring (``self.depth`` > 0: the model's blocks, the corrections, the probe's
+    readout), ``host`` elsewhere (masks, pruning, bootstraps, exports: CPU tensors on any device)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase, self.depth = "other", 0
+        self.by_op: Counter[str] = Counter()
+        self.by_phase: dict[str, Counter[str]] = {p: Counter() for p in PHASES}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func._schema.name.split("::")[-1]
+        c = self.by_phase[self.phase]
+        where = "device" if self.depth else "host"
+        c[f"{where}_ops"] += 1
+        if name in SYNC_OPS:
+            c[f"{where}_syncs"] += 1
+        elif not (func.is_view or name in NO_KERNEL):
+            c[f"{where}_kernels"] += 1
+            if self.depth:
+                self.by_op[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    def summary(self, top: int) -> dict[str, Any]:
+        total: Counter[str] = Counter()
+        for c in self.by_phase.values():
+            total.update(c)
+        return {"total": dict(total), "by_phase": {p: dict(c) for p, c in self.by_phase.items()},
+                "top_device_kernels": dict(self.by_op.most_common(top))}
+
+
+def build_narrow_smollm2(directory: Path, width: int = 36, seed: int = 0) -> Path:
+    """A random ``LlamaForCausalLM`` with SmolLM2-135M's layers, heads, key/value heads and tokenizer, ``width`` wide
+    (head size ``width / 9``), as a Hugging Face directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    src = BUNDLE / "smollm2-135m"
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(src / name, directory / name)
+    with gzip.open(src / "tokenizer.json.gz", "rb") as f_in, open(directory / "tokenizer.json", "wb") as f_out:
+        shutil.copyfileobj(f_in, f_out)
+    config = LlamaConfig.from_pretrained(directory)
+    config.head_dim = width // config.num_attention_heads
+    config.hidden_size = config.head_dim * config.num_attention_heads
+    config.intermediate_size = 8 * width // 3
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+@contextlib.contextmanager
+def accelerator_chunking(real_width: int = 576) -> Iterator[None]:
+    """Batches split as on an accelerator: the CPU's token budget is the accelerator's, and the edge runner's
+    writer-buffer cap is computed for the real model's width (8 GiB, as on a GPU)."""
+    from unittest import mock
+
+    from wordpos.patching import edge_runner
+    from wordpos.patching.sizing import Sizing
+
+    def tokens_per_forward(engine: Any, n_writers: int, *, max_tokens: int | None = None, grad: bool = False) -> int:
+        n = min(max_tokens or Sizing().accelerator_tokens, (8 << 30) // max(1, 4 * n_writers * real_width))
+        return max(1, n // 4 if grad and max_tokens is None else n)
+
+    with mock.patch.object(Sizing, "tokens_per_forward", lambda self, device: self.accelerator_tokens), \
+            mock.patch.object(edge_runner, "tokens_per_forward", tokens_per_forward):
+        yield
+
+
+@contextlib.contextmanager
+def phases(counter: OpCounter) -> Iterator[None]:
+    """Tag the stage's calls with their phase (the functions the stage looks up when it runs)."""
+    from unittest import mock
+
+    from wordpos.circuit import edge_circuit, evaluation
+    from wordpos.patching import eap
+
+    def tagged(phase: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*a: Any, **k: Any) -> Any:
+            before, counter.phase = counter.phase, phase
+            try:
+                return fn(*a, **k)
+            finally:
+                counter.phase = before
+        return call
+
+    with mock.patch.object(eap, "score_edges", tagged("scores", eap.score_edges)), \
+            mock.patch.object(evaluation.MemoEvaluate, "prefetch",
+                              tagged("prefetch", evaluation.MemoEvaluate.prefetch)), \
+            mock.patch.object(edge_circuit, "select_circuit", tagged("select", edge_circuit.select_circuit)), \
+            mock.patch.object(evaluation, "faithfulness_curve", tagged("curve", evaluation.faithfulness_curve)), \
+            mock.patch.object(evaluation, "node_curve", tagged("curve", evaluation.node_curve)):
+        yield
+
+
+@contextlib.contextmanager
+def device_regions(counter: OpCounter, forwards: Counter[str]) -> Iterator[None]:
+    """Mark the calls whose operators would run on the GPU (the edge runner's set-up, evaluations and clean values,
+    and the edge scoring) and count the lean forwards (patched and gradient passes through the model's blocks)."""
+    from unittest import mock
+
+    from wordpos.patching import eap
+    from wordpos.patching.edge_runner import EdgeRunner
+    from wordpos.probing.engines.lean import LeanBlocks
+
+    def region(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*a: Any, **k: Any) -> Any:
+            counter.depth += 1
+            try:
+                return fn(*a, **k)
+            finally:
+                counter.depth -= 1
+        return call
+
+    def counted(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*a: Any, **k: Any) -> Any:
+            forwards[counter.phase] += 1
+            return fn(*a, **k)
+        return call
+
+    with contextlib.ExitStack() as stack:
+        for name in ("__init__", "evaluate_keep_not", "clean_values"):
+            stack.enter_context(mock.patch.object(EdgeRunner, name, region(getattr(EdgeRunner, name))))
+        stack.enter_context(mock.patch.object(eap, "score_edges", region(eap.score_edges)))
+        stack.enter_context(mock.patch.object(LeanBlocks, "forward", counted(LeanBlocks.forward)))
+        yield
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layer", type=int, default=8, help="the probe's layer (the circuit's graph ends there)")
+    ap.add_argument("--pairs", type=int, default=16)
+    ap.add_argument("--width", type=int, default=36, help="the narrow model's width (a multiple of 9)")
+    ap.add_argument("--top", type=int, default=15, help="kernels listed by name")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    from wordpos.circuit.edge_circuit import edge_circuit_stage, load_stage_modules
+    from wordpos.patching import make_pairs, prepare
+    from wordpos.probing import WordIndexDataset, WordIndexProbe, as_engine, collect_residuals, load_model
+
+    torch.set_grad_enabled(True)
+    work = Path(tempfile.mkdtemp(prefix="wordpos-ops-"))
+    try:
+        model = load_model(str(build_narrow_smollm2(work / "narrow", args.width)), device="cpu", dtype="float32")
+        engine = as_engine(model)
+        data = WordIndexDataset.default(engine.tokenizer, n_prompts=256, seed=0)
+        L = args.layer
+        acts = collect_residuals(model, data, layers=[L], progress=False)
+        probe = WordIndexProbe(layer=L, model=engine.name).fit(acts.train(L), acts.labels["train"])
+        pairs = make_pairs(engine.tokenizer, args.pairs, vocab=data.vocab, words="test", seed=0)
+        load_stage_modules()
+        with accelerator_chunking():
+            ctx = prepare(engine, pairs, probe, full_base_cache=True)
+            edge_circuit_stage(engine, ctx, work / "warm", progress=False, png=False)  # first-use paths out of the way
+            counter, forwards = OpCounter(), Counter()
+            with device_regions(counter, forwards), phases(counter), counter:
+                s = edge_circuit_stage(engine, ctx, work / "counted", progress=False, png=False)
+        rec = {"model": f"SmolLM2-135M's architecture, width {engine.dims.d_model} (random weights)",
+               "probe_layer": L, "n_pairs": args.pairs, "n_valid_edges": s["n_valid_edges"], "edges": s["edges"],
+               "torch": torch.__version__, "chunking": "accelerator", **counter.summary(args.top),
+               "forwards": dict(forwards)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    t, ph = rec["total"], rec["by_phase"]
+    print(f"circuit stage, probe layer {L}, {args.pairs} pairs, {rec['n_valid_edges']} edges, {rec['forwards']} "
+          "forwards (device: the runner's calls and the scoring; host: the rest)")
+    for p in (*PHASES, "total"):
+        c = t if p == "total" else ph[p]
+        print(f"  {p:9s} device {c.get('device_ops', 0):6,} ops {c.get('device_kernels', 0):6,} kernels "
+              f"{c.get('device_syncs', 0):3} syncs | host {c.get('host_ops', 0):6,} ops {c.get('host_kernels', 0):6,} "
+              f"kernels {c.get('host_syncs', 0):3} syncs")
+    print("  top device kernels:", ", ".join(f"{k} {v}" for k, v in rec["top_device_kernels"].items()))
+    if args.out:
+        args.out.write_text(json.dumps(rec, indent=1) + "\n")
+    return rec
+
+
+if __name__ == "__main__":
+    main()
