@@ -10,5 +10,5 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 .venv/bin/python -m pip install -q ${TORCH_SPEC:-torch==2.13.0} 2>&1 | grep -v "is ignored" || true
 .venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v "is ignored" || true
-.venv/bin/python -c "import torch, transformer_lens, nnsight, probing, patching, circuit" \
+.venv/bin/python -c "import torch, transformer_lens, nnsight, wordpos.probing, wordpos.patching, wordpos.circuit" \
   || { echo "setup.sh: the install did not complete; see the pip output above" >&2; exit 1; }
