@@ -146,6 +146,12 @@ def cmd_head_circuit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _distinct_note(ab: dict) -> str:
+    """`` (10 draws, 1 distinct set)`` when the random control's draws repeat (few other heads in those layers)."""
+    n, d = len(ab.get("random_heads") or []), ab.get("random_distinct_sets")
+    return f" ({n} draws, {d} distinct set{'s' if d != 1 else ''})" if d is not None and d < n else ""
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from wordpos.circuit.pipeline import RunConfig, run_pipeline
 
@@ -162,7 +168,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if ab:
         heads = ", ".join(f"{L}.{h}" for L, h in ab["heads"])
         print(f"{ab['method']}-ablating {heads}: re-fitted probe {ab['refit_accuracy']:.1%} vs position-only "
-              f"{ab['baseline_abs_pos_accuracy']:.1%}; {len(ab['heads'])} random heads: {ab['random_refit_mean']:.1%}")
+              f"{ab['baseline_abs_pos_accuracy']:.1%}; {len(ab['heads'])} random heads: {ab['random_refit_mean']:.1%}"
+              + _distinct_note(ab))
     c = res.summary["circuit"]
     f = c["faithfulness"]
     if "cpr" in c:  # the edge circuit

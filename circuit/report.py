@@ -144,7 +144,7 @@ def write_report(out: str | Path, summary: dict[str, Any]) -> Path:
     ab = summary.get("ablation") or {}
     ab_rows = [{"quantity": k, "value": ab.get(k)} for k in (
         "heads", "method", "clean_accuracy", "accuracy", "refit_accuracy", "baseline_abs_pos_accuracy", "random_mean",
-        "random_refit_mean", "random_refit_std")]
+        "random_refit_mean", "random_refit_std", "random_distinct_sets")]
     circ = summary.get("circuit") or {}
     circ_rows = _circuit_rows(circ)
     att = (summary.get("attention") or {}).get("heads", {})

@@ -86,8 +86,16 @@ class AblationResult:
                  refit_gap_to_baseline=(self.refit_accuracy - self.baseline_abs_pos_accuracy
                                         if self.refit_accuracy is not None else None),
                  random_refit_mean=float(np.mean(rr)) if rr else None,
-                 random_refit_std=float(np.std(rr)) if rr else None)
+                 random_refit_std=float(np.std(rr)) if rr else None,
+                 random_distinct_sets=self.random_distinct_sets)
         return d
+
+    @property
+    def random_distinct_sets(self) -> int:
+        """How many of the random control's draws differ: fewer than the draws when the heads' layers hold few other
+        heads (the organism's layer 1 has exactly one other pair), so that the control's spread over draws is not a
+        spread over head sets."""
+        return len({tuple(sorted(map(tuple, s))) for s in self.random_heads})
 
 
 def _masked_position_mean(z: Tensor, lengths: Tensor) -> Tensor:

@@ -84,6 +84,27 @@ def _clean_resid(model, prompts):
     return c[hooks.resid(1)][prompt, pos].numpy()
 
 
+def test_a_control_with_one_possible_set_says_so(tiny_model, tiny_probe, small_data, capsys):
+    """Layer 1 of the 4-head model holds exactly one pair besides 1.0 and 1.3: every draw is that pair, and the
+    result and the run's printed line say the control has one distinct set (its spread is not a spread over sets)."""
+    from wordpos.circuit.commands import _distinct_note
+
+    res = ablate_heads(tiny_model, tiny_probe, small_data, "1.0,1.3", method="zero", n_random=4, refit=False,
+                       progress=False)
+    assert res.random_heads == [[(1, 1), (1, 2)]] * 4
+    d = res.to_dict()
+    assert d["random_distinct_sets"] == 1 and d["random_std"] == 0
+    assert _distinct_note(d) == " (4 draws, 1 distinct set)"
+    wide = ablate_heads(tiny_model, tiny_probe, small_data, "0.1,1.2", method="zero", n_random=3, refit=False,
+                        progress=False).to_dict()
+    pairs = []  # the distinct draws, by a plain loop
+    for s in wide["random_heads"]:
+        if sorted(s) not in pairs:
+            pairs.append(sorted(s))
+    assert wide["random_distinct_sets"] == len(pairs)
+    assert _distinct_note(wide) == ("" if len(pairs) == 3 else f" (3 draws, {len(pairs)} distinct sets)")
+
+
 def test_random_head_sets_exclude_the_heads_under_test():
     from wordpos.patching.ablation import random_head_sets
 
