@@ -42,8 +42,9 @@ MODELS = ("organism", "smollm2-135m", "smollm2-arch", "planted")
 
 
 # ------------------------------------------------------------------------------------------------- models
-def build_smollm2_arch(directory: Path, seed: int = 0) -> Path:
-    """A randomly initialised LlamaForCausalLM with SmolLM2-135M's config and tokenizer, as an HF directory."""
+def build_smollm2_arch(directory: Path, seed: int = 0, width: int | None = None) -> Path:
+    """A randomly initialised LlamaForCausalLM with SmolLM2-135M's config and tokenizer, as an HF directory;
+    ``width`` (a multiple of the 9 heads) makes it that narrow, layers and heads kept (``scripts/count_ops.py``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     src = BUNDLE / "smollm2-135m"
@@ -53,6 +54,10 @@ def build_smollm2_arch(directory: Path, seed: int = 0) -> Path:
     with gzip.open(src / "tokenizer.json.gz", "rb") as f_in, open(directory / "tokenizer.json", "wb") as f_out:
         shutil.copyfileobj(f_in, f_out)
     config = LlamaConfig.from_pretrained(directory)
+    if width is not None:
+        config.head_dim = width // config.num_attention_heads
+        config.hidden_size = config.head_dim * config.num_attention_heads
+        config.intermediate_size = 8 * width // 3
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.save_pretrained(directory)

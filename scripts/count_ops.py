@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gzip
 import json
 import shutil
 import sys
@@ -36,7 +35,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import BUNDLE  # noqa: E402
+from bench import build_smollm2_arch  # noqa: E402
+from profile_circuit import probe_context  # noqa: E402
 
 #: aten calls that make the host wait for the device (their result is read on the host)
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "equal", "is_nonzero", "masked_select", "_unique2", "unique_dim",
@@ -78,26 +78,6 @@ class OpCounter(TorchDispatchMode):
             total.update(c)
         return {"total": dict(total), "by_phase": {p: dict(c) for p, c in self.by_phase.items()},
                 "top_device_kernels": dict(self.by_op.most_common(top))}
-
-
-def build_narrow_smollm2(directory: Path, width: int = 36, seed: int = 0) -> Path:
-    """A random ``LlamaForCausalLM`` with SmolLM2-135M's layers, heads, key/value heads and tokenizer, ``width`` wide
-    (head size ``width / 9``), as a Hugging Face directory."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    src = BUNDLE / "smollm2-135m"
-    directory.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(src / name, directory / name)
-    with gzip.open(src / "tokenizer.json.gz", "rb") as f_in, open(directory / "tokenizer.json", "wb") as f_out:
-        shutil.copyfileobj(f_in, f_out)
-    config = LlamaConfig.from_pretrained(directory)
-    config.head_dim = width // config.num_attention_heads
-    config.hidden_size = config.head_dim * config.num_attention_heads
-    config.intermediate_size = 8 * width // 3
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    return directory
 
 
 @contextlib.contextmanager
@@ -187,22 +167,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
 
     from wordpos.circuit.edge_circuit import edge_circuit_stage, load_stage_modules
-    from wordpos.patching import make_pairs, prepare
-    from wordpos.probing import WordIndexDataset, WordIndexProbe, as_engine, collect_residuals, load_model
+    from wordpos.probing import load_model
 
-    torch.set_grad_enabled(True)
     work = Path(tempfile.mkdtemp(prefix="wordpos-ops-"))
     try:
-        model = load_model(str(build_narrow_smollm2(work / "narrow", args.width)), device="cpu", dtype="float32")
-        engine = as_engine(model)
-        data = WordIndexDataset.default(engine.tokenizer, n_prompts=256, seed=0)
+        model = load_model(str(build_smollm2_arch(work / "narrow", width=args.width)), device="cpu", dtype="float32")
         L = args.layer
-        acts = collect_residuals(model, data, layers=[L], progress=False)
-        probe = WordIndexProbe(layer=L, model=engine.name).fit(acts.train(L), acts.labels["train"])
-        pairs = make_pairs(engine.tokenizer, args.pairs, vocab=data.vocab, words="test", seed=0)
-        load_stage_modules()
         with accelerator_chunking():
-            ctx = prepare(engine, pairs, probe, full_base_cache=True)
+            engine, ctx = probe_context(model, L, args.pairs)
+            load_stage_modules()
             edge_circuit_stage(engine, ctx, work / "warm", progress=False, png=False)  # first-use paths out of the way
             counter, forwards = OpCounter(), Counter()
             with device_regions(counter, forwards), phases(counter), counter:

@@ -126,6 +126,20 @@ def sdpa_choice(engine, layer: int, dtype: str) -> dict:
     return out
 
 
+def probe_context(model: object, layer: int, n_pairs: int) -> tuple[object, object]:
+    """(engine, the patching context of ``n_pairs`` held-out-word pairs) for a probe fitted at ``layer`` on 256
+    prompts: what the circuit stage runs on (``prepare(full_base_cache=True)``, as ``wordpos run``)."""
+    from wordpos.patching import make_pairs, prepare
+    from wordpos.probing import WordIndexDataset, WordIndexProbe, as_engine, collect_residuals
+
+    engine = as_engine(model)
+    data = WordIndexDataset.default(engine.tokenizer, n_prompts=256, seed=0)
+    acts = collect_residuals(model, data, layers=[layer], progress=False)
+    probe = WordIndexProbe(layer=layer, model=engine.name).fit(acts.train(layer), acts.labels["train"])
+    pairs = make_pairs(engine.tokenizer, n_pairs, vocab=data.vocab, words="test", seed=0)
+    return engine, prepare(engine, pairs, probe, full_base_cache=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-arch", help="smollm2-arch (random weights), organism, or a path")
@@ -146,10 +160,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from wordpos.circuit.edge_circuit import edge_circuit_stage
-    from wordpos.patching import make_pairs, prepare
     from wordpos.patching.edge_runner import EdgeRunner
-    from wordpos.probing import WordIndexDataset, WordIndexProbe, as_engine, collect_residuals, load_model
-
+    from wordpos.probing import load_model
     from wordpos.probing.engines.lean import LeanBlocks
 
     if args.sdpa_default:
@@ -157,13 +169,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="wordpos-profile-"))
     path = str(build_smollm2_arch(work / "smollm2-arch")) if args.model == "smollm2-arch" else args.model
     model = load_model(path, device=args.device, dtype=args.dtype)
-    engine = as_engine(model)
-    data = WordIndexDataset.default(engine.tokenizer, n_prompts=256, seed=0)
     L = args.layer
-    acts = collect_residuals(model, data, layers=[L], progress=False)
-    probe = WordIndexProbe(layer=L, model=engine.name).fit(acts.train(L), acts.labels["train"])
-    pairs = make_pairs(engine.tokenizer, args.pairs, vocab=data.vocab, words="test", seed=0)
-    ctx = prepare(engine, pairs, probe, full_base_cache=True)
+    engine, ctx = probe_context(model, L, args.pairs)
+    pairs = ctx.pairs
     if args.host_only:
         rec = {"model": args.model, "probe_layer": L, "n_pairs": args.pairs, "host": device_name(torch.device("cpu")),
                "host_only": host_only(engine, ctx, work)}
