@@ -106,6 +106,45 @@ def test_batched_lbfgs_solves_each_problem_on_its_own():
         assert torch.allclose(W[i], Wi[0], rtol=0, atol=1e-9) and torch.allclose(b[i], bi[0], rtol=0, atol=1e-9)
 
 
+def _two_loop(g, S, Y, rho, scale, head):
+    """The textbook L-BFGS two-loop recursion, pair by pair: slots in ring order, ``head`` the next slot to write
+    (so ``head - 1`` holds the newest pair), ``rho = 0`` a slot to skip, ``H_0 = scale · I``."""
+    m = S.shape[1]
+    order = [(head - 1 - i) % m for i in range(m)]  # newest first
+    q, alpha = -g.clone(), {}
+    for j in order:
+        alpha[j] = rho[:, j] * (S[:, j] * q).sum(-1)
+        q = q - alpha[j][:, None] * Y[:, j]
+    r = q * scale[:, None]
+    for j in reversed(order):
+        beta = rho[:, j] * (Y[:, j] * r).sum(-1)
+        r = r + (alpha[j] - beta)[:, None] * S[:, j]
+    return r
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 10, 16, 17])
+def test_lbfgs_direction_is_the_two_loop_recursion(m):
+    """The batched solver's direction (two nilpotent triangular systems, no loop over the pairs) equals the
+    two-loop recursion for every ring position, with skipped slots and a problem with no usable pair."""
+    from wordpos.probing.probe import lbfgs_direction, recency_masks
+
+    gen = torch.Generator().manual_seed(m)
+    L, F = 4, 30
+    S = torch.randn(L, m, F, generator=gen, dtype=torch.float64)
+    Y = S + 0.3 * torch.randn(L, m, F, generator=gen, dtype=torch.float64)
+    rho = 1 / (S * Y).sum(-1)
+    rho[torch.rand(L, m, generator=gen) < 0.3] = 0
+    rho[0] = 0  # no usable pair: steepest descent scaled by H_0
+    g = torch.randn(L, F, generator=gen, dtype=torch.float64)
+    scale = torch.rand(L, generator=gen, dtype=torch.float64) + 0.5
+    masks = recency_masks(m)
+    for head in range(m):
+        ref = _two_loop(g, S, Y, rho, scale, head)
+        got = lbfgs_direction(g, S, Y, rho, scale, masks[head])
+        assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12 * float(ref.abs().max()))
+    assert torch.allclose(got[0], -scale[0] * g[0], rtol=1e-14, atol=0)
+
+
 def test_solver_errors():
     X, y = _blobs(3)
     with pytest.raises(ConfigError, match="solver"):
