@@ -155,7 +155,7 @@ def lbfgs_direction(g: Float[Tensor, "problem f"], S: Float[Tensor, "problem m f
     def solve(X: Tensor, v: Tensor) -> Tensor:  # (I - X)^{-1} v for a nilpotent X of index <= m
         w, P, k = v, X, 1
         while True:
-            w = w + torch.bmm(P, w)
+            w = torch.baddbmm(w, P, w)
             k *= 2
             if k >= m:
                 return w
@@ -193,15 +193,18 @@ def batched_lbfgs_logreg(Z: Float[Tensor, "problem sample d"], y: Int[Tensor, "s
     Za = torch.cat([Z, Z.new_ones(L, n, 1)], dim=2)  # the intercept as a last feature
     Zt = Za.transpose(1, 2).contiguous()
     onehot = torch.nn.functional.one_hot(y.to(dev).long(), n_classes).to(dt)  # [sample, classes]
-    tgt = onehot[:, 1:] if k == 1 else onehot  # the true class among the k fitted logit columns
+    tgt = (onehot[:, 1:] if k == 1 else onehot).contiguous()  # the true class among the k fitted logit columns
     pen = torch.ones(d + 1, 1, dtype=dt, device=dev)
     pen[d] = 0.0  # intercept unpenalised
     reg = 1.0 / (2.0 * C * n)
     steps = 2.0 ** -torch.arange(-1, 11, dtype=dt, device=dev)  # 2, 1, 1/2, ..., 2^-10
     c1 = 1e-4
 
-    def vdot(a: Tensor, b: Tensor) -> Tensor:  # per-problem dot product over the trailing [d+1, k]
-        return (a * b).sum((-2, -1))
+    def vdot(a: Tensor, b: Tensor) -> Tensor:
+        """Per-problem dot product over the trailing ``[·, k]``, one kernel (``b`` without a problem axis: shared)."""
+        if b.dim() == 2:
+            return torch.mv(a.flatten(1), b.reshape(-1))
+        return torch.bmm(a.flatten(1)[:, None], b.flatten(1)[:, :, None]).view(-1)
 
     def loss_grad(theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         logits = torch.bmm(Za, theta)  # [problem, sample, k]
