@@ -146,7 +146,9 @@ def lbfgs_direction(g: Float[Tensor, "problem f"], S: Float[Tensor, "problem m f
 
     ``N`` is strictly triangular in recency order, so ``X = −diag(ρ) N`` is nilpotent (``X^m = 0``, exactly: the
     zero pattern survives rounding) and ``(I − X)^{-1} = Π_k (I + X^{2^k})`` over ``2^k < m``: a few small matrix
-    products, no solver (nothing that syncs the host or escapes a CUDA graph)."""
+    products, no solver (nothing that syncs the host or escapes a CUDA graph). In float64 (the fits' default) it
+    agrees with the pair-by-pair recursion to ~1e-15; in float32 (the MPS fallback) it is 10-30 times less accurate
+    on nearly collinear histories (~3e-6), still far inside what rounding moves an L-BFGS trajectory by."""
     m = S.shape[1]
     q0 = -g[..., None]  # [problem, f, 1]
     N = torch.bmm(S, Y.transpose(1, 2)).mul_(newer)  # [problem, j, i] = s_j·y_i where i is newer than j
@@ -178,8 +180,9 @@ def batched_lbfgs_logreg(Z: Float[Tensor, "problem sample d"], y: Int[Tensor, "s
     shares one step size across the stacked problems; on a GPU it is bound by launches and syncs.)
 
     Each iteration: the gradient (two batched matmuls), the two-loop recursion's direction over the last
-    ``history_size`` pairs (:func:`lbfgs_direction`: small matrix products, not a loop over the pairs), and a line search that scores 12 step sizes (2, 1, 1/2, ..., 2^-10) in one pass (logits are linear
-    in the step, ``Z(θ + αp) = Zθ + α·Zp``) and takes, per problem, the lowest loss if it meets the Armijo
+    ``history_size`` pairs (:func:`lbfgs_direction`: small matrix products, not a loop over the pairs), and a line
+    search that scores 12 step sizes (2, 1, 1/2, ..., 2^-10) in one pass (logits are linear in the step,
+    ``Z(θ + αp) = Zθ + α·Zp``) and takes, per problem, the lowest loss if it meets the Armijo
     condition (else no step and a fresh history). A problem stops moving once every entry of its gradient is
     below ``tol`` (scikit-learn's rule), or when even a steepest-descent step cannot lower its loss (rounding).
     The host checks once per block whether all have stopped. On CUDA (``cuda_graph`` None or True) a block is

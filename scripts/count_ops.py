@@ -38,14 +38,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import build_smollm2_arch  # noqa: E402
 from profile_circuit import probe_context  # noqa: E402
 
-#: aten calls that make the host wait for the device (their result is read on the host)
+#: aten calls that make the host wait for the device (their result's size or value is read on the host); indexing
+#: with a boolean mask (``index``/``index_put_``) is counted with them (:func:`_syncs`)
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "equal", "is_nonzero", "masked_select", "_unique2", "unique_dim",
-            "unique_consecutive", "item", "allclose", "nonzero_static"}
+            "unique_consecutive", "item", "allclose", "bincount", "repeat_interleave"}
 #: aten calls that launch no kernel: allocations, metadata and views (views are also told by their schema)
-NO_KERNEL = {"empty", "empty_strided", "empty_like", "lift_fresh", "detach", "alias", "view", "_unsafe_view",
+NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "lift_fresh", "detach", "alias", "view", "_unsafe_view",
              "as_strided", "set_", "resize_", "_to_copy_noop", "is_same_size", "sym_size", "sym_stride",
              "sym_numel", "sym_storage_offset", "_reshape_alias", "clone_noop"}
 PHASES = ("scores", "prefetch", "select", "curve", "other")
+
+
+def _syncs(name: str, args: Any, kwargs: Any) -> bool:
+    """Whether the call makes a CUDA host wait: a :data:`SYNC_OPS` member (``repeat_interleave`` only without
+    ``output_size``), or indexing by a boolean mask (CUDA finds the mask's ``nonzero`` first)."""
+    if name == "repeat_interleave":
+        return (kwargs or {}).get("output_size") is None
+    if name in SYNC_OPS:
+        return True
+    if name in ("index", "index_put", "index_put_") and len(args) > 1:
+        return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in (args[1] or ()))
+    return False
 
 
 class OpCounter(TorchDispatchMode):
@@ -64,7 +77,7 @@ class OpCounter(TorchDispatchMode):
         c = self.by_phase[self.phase]
         where = "device" if self.depth else "host"
         c[f"{where}_ops"] += 1
-        if name in SYNC_OPS:
+        if _syncs(name, args, kwargs):
             c[f"{where}_syncs"] += 1
         elif not (func.is_view or name in NO_KERNEL):
             c[f"{where}_kernels"] += 1
@@ -86,7 +99,7 @@ def accelerator_chunking(real_width: int = 576) -> Iterator[None]:
     writer-buffer cap is computed for the real model's width (8 GiB, as on a GPU)."""
     from unittest import mock
 
-    from wordpos.patching import edge_runner
+    from wordpos.patching import eap, edge_runner
     from wordpos.patching.sizing import Sizing
 
     def tokens_per_forward(engine: Any, n_writers: int, *, max_tokens: int | None = None, grad: bool = False) -> int:
@@ -94,7 +107,8 @@ def accelerator_chunking(real_width: int = 576) -> Iterator[None]:
         return max(1, n // 4 if grad and max_tokens is None else n)
 
     with mock.patch.object(Sizing, "tokens_per_forward", lambda self, device: self.accelerator_tokens), \
-            mock.patch.object(edge_runner, "tokens_per_forward", tokens_per_forward):
+            mock.patch.object(edge_runner, "tokens_per_forward", tokens_per_forward), \
+            mock.patch.object(eap, "tokens_per_forward", tokens_per_forward):  # (imported there by name)
         yield
 
 

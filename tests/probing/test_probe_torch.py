@@ -143,6 +143,19 @@ def test_lbfgs_direction_is_the_two_loop_recursion(m):
         got = lbfgs_direction(g, S, Y, rho, scale, masks[head])
         assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12 * float(ref.abs().max()))
     assert torch.allclose(got[0], -scale[0] * g[0], rtol=1e-14, atol=0)
+    # nearly collinear steps of growing length and y = H s: the triangular systems' entries are of order one and
+    # their highest powers matter, so a product stopped one factor early (or late) shows
+    A = torch.randn(F, F, generator=gen, dtype=torch.float64)
+    H = A @ A.T / F + 1e-3 * torch.eye(F, dtype=torch.float64)
+    S = torch.randn(L, 1, F, generator=gen, dtype=torch.float64) + 0.05 * torch.randn(L, m, F, generator=gen,
+                                                                                        dtype=torch.float64)
+    S = S * 2.0 ** torch.arange(m, dtype=torch.float64)[None, :, None]
+    Y = S @ H
+    rho = 1 / (S * Y).sum(-1)
+    for head in range(m):
+        ref = _two_loop(g, S, Y, rho, scale, head)
+        got = lbfgs_direction(g, S, Y, rho, scale, masks[head])
+        assert torch.allclose(got, ref, rtol=1e-9, atol=1e-9 * float(ref.abs().max())), head
 
 
 def test_solver_errors():
