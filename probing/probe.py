@@ -249,12 +249,13 @@ def batched_lbfgs_logreg(Z: Float[Tensor, "problem sample d"], y: Int[Tensor, "s
         p = lbfgs_direction(g.flatten(1), S, Y, rho, scale, newer[head]).view_as(g)
         gp = vdot(g, p)
         Bp = torch.bmm(Za, p)
-        f = cand_loss(logits, Bp) + reg * (vdot(pen * theta, theta)[:, None] + 2 * steps * vdot(pen * theta, p)[:, None]
+        pt = pen * theta
+        f = cand_loss(logits, Bp) + reg * (vdot(pt, theta)[:, None] + 2 * steps * vdot(pt, p)[:, None]
                                             + steps * steps * vdot(pen * p, p)[:, None])
         best = f.argmin(1)
         a_best = steps[best]
         ok = (f.gather(1, best[:, None])[:, 0] <= loss + c1 * a_best * gp) & (gp < 0) & active
-        s = p * torch.where(ok, a_best, torch.zeros_like(a_best))[:, None, None]
+        s = p * (a_best * ok)[:, None, None]  # no step where the line search failed
         theta.add_(s)
         loss_new, g_new, logits_new = loss_grad(theta)
         yv = g_new - g
@@ -262,20 +263,21 @@ def batched_lbfgs_logreg(Z: Float[Tensor, "problem sample d"], y: Int[Tensor, "s
         good = ok & (sy > 1e-10 * yy) & (yy > 0)
         S[:, head].copy_(s.flatten(1))
         Y[:, head].copy_(yv.flatten(1))
-        rho[:, head].copy_(torch.where(good, 1.0 / torch.where(good, sy, torch.ones_like(sy)), torch.zeros_like(sy)))
-        gamma.copy_(torch.where(good, sy / torch.where(good, yy, torch.ones_like(yy)), gamma))
+        # written in place (out=): every kernel saved counts, the fit being bound by its kernels, not its arithmetic
+        torch.div(good, torch.where(good, sy, 1.0), out=rho[:, head])  # 1 / s·y, or 0: a slot to skip
+        torch.where(good, sy / torch.where(good, yy, 1.0), gamma, out=gamma)
         # a rejected step starts the problem's history afresh; a rejected steepest-descent step means no step
         # size can lower the loss any more (rounding): that problem stops, as torch's LBFGS does on no change
         reset = active & ~ok
         stuck = reset & fresh
-        rho.mul_((~reset).to(dt)[:, None])
+        rho.masked_fill_(reset[:, None], 0.0)
         fresh.copy_((fresh & ~good) | reset)
         loss.copy_(loss_new)
         g.copy_(g_new)
         logits.copy_(logits_new)
         it_t.add_(1)
         now = active & (g.abs().amax((1, 2)) > tol) & ~stuck
-        done_at.copy_(torch.where(active & ~now, it_t, done_at))
+        torch.where(active & ~now, it_t, done_at, out=done_at)
         active.copy_(now)
 
     def block() -> None:  # history_size iterations: the ring buffer comes back to slot 0, so every block is alike
