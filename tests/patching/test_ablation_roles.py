@@ -84,7 +84,7 @@ def _clean_resid(model, prompts):
     return c[hooks.resid(1)][prompt, pos].numpy()
 
 
-def test_a_control_with_one_possible_set_says_so(tiny_model, tiny_probe, small_data, capsys):
+def test_a_control_with_one_possible_set_says_so(tiny_model, tiny_probe, small_data):
     """Layer 1 of the 4-head model holds exactly one pair besides 1.0 and 1.3: every draw is that pair, and the
     result and the run's printed line say the control has one distinct set (its spread is not a spread over sets)."""
     from wordpos.circuit.commands import _distinct_note

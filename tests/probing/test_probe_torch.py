@@ -144,7 +144,7 @@ def test_lbfgs_direction_is_the_two_loop_recursion(m):
         assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12 * float(ref.abs().max()))
     assert torch.allclose(got[0], -scale[0] * g[0], rtol=1e-14, atol=0)
     # nearly collinear steps of growing length and y = H s: the triangular systems' entries are of order one and
-    # their highest powers matter, so a product stopped one factor early (or late) shows
+    # their highest powers matter, so a product stopped one factor early shows
     A = torch.randn(F, F, generator=gen, dtype=torch.float64)
     H = A @ A.T / F + 1e-3 * torch.eye(F, dtype=torch.float64)
     S = torch.randn(L, 1, F, generator=gen, dtype=torch.float64) + 0.05 * torch.randn(L, m, F, generator=gen,
