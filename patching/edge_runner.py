@@ -486,7 +486,8 @@ class EdgeRunner:
             if self._valid is None:
                 self._valid = self.graph.valid.to(eng.device, self.dtype)
             ablated_any = (keep_not * self._valid).amax((0, 1)).bool().tolist()
-            D = torch.zeros(C, self.graph.n_writers, b * T * d, dtype=self.dtype, device=eng.device)
+            # every writer's slot is written (put) before a reader after it reads it: no fill needed
+            D = torch.empty(C, self.graph.n_writers, b * T * d, dtype=self.dtype, device=eng.device)
             abl = ablated.expand(-1, b, -1, -1)  # [W, b, t, d] (a view)
             kT = keep_not.transpose(1, 2).contiguous()  # [C, R, W]: contiguous rows, so bmm copies nothing
 
@@ -495,7 +496,7 @@ class EdgeRunner:
         def put(w: slice, out: Tensor) -> None:  # out: [(c b), t, k, d]; D[c, w] = out - ablated, in one kernel
             if D is not None:
                 fused.clear()  # D changes: a product of it is stale (and its memory is free before the MLP)
-                o = out.to(self.dtype).unflatten(0, (C, b)).permute(0, 3, 1, 2, 4)  # [C, k, b, t, d] (a view)
+                o = out.to(self.dtype).view(C, b, *out.shape[1:]).permute(0, 3, 1, 2, 4)  # [C, k, b, t, d] (a view)
                 torch.sub(o, abl[w], out=D[:, w].view(C, -1, b, T, d))
 
         def correction(r: slice, w_end: int) -> Tensor | None:
@@ -518,14 +519,32 @@ class EdgeRunner:
             corr = correction(r, w_end)
             if corr is None:
                 return None
-            a = act.unflatten(0, (C, b))
-            o = torch.empty(a.shape, dtype=a.dtype, device=a.device) if out is None else out.unflatten(0, (C, b))
+            a = act.view(C, b, *act.shape[1:])  # (unflatten's Python wrapper costs more than the view)
+            o = torch.empty(a.shape, dtype=a.dtype, device=a.device) if out is None else out.view(a.shape)
             torch.sub(a, (corr[:, :, :, 0] if a.dim() == 4 else corr).to(a.dtype), out=o)
             return o.flatten(0, 1) if out is None else out  # (row-major: the flatten is a view)
 
+        def ablate_qkv(resid: Tensor, r: slice, w_end: int, out: Tensor) -> Tensor | None:
+            """All of a layer's q, k and v inputs at once (``r``: its first reader group), written into the lean
+            blocks' slot-major buffer ``out`` ([slots, (c b), t, d], slots in reader order: one subtraction for the
+            three sites); None when no circuit ablates an edge into any of them (or the product is per site)."""
+            if D is None or not self.fuse_qkv:
+                return None
+            span = self._qkv_span[r.start]
+            if not any(ablated_any[span]):
+                return None
+            key = (span.start, w_end)
+            if key not in fused:
+                fused.clear()
+                fused[key] = torch.bmm(kT[:, span, :w_end], D[:, :w_end])  # [C, R, (b t d)]
+            corr = fused[key].view(C, -1, b, T, d).transpose(0, 1)  # [R, C, b, t, d] (a view)
+            torch.sub(resid.view(C, b, T, d), corr.to(resid.dtype), out=out.view(corr.shape))
+            return out
+
         pre = self._prefix_rows(pairs, b) if p0 else None
         if self.lean is not None:
-            out = self._lean_forward(tokens, b, C, pre, pairs, put, ablate, record, input_fn, D is not None)
+            out = self._lean_forward(tokens, b, C, pre, pairs, put, ablate, record, input_fn, D is not None,
+                                     ablate_qkv)
         else:
             out = self._hooked_forward(tokens, C, pre, put, ablate, record, input_fn, D is not None)
         patched = ablate(out, slice(self.r_probe, self.r_probe + 1), self.graph.n_writers)
@@ -578,7 +597,8 @@ class EdgeRunner:
 
     def _lean_forward(self, tokens: Tensor, b: int, C: int, pre: PrefixKV | None, pairs: slice | Tensor | None,
                       put: Callable, ablate: Callable, record: dict[int, Tensor] | None,
-                      input_fn: Callable[[Tensor], Tensor] | None, patched: bool) -> Tensor:
+                      input_fn: Callable[[Tensor], Tensor] | None, patched: bool,
+                      ablate_qkv: Callable | None = None) -> Tensor:
         """The patched forward on :class:`LeanBlocks`: the same readers and writers, no hooks (writers only when
         ``patched``: no per-head writes are computed when no circuit reads them). The layer-0 residual is the clean
         prompts' (the runner's ``x0``), rows ``(c b)``."""
@@ -601,6 +621,9 @@ class EdgeRunner:
         n_slots = {"q": self.lean.n_heads, "k": self.lean.n_kv_heads, "v": self.lean.n_kv_heads}
 
         def reader(L: int, site: str, resid: Tensor, out: Tensor | None = None) -> Tensor | None:
+            if site == "qkv":  # the three sites at once into the blocks' slot-major buffer, or None: one by one
+                r, w_end = sites[L]["q"]
+                return ablate_qkv(resid, r, w_end, out) if ablate_qkv is not None and record is None else None
             r, w_end = sites[L][site]
             act = resid if site == "mlp" else resid[:, :, None].expand(-1, -1, n_slots[site], -1)
             patched = ablate(act, r, w_end, out if record is None else None)

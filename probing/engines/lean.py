@@ -5,8 +5,9 @@ head's key and value and each MLP separately. TransformerLens' bridge does this 
 (:mod:`~wordpos.probing.engines.split_inputs`): every block forks the residual per head and fires a few dozen
 hooks, about 250 tensor operations per layer. On a GPU those forwards are bound by kernel launches, not
 arithmetic. :class:`LeanBlocks` runs the same computation, written out with the bridge's own weights and the
-Hugging Face model's own norm, MLP and rotary modules, in about a quarter of the operations. A reader's input is
-only materialised per head when it differs from the residual stream (or its gradient is asked for).
+Hugging Face model's own layers (called underneath the bridge's wrappers, norms as ``F.rms_norm``/``F.layer_norm``)
+and rotary tables, in about a quarter of the operations. A reader's input is only materialised per head when it
+differs from the residual stream (or its gradient is asked for).
 
 Supported: Hugging Face ``gpt2`` and ``llama`` (RMSNorm, RoPE, grouped-query attention) decoder blocks with the
 standard attention (no soft-capping, sliding windows or q/k norms). :func:`lean_unsupported` says why another
@@ -30,7 +31,9 @@ ARCHS = ("gpt2", "llama")
 Site = Literal["q", "k", "v", "mlp"]
 # reader(layer, site, resid[, out]) -> that reader's input ([rows, pos, slots, d] for q/k/v, [rows, pos, d] for the
 # MLP), or None when it is the residual stream itself. Without gradients the q/k/v readers get ``out``, a view of
-# one buffer for all three: a reader that writes its input there (and returns ``out``) saves stacking them.
+# one buffer for all three: a reader that writes its input there (and returns ``out``) saves stacking them. Before
+# those, site "qkv" offers the whole slot-major buffer ([q, k and v slots, rows, pos, d]): a reader that writes all
+# three sites' inputs there returns it (one operation instead of three); None asks for them site by site.
 Reader = Callable[..., Tensor | None]
 # writer(layer, kind, out): kind "heads" ([rows, pos, n_heads, d], each head's z @ W_O, no bias) or "mlp"
 # ([rows, pos, d]); only computed when a writer is given
@@ -82,11 +85,79 @@ def _with_past(past: Float[Tensor, "r kv pre d_head"], x: Float[Tensor, "n kv t 
     return torch.cat([past.expand(n // r, *past.shape), x.unflatten(0, (n // r, r))], 3).flatten(0, 1)
 
 
-def _rope(x: Float[Tensor, "slots rows pos d_head"], cos: Tensor, sin: Tensor) -> Tensor:
-    """Llama's rotary embedding (Hugging Face's ``rotate_half`` convention) of slot-major q/k; ``cos``/``sin`` are
-    ``[1, pos, d_head]``."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+def _rope(x: Float[Tensor, "slots rows pos d_head"], cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """Llama's rotary embedding (Hugging Face's ``x·cos + rotate_half(x)·sin``) of slot-major q/k. ``rotate_half(x)``
+    is ``x`` rolled by half its width with the first half negated, so ``rotate_half(x)·sin = roll(x)·sin_signed``
+    (:func:`_signed_sin`): three kernels instead of five. ``cos``/``sin_signed`` are ``[1, pos, d_head]``."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * sin_signed
+
+
+def _rope_(x: Float[Tensor, "slots rows pos d_head"], cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """:func:`_rope` written into ``x`` (no autograd): ``roll(x)·sin_signed + x·cos``, three kernels, no copy back."""
+    rot = torch.roll(x, x.shape[-1] // 2, -1).mul_(sin_signed)
+    return torch.addcmul(rot, x, cos, out=x)
+
+
+def _signed_sin(sin: Float[Tensor, "1 pos d_head"]) -> Tensor:
+    """``sin`` with its first half negated: ``rotate_half(x)·sin == roll(x, half)·_signed_sin(sin)``."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], -1)
+
+
+def _norm_fn(mod: Any) -> Callable[[Tensor], Tensor]:
+    """The block norm ``mod`` as one functional call on its own weights: ``nn.LayerNorm`` (GPT-2) as ``F.layer_norm``,
+    Hugging Face's Llama RMSNorm as ``F.rms_norm`` (on the CPU the module's own operations in float32; in half
+    precision it computes in float32 as the module does, but applies the weight before rounding, where the module
+    rounds first; a float64 input keeps the module, which computes in float32). On CUDA ``F.rms_norm`` is one fused
+    kernel instead of six. Anything else: the module itself."""
+    F = torch.nn.functional
+    if type(mod) is torch.nn.LayerNorm:
+        return lambda x: F.layer_norm(x, mod.normalized_shape, mod.weight, mod.bias, mod.eps)
+    w, eps = getattr(mod, "weight", None), getattr(mod, "variance_epsilon", None)
+    if (type(mod).__name__ == "LlamaRMSNorm" and isinstance(w, Tensor) and w.dim() == 1
+            and isinstance(eps, float) and not _hooked(mod)):
+        shape = (int(w.shape[0]),)
+        return lambda x: mod(x) if x.dtype == torch.float64 else F.rms_norm(x, shape, w, eps)
+    return mod
+
+
+def _unwrap(mod: Any) -> Any:
+    """The Hugging Face module under TransformerLens' bridge components (the bridge puts its ``LinearBridge`` in
+    place of a model's linear layers; each call then passes through its hook machinery)."""
+    while getattr(mod, "original_component", None) is not None:
+        mod = mod.original_component
+    return mod
+
+
+def _hooked(mod: Any) -> bool:
+    return bool(getattr(mod, "_forward_hooks", None) or getattr(mod, "_forward_pre_hooks", None))
+
+
+def _linear_fn(mod: Any) -> Callable[[Tensor], Tensor]:
+    """A linear layer as a plain call of the model's own module: ``F.linear`` on an ``nn.Linear``'s weights, else the
+    unwrapped module itself (GPT-2's Conv1D, a quantised layer); the bridge's wrapper only when it carries hooks."""
+    plain = _unwrap(mod)
+    if _hooked(mod):
+        return mod
+    if type(plain) is torch.nn.Linear and not _hooked(plain):
+        return lambda x: torch.nn.functional.linear(x, plain.weight, plain.bias)
+    return plain
+
+
+def _mlp_fn(mod: Any) -> Callable[[Tensor], Tensor]:
+    """The MLP as plain calls of its own layers, in the module's own order: Llama's ``down(act(gate(x)) · up(x))``,
+    GPT-2's ``c_proj(act(c_fc(x)))`` (in eval mode: its dropout is the identity); any other MLP: the module."""
+    if _hooked(mod):
+        return mod
+    name = type(mod).__name__
+    if name == "LlamaMLP" and callable(getattr(mod, "act_fn", None)):
+        gate, up, down = (_linear_fn(getattr(mod, f"{n}_proj")) for n in ("gate", "up", "down"))
+        act = mod.act_fn
+        return lambda x: down(act(gate(x)) * up(x))
+    if name == "GPT2MLP" and not mod.training and callable(getattr(mod, "act", None)):
+        c_fc, c_proj, act = _linear_fn(mod.c_fc), _linear_fn(mod.c_proj), mod.act
+        return lambda x: c_proj(act(c_fc(x)))
+    return mod
 
 
 def _o_proj(hf_attn: Any) -> Any:
@@ -116,6 +187,12 @@ class _Layer:
     qkv_split: tuple[Any, Any, Any] | None  # Llama's q_proj, k_proj, v_proj
     W_QKV: Tensor | None = None  # [n_heads + 2 n_kv_heads, d_model, d_head]
     b_QKV: Tensor | None = None
+    # the norms, MLP and output projection as functional calls where that is the module's arithmetic
+    norm1: Callable[[Tensor], Tensor] | None = None
+    norm2: Callable[[Tensor], Tensor] | None = None
+    mlp_fn: Callable[[Tensor], Tensor] | None = None
+    o_fn: Callable[[Tensor], Tensor] | None = None
+    qkv_fns: tuple[Callable[[Tensor], Tensor], ...] = ()
 
 
 class LeanBlocks:
@@ -166,17 +243,55 @@ class LeanBlocks:
             if ly.b_Q is not None:
                 ly.b_QKV = torch.cat([ly.b_Q, ly.b_K, ly.b_V])
                 ly.b_Q, ly.b_K, ly.b_V = ly.b_QKV.split(split)
+            ly.norm1, ly.norm2 = _norm_fn(ly.ln1), _norm_fn(ly.ln2)
+            ly.mlp_fn, ly.o_fn = _mlp_fn(ly.mlp), _linear_fn(ly.o_proj)
+            ly.qkv_fns = (_linear_fn(ly.qkv),) if ly.qkv is not None else tuple(_linear_fn(m) for m in ly.qkv_split)
         self.d_model, self.d_head = int(self.layers[0].W_Q.shape[1]), int(self.layers[0].W_Q.shape[2])
         self.rotary = getattr(getattr(self.hf, "model", None), "rotary_emb", None) if self.arch == "llama" else None
         self.softmax_fp32 = self.arch == "llama"
+        # a forward's mask and rotary tables, by (start, positions, dtype, device): the same few shapes recur
+        # through a circuit search (the tables of a RoPE that Hugging Face updates with the length, "dynamic" and
+        # "longrope", depend on more than that: not kept)
+        self._geometry: dict[tuple, tuple] = {}
+        rope_type = str(getattr(self.rotary, "rope_type", ""))
+        self._keep_geometry = not any(kind in rope_type for kind in ("dynamic", "longrope"))
 
     @staticmethod
     def _per_head(x: Float[Tensor, "rows pos slots d_model"], W: Float[Tensor, "slots d_model d_head"],
                   b: Tensor | None) -> Float[Tensor, "slots rows pos d_head"]:
         """Each slot's own input through its own weights: one batched matmul over the slots (slot-major)."""
-        S, (n, t) = x.shape[2], x.shape[:2]
-        out = torch.bmm(x.permute(2, 0, 1, 3).reshape(S, n * t, -1), W).view(S, n, t, -1)
+        return LeanBlocks._per_head_sm(x.permute(2, 0, 1, 3), W, b)
+
+    @staticmethod
+    def _per_head_sm(x: Float[Tensor, "slots rows pos d_model"], W: Float[Tensor, "slots d_model d_head"],
+                     b: Tensor | None) -> Float[Tensor, "slots rows pos d_head"]:
+        """:meth:`_per_head` of a slot-major input (no copy when it is contiguous)."""
+        S, n, t = x.shape[:3]
+        out = torch.bmm(x.reshape(S, n * t, -1), W).view(S, n, t, -1)
         return out if b is None else out + b[:, None, None, :]
+
+    def _tables(self, resid: Tensor, start: int, t: int) -> tuple[Tensor | None, Tensor | None, tuple | None]:
+        """A forward's attention masks (query i at absolute position start + i sees keys 0..start + i; boolean, and
+        additive in the residual's dtype) and rotary ``(cos, signed sin)``, kept per shape (see ``_geometry``)."""
+        key = (start, t, resid.dtype, resid.device)
+        got = self._geometry.get(key)
+        if got is not None:
+            return got
+        dev, total = resid.device, start + t
+        mask = torch.ones(t, total, dtype=torch.bool, device=dev).tril(start) if t > 1 or start else None
+        # sdpa turns a boolean mask into this additive one at every call: once here instead
+        add = None if mask is None else \
+            torch.zeros(t, total, dtype=resid.dtype, device=dev).masked_fill_(~mask, float("-inf"))
+        cos_sin = None
+        if self.rotary is not None:
+            cos, sin = self.rotary(resid, torch.arange(start, total, device=dev)[None])
+            cos_sin = (cos, _signed_sin(sin))
+        got = (mask, add, cos_sin)
+        if self._keep_geometry:
+            if len(self._geometry) >= 32:
+                self._geometry.clear()
+            self._geometry[key] = got
+        return got
 
     def _shared_qkv(self, ly: "_Layer", normed: Tensor, xs: dict[str, Tensor | None]) -> dict[str, Tensor]:
         """q/k/v (``[n, heads, t, d_head]``) of the sites whose input is the residual stream itself, by the model's
@@ -184,8 +299,8 @@ class LeanBlocks:
         n, t, _ = normed.shape
         heads = lambda x: x.view(n, t, -1, self.d_head).transpose(1, 2)  # noqa: E731
         if ly.qkv is not None:  # GPT-2's joint c_attn
-            return dict(zip("qkv", (heads(x) for x in ly.qkv(normed).split(self.d_model, dim=2))))
-        return {site: heads(proj(normed)) for site, proj in zip("qkv", ly.qkv_split) if xs[site] is None}
+            return dict(zip("qkv", (heads(x) for x in ly.qkv_fns[0](normed).split(self.d_model, dim=2))))
+        return {site: heads(proj(normed)) for site, proj in zip("qkv", ly.qkv_fns) if xs[site] is None}
 
     def forward(self, resid: Float[Tensor, "rows pos d_model"], *, start: int = 0,
                 past: tuple[list[Tensor], list[Tensor]] | None = None, reader: Reader | None = None,
@@ -205,41 +320,40 @@ class LeanBlocks:
     def _forward(self, resid: Tensor, start: int, past: tuple[list[Tensor], list[Tensor]] | None,
                  reader: Reader | None, writer: Writer | None) -> Tensor:
         n, t, _ = resid.shape
-        dev = resid.device
-        total = start + t
-        # query i (absolute position start + i) sees keys 0..start + i
-        mask = torch.ones(t, total, dtype=torch.bool, device=dev).tril(start) if t > 1 or start else None
-        cos_sin = None
-        if self.rotary is not None:
-            pos = torch.arange(start, total, device=dev)[None]
-            cos_sin = self.rotary(resid, pos)
+        mask, add_mask, cos_sin = self._tables(resid, start, t)
         gqa = self.n_kv_heads != self.n_heads
         H, Hkv = self.n_heads, self.n_kv_heads
         slots = {"q": slice(0, H), "k": slice(H, H + Hkv), "v": slice(H + Hkv, H + 2 * Hkv)}
         buf, views = None, {}
         if reader is not None and not torch.is_grad_enabled():  # (a gradient pass stacks fresh tensors instead)
-            buf = resid.new_empty(n, t, H + 2 * Hkv, resid.shape[-1])
-            views = {site: buf[:, :, sl] for site, sl in slots.items()}
+            # slot-major, so the norm's output goes into the per-slot matmul without a copy; readers see
+            # [rows, pos, slots, d] views of it
+            buf = resid.new_empty(H + 2 * Hkv, n, t, resid.shape[-1])
+            views = {site: buf[sl].permute(1, 2, 0, 3) for site, sl in slots.items()}
         for L, ly in enumerate(self.layers):
             if buf is not None:  # readers write their inputs straight into one buffer: no copy to stack them
-                xs = {site: reader(L, site, resid, views[site]) for site in "qkv"}
+                whole = reader(L, "qkv", resid, buf)  # all three sites in one go, where the reader can
+                xs = dict(views) if whole is buf else {site: reader(L, site, resid, views[site]) for site in "qkv"}
             else:
                 xs = {site: reader(L, site, resid) if reader is not None else None for site in "qkv"}
             if all(x is not None for x in xs.values()):
                 # every input per head (a patched forward, a gradient pass): one norm, one matmul, one RoPE
                 in_buf = buf is not None and all(xs[site] is views[site] for site in "qkv")
-                stacked = buf if in_buf else torch.cat([xs["q"], xs["k"], xs["v"]], 2)
-                qkv = self._per_head(ly.ln1(stacked), ly.W_QKV, ly.b_QKV)
+                stacked = buf if in_buf else torch.cat([xs[site].permute(2, 0, 1, 3) for site in "qkv"])
+                qkv = self._per_head_sm(ly.norm1(stacked), ly.W_QKV, ly.b_QKV)  # [slots, n, t, d_head]
                 if cos_sin is not None:
-                    qkv = torch.cat([_rope(qkv[:H + Hkv], *cos_sin), qkv[H + Hkv:]])
+                    if torch.is_grad_enabled():
+                        qkv = torch.cat([_rope(qkv[:H + Hkv], *cos_sin), qkv[H + Hkv:]])
+                    else:
+                        _rope_(qkv[:H + Hkv], *cos_sin)
                 q, k, v = (y.transpose(0, 1) for y in qkv.split([H, Hkv, Hkv]))  # [n, heads, t, d_head]
             else:
-                full = self._shared_qkv(ly, ly.ln1(resid), xs) if any(x is None for x in xs.values()) else {}
+                full = self._shared_qkv(ly, ly.norm1(resid), xs) if any(x is None for x in xs.values()) else {}
                 q, k, v = (full[site] if xs[site] is None else
-                           self._per_head(ly.ln1(xs[site]), W, bias).transpose(0, 1)
+                           self._per_head(ly.norm1(xs[site]), W, bias).transpose(0, 1)
                            for site, W, bias in (("q", ly.W_Q, ly.b_Q), ("k", ly.W_K, ly.b_K), ("v", ly.W_V, ly.b_V)))
                 if cos_sin is not None:
-                    q, k = (_rope(y.transpose(0, 1), *cos_sin).transpose(0, 1) for y in (q, k))
+                    q, k = (_rope(y, *cos_sin) for y in (q, k))  # (the tables broadcast over [n, heads, t, d])
             if past is not None:
                 k, v = _with_past(past[0][L], k), _with_past(past[1][L], v)
             if self.softmax_fp32 and q.dtype == torch.float64:
@@ -251,15 +365,15 @@ class LeanBlocks:
                     att = att.masked_fill(~mask, torch.finfo(att.dtype).min)
                 z = torch.softmax(att, -1, dtype=torch.float32).to(q.dtype) @ vv
             else:
-                z = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=ly.scaling,
+                z = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=add_mask, scale=ly.scaling,
                                                                      enable_gqa=gqa)  # [n, h, t, d_head]
             if writer is not None:  # each head's write: [n, t, h, d]
                 heads = torch.bmm(z.transpose(0, 1).reshape(H, n * t, -1), ly.W_O).view(H, n, t, -1)
                 writer(L, "heads", heads.permute(1, 2, 0, 3))
             # the model's own projection of all heads at once (its summation order, its bias)
-            resid = resid + ly.o_proj(z.transpose(1, 2).reshape(n, t, -1))
+            resid = resid + ly.o_fn(z.transpose(1, 2).reshape(n, t, -1))
             x = reader(L, "mlp", resid) if reader is not None else None
-            out = ly.mlp(ly.ln2(x if x is not None else resid))
+            out = ly.mlp_fn(ly.norm2(x if x is not None else resid))
             if writer is not None:
                 writer(L, "mlp", out)
             resid = resid + out

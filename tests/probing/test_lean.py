@@ -131,3 +131,46 @@ def test_attention_backends_name_real_kernels_and_leave_out_cudnn():
     backends = LeanBlocks.attention_kernels()
     assert backends, "the lean forward should restrict the attention kernels on CUDA"
     assert SDPBackend.CUDNN_ATTENTION not in backends and SDPBackend.MATH in backends
+
+
+def test_norms_mlp_and_projections_run_as_plain_calls_equal_to_the_modules(model):
+    """The bridge puts its LinearBridge in place of the model's linear layers; the lean blocks call the layers
+    underneath (and F.rms_norm / F.layer_norm) instead of going through the modules: bit for bit the Hugging Face
+    modules' own outputs (the float64 Llama's norm is the module itself: it rounds through float32)."""
+    eng = as_engine(model)
+    blocks = LeanBlocks(eng, eng.dims.n_layers)
+    dt = next(model.parameters()).dtype
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 5, eng.dims.d_model, generator=gen, dtype=dt)
+    for ly, b in zip(blocks.layers, model.blocks):
+        hf_attn = b.attn.original_component
+        parts = [(ly.norm1, b.ln1.original_component), (ly.norm2, b.ln2.original_component), (ly.mlp_fn, b.mlp),
+                 (ly.o_fn, getattr(hf_attn, "o_proj", None) or hf_attn.c_proj)]
+        if ly.qkv is None:
+            parts += list(zip(ly.qkv_fns, (hf_attn.q_proj, hf_attn.k_proj, hf_attn.v_proj)))
+        else:
+            parts += [(ly.qkv_fns[0], hf_attn.c_attn)]
+        for fn, module in parts:
+            with torch.no_grad():
+                assert torch.equal(fn(x), module(x))
+            # a plain function, or GPT-2's Conv1D itself: never the bridge's wrapper or the module's call machinery
+            assert not isinstance(fn, torch.nn.Module) or type(fn).__name__ == "Conv1D"
+
+
+def test_rotary_embedding_is_transformers_own():
+    """_rope (roll and a signed sin) and its in-place form against transformers' apply_rotary_pos_emb."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from wordpos.probing.engines.lean import _rope, _rope_, _signed_sin
+
+    gen = torch.Generator().manual_seed(4)
+    q, k = (torch.randn(2, 3, 7, 16, generator=gen) for _ in range(2))
+    ang = torch.rand(1, 7, 8, generator=gen) * 6
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    q_ref, k_ref = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+    ss = _signed_sin(sin)[:, None]
+    assert torch.equal(_rope(q, cos[:, None], ss), q_ref) and torch.equal(_rope(k, cos[:, None], ss), k_ref)
+    kk = k.clone()
+    assert _rope_(kk, cos[:, None], ss) is kk
+    assert torch.allclose(kk, k_ref, rtol=0, atol=1e-6)
+    assert not torch.allclose(_rope(q, cos[:, None], _signed_sin(-sin)[:, None]), q_ref, atol=1e-2)  # the sign matters
