@@ -524,15 +524,16 @@ class EdgeRunner:
             torch.sub(a, (corr[:, :, :, 0] if a.dim() == 4 else corr).to(a.dtype), out=o)
             return o.flatten(0, 1) if out is None else out  # (row-major: the flatten is a view)
 
-        def ablate_qkv(resid: Tensor, r: slice, w_end: int, out: Tensor) -> Tensor | None:
-            """All of a layer's q, k and v inputs at once (``r``: its first reader group), written into the lean
-            blocks' slot-major buffer ``out`` ([slots, (c b), t, d], slots in reader order: one subtraction for the
-            three sites); None when no circuit ablates an edge into any of them (or the product is per site)."""
-            if D is None or not self.fuse_qkv:
+        def ablate_qkv(resid: Tensor, L: int, out: Tensor) -> Tensor | None:
+            """All of layer ``L``'s q, k and v inputs at once, written into the lean blocks' slot-major buffer
+            ``out`` ([slots, (c b), t, d], slots in reader order: one subtraction for the three sites) when some
+            circuit ablates an edge into each of the three sites; else None (site by site: a site whose input is the
+            residual stream keeps the model's own projection, and its roundings)."""
+            sites = self.r_sites[L]
+            if D is None or not self.fuse_qkv or not all(any(ablated_any[sites[x][0]]) for x in ("q", "k", "v")):
                 return None
+            r, w_end = sites["q"]
             span = self._qkv_span[r.start]
-            if not any(ablated_any[span]):
-                return None
             key = (span.start, w_end)
             if key not in fused:
                 fused.clear()
@@ -622,8 +623,7 @@ class EdgeRunner:
 
         def reader(L: int, site: str, resid: Tensor, out: Tensor | None = None) -> Tensor | None:
             if site == "qkv":  # the three sites at once into the blocks' slot-major buffer, or None: one by one
-                r, w_end = sites[L]["q"]
-                return ablate_qkv(resid, r, w_end, out) if ablate_qkv is not None and record is None else None
+                return ablate_qkv(resid, L, out) if ablate_qkv is not None and record is None else None
             r, w_end = sites[L][site]
             act = resid if site == "mlp" else resid[:, :, None].expand(-1, -1, n_slots[site], -1)
             patched = ablate(act, r, w_end, out if record is None else None)

@@ -88,14 +88,16 @@ def _with_past(past: Float[Tensor, "r kv pre d_head"], x: Float[Tensor, "n kv t 
 def _rope(x: Float[Tensor, "slots rows pos d_head"], cos: Tensor, sin_signed: Tensor) -> Tensor:
     """Llama's rotary embedding (Hugging Face's ``x·cos + rotate_half(x)·sin``) of slot-major q/k. ``rotate_half(x)``
     is ``x`` rolled by half its width with the first half negated, so ``rotate_half(x)·sin = roll(x)·sin_signed``
-    (:func:`_signed_sin`): three kernels instead of five. ``cos``/``sin_signed`` are ``[1, pos, d_head]``."""
+    (:func:`_signed_sin`, exact: a sign moves): four kernels instead of five, the same roundings. ``cos`` and
+    ``sin_signed`` broadcast against ``x`` (``[1, pos, d_head]``)."""
     return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * sin_signed
 
 
 def _rope_(x: Float[Tensor, "slots rows pos d_head"], cos: Tensor, sin_signed: Tensor) -> Tensor:
-    """:func:`_rope` written into ``x`` (no autograd): ``roll(x)·sin_signed + x·cos``, three kernels, no copy back."""
+    """:func:`_rope` written into ``x`` (no autograd), with its roundings (``addcmul`` would round once less): no
+    copy back into the q/k/v tensor."""
     rot = torch.roll(x, x.shape[-1] // 2, -1).mul_(sin_signed)
-    return torch.addcmul(rot, x, cos, out=x)
+    return x.mul_(cos).add_(rot)
 
 
 def _signed_sin(sin: Float[Tensor, "1 pos d_head"]) -> Tensor:
@@ -106,10 +108,10 @@ def _signed_sin(sin: Float[Tensor, "1 pos d_head"]) -> Tensor:
 
 def _norm_fn(mod: Any) -> Callable[[Tensor], Tensor]:
     """The block norm ``mod`` as one functional call on its own weights: ``nn.LayerNorm`` (GPT-2) as ``F.layer_norm``,
-    Hugging Face's Llama RMSNorm as ``F.rms_norm`` (on the CPU the module's own operations in float32; in half
-    precision it computes in float32 as the module does, but applies the weight before rounding, where the module
-    rounds first; a float64 input keeps the module, which computes in float32). On CUDA ``F.rms_norm`` is one fused
-    kernel instead of six. Anything else: the module itself."""
+    Hugging Face's Llama RMSNorm as ``F.rms_norm`` (in float32 the module's own operations on the CPU; in half
+    precision the weight is applied after the normalised input is rounded to that precision, as the module does,
+    where ``F.rms_norm``'s own weight would be applied before; a float64 input keeps the module, which computes in
+    float32). On CUDA ``F.rms_norm`` is one fused kernel instead of six. Anything else: the module itself."""
     F = torch.nn.functional
     if type(mod) is torch.nn.LayerNorm:
         return lambda x: F.layer_norm(x, mod.normalized_shape, mod.weight, mod.bias, mod.eps)
@@ -117,7 +119,14 @@ def _norm_fn(mod: Any) -> Callable[[Tensor], Tensor]:
     if (type(mod).__name__ == "LlamaRMSNorm" and isinstance(w, Tensor) and w.dim() == 1
             and isinstance(eps, float) and not _hooked(mod)):
         shape = (int(w.shape[0]),)
-        return lambda x: mod(x) if x.dtype == torch.float64 else F.rms_norm(x, shape, w, eps)
+
+        def rms(x: Tensor) -> Tensor:
+            if x.dtype == torch.float32:
+                return F.rms_norm(x, shape, w, eps)
+            if x.dtype == torch.float64:
+                return mod(x)
+            return w * F.rms_norm(x, shape, None, eps)  # (half precision: round, then the weight, as the module)
+        return rms
     return mod
 
 
@@ -135,7 +144,9 @@ def _hooked(mod: Any) -> bool:
 
 def _linear_fn(mod: Any) -> Callable[[Tensor], Tensor]:
     """A linear layer as a plain call of the model's own module: ``F.linear`` on an ``nn.Linear``'s weights, else the
-    unwrapped module itself (GPT-2's Conv1D, a quantised layer); the bridge's wrapper only when it carries hooks."""
+    unwrapped module itself (GPT-2's Conv1D, a quantised layer). The lean forward is hook-free: the bridge's hook
+    points around the layer do not run (a torch forward hook on the module, present when the blocks are built, keeps
+    the module's own call)."""
     plain = _unwrap(mod)
     if _hooked(mod):
         return mod
@@ -287,7 +298,8 @@ class LeanBlocks:
             cos, sin = self.rotary(resid, torch.arange(start, total, device=dev)[None])
             cos_sin = (cos, _signed_sin(sin))
         got = (mask, add, cos_sin)
-        if self._keep_geometry:
+        if self._keep_geometry and not torch.is_inference_mode_enabled():  # (inference tensors: not for a later
+            # gradient pass)
             if len(self._geometry) >= 32:
                 self._geometry.clear()
             self._geometry[key] = got

@@ -171,6 +171,40 @@ def test_rotary_embedding_is_transformers_own():
     ss = _signed_sin(sin)[:, None]
     assert torch.equal(_rope(q, cos[:, None], ss), q_ref) and torch.equal(_rope(k, cos[:, None], ss), k_ref)
     kk = k.clone()
-    assert _rope_(kk, cos[:, None], ss) is kk
-    assert torch.allclose(kk, k_ref, rtol=0, atol=1e-6)
+    assert _rope_(kk, cos[:, None], ss) is kk and torch.equal(kk, k_ref)
     assert not torch.allclose(_rope(q, cos[:, None], _signed_sin(-sin)[:, None]), q_ref, atol=1e-2)  # the sign matters
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rms_norm_is_the_llama_modules_own_in_every_precision(dtype):
+    """The lean blocks' RMSNorm against transformers' LlamaRMSNorm, bit for bit on the CPU: in half precision the
+    module rounds the normalised input before it applies the weight (F.rms_norm's own weight would not)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from wordpos.probing.engines.lean import _norm_fn
+
+    gen = torch.Generator().manual_seed(6)
+    mod = LlamaRMSNorm(576, eps=1e-5)
+    with torch.no_grad():
+        mod.weight.copy_(1 + torch.randn(576, generator=gen))
+    mod = mod.to(dtype)
+    x = (3 * torch.randn(4, 9, 576, generator=gen)).to(dtype)
+    fn = _norm_fn(mod)
+    assert not isinstance(fn, torch.nn.Module)
+    with torch.no_grad():
+        assert torch.equal(fn(x), mod(x))
+
+
+def test_a_gradient_pass_after_an_inference_mode_forward_of_the_same_shape(model):
+    """The mask and rotary tables are kept per shape; those made under torch.inference_mode() are not (a gradient
+    pass cannot save inference tensors for its backward)."""
+    eng = as_engine(model)
+    blocks = LeanBlocks(eng, eng.dims.n_layers)
+    x0 = _x0(model, torch.randint(0, 500, (2, 9), generator=torch.Generator().manual_seed(7)))
+    with torch.inference_mode():
+        ref = blocks.forward(x0)
+    x = x0.clone().requires_grad_(True)
+    out = blocks.forward(x)
+    out.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert (out.detach() - ref).abs().max() < _rel(model) * ref.abs().max()
