@@ -499,6 +499,15 @@ class EdgeRunner:
                 o = out.to(self.dtype).view(C, b, *out.shape[1:]).permute(0, 3, 1, 2, 4)  # [C, k, b, t, d] (a view)
                 torch.sub(o, abl[w], out=D[:, w].view(C, -1, b, T, d))
 
+        def product(span: slice, w_end: int) -> Tensor:
+            """``Σ_w kT[c, span, w] · D[c, w]`` over the writers before ``w_end``: [C, R, (b t d)], kept until D
+            changes, so the readers of one span (a layer's q, k and v) share one product."""
+            key = (span.start, w_end)
+            if key not in fused:
+                fused.clear()
+                fused[key] = torch.bmm(kT[:, span, :w_end], D[:, :w_end])
+            return fused[key]
+
         def correction(r: slice, w_end: int) -> Tensor | None:
             """Σ over ablated edges into readers r of (out_w − ablated_w), as a view [C, b, t, R, d]. A layer's
             q, k and v readers share their writers, so one bmm serves all three: the product reads the writers'
@@ -506,11 +515,7 @@ class EdgeRunner:
             if D is None or not any(ablated_any[r]):
                 return None
             span = self._qkv_span.get(r.start, r) if self.fuse_qkv else r
-            key = (span.start, w_end)
-            if key not in fused:
-                fused.clear()
-                fused[key] = torch.bmm(kT[:, span, :w_end], D[:, :w_end])  # [C, R, (b t d)]
-            corr = fused[key][:, r.start - span.start:r.stop - span.start]
+            corr = product(span, w_end)[:, r.start - span.start:r.stop - span.start]
             return corr.view(C, -1, b, T, d).permute(0, 2, 3, 1, 4)
 
         def ablate(act: Tensor, r: slice, w_end: int, out: Tensor | None = None) -> Tensor | None:
@@ -533,12 +538,7 @@ class EdgeRunner:
             if D is None or not self.fuse_qkv or not all(any(ablated_any[sites[x][0]]) for x in ("q", "k", "v")):
                 return None
             r, w_end = sites["q"]
-            span = self._qkv_span[r.start]
-            key = (span.start, w_end)
-            if key not in fused:
-                fused.clear()
-                fused[key] = torch.bmm(kT[:, span, :w_end], D[:, :w_end])  # [C, R, (b t d)]
-            corr = fused[key].view(C, -1, b, T, d).transpose(0, 1)  # [R, C, b, t, d] (a view)
+            corr = product(self._qkv_span[r.start], w_end).view(C, -1, b, T, d).transpose(0, 1)  # [R, C, b, t, d]
             torch.sub(resid.view(C, b, T, d), corr.to(resid.dtype), out=out.view(corr.shape))
             return out
 
@@ -598,8 +598,7 @@ class EdgeRunner:
 
     def _lean_forward(self, tokens: Tensor, b: int, C: int, pre: PrefixKV | None, pairs: slice | Tensor | None,
                       put: Callable, ablate: Callable, record: dict[int, Tensor] | None,
-                      input_fn: Callable[[Tensor], Tensor] | None, patched: bool,
-                      ablate_qkv: Callable | None = None) -> Tensor:
+                      input_fn: Callable[[Tensor], Tensor] | None, patched: bool, ablate_qkv: Callable) -> Tensor:
         """The patched forward on :class:`LeanBlocks`: the same readers and writers, no hooks (writers only when
         ``patched``: no per-head writes are computed when no circuit reads them). The layer-0 residual is the clean
         prompts' (the runner's ``x0``), rows ``(c b)``."""
@@ -623,7 +622,7 @@ class EdgeRunner:
 
         def reader(L: int, site: str, resid: Tensor, out: Tensor | None = None) -> Tensor | None:
             if site == "qkv":  # the three sites at once into the blocks' slot-major buffer, or None: one by one
-                return ablate_qkv(resid, L, out) if ablate_qkv is not None and record is None else None
+                return ablate_qkv(resid, L, out) if record is None else None
             r, w_end = sites[L][site]
             act = resid if site == "mlp" else resid[:, :, None].expand(-1, -1, n_slots[site], -1)
             patched = ablate(act, r, w_end, out if record is None else None)
