@@ -68,15 +68,15 @@ def _edge_xy(graph: EdgeGraph, w: str, r: str, nodes: set[str]) -> tuple[tuple[f
     return (x0 + 0.07, y0), (x1, y1)
 
 
-def _curve(x0: float, y0: float, x1: float, y1: float, n: int = 10) -> tuple[list[float], list[float]]:
-    """A quadratic Bézier from (x0, y0) to (x1, y1) bowed upwards by 0.12 per layer crossed, so an edge between
-    nodes of one row does not run through the nodes between them."""
-    bow = 0.12 * abs(x1 - x0)
-    cx, cy = 0.5 * (x0 + x1), 0.5 * (y0 + y1) + bow
+def _curves(ends: np.ndarray, n: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Quadratic Béziers from ``(x0, y0)`` to ``(x1, y1)`` (``ends``: ``[edge, 4]``), each bowed upwards by 0.12 per
+    layer crossed, so an edge between nodes of one row does not run through the nodes between them: ``(xs, ys)``,
+    ``[edge, n]`` each, rounded to 4 decimals."""
+    x0, y0, x1, y1 = (ends[:, i:i + 1] for i in range(4))
+    cx, cy = 0.5 * (x0 + x1), 0.5 * (y0 + y1) + 0.12 * np.abs(x1 - x0)
     t = np.linspace(0.0, 1.0, n)
-    xs = (1 - t) ** 2 * x0 + 2 * (1 - t) * t * cx + t ** 2 * x1
-    ys = (1 - t) ** 2 * y0 + 2 * (1 - t) * t * cy + t ** 2 * y1
-    return [round(float(v), 4) for v in xs], [round(float(v), 4) for v in ys]
+    a, b, c = (1 - t) ** 2, 2 * (1 - t) * t, t ** 2
+    return np.round(a * x0 + b * cx + c * x1, 4), np.round(a * y0 + b * cy + c * y1, 4)
 
 
 def step_sizes(n_edges: int, steps: Sequence[int] = STEPS, max_all: int = 400) -> list[int]:
@@ -112,30 +112,36 @@ def render_edge_circuit(graph: EdgeGraph, edges: Sequence[tuple[str, float]], *,
         sub = parsed[:k]
         nodes = {w for _, w, _, _ in sub} | {"probe"}
         nodes |= {_reader_target(graph, r, {w for _, w, _, _ in sub}) for _, _, r, _ in sub}
-        groups: dict[tuple[str, bool, float], tuple[list, list]] = {}
-        mx, my, mtext, mcolor, mnames = [], [], [], [], []
+        # every edge's curve at once (numpy; one trace per reader kind, sign and width): coordinates as float arrays,
+        # which plotly copies and serialises as one typed array each (lists of floats cost a Python object per point
+        # in every copy the figure makes), with NaN (a gap in plotly.js) between edges where a list had None
+        keys, ends = [], []
+        mtext, mcolor, mnames = [], [], []
         for rank, (name, w, r, s) in reversed(list(enumerate(sub, 1))):  # strongest drawn last (on top)
             kind = graph.reader_kind(r)
-            (x0, y0), (x1, y1) = _edge_xy(graph, w, r, nodes)
-            width = 0.8 + 1.4 * round(3 * abs(s) / scale)  # four widths: few traces per step
-            xs, ys = groups.setdefault((kind, s < 0, width), ([], []))
-            cx, cy = _curve(x0, y0, x1, y1)
-            xs += cx + [None]
-            ys += cy + [None]
-            mx.append(cx[len(cx) // 2])
-            my.append(cy[len(cy) // 2])
+            ends.append(_edge_xy(graph, w, r, nodes))
+            keys.append((kind, s < 0, 0.8 + 1.4 * round(3 * abs(s) / scale)))  # four widths: few traces per step
             mcolor.append(KIND_COLORS[kind])
             mnames.append(name)
             heads = graph.reader_heads(r)
             extra = f" (key/value head of {', '.join(heads)})" if kind in ("k", "v") and len(heads) > 1 else ""
             mtext.append(f"<b>{w} → {r}</b>{extra}<br>reader: {KIND_LABELS[kind]}<br>score {s:+.4g} "
                          f"(rank {rank} of {n})")
-        for (kind, carries, width), (xs, ys) in sorted(groups.items(), key=lambda kv: kv[0][2]):
+        cx, cy = _curves(np.asarray(ends, dtype=np.float64).reshape(-1, 4))
+        groups: dict[tuple[str, bool, float], list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(key, []).append(i)
+        gap = np.full((len(keys), 1), np.nan)
+        for (kind, carries, width), idx in sorted(groups.items(), key=lambda kv: kv[0][2]):
+            xs = np.concatenate([cx, gap], axis=1)[idx].ravel()
+            ys = np.concatenate([cy, gap], axis=1)[idx].ravel()
             data.append(dict(type="scatter", x=xs, y=ys, mode="lines", hoverinfo="skip", showlegend=False,
                              line=dict(color=KIND_COLORS[kind], width=width, dash="solid" if carries else "dot"),
                              opacity=0.8, name=f"{kind} edges (top {k})", visible=k == default))
             visible_of.append(si)
-        data.append(dict(type="scatter", x=mx, y=my, mode="markers", name=f"edges (top {k})", meta=mnames,
+        mid = cx.shape[1] // 2
+        data.append(dict(type="scatter", x=cx[:, mid].copy(), y=cy[:, mid].copy(), mode="markers",
+                         name=f"edges (top {k})", meta=mnames,
                          customdata=mnames, marker=dict(size=8, color=mcolor, opacity=0.25), hovertext=mtext,
                          hoverinfo="text", showlegend=False, visible=k == default))
         visible_of.append(si)

