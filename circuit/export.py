@@ -6,8 +6,9 @@ Python types. Attributes are flat scalars by construction (:mod:`circuit.graph`:
 ``role_<name>`` floats); GraphML and GEXF refuse anything else (``ConfigError`` naming the attribute).
 
 * **JSON**: networkx node-link data (``{"graph", "nodes", "edges"}``), the form a run directory keeps.
-* **GraphML**: networkx's writer (typed keys).
-* **GEXF**: networkx's writer; GEXF has no graph attributes, so they travel as JSON in ``<meta><description>``.
+* **GraphML**: networkx's (xml) writer's bytes (typed keys), written in one pass (:mod:`circuit.xml_writers`).
+* **GEXF**: networkx's writer's bytes, likewise; GEXF has no graph attributes, so they travel as JSON in
+  ``<meta><description>``.
 * **DOT**: written and read here (no pydot / pygraphviz). It is plain Graphviz (``dot -Tsvg graph.dot`` draws it:
   layers as ranks, coloured edges whose pen width follows |effect| (edge graphs: |score|, coloured by reader));
   every value is a quoted string and the graph attribute ``wordpos_types`` (JSON) gives each data attribute's type
@@ -34,6 +35,7 @@ from typing import Any
 import networkx as nx
 
 from wordpos.circuit.graph import FORMAT, graph_from_dict, graph_to_dict
+from wordpos.circuit.xml_writers import write_gexf, write_graphml
 from wordpos.probing.errors import ConfigError, CorruptFileError
 from wordpos.probing.io import atomic_path
 
@@ -81,7 +83,10 @@ def save_graph(G: nx.DiGraph, path: str | Path) -> Path:
             # compact: json's C encoder runs only without indent (~10x faster on a circuit of thousands of edges)
             tmp.write_text(json.dumps(graph_to_dict(G)), encoding="utf-8")
         elif suffix == ".graphml":  # no pretty-printing: half the time on a circuit of thousands of edges
-            nx.write_graphml(G, tmp, prettyprint=False)
+            with open(tmp, "wb") as fh:  # networkx's xml writer's bytes in one pass (circuit.xml_writers)
+                done = write_graphml(G, fh)
+            if not done:
+                nx.write_graphml_xml(G, tmp, prettyprint=False)
         elif suffix == ".gexf":
             _write_gexf(G, tmp)
         else:
@@ -126,16 +131,21 @@ _GEXF_TAG = "wordpos-graph-attributes:"
 
 
 def _write_gexf(G: nx.DiGraph, path: Path) -> None:
-    """networkx's GEXF writer, with the graph attributes put into its ``<meta>`` before it writes (not parsed
-    back and rewritten after: that was half the export's time on a circuit of thousands of edges)."""
+    """networkx's GEXF writer's bytes, with the graph attributes put into its ``<meta>`` before it writes (not parsed
+    back and rewritten after: that was half the export's time on a circuit of thousands of edges), in one pass
+    (:func:`circuit.xml_writers.write_gexf`) or, for a graph outside its scope, by networkx's writer itself."""
     from xml.etree.ElementTree import SubElement
 
+    description = _GEXF_TAG + json.dumps(G.graph)
+    with open(path, "wb") as fh:
+        if write_gexf(G, fh, description):
+            return
     writer = nx.readwrite.gexf.GEXFWriter(encoding="utf-8", prettyprint=False)
     writer.add_graph(G)
     meta = writer.xml.find("meta")
     if meta is None:  # networkx always writes one; keep the attributes if a later version does not
         meta = SubElement(writer.xml, "meta")
-    SubElement(meta, "description").text = _GEXF_TAG + json.dumps(G.graph)
+    SubElement(meta, "description").text = description
     with open(path, "wb") as fh:
         writer.write(fh)
 
@@ -197,12 +207,25 @@ def _decode(s: str, t: str) -> Any:
 
 
 def _q(s: Any) -> str:
-    s = str(s).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+    s = str(s)
+    if "\\" in s or '"' in s or "\n" in s or "\r" in s:  # (most names and numbers need none of it)
+        s = s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
     return f'"{s}"'
 
 
-def _attr_list(d: dict[str, Any], types: dict[str, str], extra: dict[str, Any] | None = None) -> str:
-    items = [f"{_q(k)}={_q(_encode(v, types[str(k)]))}" for k, v in d.items()]
+def _attr_list(d: dict[str, Any], types: dict[str, str], extra: dict[str, Any] | None = None,
+               keys: dict[Any, str] | None = None) -> str:
+    """`` [k="v", ...]`` for ``d`` (typed by ``types``) and the presentation attributes ``extra``; ``keys`` caches
+    the quoted keys across a graph's nodes or edges."""
+    if keys is None:
+        keys = {}
+    items = []
+    for k, v in d.items():
+        qk = keys.get(k)
+        if qk is None:
+            qk = keys[k] = _q(k)
+        t = types[str(k)]
+        items.append(f"{qk}={_q(v if t == 'str' and type(v) is str else _encode(v, t))}")
     items += [f"{_q(k)}={_q(v)}" for k, v in (extra or {}).items() if k not in d]
     return f" [{', '.join(items)}]" if items else ""
 
@@ -219,8 +242,11 @@ def to_dot(G: nx.DiGraph) -> str:
                  and math.isfinite(d[key])), default=0.0) or 1.0
     lines = [_HEADER, "digraph circuit {", f"  graph{_attr_list(graph_attrs, gtypes, {'rankdir': 'LR'})};",
              '  node [shape="box", style="rounded,filled"];']
+    node_keys: dict[Any, str] = {}
+    edge_keys: dict[Any, str] = {}
     for n, d in G.nodes(data=True):
-        lines.append(f"  {_q(n)}{_attr_list(d, types['node'], {'fillcolor': _FILL.get(d.get('kind'), '#ffffff')})};")
+        fill = {"fillcolor": _FILL.get(d.get("kind"), "#ffffff")}
+        lines.append(f"  {_q(n)}{_attr_list(d, types['node'], fill, node_keys)};")
     for u, v, d in G.edges(data=True):
         e = d.get(key)
         extra = {}
@@ -228,7 +254,7 @@ def to_dot(G: nx.DiGraph) -> str:
             color = _READER_COLOR.get(d.get("reader"), _POS if e >= 0 else _NEG) if key == "score" else \
                 (_POS if e >= 0 else _NEG)
             extra = {"color": color, "penwidth": f"{0.5 + 5.5 * abs(e) / scale:.2f}"}
-        lines.append(f"  {_q(u)} -> {_q(v)}{_attr_list(d, types['edge'], extra)};")
+        lines.append(f"  {_q(u)} -> {_q(v)}{_attr_list(d, types['edge'], extra, edge_keys)};")
     by_layer: dict[Any, list[str]] = {}
     for n, d in G.nodes(data=True):
         if d.get("kind") in ("head", "mlp"):
