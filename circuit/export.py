@@ -221,9 +221,11 @@ def _attr_list(d: dict[str, Any], types: dict[str, str], extra: dict[str, Any] |
         keys = {}
     items = []
     for k, v in d.items():
-        qk = keys.get(k)
+        qk = keys.get(k) if type(k) is str else None  # (True, 1 and 1.0 are one dict key: cache str keys only)
         if qk is None:
-            qk = keys[k] = _q(k)
+            qk = _q(k)
+            if type(k) is str:
+                keys[k] = qk
         t = types[str(k)]
         items.append(f"{qk}={_q(v if t == 'str' and type(v) is str else _encode(v, t))}")
     items += [f"{_q(k)}={_q(v)}" for k, v in (extra or {}).items() if k not in d]

@@ -18,7 +18,8 @@ import networkx as nx
 
 _SCALARS = (str, int, float, bool)
 # keys networkx's GEXF writer takes out of the attributes (ids, labels, weights, spells, dynamics, visuals, parents)
-_GEXF_NODE_RESERVED = frozenset({"id", "pid", "start", "end", "parents", "spells", "slices", "viz"})
+# or renames ("key" becomes "networkx_key")
+_GEXF_NODE_RESERVED = frozenset({"id", "pid", "start", "end", "parents", "spells", "slices", "viz", "key"})
 _GEXF_EDGE_RESERVED = frozenset({"id", "label", "weight", "type", "start", "end", "spells", "slices", "viz", "key"})
 _GRAPH_RESERVED = frozenset({"node_default", "edge_default"})
 
@@ -80,7 +81,7 @@ def write_graphml(G: nx.DiGraph, fh: IO[bytes]) -> bool:
     inner = "".join(body) + graph_data
     graph = f'<graph edgedefault="directed">{inner}</graph>' if inner else '<graph edgedefault="directed" />'
     text = _HEADER + _start(ref.xml) + "".join(reversed(key_lines)) + graph + "</graphml>"
-    fh.write(text.encode("utf-8"))
+    fh.write(text.encode("utf-8", "xmlcharrefreplace"))  # (as ElementTree writes: a lone surrogate as a reference)
     return True
 
 
@@ -142,7 +143,7 @@ def write_gexf(G: nx.DiGraph, fh: IO[bytes], description: str | None = None) -> 
              '<graph defaultedgetype="directed" mode="static" name="">', attributes,
              "<nodes>" + "".join(nodes) + "</nodes>" if nodes else "<nodes />",
              "<edges>" + "".join(edges) + "</edges>" if edges else "<edges />", "</graph></gexf>"]
-    fh.write("".join(parts).encode("utf-8"))
+    fh.write("".join(parts).encode("utf-8", "xmlcharrefreplace"))
     return True
 
 

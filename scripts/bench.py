@@ -295,6 +295,21 @@ def stage_work(run: Path, summary: dict[str, Any], n_layers: int, prompt_tokens:
 
 
 # --------------------------------------------------------------------------------------------------- main
+_SHORT_STAGES = {"probe": "probe (all layers)", "activation": "activation patching",
+                 "attribution": "attribution patching", "path": "path patching", "attention": "attention evidence",
+                 "imports": "circuit imports", "ablation": "ablation", "circuit": "circuit", "report": "report"}
+
+
+def _stage_names(names: Any) -> set[str]:
+    """The pipeline's names of the stages ``names`` (short or full); one clear error for a name it has not."""
+    full = {_SHORT_STAGES.get(n, n) for n in names}
+    unknown = full - set(_SHORT_STAGES.values())
+    if unknown:
+        raise SystemExit(f"--profile-stages: no stage named {', '.join(sorted(unknown))}; the stages are "
+                         f"{', '.join(sorted(_SHORT_STAGES))} (or their full names, e.g. 'path patching')")
+    return full
+
+
 def _profile_stages(names: Any, directory: Path) -> Any:
     """cProfile the pipeline's stages named ``names`` (as the run names them, e.g. "circuit", "ablation") where
     they run, in the pipeline's own process and state (warm or cold as a researcher's run is), by wrapping
@@ -308,9 +323,7 @@ def _profile_stages(names: Any, directory: Path) -> Any:
     import pstats
 
     original = pipeline._stage
-    known = {"probe": "probe (all layers)", "activation": "activation patching", "attribution": "attribution patching",
-             "path": "path patching"}
-    wanted = {known.get(n, n) for n in names}
+    wanted = _stage_names(names)
 
     def _stage(name: str, *a: Any, **kw: Any) -> Any:
         inner = original(name, *a, **kw)
@@ -326,15 +339,16 @@ def _profile_stages(names: Any, directory: Path) -> Any:
 
             def __exit__(self, *exc: Any) -> Any:
                 self.prof.disable()
+                result = inner.__exit__(*exc)  # the stage's time stops here: the profile's writing is not in it
                 directory.mkdir(parents=True, exist_ok=True)
                 text = []
                 for key in ("tottime", "cumulative"):
                     buf = io.StringIO()
                     pstats.Stats(self.prof, stream=buf).sort_stats(key).print_stats(80)
                     text.append(buf.getvalue())
-                slug = name.split(" ")[0]
+                slug = {v: k for k, v in _SHORT_STAGES.items()}.get(name, name)  # ("circuit imports" -> "imports")
                 (directory / f"prof-{slug}.txt").write_text("\n".join(text))
-                return inner.__exit__(*exc)
+                return result
 
         return _Profiled()
 
@@ -361,6 +375,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="cProfile these stages of the run (e.g. circuit ablation; their seconds then include the "
                          "profiler's overhead): prof-<stage>.txt, sorted by own and by cumulative time, beside --out")
     args = ap.parse_args(argv)
+    _stage_names(args.profile_stages)  # before minutes of work
     from wordpos.probing import heap
 
     heap.pause_until_loaded()  # as the `wordpos` command does (probing.heap): stage times are the CLI's

@@ -14,17 +14,23 @@ pack() { cp "$OUT/summary.txt" "$FINAL"/ 2>/dev/null; tar czf "$FINAL/ab-logs.tg
 trap pack EXIT
 WITHOUT_WORDPOS=1 source scripts/device_setup.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/summary.txt"
+failed=0
 for b in ${AB:?set AB to the builds under .ab/}; do
+  # a fresh target: on a warm machine pip would keep an earlier build there (it only warns, and exits 0)
+  rm -rf "/tmp/wp-$b"
   python3 -m pip install -q --no-index --no-deps --no-compile --target "/tmp/wp-$b" .ab/"$b"/wordpos-*.whl \
-    >> "$OUT/pip.log" 2>&1 || echo "install of $b failed" | tee -a "$OUT/summary.txt"
+    >> "$OUT/pip.log" 2>&1 || { echo "install of $b failed: its runs are skipped" | tee -a "$OUT/summary.txt"; failed=1; }
   compile_bytecode "/tmp/wp-$b"
   cat ".ab/$b/REVISION" >> "$OUT/summary.txt"
 done
 run() {  # build, tag, extra arguments
-  local b=$1 tag=$2; shift 2; local t0=$SECONDS
+  local b=$1 tag=$2; shift 2; local t0=$SECONDS rc
+  if [ ! -d "/tmp/wp-$b/wordpos" ]; then echo "== $tag skipped: $b is not installed" | tee -a "$OUT/summary.txt"; return; fi
   PYTHONPATH="/tmp/wp-$b:/tmp/site" python3 ".ab/$b/scripts/bench.py" --device "${DEVICE:-cuda}" ${BENCH:---model smollm2-arch} \
     --out "$OUT/$tag.json" "$@" > "$OUT/$tag.log" 2>&1
-  echo "== $tag rc=$? $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
+  rc=$?
+  [ $rc = 0 ] || failed=1
+  echo "== $tag rc=$rc $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
   grep -E "^(plain forward|probe|activation|attribution|path|ablation|circuit|whole run)" "$OUT/$tag.log" \
     | tee -a "$OUT/summary.txt"
 }
@@ -35,3 +41,4 @@ done
 if [ -n "${PROFILE_BUILD:-}" ]; then
   run "$PROFILE_BUILD" "$PROFILE_BUILD-profiled" --profile-stages ${PROFILE_STAGES:-circuit ablation}
 fi
+exit $failed  # non-zero when a build did not install or a run failed (summary.txt says which)

@@ -8,15 +8,23 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rev=${1:?usage: device_ab_build.sh REVISION|. NAME}
 name=${2:?usage: device_ab_build.sh REVISION|. NAME}
+[[ "$name" =~ ^[A-Za-z0-9_.-]+$ && "$name" != .* ]] || { echo "NAME must be a plain folder name (letters, digits, _ . -), got '$name'"; exit 2; }
 dest=.ab/$name
 src=$(mktemp -d)
 trap 'rm -rf "$src"' EXIT
 if [ "$rev" = . ]; then
-  git ls-files -co --exclude-standard -z | tar --null -cf - -T - | tar -xf - -C "$src"
+  # tracked and untracked files that exist (a tracked file deleted in the working tree is left out)
+  git ls-files -co --exclude-standard -z | while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done \
+    | tar --null -cf - -T - | tar -xf - -C "$src"
 else
   git archive "$rev" | tar -x -C "$src"
 fi
 rm -rf "$dest" && mkdir -p "$dest"
 .venv/bin/python -m pip wheel -q --no-deps -w "$dest" "$src" > "$src/pip.log" 2>&1 || { tail -20 "$src/pip.log"; exit 1; }
 cp -r "$src/scripts" "$dest/scripts"
-echo "$rev ($(git rev-parse --short "${rev/#./HEAD}")$( [ "$rev" = . ] && ! git diff --quiet HEAD && echo ' + uncommitted changes')) -> $dest: $(du -sh "$dest" | cut -f1)" | tee "$dest/REVISION"
+if [ "$rev" = . ]; then
+  commit="$(git rev-parse --short HEAD)$([ -n "$(git status --porcelain)" ] && echo ' + uncommitted changes')"
+else
+  commit=$(git rev-parse --short "$rev")
+fi
+echo "$rev ($commit) -> $dest: $(du -sh "$dest" | cut -f1)" | tee "$dest/REVISION"

@@ -5,6 +5,10 @@
 # every log, with PROFILE=1 also a cProfile of the SmolLM2-architecture benchmark (last, so a time limit cuts only
 # it), into $OUT/logs.tgz (the device tool brings back at most 8 files).
 set -uo pipefail
+for s in ${STEPS:-}; do  # a misspelt step would run nothing and look like success
+  case " parity organism smollm2-fp32 e2e-smollm2 smollm2-bf16 circuit-profile circuit-host profile " in
+    *" $s "*) ;; *) echo "STEPS: no step named $s"; exit 2 ;; esac
+done
 FINAL=${OUT:-/tmp/out}
 OUT=/tmp/device-run-logs
 mkdir -p "$OUT" "$FINAL"
@@ -34,7 +38,7 @@ step circuit-profile python3 scripts/profile_circuit.py --device cuda --layer 8 
 # travels to the GPU): the rest of the stage is the device's
 step circuit-host python3 scripts/profile_circuit.py --device cpu --layer 8 --host-only --out "$OUT/$tag-circuit-host-only.json"
 pack
-if [ "${PROFILE:-0}" = 1 ]; then
+if [ "${PROFILE:-0}" = 1 ] && want profile; then
   step profile python3 -m cProfile -o "$OUT/prof.out" scripts/bench.py --model smollm2-arch --device cuda --keep /tmp/prof-run
   python3 -c "
 import pstats, io

