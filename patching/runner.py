@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from wordpos.patching.lean_route import lean_z_run
 from wordpos.patching.sizing import Sizing
 from wordpos.probing import hooks as H
 from wordpos.probing.engines import Engine
@@ -411,8 +412,14 @@ def _forward(engine: Engine, req: Request, chunk: Sequence[Intervention], start:
              for name, rows in rows_by_hook.items()]
     b = sl.stop - sl.start
     kw = {"past": full.kv.select(sl, p0, repeat=P, n_rows=b)} if p0 > 0 else {}
-    out, cache = engine.run(x, hooks=hooks, cache=list(req.cache), stop_at_layer=req.stop_at_layer,
-                            start_at_layer=start, **kw)
+    # head-output edits only: the hook-free blocks where they apply (patching.lean_route)
+    out = None if req.cache else lean_z_run(engine, x, hooks, stop_at_layer=req.stop_at_layer, start_at_layer=start,
+                                            **kw)
+    if out is not None:
+        cache = {}
+    else:
+        out, cache = engine.run(x, hooks=hooks, cache=list(req.cache), stop_at_layer=req.stop_at_layer,
+                                start_at_layer=start, **kw)
     if p0 > 0:  # the positions before p0 are the base run's
         base = full.out[:1, :p0].expand(b, -1, -1) if full.out.shape[0] == 1 else full.out[sl][:, :p0]
         out = torch.cat([einops.repeat(base.to(out), "b t d -> (p b) t d", p=P), out], dim=1)

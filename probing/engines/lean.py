@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from wordpos.probing.errors import ConfigError
@@ -38,6 +38,7 @@ Reader = Callable[..., Tensor | None]
 # writer(layer, kind, out): kind "heads" ([rows, pos, n_heads, d], each head's z @ W_O, no bias) or "mlp"
 # ([rows, pos, d]); only computed when a writer is given
 Writer = Callable[[int, str, Tensor], None]
+ZEdit = Callable[[int, Tensor], "Tensor | None"]
 
 
 def lean_unsupported(engine: Any) -> str | None:
@@ -267,6 +268,15 @@ class LeanBlocks:
         rope_type = str(getattr(self.rotary, "rope_type", ""))
         self._keep_geometry = not any(kind in rope_type for kind in ("dynamic", "longrope"))
 
+    def embed(self, tokens: Int[Tensor, "rows pos"], start: int = 0) -> Float[Tensor, "rows pos d_model"]:
+        """The residual entering block 0 for ``tokens`` at positions ``start..``: the model's own token embedding,
+        plus GPT-2's learned position embedding (Llama's positions enter through RoPE)."""
+        if self.arch == "gpt2":
+            tr = self.hf.transformer
+            pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+            return tr.wte(tokens) + tr.wpe(pos)[None]
+        return self.hf.model.embed_tokens(tokens)
+
     @staticmethod
     def _per_head(x: Float[Tensor, "rows pos slots d_model"], W: Float[Tensor, "slots d_model d_head"],
                   b: Tensor | None) -> Float[Tensor, "slots rows pos d_head"]:
@@ -316,21 +326,25 @@ class LeanBlocks:
 
     def forward(self, resid: Float[Tensor, "rows pos d_model"], *, start: int = 0,
                 past: tuple[list[Tensor], list[Tensor]] | None = None, reader: Reader | None = None,
-                writer: Writer | None = None) -> Float[Tensor, "rows pos d_model"]:
-        """The residual stream after the last block, for inputs ``resid`` (the residual entering block 0) at
-        positions ``start..``; ``past`` holds each layer's keys and values of positions ``0..start-1``
-        (``[r, n_kv_heads, start, d_head]``, as the bridge's cache keeps them: after RoPE) for ``r`` rows that
-        repeat: row ``i`` of ``resid`` attends to past row ``i % r`` (the edge runner's circuit-major ``(c b)``)."""
+                writer: Writer | None = None, first: int = 0, z_edit: ZEdit | None = None
+                ) -> Float[Tensor, "rows pos d_model"]:
+        """The residual stream after the last block, for inputs ``resid`` (the residual entering block ``first``,
+        0 by default) at positions ``start..``; ``past`` holds each layer's keys and values of positions
+        ``0..start-1`` (``[r, n_kv_heads, start, d_head]``, as the bridge's cache keeps them: after RoPE; indexed by
+        layer) for ``r`` rows that repeat: row ``i`` of ``resid`` attends to past row ``i % r`` (the edge runner's
+        circuit-major ``(c b)``). ``z_edit(layer, z)`` may replace each layer's head outputs before the output
+        projection (``z`` as TransformerLens' ``hook_z``: ``[rows, pos, head, d_head]``; None keeps them)."""
         kernels = self.attention_kernels() if resid.is_cuda else None
         if kernels:
             from torch.nn.attention import sdpa_kernel
 
             with sdpa_kernel(kernels):
-                return self._forward(resid, start, past, reader, writer)
-        return self._forward(resid, start, past, reader, writer)
+                return self._forward(resid, start, past, reader, writer, first, z_edit)
+        return self._forward(resid, start, past, reader, writer, first, z_edit)
 
     def _forward(self, resid: Tensor, start: int, past: tuple[list[Tensor], list[Tensor]] | None,
-                 reader: Reader | None, writer: Writer | None) -> Tensor:
+                 reader: Reader | None, writer: Writer | None, first: int = 0, z_edit: ZEdit | None = None
+                 ) -> Tensor:
         n, t, _ = resid.shape
         mask, add_mask, cos_sin = self._tables(resid, start, t)
         gqa = self.n_kv_heads != self.n_heads
@@ -342,7 +356,8 @@ class LeanBlocks:
             # [rows, pos, slots, d] views of it
             buf = resid.new_empty(H + 2 * Hkv, n, t, resid.shape[-1])
             views = {site: buf[sl].permute(1, 2, 0, 3) for site, sl in slots.items()}
-        for L, ly in enumerate(self.layers):
+        for L in range(first, self.n_layers):
+            ly = self.layers[L]
             if buf is not None:  # readers write their inputs straight into one buffer: no copy to stack them
                 whole = reader(L, "qkv", resid, buf)  # all three sites in one go, where the reader can
                 xs = dict(views) if whole is buf else {site: reader(L, site, resid, views[site]) for site in "qkv"}
@@ -379,11 +394,15 @@ class LeanBlocks:
             else:
                 z = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=add_mask, scale=ly.scaling,
                                                                      enable_gqa=gqa)  # [n, h, t, d_head]
+            zt = z.transpose(1, 2)  # [n, t, h, d_head]: TransformerLens' hook_z
+            if z_edit is not None:
+                edited = z_edit(L, zt)
+                zt = zt if edited is None else edited
             if writer is not None:  # each head's write: [n, t, h, d]
-                heads = torch.bmm(z.transpose(0, 1).reshape(H, n * t, -1), ly.W_O).view(H, n, t, -1)
+                heads = torch.bmm(zt.permute(2, 0, 1, 3).reshape(H, n * t, -1), ly.W_O).view(H, n, t, -1)
                 writer(L, "heads", heads.permute(1, 2, 0, 3))
             # the model's own projection of all heads at once (its summation order, its bias)
-            resid = resid + ly.o_fn(z.transpose(1, 2).reshape(n, t, -1))
+            resid = resid + ly.o_fn(zt.reshape(n, t, -1))
             x = reader(L, "mlp", resid) if reader is not None else None
             out = ly.mlp_fn(ly.norm2(x if x is not None else resid))
             if writer is not None:

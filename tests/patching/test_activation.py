@@ -95,6 +95,9 @@ def test_batched_equals_one_patch_per_forward(gpt2_ctx):
 
 
 def test_interrupted_sweep_resumes_from_checkpoints(tiny_model, tiny_ctx, tmp_path, monkeypatch):
+    from wordpos.patching import lean_route
+
+    monkeypatch.setattr(lean_route, "ENABLED", False)  # every forward through engine.run, which this test counts
     full = patch_heads(tiny_model, tiny_ctx, by_pos=True, max_tokens=1 << 20, progress=False)  # same chunks
     calls = {"n": 0}
     real_run = tiny_ctx.engine.run

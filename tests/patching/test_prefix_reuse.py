@@ -40,7 +40,12 @@ def test_contexts_differ_only_in_the_cache(both):
 
 def record_runs(engine, monkeypatch) -> list:
     """Spy on ``engine.run``: one ``(positions run, start_at_layer, cached positions or None)`` per forward. (The
-    nnsight engine's runs that fill a Hugging Face cache for later count as uncached.)"""
+    nnsight engine's runs that fill a Hugging Face cache for later count as uncached.) The runner's hook-free route
+    for head edits is turned off, so that every forward goes through ``engine.run`` (tests/patching/test_lean_route.py
+    checks the route's own positions and start layers)."""
+    from wordpos.patching import lean_route
+
+    monkeypatch.setattr(lean_route, "ENABLED", False)
     calls, real = [], engine.run
 
     def spy(inputs, **kw):

@@ -63,3 +63,17 @@ def test_bench_render_times_each_part_of_the_render_phase(tmp_path, scripts_on_p
     assert set(rec["warm_best_s"]) == {"record", "mib json", "graph exports", "diagram", "all"}
     assert rec["edges"] == 30 and rec["graph"]["valid_edges"] > 30
     assert json.loads((tmp_path / "r.json").read_text())["first_s"]["all"] > 0
+
+
+def test_bench_lean_route_compares_the_routes_on_the_same_answers(tmp_path, scripts_on_path):
+    """Head ablation with the hook-free route and without, alternating: the same accuracies, both routes timed, and
+    the route's switch left as it was."""
+    from wordpos.patching import lean_route
+
+    bench_lean_route = importlib.import_module("bench_lean_route")
+    rec = bench_lean_route.main(["--width", "36", "--prompts", "48", "--layer", "3", "--random", "2", "--rounds", "1",
+                                 "--out", str(tmp_path / "l.json")])
+    assert rec["same_accuracies"] is True and lean_route.ENABLED == "auto"
+    assert [(r["method"], r["route"]) for r in rec["rows"]] == [("resample", "hooks"), ("resample", "lean"),
+                                                               ("mean", "hooks"), ("mean", "lean")]
+    assert json.loads((tmp_path / "l.json").read_text())["width"] == 36

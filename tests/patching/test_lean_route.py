@@ -1,0 +1,124 @@
+"""The runner's hook-free route for head-output edits (patching.lean_route) against the bridge's hooks."""
+
+import pytest
+import torch
+
+from wordpos.patching import lean_route
+from wordpos.patching.ablation import ablated_sets, head_means
+from wordpos.probing import WordIndexDataset, as_engine
+from wordpos.probing.engines.lean import LeanBlocks
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts the lean blocks' forwards (the route's, not the edge runner's: no circuit runs here)."""
+    calls = []
+    forward = LeanBlocks.forward
+
+    def wrapped(self, *a, **kw):
+        calls.append(kw.get("first", 0))
+        return forward(self, *a, **kw)
+
+    monkeypatch.setattr(LeanBlocks, "forward", wrapped)
+    return calls
+
+
+def _sets(engine, layer, data, method, monkeypatch, enabled):
+    monkeypatch.setattr(lean_route, "ENABLED", enabled)
+    sets = [[], [(0, 1)], [(layer, 0), (0, 2)], [(layer, 1)], [(0, 0), (0, 3), (layer, 2)]]
+    means = head_means(engine, data.train, list(range(layer + 1)), length=data.test.max_len()) \
+        if method == "mean" else None
+    return ablated_sets(engine, layer, data.test, sets, method, means, seed=3)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("method", ["zero", "mean", "resample"])
+def test_ablated_residuals_on_the_lean_route_equal_the_bridges(arch, method, gpt2_ctx, llama_ctx, gpt2_tok,
+                                                               counted, monkeypatch):
+    """Every head set of every ablation, computed in float64, on GPT-2 (LayerNorm, learned positions) and a
+    grouped-query Llama (RMSNorm, RoPE): the same residuals as the hooks give, the route taken from the tokens (sets
+    with a layer-0 head) and from a cached residual (the rest), resample ablation after the shared prefix on its
+    cached keys and values."""
+    model = (gpt2_ctx if arch == "gpt2" else llama_ctx)[0]
+    engine = as_engine(model)
+    layer = engine.dims.n_layers - 1
+    data = WordIndexDataset.default(gpt2_tok, n_prompts=24, seed=5)
+    ref = _sets(engine, layer, data, method, monkeypatch, enabled=False)
+    assert counted == []
+    got = _sets(engine, layer, data, method, monkeypatch, enabled=True)
+    assert got.shape == ref.shape  # (read out as float32: a float64 difference shows at most as one rounding)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
+    assert counted and set(counted) == {0, 1}  # from the tokens and from the sets' first layers
+    state = lean_route.route_state(engine)
+    assert state and all(isinstance(v, LeanBlocks) for v in state.values())
+    assert not (got[1] == got[0]).all()  # the ablation changed something
+
+
+def test_a_lean_route_that_disagrees_with_the_bridge_is_not_taken(gpt2_ctx, gpt2_tok, counted, monkeypatch, caplog):
+    """The first forward of a depth runs both ways: a lean answer off by more than the tolerance keeps the bridge
+    for that model and depth (warned), and the answers stay the bridge's."""
+    model = gpt2_ctx[0]
+    engine = as_engine(model)
+    layer = engine.dims.n_layers - 1
+    data = WordIndexDataset.default(gpt2_tok, n_prompts=16, seed=9)
+    model.to(torch.float32)  # a new dtype: a new check
+    try:
+        ref = _sets(engine, layer, data, "zero", monkeypatch, enabled=False)
+        forward = LeanBlocks.forward
+        monkeypatch.setattr(LeanBlocks, "forward", lambda self, *a, **kw: forward(self, *a, **kw) * 1.01)
+        got = _sets(engine, layer, data, "zero", monkeypatch, enabled=True)
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+        reason = lean_route.route_state(engine)[layer + 1]
+        assert isinstance(reason, str) and "differs from the bridge" in reason
+        assert "lean forward of head edits differs" in caplog.text
+    finally:
+        model.to(torch.float64)
+
+
+def test_other_edits_stay_on_the_bridge(gpt2_ctx, counted, monkeypatch):
+    """Residual-stream edits, a residual given as tokens, runs to the logits and gradients are not the route's, and by
+    default neither is the CPU (its numbers stay the bridge's, bit for bit); unedited forwards of head depth are."""
+    engine = as_engine(gpt2_ctx[0])
+    lean_route._STATE.pop(engine.model, None)  # (no check left from another test)
+    x = torch.randn(2, 5, engine.dims.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    keep = lambda act, name: act  # noqa: E731
+    assert lean_route.ENABLED == "auto"
+    with torch.no_grad():
+        assert lean_route.lean_z_run(engine, x, [], stop_at_layer=2, start_at_layer=1) is None  # (a CPU tensor)
+    monkeypatch.setattr(lean_route, "ENABLED", True)
+    with torch.no_grad():
+        assert lean_route.lean_z_run(engine, x, [("blocks.1.hook_resid_pre", keep)], stop_at_layer=2,
+                                     start_at_layer=1) is None
+        assert lean_route.lean_z_run(engine, x, [], stop_at_layer=2, start_at_layer=None) is None  # (not tokens)
+        assert lean_route.lean_z_run(engine, x, [], stop_at_layer=None, start_at_layer=1) is None
+    assert lean_route.lean_z_run(engine, x, [], stop_at_layer=2, start_at_layer=1) is None  # (gradients on)
+    assert counted == []
+    with torch.no_grad():  # (as the runner's forwards run)
+        out = lean_route.lean_z_run(engine, x, [("blocks.1.attn.hook_z", keep)], stop_at_layer=2, start_at_layer=1)
+    assert out is not None and out.shape == x.shape and len(counted) == 2  # the check's forward, then this one
+
+
+@pytest.mark.parametrize("method", ["resample", "mean"])
+def test_the_route_runs_only_what_an_ablation_can_change(method, llama_ctx, small_data, counted, monkeypatch):
+    """As the bridge's forwards do (test_prefix_reuse): each set starts at its first ablated layer, and resample
+    ablation after the prefix every prompt shares, on that prefix's cached keys and values."""
+    monkeypatch.setattr(lean_route, "ENABLED", True)
+    engine = as_engine(llama_ctx[0])
+    prompts = small_data.test
+    T = prompts.max_len()
+    shared = int((prompts.tokens[:, :T] != prompts.tokens[:1, :T]).any(0).nonzero().min())
+    seen = []
+    forward = LeanBlocks.forward
+
+    def spy(self, resid, **kw):
+        seen.append((int(resid.shape[1]), kw.get("start", 0), kw.get("first", 0), kw.get("past") is not None))
+        return forward(self, resid, **kw)
+
+    monkeypatch.setattr(LeanBlocks, "forward", spy)
+    means = head_means(engine, small_data.train, [1], length=T) if method == "mean" else None
+    ablated_sets(engine, 1, prompts, [[], [(1, 0)], [(1, 2)]], method, means, seed=0)
+    assert seen and all(first == 1 for *_, first, _ in seen)
+    if method == "resample":
+        assert shared >= 1 and all(w == T - shared and start == shared and past for w, start, _, past in seen)
+    else:
+        assert all(w == T and start == 0 and not past for w, start, _, past in seen)
