@@ -61,6 +61,7 @@ def case(model_name: str, path: str, device: str, dtype: str) -> dict:
         ref = (model32, prepare(model32, pairs, probe))
     out.update(path_case(model, fast, full, ref))
     out["edges"] = edge_case(model, pairs, probe)
+    out["ablation"] = ablation_case(model, data, layer)
     keys = ("heads_by_pos", "resid", "path_edges") + (("path_direct",) if dtype == "float32" else ())
     out["ok"] = all(out[k]["max_abs_diff"] <= TOL[dtype] * out[k]["max_abs_effect"] for k in keys)
     d = out["path_direct"]
@@ -69,6 +70,41 @@ def case(model_name: str, path: str, device: str, dtype: str) -> dict:
     e = out["edges"]
     out["ok"] = out["ok"] and e["lean_used"] and all(e[k]["max_abs_diff"] <= TOL[dtype] * e[k]["max_abs_effect"]
                                                     for k in ("circuits", "eap"))
+    a = out["ablation"]
+    out["ok"] = out["ok"] and a["lean_used"] and all(a[k]["max_abs_diff"] <= TOL[dtype] * a[k]["max_abs_effect"]
+                                                    for k in ("resample", "mean"))
+    return out
+
+
+def ablation_case(model, data, layer: int) -> dict:
+    """The runner's hook-free route for head edits (patching/lean_route.py) against the bridge's hooks: the ablated
+    residuals of head sets (from the tokens and from cached residuals), resample and mean ablation, relative to the
+    largest residual."""
+    from wordpos.patching import lean_route
+    from wordpos.patching.ablation import ablated_sets, head_means
+    from wordpos.probing import as_engine
+
+    engine = as_engine(model)
+    sets = [[], [(0, 1)], [(layer, 0), (0, 2)], [(layer, 1)], [(1, 0), (layer, 2)]]
+    means = head_means(engine, data.train, list(range(layer + 1)), length=data.test.max_len())
+    out: dict = {}
+    before = lean_route.ENABLED
+    try:
+        for method in ("resample", "mean"):
+            res = {}
+            for on in (False, True):
+                lean_route.ENABLED = on
+                t0 = time.perf_counter()
+                res[on] = ablated_sets(engine, layer, data.test, sets, method, means if method == "mean" else None)
+                res[f"s{on}"] = round(time.perf_counter() - t0, 3)
+            out[method] = {"max_abs_diff": float((res[True] - res[False]).abs().max()),
+                           "max_abs_effect": float(res[False].abs().max()), "hooks_s": res["sFalse"],
+                           "lean_s": res["sTrue"]}
+    finally:
+        lean_route.ENABLED = before
+    state = lean_route.route_state(engine)
+    out["lean_used"] = bool(state) and all(not isinstance(v, str) for v in state.values())
+    out["lean_reasons"] = sorted({v for v in state.values() if isinstance(v, str)})
     return out
 
 
