@@ -5,17 +5,22 @@ ablation: zero, mean, resample; head activation patching), from tokens or a cach
 Why: on a GPU the bridge's per-forward host work (its hook and alias maps rebuilt twice per call, a wrapper per
 module, Hugging Face's per-layer Python) is about as long as the device work of a batch of ablated prompts, so
 ablation's dozens of forwards wait on the host (``docs/performance.md``). The lean blocks are the edge runner's,
-already checked there. Here, before the first forward of each depth and kind of input, two rows of it run both ways,
-unedited, and are compared (the edge runner's tolerance, :func:`~wordpos.patching.edge_runner.route_mismatch`); on
-a mismatch that model keeps the bridge for that depth, with a warning. Anything else (other hooks, cached activations, gradients, a model the lean blocks do
-not cover) returns None and the caller runs the bridge.
+already checked there (built here with no per-head weight copies). Before the first forward of each depth, kind of
+input, start layer and prefix, two rows of it run both ways, unedited, and are compared (the edge runner's
+tolerance); on a mismatch that model keeps the bridge for such forwards, with a warning. A model moved, cast or given
+new parameters gets new blocks and new checks; a hook on the blocks' modules (TransformerLens' persistent hooks,
+torch forward hooks) sends the forward to the bridge, which runs it. Anything else (other edits, cached
+activations, gradients, a model the lean blocks do not cover, a failure of the route) returns None and the caller
+runs the bridge.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,22 +34,77 @@ from wordpos.probing.engines.lean import LeanBlocks, lean_unsupported
 ENABLED: bool | str = "auto"
 
 _Z = re.compile(r"^blocks\.(\d+)\.attn\.hook_z$")
-# the model (engines are made afresh per call) -> {(stop layer, dtype, device, weights' address): LeanBlocks
-# (checked), or why not}; a model moved or cast gets new blocks and a new check
-_STATE: "weakref.WeakKeyDictionary[Any, dict[tuple, LeanBlocks | str]]" = weakref.WeakKeyDictionary()
+log = logging.getLogger(__name__)
 
 
-def route_state(engine: Any) -> dict[int, LeanBlocks | str]:
-    """What the route decided for ``engine``'s model, by stop layer: the checked blocks, or why the bridge is kept."""
-    return {key[0]: v for key, v in _STATE.get(getattr(engine, "model", None), {}).items()} \
-        if getattr(engine, "model", None) is not None else {}
+@dataclass
+class _ModelState:
+    """One model's route: its blocks (all of them, no weight copies), the state of the weights they were made for,
+    the modules whose hooks would be bypassed, and the verdict of each check."""
+
+    weights: tuple
+    blocks: LeanBlocks | None
+    hooked: list[Any] = field(default_factory=list)
+    verdicts: dict[tuple, str | None] = field(default_factory=dict)  # check key -> None (agrees) or why not
 
 
-def _key(engine: Any, x: Tensor, stop: int) -> tuple:
-    """A check holds for a depth, a kind of input (tokens or a residual), a dtype and device, and these weights."""
+# the model (engines are made afresh per call) -> its state; a model moved, cast or given new weights gets new
+# blocks and new checks (the old ones are dropped)
+_STATE: "weakref.WeakKeyDictionary[Any, _ModelState]" = weakref.WeakKeyDictionary()
+
+
+def route_state(engine: Any) -> dict[tuple, str | None]:
+    """What the route decided for ``engine``'s model: ``(stop layer, "tokens" | "resid", start layer, cached prefix)
+    -> None`` where it runs, or why the bridge is kept."""
+    st = _STATE.get(getattr(engine, "model", None)) if getattr(engine, "model", None) is not None else None
+    return dict(st.verdicts) if st is not None else {}
+
+
+def _weights(engine: Any, x: Tensor) -> tuple:
+    """The dtype, device and address of every parameter: a cast, a move or a parameter replaced changes it."""
     hf = getattr(engine.model, "original_model", None)
-    first = next(hf.parameters(), None) if hf is not None else None
-    return stop, x.dim() == 2, x.dtype, x.device, None if first is None else first.data_ptr()
+    return x.device, None if hf is None else tuple(p.data_ptr() for p in hf.parameters())
+
+
+_INTERNAL = ("transformers.", "transformer_lens.")
+
+
+def _has_hooks(modules: list[Any]) -> bool:
+    """Whether any of ``modules`` (the bridge's hook points and the blocks' Hugging Face modules) holds a hook the
+    lean blocks would not run: one on a TransformerLens hook point (a persistent hook: ``run_with_hooks`` removes its
+    own), or a torch hook from outside transformers and TransformerLens (theirs capture outputs and change none)."""
+    from transformer_lens.hook_points import HookPoint
+
+    for m in modules:
+        if isinstance(m, HookPoint):
+            if m._forward_hooks or m._forward_pre_hooks:
+                return True
+            continue
+        for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()):
+            if not (getattr(h, "__module__", None) or "").startswith(_INTERNAL):
+                return True
+    return False
+
+
+def _state(engine: Any, x: Tensor) -> _ModelState | None:
+    model = engine.model
+    weights = _weights(engine, x)
+    try:
+        st = _STATE.get(model)
+    except TypeError:  # a model that cannot be weakly referenced: no route
+        return None
+    if st is None or st.weights != weights:
+        reason = lean_unsupported(engine)
+        blocks = LeanBlocks(engine, len(model.blocks), per_head=False) if reason is None else None
+        hooked = [] if blocks is None else \
+            [m for b in model.blocks for m in b.modules() if m is not b] + [m for ly in blocks.layers for m in
+                                                                            (ly.ln1, ly.ln2, ly.mlp, ly.o_proj)]
+        st = _ModelState(weights, blocks, hooked, {} if reason is None else {("any",): reason})
+        try:
+            _STATE[model] = st
+        except TypeError:  # pragma: no cover - a model that cannot be weakly referenced
+            return None
+    return st
 
 
 def lean_z_run(engine: Any, x: Tensor, hooks: Sequence[tuple[str, Callable[[Tensor, str], Tensor | None]]], *,
@@ -57,53 +117,47 @@ def lean_z_run(engine: Any, x: Tensor, hooks: Sequence[tuple[str, Callable[[Tens
         return None
     if stop_at_layer is None or x.dim() != (2 if tokens else 3) or torch.is_grad_enabled():
         return None
+    first = 0 if tokens else int(start_at_layer)
     by_layer: dict[int, list[tuple[str, Callable]]] = {}
     for name, fn in hooks:
         m = _Z.match(name)
         if m is None:
             return None
         by_layer.setdefault(int(m.group(1)), []).append((name, fn))
-    model = getattr(engine, "model", None)
-    if model is None:
+    if getattr(engine, "model", None) is None or not 0 <= first < stop_at_layer:
         return None
     try:
-        state = _STATE.setdefault(model, {})
-    except TypeError:  # a model that cannot be weakly referenced: no cache of checks, no route
-        return None
-    key = _key(engine, x, stop_at_layer)
-    blocks = state.get(key)
-    if isinstance(blocks, str):
-        return None
-    first = 0 if tokens else start_at_layer
-    if blocks is None:
-        reason = lean_unsupported(engine)
-        if reason is None:
-            blocks = LeanBlocks(engine, stop_at_layer)
-            if not 0 <= first < blocks.n_layers:
-                return None
-            reason = _check(engine, blocks, x, stop_at_layer, start_at_layer, past)
-        state[key] = reason if reason is not None else blocks
-        if reason is not None:
+        st = _state(engine, x)
+        if st is None or st.blocks is None or stop_at_layer > st.blocks.n_layers or _has_hooks(st.hooked):
             return None
-    if not 0 <= first < blocks.n_layers:
+        key = (stop_at_layer, "tokens" if tokens else "resid", first, past is not None)
+        if key not in st.verdicts:
+            st.verdicts[key] = _check(engine, st.blocks, x, stop_at_layer, start_at_layer, past)
+            if st.verdicts[key] is not None:
+                log.warning("lean route: %s; the bridge runs these forwards", st.verdicts[key])
+        if st.verdicts[key] is not None:
+            return None
+
+        def z_edit(L: int, z: Tensor) -> Tensor:
+            for name, fn in by_layer.get(L, ()):
+                new = fn(z, name)
+                z = z if new is None else new
+            return z
+
+        kv = None if past is None else (past.keys, past.values)
+        p0 = 0 if past is None else past.length
+        resid = st.blocks.embed(x, p0) if tokens else x
+        return st.blocks.forward(resid, start=p0, past=kv, first=first, stop=stop_at_layer,
+                                 z_edit=z_edit if by_layer else None)
+    except Exception as e:  # noqa: BLE001 - any failure of the route means: the bridge runs it
+        log.warning("lean route failed (%s: %s); the bridge runs this forward", type(e).__name__, e, exc_info=True)
         return None
-
-    def z_edit(L: int, z: Tensor) -> Tensor:
-        for name, fn in by_layer.get(L, ()):
-            new = fn(z, name)
-            z = z if new is None else new
-        return z
-
-    kv = None if past is None else (past.keys, past.values)
-    p0 = 0 if past is None else past.length
-    resid = blocks.embed(x, p0) if tokens else x
-    return blocks.forward(resid, start=p0, past=kv, first=first, z_edit=z_edit if by_layer else None)
 
 
 def _check(engine: Any, blocks: LeanBlocks, x: Tensor, stop: int, start: int | None, past: Any) -> str | None:
     """The lean blocks against the bridge on the first two rows of a first input of this kind, unedited (the edits
     are the runner's own functions, applied alike): why not to use them, or None."""
-    from wordpos.patching.edge_runner import route_mismatch
+    from wordpos.patching.edge_runner import position_error, route_tolerance
     from wordpos.probing.engines.split_inputs import PrefixKV
 
     n = min(2, int(x.shape[0]))
@@ -112,8 +166,10 @@ def _check(engine: Any, blocks: LeanBlocks, x: Tensor, stop: int, start: int | N
     p0 = 0 if pk is None else pk.length
     resid = blocks.embed(x[:n], p0) if start is None else x[:n]
     out = blocks.forward(resid, start=p0, past=None if pk is None else (pk.keys, pk.values),
-                         first=0 if start is None else start)
-    return route_mismatch(out, ref, "the lean forward of head edits differs from the bridge's", "using the bridge")
+                         first=0 if start is None else start, stop=stop)
+    err, tol = position_error(out, ref), route_tolerance(ref.dtype)
+    return None if err <= tol else \
+        f"the lean forward of head edits differs from the bridge's by {err:.2e} of a position's norm (> {tol:.0e})"
 
 
 __all__ = ["ENABLED", "lean_z_run", "route_state"]

@@ -79,7 +79,7 @@ def case(model_name: str, path: str, device: str, dtype: str) -> dict:
 def ablation_case(model, data, layer: int) -> dict:
     """The runner's hook-free route for head edits (patching/lean_route.py) against the bridge's hooks: the ablated
     residuals of head sets (from the tokens and from cached residuals), resample and mean ablation, relative to the
-    largest residual."""
+    largest change an ablation made."""
     from wordpos.patching import lean_route
     from wordpos.patching.ablation import ablated_sets, head_means
     from wordpos.probing import as_engine
@@ -97,14 +97,15 @@ def ablation_case(model, data, layer: int) -> dict:
                 t0 = time.perf_counter()
                 res[on] = ablated_sets(engine, layer, data.test, sets, method, means if method == "mean" else None)
                 res[f"s{on}"] = round(time.perf_counter() - t0, 3)
+            # relative to the largest change an ablation made (the sets against the unablated one)
             out[method] = {"max_abs_diff": float((res[True] - res[False]).abs().max()),
-                           "max_abs_effect": float(res[False].abs().max()), "hooks_s": res["sFalse"],
-                           "lean_s": res["sTrue"]}
+                           "max_abs_effect": float((res[False][1:] - res[False][:1]).abs().max()),
+                           "hooks_s": res["sFalse"], "lean_s": res["sTrue"]}
     finally:
         lean_route.ENABLED = before
     state = lean_route.route_state(engine)
-    out["lean_used"] = bool(state) and all(not isinstance(v, str) for v in state.values())
-    out["lean_reasons"] = sorted({v for v in state.values() if isinstance(v, str)})
+    out["lean_used"] = bool(state) and all(v is None for v in state.values())
+    out["lean_reasons"] = sorted({v for v in state.values() if v is not None})
     return out
 
 

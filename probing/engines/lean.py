@@ -225,7 +225,9 @@ class LeanBlocks:
 
         return [getattr(SDPBackend, name) for name in cls.sdpa_backends]
 
-    def __init__(self, engine: Any, n_layers: int):
+    def __init__(self, engine: Any, n_layers: int, *, per_head: bool = True):
+        """Blocks ``0..n_layers-1``. ``per_head=False`` keeps no per-head weights (no ``reader``/``writer``): the
+        model's own projections only, so the blocks hold no copy of any weight (the runner's head edits)."""
         reason = lean_unsupported(engine)
         if reason is not None:
             raise ConfigError(f"the lean forward cannot run this model: {reason}.")
@@ -233,32 +235,38 @@ class LeanBlocks:
         self.hf = model.original_model
         self.arch = self.hf.config.model_type
         self.n_layers = int(n_layers)
+        if not 1 <= self.n_layers <= len(model.blocks):
+            raise ConfigError(f"the lean forward runs 1..{len(model.blocks)} blocks, not {n_layers}.")
+        self.per_head = per_head
 
         def w(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.detach()
+            return None if t is None or not per_head else t.detach()
 
         self.layers = []
         for b in list(model.blocks)[: self.n_layers]:
             a = b.attn
+            heads = (a.W_Q, a.W_K, a.W_V, a.W_O) if per_head else (None,) * 4  # (bridge properties: new tensors)
             self.layers.append(_Layer(b.ln1.original_component, b.ln2.original_component, b.mlp.original_component,
-                                      w(a.W_Q), w(a.W_K), w(a.W_V), w(a.W_O), w(getattr(a, "b_Q", None)),
+                                      *heads, w(getattr(a, "b_Q", None)),
                                       w(getattr(a, "b_K", None)), w(getattr(a, "b_V", None)),
                                       float(a.original_component.scaling),
                                       _o_proj(a.original_component), getattr(a.original_component, "c_attn", None),
                                       _split_proj(a.original_component)))
-        self.n_heads = int(self.layers[0].W_Q.shape[0])
-        self.n_kv_heads = int(self.layers[0].W_K.shape[0])
+        dims = engine.dims
+        self.n_heads, self.n_kv_heads = int(dims.n_heads), int(dims.n_kv_heads)
+        self.d_model, self.d_head = int(dims.d_model), int(dims.d_head)
         split = [self.n_heads, self.n_kv_heads, self.n_kv_heads]
         for ly in self.layers:  # q, k and v heads stacked (one matmul when every input is per head); W_Q/W_K/W_V
-            ly.W_QKV = torch.cat([ly.W_Q, ly.W_K, ly.W_V])  # and b_Q/b_K/b_V become views of it, not copies
-            ly.W_Q, ly.W_K, ly.W_V = ly.W_QKV.split(split)
-            if ly.b_Q is not None:
-                ly.b_QKV = torch.cat([ly.b_Q, ly.b_K, ly.b_V])
-                ly.b_Q, ly.b_K, ly.b_V = ly.b_QKV.split(split)
+            if per_head:  # and b_Q/b_K/b_V become views of it, not copies
+                ly.W_Q, ly.W_K, ly.W_V, ly.W_O = (x.detach() for x in (ly.W_Q, ly.W_K, ly.W_V, ly.W_O))
+                ly.W_QKV = torch.cat([ly.W_Q, ly.W_K, ly.W_V])
+                ly.W_Q, ly.W_K, ly.W_V = ly.W_QKV.split(split)
+                if ly.b_Q is not None:
+                    ly.b_QKV = torch.cat([ly.b_Q, ly.b_K, ly.b_V])
+                    ly.b_Q, ly.b_K, ly.b_V = ly.b_QKV.split(split)
             ly.norm1, ly.norm2 = _norm_fn(ly.ln1), _norm_fn(ly.ln2)
             ly.mlp_fn, ly.o_fn = _mlp_fn(ly.mlp), _linear_fn(ly.o_proj)
             ly.qkv_fns = (_linear_fn(ly.qkv),) if ly.qkv is not None else tuple(_linear_fn(m) for m in ly.qkv_split)
-        self.d_model, self.d_head = int(self.layers[0].W_Q.shape[1]), int(self.layers[0].W_Q.shape[2])
         self.rotary = getattr(getattr(self.hf, "model", None), "rotary_emb", None) if self.arch == "llama" else None
         self.softmax_fp32 = self.arch == "llama"
         # a forward's mask and rotary tables, by (start, positions, dtype, device): the same few shapes recur
@@ -326,25 +334,31 @@ class LeanBlocks:
 
     def forward(self, resid: Float[Tensor, "rows pos d_model"], *, start: int = 0,
                 past: tuple[list[Tensor], list[Tensor]] | None = None, reader: Reader | None = None,
-                writer: Writer | None = None, first: int = 0, z_edit: ZEdit | None = None
+                writer: Writer | None = None, first: int = 0, z_edit: ZEdit | None = None, stop: int | None = None
                 ) -> Float[Tensor, "rows pos d_model"]:
         """The residual stream after the last block, for inputs ``resid`` (the residual entering block ``first``,
         0 by default) at positions ``start..``; ``past`` holds each layer's keys and values of positions
         ``0..start-1`` (``[r, n_kv_heads, start, d_head]``, as the bridge's cache keeps them: after RoPE; indexed by
         layer) for ``r`` rows that repeat: row ``i`` of ``resid`` attends to past row ``i % r`` (the edge runner's
         circuit-major ``(c b)``). ``z_edit(layer, z)`` may replace each layer's head outputs before the output
-        projection (``z`` as TransformerLens' ``hook_z``: ``[rows, pos, head, d_head]``; None keeps them)."""
+        projection (``z`` as TransformerLens' ``hook_z``: ``[rows, pos, head, d_head]``; None keeps them).
+        ``stop`` ends after block ``stop - 1`` (default: the last of these blocks)."""
+        stop = self.n_layers if stop is None else int(stop)
+        if not 0 <= first < stop <= self.n_layers:
+            raise ConfigError(f"blocks {first}..{stop - 1} are not within these {self.n_layers} blocks.")
+        if not self.per_head and (reader is not None or writer is not None):
+            raise ConfigError("these lean blocks keep no per-head weights (per_head=False): no reader or writer.")
         kernels = self.attention_kernels() if resid.is_cuda else None
         if kernels:
             from torch.nn.attention import sdpa_kernel
 
             with sdpa_kernel(kernels):
-                return self._forward(resid, start, past, reader, writer, first, z_edit)
-        return self._forward(resid, start, past, reader, writer, first, z_edit)
+                return self._forward(resid, start, past, reader, writer, first, z_edit, stop)
+        return self._forward(resid, start, past, reader, writer, first, z_edit, stop)
 
     def _forward(self, resid: Tensor, start: int, past: tuple[list[Tensor], list[Tensor]] | None,
-                 reader: Reader | None, writer: Writer | None, first: int = 0, z_edit: ZEdit | None = None
-                 ) -> Tensor:
+                 reader: Reader | None, writer: Writer | None, first: int = 0, z_edit: ZEdit | None = None,
+                 stop: int | None = None) -> Tensor:
         n, t, _ = resid.shape
         mask, add_mask, cos_sin = self._tables(resid, start, t)
         gqa = self.n_kv_heads != self.n_heads
@@ -356,7 +370,7 @@ class LeanBlocks:
             # [rows, pos, slots, d] views of it
             buf = resid.new_empty(H + 2 * Hkv, n, t, resid.shape[-1])
             views = {site: buf[sl].permute(1, 2, 0, 3) for site, sl in slots.items()}
-        for L in range(first, self.n_layers):
+        for L in range(first, self.n_layers if stop is None else stop):
             ly = self.layers[L]
             if buf is not None:  # readers write their inputs straight into one buffer: no copy to stack them
                 whole = reader(L, "qkv", resid, buf)  # all three sites in one go, where the reader can

@@ -50,7 +50,8 @@ def test_ablated_residuals_on_the_lean_route_equal_the_bridges(arch, method, gpt
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
     assert counted and set(counted) == {0, 1}  # from the tokens and from the sets' first layers
     state = lean_route.route_state(engine)
-    assert state and all(isinstance(v, LeanBlocks) for v in state.values())
+    assert state and all(v is None for v in state.values())
+    assert {k[1] for k in state} == {"tokens", "resid"}
     assert not (got[1] == got[0]).all()  # the ablation changed something
 
 
@@ -68,8 +69,8 @@ def test_a_lean_route_that_disagrees_with_the_bridge_is_not_taken(gpt2_ctx, gpt2
         monkeypatch.setattr(LeanBlocks, "forward", lambda self, *a, **kw: forward(self, *a, **kw) * 1.01)
         got = _sets(engine, layer, data, "zero", monkeypatch, enabled=True)
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
-        reason = lean_route.route_state(engine)[layer + 1]
-        assert isinstance(reason, str) and "differs from the bridge" in reason
+        reasons = [v for k, v in lean_route.route_state(engine).items() if k[0] == layer + 1]
+        assert reasons and all(isinstance(r, str) and "differs from the bridge" in r for r in reasons)
         assert "lean forward of head edits differs" in caplog.text
     finally:
         model.to(torch.float64)
@@ -122,3 +123,69 @@ def test_the_route_runs_only_what_an_ablation_can_change(method, llama_ctx, smal
         assert shared >= 1 and all(w == T - shared and start == shared and past for w, start, _, past in seen)
     else:
         assert all(w == T and start == 0 and not past for w, start, _, past in seen)
+
+
+def test_hooks_on_the_model_send_forwards_to_the_bridge(gpt2_ctx, gpt2_tok, monkeypatch):
+    """A TransformerLens persistent hook or a torch forward hook on a block's module would be bypassed by the lean
+    blocks: while one is attached, the bridge runs the forwards (and the hook acts on them)."""
+    model = gpt2_ctx[0]
+    engine = as_engine(model)
+    layer = engine.dims.n_layers - 1
+    data = WordIndexDataset.default(gpt2_tok, n_prompts=16, seed=2)
+    ref = _sets(engine, layer, data, "zero", monkeypatch, enabled=False)
+    model.add_hook("blocks.0.hook_resid_post", lambda act, hook: act * 1.5)
+    try:
+        hooked = _sets(engine, layer, data, "zero", monkeypatch, enabled=False)
+        got = _sets(engine, layer, data, "zero", monkeypatch, enabled=True)
+        torch.testing.assert_close(got, hooked, rtol=0, atol=0)
+        assert not torch.allclose(hooked, ref)
+    finally:
+        model.reset_hooks(including_permanent=True)
+    handle = model.original_model.transformer.h[0].mlp.register_forward_hook(lambda m, i, o: o * 0.5)
+    try:
+        hooked = _sets(engine, layer, data, "zero", monkeypatch, enabled=False)
+        got = _sets(engine, layer, data, "zero", monkeypatch, enabled=True)
+        torch.testing.assert_close(got, hooked, rtol=0, atol=0)
+        assert not torch.allclose(hooked, ref)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(_sets(engine, layer, data, "zero", monkeypatch, enabled=True), ref, rtol=1e-6,
+                               atol=1e-7)
+
+
+def test_new_weights_get_new_blocks_and_checks(llama_ctx, monkeypatch):
+    """A parameter replaced (not edited in place) after a check: the route sees it, as the bridge does."""
+    model = llama_ctx[0]
+    engine = as_engine(model)
+    monkeypatch.setattr(lean_route, "ENABLED", True)
+    x = torch.randn(3, 6, engine.dims.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    norm = model.original_model.model.layers[1].input_layernorm
+    old = norm.weight
+    with torch.no_grad():
+        a = lean_route.lean_z_run(engine, x, [], stop_at_layer=2, start_at_layer=1)
+        norm.weight = torch.nn.Parameter(old.detach() * 2)
+        try:
+            b = lean_route.lean_z_run(engine, x, [], stop_at_layer=2, start_at_layer=1)
+            ref, _ = engine.run(x, stop_at_layer=2, start_at_layer=1)
+        finally:
+            norm.weight = old
+    assert a is not None and b is not None and not torch.allclose(a, b)
+    torch.testing.assert_close(b, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_a_forward_the_route_cannot_run_goes_to_the_bridge(gpt2_ctx, monkeypatch):
+    """No blocks to run (stop 0), or a failure inside the route: None, and the runner's answer is the bridge's."""
+    from wordpos.patching.runner import NOOP, Request, run_interventions
+
+    engine = as_engine(gpt2_ctx[0])
+    monkeypatch.setattr(lean_route, "ENABLED", True)
+    tokens = torch.randint(0, 100, (3, 6))
+    req = Request(tokens=tokens, read=lambda out, cache, P, sl: out, stop_at_layer=0)
+    got = run_interventions(engine, req, [NOOP], progress=False)
+    monkeypatch.setattr(lean_route, "ENABLED", False)
+    torch.testing.assert_close(got, run_interventions(engine, req, [NOOP], progress=False), rtol=0, atol=0)
+    monkeypatch.setattr(lean_route, "ENABLED", True)
+    monkeypatch.setattr(LeanBlocks, "forward", lambda self, *a, **kw: 1 / 0)
+    x = torch.randn(2, 4, engine.dims.d_model, dtype=torch.float64)
+    with torch.no_grad():
+        assert lean_route.lean_z_run(engine, x, [], stop_at_layer=2, start_at_layer=1) is None
