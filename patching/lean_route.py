@@ -39,16 +39,24 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _ModelState:
-    """One model's route: its blocks (all of them, no weight copies), the state of the weights they were made for,
-    the modules whose hooks would be bypassed, and the verdict of each check."""
+    """One model's route: its blocks (all of them, no weight copies), the parameters they were made for (each
+    module's slot, the parameter object, its address), the modules whose hooks they would bypass (per block, and
+    those the token embedding passes), and the verdict of each check."""
 
-    weights: tuple
+    device: torch.device
+    params: list[tuple[Any, str, Any, int]]
     blocks: LeanBlocks | None
-    hooked: list[Any] = field(default_factory=list)
+    block_modules: list[list[Any]] = field(default_factory=list)
+    embed_modules: list[Any] = field(default_factory=list)
     verdicts: dict[tuple, str | None] = field(default_factory=dict)  # check key -> None (agrees) or why not
 
+    def current(self, device: torch.device) -> bool:
+        """Whether the model is still what the blocks were made for: no parameter replaced, moved or cast."""
+        return device == self.device and all(mod._parameters.get(name) is p and p.data_ptr() == ptr
+                                             for mod, name, p, ptr in self.params)
 
-# the model (engines are made afresh per call) -> its state; a model moved, cast or given new weights gets new
+
+# the model (engines are made afresh per call) -> its state; a model moved, cast or given new parameters gets new
 # blocks and new checks (the old ones are dropped)
 _STATE: "weakref.WeakKeyDictionary[Any, _ModelState]" = weakref.WeakKeyDictionary()
 
@@ -58,12 +66,6 @@ def route_state(engine: Any) -> dict[tuple, str | None]:
     -> None`` where it runs, or why the bridge is kept."""
     st = _STATE.get(getattr(engine, "model", None)) if getattr(engine, "model", None) is not None else None
     return dict(st.verdicts) if st is not None else {}
-
-
-def _weights(engine: Any, x: Tensor) -> tuple:
-    """The dtype, device and address of every parameter: a cast, a move or a parameter replaced changes it."""
-    hf = getattr(engine.model, "original_model", None)
-    return x.device, None if hf is None else tuple(p.data_ptr() for p in hf.parameters())
 
 
 _INTERNAL = ("transformers.", "transformer_lens.")
@@ -86,24 +88,40 @@ def _has_hooks(modules: list[Any]) -> bool:
     return False
 
 
+def _unique(modules: Any) -> list[Any]:
+    seen, out = set(), []
+    for m in modules:
+        if id(m) not in seen:
+            seen.add(id(m))
+            out.append(m)
+    return out
+
+
 def _state(engine: Any, x: Tensor) -> _ModelState | None:
     model = engine.model
-    weights = _weights(engine, x)
     try:
         st = _STATE.get(model)
     except TypeError:  # a model that cannot be weakly referenced: no route
         return None
-    if st is None or st.weights != weights:
-        reason = lean_unsupported(engine)
-        blocks = LeanBlocks(engine, len(model.blocks), per_head=False) if reason is None else None
-        hooked = [] if blocks is None else \
-            [m for b in model.blocks for m in b.modules() if m is not b] + [m for ly in blocks.layers for m in
-                                                                            (ly.ln1, ly.ln2, ly.mlp, ly.o_proj)]
-        st = _ModelState(weights, blocks, hooked, {} if reason is None else {("any",): reason})
-        try:
-            _STATE[model] = st
-        except TypeError:  # pragma: no cover - a model that cannot be weakly referenced
-            return None
+    if st is not None and st.current(x.device):
+        return st
+    hf = getattr(model, "original_model", None)
+    params = [] if hf is None else [(mod, name, p, p.data_ptr()) for mod in hf.modules()
+                                     for name, p in mod._parameters.items() if p is not None]
+    reason = lean_unsupported(engine)
+    blocks = LeanBlocks(engine, len(model.blocks), per_head=False) if reason is None else None
+    st = _ModelState(x.device, params, blocks, verdicts={} if reason is None else {("any",): reason})
+    if blocks is not None:
+        from transformer_lens.hook_points import HookPoint
+
+        st.block_modules = [_unique([m for m in b.modules() if m is not b]) for b in model.blocks]
+        st.embed_modules = _unique([m for n, m in model.named_modules() if isinstance(m, HookPoint)
+                                    and not n.startswith("blocks.")] + list(
+            (hf.transformer.wte, hf.transformer.wpe) if blocks.arch == "gpt2" else (hf.model.embed_tokens,)))
+    try:
+        _STATE[model] = st
+    except TypeError:  # pragma: no cover - a model that cannot be weakly referenced
+        return None
     return st
 
 
@@ -128,7 +146,10 @@ def lean_z_run(engine: Any, x: Tensor, hooks: Sequence[tuple[str, Callable[[Tens
         return None
     try:
         st = _state(engine, x)
-        if st is None or st.blocks is None or stop_at_layer > st.blocks.n_layers or _has_hooks(st.hooked):
+        if st is None or st.blocks is None or stop_at_layer > st.blocks.n_layers:
+            return None
+        if _has_hooks([m for L in range(first, stop_at_layer) for m in st.block_modules[L]]) or \
+                (tokens and _has_hooks(st.embed_modules)):
             return None
         key = (stop_at_layer, "tokens" if tokens else "resid", first, past is not None)
         if key not in st.verdicts:
