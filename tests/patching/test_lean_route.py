@@ -133,22 +133,19 @@ def test_hooks_on_the_model_send_forwards_to_the_bridge(gpt2_ctx, gpt2_tok, monk
     layer = engine.dims.n_layers - 1
     data = WordIndexDataset.default(gpt2_tok, n_prompts=16, seed=2)
     ref = _sets(engine, layer, data, "zero", monkeypatch, enabled=False)
-    model.add_hook("blocks.0.hook_resid_post", lambda act, hook: act * 1.5)
-    try:
-        hooked = _sets(engine, layer, data, "zero", monkeypatch, enabled=False)
-        got = _sets(engine, layer, data, "zero", monkeypatch, enabled=True)
-        torch.testing.assert_close(got, hooked, rtol=0, atol=0)
-        assert not torch.allclose(hooked, ref)
-    finally:
-        model.reset_hooks(including_permanent=True)
-    handle = model.original_model.transformer.h[0].mlp.register_forward_hook(lambda m, i, o: o * 0.5)
-    try:
-        hooked = _sets(engine, layer, data, "zero", monkeypatch, enabled=False)
-        got = _sets(engine, layer, data, "zero", monkeypatch, enabled=True)
-        torch.testing.assert_close(got, hooked, rtol=0, atol=0)
-        assert not torch.allclose(hooked, ref)
-    finally:
-        handle.remove()
+    mlp = model.original_model.transformer.h[0].mlp
+    attach = {"persistent TransformerLens hook": lambda: model.add_hook("blocks.0.hook_resid_post",
+                                                                         lambda act, hook: act * 1.5),
+              "torch forward hook": lambda: mlp.register_forward_hook(lambda m, i, o: o * 0.5)}
+    for kind, add in attach.items():
+        handle = add()
+        try:
+            hooked = _sets(engine, layer, data, "zero", monkeypatch, enabled=False)
+            got = _sets(engine, layer, data, "zero", monkeypatch, enabled=True)
+            torch.testing.assert_close(got, hooked, rtol=0, atol=0, msg=kind)
+            assert not torch.allclose(hooked, ref), kind
+        finally:
+            handle.remove() if handle is not None else model.reset_hooks(including_permanent=True)
     torch.testing.assert_close(_sets(engine, layer, data, "zero", monkeypatch, enabled=True), ref, rtol=1e-6,
                                atol=1e-7)
 
