@@ -132,9 +132,9 @@ def render_edge_circuit(graph: EdgeGraph, edges: Sequence[tuple[str, float]], *,
         for i, key in enumerate(keys):
             groups.setdefault(key, []).append(i)
         gap = np.full((len(keys), 1), np.nan)
+        gx, gy = (np.concatenate([c, gap], axis=1) for c in (cx, cy))  # each edge's curve, then its gap
         for (kind, carries, width), idx in sorted(groups.items(), key=lambda kv: kv[0][2]):
-            xs = np.concatenate([cx, gap], axis=1)[idx].ravel()
-            ys = np.concatenate([cy, gap], axis=1)[idx].ravel()
+            xs, ys = gx[idx].ravel(), gy[idx].ravel()
             data.append(dict(type="scatter", x=xs, y=ys, mode="lines", hoverinfo="skip", showlegend=False,
                              line=dict(color=KIND_COLORS[kind], width=width, dash="solid" if carries else "dot"),
                              opacity=0.8, name=f"{kind} edges (top {k})", visible=k == default))

@@ -165,14 +165,19 @@ def lean_z_run(engine: Any, x: Tensor, hooks: Sequence[tuple[str, Callable[[Tens
                 z = z if new is None else new
             return z
 
-        kv = None if past is None else (past.keys, past.values)
-        p0 = 0 if past is None else past.length
-        resid = st.blocks.embed(x, p0) if tokens else x
-        return st.blocks.forward(resid, start=p0, past=kv, first=first, stop=stop_at_layer,
-                                 z_edit=z_edit if by_layer else None)
+        return _lean(st.blocks, x, start_at_layer, stop_at_layer, past, z_edit if by_layer else None)
     except Exception as e:  # noqa: BLE001 - any failure of the route means: the bridge runs it
         log.warning("lean route failed (%s: %s); the bridge runs this forward", type(e).__name__, e, exc_info=True)
         return None
+
+
+def _lean(blocks: LeanBlocks, x: Tensor, start: int | None, stop: int, past: Any, z_edit: Any = None) -> Tensor:
+    """The lean blocks' answer to what ``engine.run(x, stop_at_layer=stop, start_at_layer=start, past=past)`` is
+    asked (``x`` token ids when ``start`` is None), with ``z_edit`` on the head outputs."""
+    p0 = 0 if past is None else past.length
+    resid = blocks.embed(x, p0) if start is None else x
+    return blocks.forward(resid, start=p0, past=None if past is None else (past.keys, past.values),
+                          first=0 if start is None else start, stop=stop, z_edit=z_edit)
 
 
 def _check(engine: Any, blocks: LeanBlocks, x: Tensor, stop: int, start: int | None, past: Any) -> str | None:
@@ -184,11 +189,7 @@ def _check(engine: Any, blocks: LeanBlocks, x: Tensor, stop: int, start: int | N
     n = min(2, int(x.shape[0]))
     pk = None if past is None else PrefixKV([k[:n] for k in past.keys], [v[:n] for v in past.values])
     ref, _ = engine.run(x[:n], stop_at_layer=stop, start_at_layer=start, past=pk)
-    p0 = 0 if pk is None else pk.length
-    resid = blocks.embed(x[:n], p0) if start is None else x[:n]
-    out = blocks.forward(resid, start=p0, past=None if pk is None else (pk.keys, pk.values),
-                         first=0 if start is None else start, stop=stop)
-    err, tol = position_error(out, ref), route_tolerance(ref.dtype)
+    err, tol = position_error(_lean(blocks, x[:n], start, stop, pk), ref), route_tolerance(ref.dtype)
     return None if err <= tol else \
         f"the lean forward of head edits differs from the bridge's by {err:.2e} of a position's norm (> {tol:.0e})"
 

@@ -310,6 +310,19 @@ def _stage_names(names: Any) -> set[str]:
     return full
 
 
+def profile_text(prof: Any, top: int) -> dict[str, str]:
+    """A ``cProfile.Profile``'s ``top`` lines by own time and by cumulative time (``{"tottime", "cumulative"}``)."""
+    import io
+    import pstats
+
+    out = {}
+    for key in ("tottime", "cumulative"):
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(top)
+        out[key] = buf.getvalue()
+    return out
+
+
 def _profile_stages(names: Any, directory: Path) -> Any:
     """cProfile the pipeline's stages named ``names`` (as the run names them, e.g. "circuit", "ablation") where
     they run, in the pipeline's own process and state (warm or cold as a researcher's run is), by wrapping
@@ -319,8 +332,6 @@ def _profile_stages(names: Any, directory: Path) -> Any:
     if not names:
         return lambda: None
     import cProfile
-    import io
-    import pstats
 
     original = pipeline._stage
     wanted = _stage_names(names)
@@ -341,11 +352,7 @@ def _profile_stages(names: Any, directory: Path) -> Any:
                 self.prof.disable()
                 result = inner.__exit__(*exc)  # the stage's time stops here: the profile's writing is not in it
                 directory.mkdir(parents=True, exist_ok=True)
-                text = []
-                for key in ("tottime", "cumulative"):
-                    buf = io.StringIO()
-                    pstats.Stats(self.prof, stream=buf).sort_stats(key).print_stats(80)
-                    text.append(buf.getvalue())
+                text = profile_text(self.prof, 80).values()
                 slug = {v: k for k, v in _SHORT_STAGES.items()}.get(name, name)  # ("circuit imports" -> "imports")
                 (directory / f"prof-{slug}.txt").write_text("\n".join(text))
                 return result

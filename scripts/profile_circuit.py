@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import _sync, build_smollm2_arch, device_name  # noqa: E402
+from bench import _sync, build_smollm2_arch, device_name, profile_text  # noqa: E402
 
 
 def _timed(fn, device: str) -> tuple[float, object]:
@@ -186,18 +186,13 @@ def main() -> None:
                  "sdpa_backends": LeanBlocks.sdpa_backends, "sdpa_choice": sdpa_choice(engine, L, args.dtype)}
     if args.cold_profile:  # the first call's Python profile: where first-use costs (kernels, imports) land
         import cProfile
-        import io
-        import pstats
 
         prof = cProfile.Profile()
         prof.enable()
     warm, first = _timed(lambda: stage("warm"), args.device)
     if args.cold_profile:
         prof.disable()
-        for key in ("tottime", "cumulative"):
-            buf = io.StringIO()
-            pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(40)
-            rec[f"cold_profile_{key}"] = buf.getvalue()
+        rec.update({f"cold_profile_{key}": text for key, text in profile_text(prof, 40).items()})
     wall, summary = _timed(lambda: stage("timed"), args.device)
     # under --cold-profile the cold call's seconds include cProfile's overhead (compare cold calls only with each other)
     rec.update(warmup_s=round(warm, 3), warmup_profiled=bool(args.cold_profile),

@@ -245,7 +245,8 @@ class LeanBlocks:
         self.layers = []
         for b in list(model.blocks)[: self.n_layers]:
             a = b.attn
-            heads = (a.W_Q, a.W_K, a.W_V, a.W_O) if per_head else (None,) * 4  # (bridge properties: new tensors)
+            # (bridge properties, each a new tensor: not read without per_head)
+            heads = tuple(t.detach() for t in (a.W_Q, a.W_K, a.W_V, a.W_O)) if per_head else (None,) * 4
             self.layers.append(_Layer(b.ln1.original_component, b.ln2.original_component, b.mlp.original_component,
                                       *heads, w(getattr(a, "b_Q", None)),
                                       w(getattr(a, "b_K", None)), w(getattr(a, "b_V", None)),
@@ -258,7 +259,6 @@ class LeanBlocks:
         split = [self.n_heads, self.n_kv_heads, self.n_kv_heads]
         for ly in self.layers:  # q, k and v heads stacked (one matmul when every input is per head); W_Q/W_K/W_V
             if per_head:  # and b_Q/b_K/b_V become views of it, not copies
-                ly.W_Q, ly.W_K, ly.W_V, ly.W_O = (x.detach() for x in (ly.W_Q, ly.W_K, ly.W_V, ly.W_O))
                 ly.W_QKV = torch.cat([ly.W_Q, ly.W_K, ly.W_V])
                 ly.W_Q, ly.W_K, ly.W_V = ly.W_QKV.split(split)
                 if ly.b_Q is not None:
@@ -357,8 +357,7 @@ class LeanBlocks:
         return self._forward(resid, start, past, reader, writer, first, z_edit, stop)
 
     def _forward(self, resid: Tensor, start: int, past: tuple[list[Tensor], list[Tensor]] | None,
-                 reader: Reader | None, writer: Writer | None, first: int = 0, z_edit: ZEdit | None = None,
-                 stop: int | None = None) -> Tensor:
+                 reader: Reader | None, writer: Writer | None, first: int, z_edit: ZEdit | None, stop: int) -> Tensor:
         n, t, _ = resid.shape
         mask, add_mask, cos_sin = self._tables(resid, start, t)
         gqa = self.n_kv_heads != self.n_heads
@@ -370,7 +369,7 @@ class LeanBlocks:
             # [rows, pos, slots, d] views of it
             buf = resid.new_empty(H + 2 * Hkv, n, t, resid.shape[-1])
             views = {site: buf[sl].permute(1, 2, 0, 3) for site, sl in slots.items()}
-        for L in range(first, self.n_layers if stop is None else stop):
+        for L in range(first, stop):
             ly = self.layers[L]
             if buf is not None:  # readers write their inputs straight into one buffer: no copy to stack them
                 whole = reader(L, "qkv", resid, buf)  # all three sites in one go, where the reader can
