@@ -105,8 +105,10 @@ def _masked_position_mean(z: Tensor, lengths: Tensor) -> Tensor:
     return torch.einsum("bthd,bt->thd", z, mask) / mask.sum(0).clamp(min=1)[:, None, None]
 
 
-def _length_mask(lengths: Tensor, sl: slice, T: int, device: torch.device) -> Tensor:
-    return (torch.arange(T, device=device)[None, :] < lengths[sl].to(device)[:, None]).double()
+def _on(device: torch.device, t: Tensor) -> Tensor:
+    """A small host tensor on ``device`` without waiting for the device (a blocking copy would wait for every
+    queued forward: ``runner._index``)."""
+    return t if device.type == "cpu" else t.to(device, non_blocking=True)
 
 
 @torch.no_grad()
@@ -120,9 +122,10 @@ def head_means(engine: Engine, prompts: PromptSet, layers: Sequence[int], batch_
     T = prompts.max_len()
     length = length or T
     names = [H.attn_z(L) for L in layers]
+    lengths = _on(engine.device, prompts.lengths)
 
     def read(out: Tensor, cache: dict[str, Tensor], P: int, sl: slice) -> dict[str, Tensor]:
-        mask = _length_mask(prompts.lengths, sl, T, out.device)
+        mask = (torch.arange(T, device=out.device)[None, :] < lengths[sl][:, None]).double()
         d = {n: torch.einsum("bthd,bt->thd", cache[n].double(), mask).unsqueeze(0) for n in names}
         d["count"] = mask.sum(0).unsqueeze(0)
         return d
@@ -176,11 +179,15 @@ def ablated_sets(engine: Engine, layer: int, prompts: PromptSet, head_sets: Sequ
     T = prompts.max_len()
     tokens = prompts.tokens[:, :T]
     prompt, pos = prompts.positions("word_final")
+    at: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}  # each prompt batch's word-final tokens, on the device
 
     def read(out: Tensor, cache: dict[str, Tensor], P: int, sl: slice) -> Tensor:
-        keep = (prompt >= sl.start) & (prompt < sl.stop)
+        if (sl.start, sl.stop) not in at:
+            keep = (prompt >= sl.start) & (prompt < sl.stop)
+            at[sl.start, sl.stop] = (_on(out.device, prompt[keep] - sl.start), _on(out.device, pos[keep]))
         r = einops.rearrange(out, "(p b) t d -> p b t d", p=P)
-        x = r[:, (prompt[keep] - sl.start).to(out.device), pos[keep].to(out.device)].float().cpu()
+        x = r[:, at[sl.start, sl.stop][0], at[sl.start, sl.stop][1]].float()  # (stays on the device: one copy at
+        # the end, so no forward waits for the one before)
         return probe.logits(x).argmax(-1) if probe is not None else x
 
     mean = {H.attn_z(L): m for L, m in (means or {}).items()} if method == "mean" else {}
@@ -191,7 +198,7 @@ def ablated_sets(engine: Engine, layer: int, prompts: PromptSet, head_sets: Sequ
     req = Request(tokens=tokens, read=read, stop_at_layer=layer + 1, mean=mean, source_tokens=src, source=source,
                   split_prompts=True, resid=resid, **(_shared_prefix(engine, tokens, layer + 1)
                                                         if skip and method == "resample" else {}))
-    return run_interventions(engine, req, ivs, sizing=sizing, progress=progress, desc=desc, unit="set")
+    return run_interventions(engine, req, ivs, sizing=sizing, progress=progress, desc=desc, unit="set").cpu()
 
 
 RESID_CACHE_BYTES = 1 << 30

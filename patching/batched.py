@@ -76,10 +76,10 @@ def run_patches(engine: Engine, base: Tensor, source_cache: dict[str, Tensor], b
     ivs = [p.intervention() for p in patches]
     resid = {L: base_resid[H.resid(L, "resid_pre")] for L in {p.layer for p in patches}
              if H.resid(L, "resid_pre") in base_resid}
-    req = Request(tokens=base, read=lambda out, cache, P, sl: metric(out).detach().double().cpu(),
+    req = Request(tokens=base, read=lambda out, cache, P, sl: metric(out).detach().double(),
                   stop_at_layer=stop_at_layer, resid=resid, source=source_cache, **(skip or {}))
     return run_interventions(engine, req, ivs, sizing=sizing, max_tokens=max_tokens, checkpoint=checkpoint,
-                             progress=progress, desc=desc, unit="patch")
+                             progress=progress, desc=desc, unit="patch").cpu()  # (one copy, after every forward)
 
 
 def default_max_tokens(engine: Engine, sizing: Sizing | None = None) -> int:

@@ -114,7 +114,8 @@ def score_edges(model: Any, ctx: Any, method: Method = "eap-ig", steps: int = 5,
     budget = tokens_per_forward(runner.engine, g.n_writers, max_tokens=max_tokens, grad=True)
     pb = min(B, max(1, budget // (T * len(alphas))))
     A = len(alphas)
-    scores = torch.zeros(g.n_writers, g.n_readers, dtype=torch.float64)
+    # summed on the device, copied once (a copy per chunk would make each chunk's forward wait for the last)
+    scores = torch.zeros(g.n_writers, g.n_readers, dtype=torch.float64, device=runner.engine.device)
     bar = progress_bar(total=B, desc=f"{method} scores", unit="pair", disable=not progress)
     for s0 in range(0, B, pb):
         sl = slice(s0, min(B, s0 + pb))
@@ -124,9 +125,10 @@ def score_edges(model: Any, ctx: Any, method: Method = "eap-ig", steps: int = 5,
             G = reader_gradients(runner, sl, alphas)
         abl = runner.ablated if runner.ablated.shape[1] == 1 else runner.ablated[:, sl]
         delta = einops.rearrange((abl - runner.clean_out[:, sl])[:, :, p0:], "w b t d -> w (b t d)")
-        scores += (delta @ einops.rearrange(G, "r b t d -> (b t d) r")).double().cpu()
+        scores += (delta @ einops.rearrange(G, "r b t d -> (b t d) r")).double()
         bar.update(sl.stop - sl.start)
     bar.close()
+    scores = scores.cpu()
     config = {"ablation": runner.ablation, "steps": A if method == "eap-ig" else 1, "alphas": alphas,
               "points": points if method == "eap-ig" else "clean"}
     return EdgeScores(g, scores, method, runner.ctx.metric.name, B, config)

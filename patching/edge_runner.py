@@ -672,7 +672,8 @@ class EdgeRunner:
         budget = tokens_per_forward(self.engine, self.graph.n_writers, max_tokens=self.max_tokens)
         pb = min(B, max(1, budget // T))
         cp = max(1, budget // (pb * T))
-        out = torch.empty(C, B, dtype=torch.float64)
+        # on the device until every forward is queued (a copy per forward would make each wait for the last)
+        out = torch.empty(C, B, dtype=torch.float64, device=self.engine.device)
         bar = progress_bar(total=C * ((B + pb - 1) // pb), desc=desc, unit="circuit", disable=not progress)
         for c0 in range(0, C, cp):
             c1 = min(C, c0 + cp)
@@ -681,10 +682,10 @@ class EdgeRunner:
                 sl = slice(s0, min(B, s0 + pb))
                 abl = self.ablated if self.ablated.shape[1] == 1 else self.ablated[:, sl]
                 resid = self.forward(self.pairs.clean[sl], abl, kn, pairs=sl)
-                out[c0:c1, sl] = self.pair_values(resid, sl).double().cpu()
+                out[c0:c1, sl] = self.pair_values(resid, sl).double()
                 bar.update(c1 - c0)
         bar.close()
-        return out
+        return out.cpu()
 
     @torch.no_grad()
     def clean_values(self) -> Float[Tensor, " n_pairs"]:
@@ -696,15 +697,15 @@ class EdgeRunner:
     def _clean_values(self) -> Float[Tensor, " n_pairs"]:
         B, T = self.pairs.clean.shape
         per = max(1, tokens_per_forward(self.engine, self.graph.n_writers, max_tokens=self.max_tokens) // (T - self.p0))
-        vals = torch.empty(B, dtype=torch.float64)
+        vals = torch.empty(B, dtype=torch.float64, device=self.engine.device)
         for s in range(0, B, per):
             sl = slice(s, min(B, s + per))
             if self.p0:  # the unpatched suffix on the cached prefix
                 resid = self.forward(self.pairs.clean[sl], self.ablated[:, :1], None, pairs=sl)
             else:
                 resid, _ = self.engine.run(self.pairs.clean[sl], stop_at_layer=self.probe_layer + 1)
-            vals[sl] = self.pair_values(resid, sl)[0].double().cpu()
-        return vals
+            vals[sl] = self.pair_values(resid, sl)[0].double()
+        return vals.cpu()
 
     def evaluate(self, masks: Bool[Tensor, "n_circuits n_writers n_readers"], *, progress: bool = False) -> EdgeEval:
         masks = self.graph.check_mask(masks)

@@ -9,7 +9,8 @@ already checked there (built here with no per-head weight copies). Before the fi
 input, start layer and prefix, two rows of it run both ways, unedited, and are compared (the edge runner's
 tolerance); on a mismatch that model keeps the bridge for such forwards, with a warning. A model moved, cast or given
 new parameters gets new blocks and new checks; a hook on the blocks' modules (TransformerLens' persistent hooks,
-torch forward hooks) sends the forward to the bridge, which runs it. Anything else (other edits, cached
+torch forward hooks) sends the forward to the bridge, which runs it. Such a forward may also keep its ``hook_z`` and
+``hook_resid_pre`` activations (the unpatched cached runs of ablation). Anything else (other edits, other cached
 activations, gradients, a model the lean blocks do not cover, a failure of the route) returns None and the caller
 runs the bridge.
 """
@@ -34,6 +35,7 @@ from wordpos.probing.engines.lean import LeanBlocks, lean_unsupported
 ENABLED: bool | str = "auto"
 
 _Z = re.compile(r"^blocks\.(\d+)\.attn\.hook_z$")
+_RESID_PRE = re.compile(r"^blocks\.(\d+)\.hook_resid_pre$")
 log = logging.getLogger(__name__)
 
 
@@ -130,6 +132,17 @@ def lean_z_run(engine: Any, x: Tensor, hooks: Sequence[tuple[str, Callable[[Tens
     """``engine.run(x, hooks=hooks, stop_at_layer=..., start_at_layer=..., past=past)[0]`` on the lean blocks,
     for ``x`` the residual entering block ``start_at_layer`` (or token ids, with ``start_at_layer`` None) and
     ``hooks`` at ``hook_z`` only; None where the route does not apply (the caller runs the bridge)."""
+    got = lean_run(engine, x, hooks, stop_at_layer=stop_at_layer, start_at_layer=start_at_layer, past=past)
+    return None if got is None else got[0]
+
+
+def lean_run(engine: Any, x: Tensor, hooks: Sequence[tuple[str, Callable[[Tensor, str], Tensor | None]]], *,
+             stop_at_layer: int | None, start_at_layer: int | None, past: Any = None, cache: Sequence[str] = ()
+             ) -> tuple[Tensor, dict[str, Tensor]] | None:
+    """:func:`lean_z_run` that also keeps the activations named in ``cache`` (``hook_z``, after the edits, and
+    ``hook_resid_pre``, of the blocks the forward runs): ``(out, cache)`` as ``engine.run`` returns them, or None
+    where the route does not apply. Unpatched cached runs (the mean-ablation reference, the run every ablated
+    forward starts from) thus skip the bridge's per-forward host work too."""
     tokens = start_at_layer is None
     if ENABLED is False or (ENABLED == "auto" and x.device.type == "cpu"):
         return None
@@ -142,11 +155,22 @@ def lean_z_run(engine: Any, x: Tensor, hooks: Sequence[tuple[str, Callable[[Tens
         if m is None:
             return None
         by_layer.setdefault(int(m.group(1)), []).append((name, fn))
+    keep_z: dict[int, str] = {}
+    keep_resid: dict[int, str] = {}
+    for name in cache:
+        m, r = _Z.match(name), _RESID_PRE.match(name)
+        if m is None and r is None:
+            return None
+        L = int((m or r).group(1))  # type: ignore[union-attr]
+        if not first <= L < stop_at_layer + (r is not None):  # (the input of block stop is the output)
+            return None
+        (keep_z if m is not None else keep_resid)[L] = name
     if getattr(engine, "model", None) is None or not 0 <= first < stop_at_layer:
         return None
     try:
         st = _state(engine, x)
-        if st is None or st.blocks is None or stop_at_layer > st.blocks.n_layers:
+        if st is None or st.blocks is None or stop_at_layer > st.blocks.n_layers or \
+                any(L >= st.blocks.n_layers for L in keep_resid):
             return None
         if _has_hooks([m for L in range(first, stop_at_layer) for m in st.block_modules[L]]) or \
                 (tokens and _has_hooks(st.embed_modules)):
@@ -159,25 +183,39 @@ def lean_z_run(engine: Any, x: Tensor, hooks: Sequence[tuple[str, Callable[[Tens
         if st.verdicts[key] is not None:
             return None
 
+        kept: dict[str, Tensor] = {}
+
         def z_edit(L: int, z: Tensor) -> Tensor:
             for name, fn in by_layer.get(L, ()):
                 new = fn(z, name)
                 z = z if new is None else new
+            if L in keep_z:
+                kept[keep_z[L]] = z
             return z
 
-        return _lean(st.blocks, x, start_at_layer, stop_at_layer, past, z_edit if by_layer else None)
+        def tap(L: int, resid: Tensor) -> None:
+            if L in keep_resid:
+                kept[keep_resid[L]] = resid
+
+        out = _lean(st.blocks, x, start_at_layer, stop_at_layer, past, z_edit if by_layer or keep_z else None,
+                    tap if keep_resid else None)
+        if stop_at_layer in keep_resid:
+            kept[keep_resid[stop_at_layer]] = out
+        return out, {name: kept[name] for name in cache}
     except Exception as e:  # noqa: BLE001 - any failure of the route means: the bridge runs it
         log.warning("lean route failed (%s: %s); the bridge runs this forward", type(e).__name__, e, exc_info=True)
         return None
 
 
-def _lean(blocks: LeanBlocks, x: Tensor, start: int | None, stop: int, past: Any, z_edit: Any = None) -> Tensor:
+def _lean(blocks: LeanBlocks, x: Tensor, start: int | None, stop: int, past: Any, z_edit: Any = None,
+          tap: Any = None) -> Tensor:
     """The lean blocks' answer to what ``engine.run(x, stop_at_layer=stop, start_at_layer=start, past=past)`` is
-    asked (``x`` token ids when ``start`` is None), with ``z_edit`` on the head outputs."""
+    asked (``x`` token ids when ``start`` is None), with ``z_edit`` on the head outputs and ``tap`` on each block's
+    input."""
     p0 = 0 if past is None else past.length
     resid = blocks.embed(x, p0) if start is None else x
     return blocks.forward(resid, start=p0, past=None if past is None else (past.keys, past.values),
-                          first=0 if start is None else start, stop=stop, z_edit=z_edit)
+                          first=0 if start is None else start, stop=stop, z_edit=z_edit, tap=tap)
 
 
 def _check(engine: Any, blocks: LeanBlocks, x: Tensor, stop: int, start: int | None, past: Any) -> str | None:
@@ -194,4 +232,4 @@ def _check(engine: Any, blocks: LeanBlocks, x: Tensor, stop: int, start: int | N
         f"the lean forward of head edits differs from the bridge's by {err:.2e} of a position's norm (> {tol:.0e})"
 
 
-__all__ = ["ENABLED", "lean_z_run", "route_state"]
+__all__ = ["ENABLED", "lean_run", "lean_z_run", "route_state"]

@@ -73,7 +73,7 @@ def _resid_in(ctx: PatchContext) -> dict[int, Tensor]:
 
 
 def _metric_reader(ctx: PatchContext):
-    return lambda out, cache, P, sl: ctx.metric(out).detach().double().cpu()
+    return lambda out, cache, P, sl: ctx.metric(out).detach().double()  # (on the device: the caller copies once)
 
 
 def _frozen_request(ctx: PatchContext, base_full: dict[str, Tensor], read: Any) -> Request:
@@ -103,7 +103,7 @@ def path_patch_direct(model: Any, pairs: PatchingPairs | PatchContext, probe: Wo
                for sd in senders]
         req = _frozen_request(ctx, _base_full(ctx), _metric_reader(ctx))
         vals = run_interventions(ctx.engine, req, ivs, sizing=ctx.sizing, max_tokens=max_tokens, progress=progress,
-                                 desc="path patching (direct)", unit="head")
+                                 desc="path patching (direct)", unit="head").cpu()
         route = "forward"
     levels = np.full((ctx.stop_at_layer, n_heads), np.nan)
     for (s, h), v in zip(senders, vals.numpy()):
@@ -236,7 +236,7 @@ def path_patch_edges(model: Any, pairs: PatchingPairs | PatchContext, probe: Wor
         req = Request(tokens=ctx.base, read=_metric_reader(ctx), stop_at_layer=L_stop, resid=resid_in, values=step1,
                       values_same_before=bool(skip), **skip)
         vals = run_interventions(ctx.engine, req, ivs, sizing=ctx.sizing, max_tokens=max_tokens, progress=progress,
-                                 desc="path patching (step 2)", unit="edge").numpy()
+                                 desc="path patching (step 2)", unit="edge").cpu().numpy()
         for ((sL, sH), (rL, rH), w), v in zip(jobs, vals):
             effects[sL, sH, rL, rH, via.index(w)] = v
     return EffectResult(effects - ctx.unpatched, ("sender_layer", "sender_head", "receiver_layer", "receiver_head",

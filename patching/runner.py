@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from wordpos.patching.lean_route import lean_z_run
+from wordpos.patching.lean_route import lean_run
 from wordpos.patching.sizing import Sizing
 from wordpos.probing import hooks as H
 from wordpos.probing.engines import Engine
@@ -92,7 +92,10 @@ class Intervention:
 Reader = Callable[[Tensor, dict[str, Tensor], int, slice], Any]
 """``read(out, cache, P, prompts)``: ``out`` is ``[P * b, ...]`` (the residual at ``stop_at_layer``), ``cache`` the
 hooks in ``Request.cache`` (after the edits), ``P`` the interventions in this forward, ``prompts`` the slice of
-prompts in it. Returns a Tensor, or a dict of Tensors, whose first axis is the ``P`` interventions."""
+prompts in it. Returns a Tensor, or a dict of Tensors, whose first axis is the ``P`` interventions. Keep them on
+the device (the caller copies the stacked results to the host once): a copy per forward, or any read of a value,
+makes the host wait for the device after every forward, so the host's work for the next forward never overlaps the
+device's."""
 
 
 @dataclass
@@ -370,8 +373,17 @@ def run_interventions(engine: Engine, req: Request, interventions: Sequence[Inte
     finally:
         bar.close()
     if isinstance(results[0], dict):
-        return {k: torch.stack([r[k] for r in results]) for k in results[0]}
-    return torch.stack(results)
+        return {k: _stack([r[k] for r in results]) for k in results[0]}
+    return _stack(results)
+
+
+def _stack(parts: list[Tensor]) -> Tensor:
+    """The results stacked where the readers left them (readers may keep them on the device, so a run makes no
+    per-forward copy to the host); on the host when they lie on several devices (groups read back from a
+    checkpoint are host tensors)."""
+    if len({t.device for t in parts}) > 1:
+        parts = [t.cpu() for t in parts]
+    return torch.stack(parts)
 
 
 @torch.no_grad()
@@ -380,7 +392,7 @@ def _source_run(engine: Engine, req: Request, need: Sequence[str], sl: slice) ->
     the hooks that ``source`` edits write."""
     if not need:
         return {}
-    _, cache = engine.run(req.source_tokens[sl].to(engine.device), cache=list(need),
+    _, cache = engine.run(req.source_tokens[sl].to(engine.device, non_blocking=True), cache=list(need),
                           stop_at_layer=max(_layer_of(n) for n in need) + 1)
     return cache
 
@@ -402,7 +414,8 @@ def _forward(engine: Engine, req: Request, chunk: Sequence[Intervention], start:
         for e in iv.edits:
             rows_by_hook[e.hook].append((p, e))
     if start is None:
-        x = einops.repeat(req.tokens[sl].to(engine.device), "b t -> (p b) t", p=P)
+        # (non-blocking: a blocking host-to-device copy waits for every queued forward, once per forward)
+        x = einops.repeat(req.tokens[sl].to(engine.device, non_blocking=True), "b t -> (p b) t", p=P)
     else:
         x = einops.repeat(req.resid[start][sl], "b t d -> (p b) t d", p=P)
         first = H.resid(start, "resid_pre")
@@ -412,11 +425,11 @@ def _forward(engine: Engine, req: Request, chunk: Sequence[Intervention], start:
              for name, rows in rows_by_hook.items()]
     b = sl.stop - sl.start
     kw = {"past": full.kv.select(sl, p0, repeat=P, n_rows=b)} if p0 > 0 else {}
-    # head-output edits only: the hook-free blocks where they apply (patching.lean_route)
-    out = None if req.cache else lean_z_run(engine, x, hooks, stop_at_layer=req.stop_at_layer, start_at_layer=start,
-                                            **kw)
-    if out is not None:
-        cache = {}
+    # head-output edits (and head-output / block-input caches) only: the hook-free blocks where they apply
+    # (patching.lean_route)
+    got = lean_run(engine, x, hooks, stop_at_layer=req.stop_at_layer, start_at_layer=start, cache=req.cache, **kw)
+    if got is not None:
+        out, cache = got
     else:
         out, cache = engine.run(x, hooks=hooks, cache=list(req.cache), stop_at_layer=req.stop_at_layer,
                                 start_at_layer=start, **kw)

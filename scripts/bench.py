@@ -363,6 +363,89 @@ def _profile_stages(names: Any, directory: Path) -> Any:
     return lambda: setattr(pipeline, "_stage", original)
 
 
+SYNC_WARNING = "called a synchronizing CUDA operation"  # torch.cuda.set_sync_debug_mode("warn")'s message
+
+
+class SyncAudit:
+    """Every time the host waits for the device during the run, by stage and by the wordpos line that made it
+    wait. A wait costs the overlap of the host's work for the next forward with the device's work on this one, so
+    on a GPU a stage with a wait per forward takes their sum instead of the longer of the two. On CUDA,
+    ``torch.cuda.set_sync_debug_mode("warn")`` makes each synchronising call warn (item, nonzero, a copy to the host,
+    a blocking copy from pageable memory, ...); each warning is tallied under the stage running (``pipeline._stage``,
+    wrapped) and the innermost frame of a ``wordpos`` module on the stack. Its stage seconds include the
+    warnings' cost: read the counts, not the times."""
+
+    def __init__(self) -> None:
+        from collections import Counter, defaultdict
+
+        self.stage = "outside stages"
+        self.sites: dict[str, Counter] = defaultdict(Counter)
+
+    def note(self) -> None:
+        """Tally one wait at the innermost ``wordpos`` frame of the caller's stack (``module:function:line``, and
+        the line of the call it made into a library)."""
+        frame, below = sys._getframe(1), None
+        while frame is not None and not str(frame.f_globals.get("__name__", "")).startswith("wordpos."):
+            frame, below = frame.f_back, frame
+        if frame is None:
+            site = "(no wordpos frame)"
+        else:
+            site = f"{frame.f_globals['__name__']}:{frame.f_code.co_name}:{frame.f_lineno}"
+            if below is not None:
+                site += f" -> {Path(below.f_code.co_filename).name}:{below.f_code.co_name}"
+        self.sites[self.stage][site] += 1
+
+    def summary(self, top: int = 12) -> dict[str, Any]:
+        return {stage: {"syncs": sum(c.values()), "sites": dict(c.most_common(top))} for stage, c in self.sites.items()}
+
+    def attach(self, device: torch.device) -> Any:
+        """Watch the pipeline's stages (and, on CUDA, turn the sync warnings on); returns the function that undoes
+        it."""
+        import warnings
+
+        from wordpos.circuit import pipeline
+
+        original, audit = pipeline._stage, self
+
+        def _stage(name: str, *a: Any, **kw: Any) -> Any:
+            inner = original(name, *a, **kw)
+
+            class _Watched:
+                def __enter__(self) -> Any:
+                    audit.stage = name
+                    return inner.__enter__()
+
+                def __exit__(self, *exc: Any) -> Any:
+                    audit.stage = "outside stages"
+                    return inner.__exit__(*exc)
+
+            return _Watched()
+
+        caught = warnings.catch_warnings()
+        caught.__enter__()
+        warnings.simplefilter("always", UserWarning)
+        shown = warnings.showwarning
+
+        def showwarning(message: Any, category: Any, *a: Any, **kw: Any) -> None:
+            if SYNC_WARNING in str(message):
+                audit.note()
+            else:
+                shown(message, category, *a, **kw)
+
+        warnings.showwarning = showwarning
+        pipeline._stage = _stage
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
+
+        def undo() -> None:
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+            pipeline._stage = original
+            caught.__exit__(None, None, None)
+
+        return undo
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="organism", choices=MODELS)
@@ -381,6 +464,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--profile-stages", nargs="+", default=(), metavar="STAGE",
                     help="cProfile these stages of the run (e.g. circuit ablation; their seconds then include the "
                          "profiler's overhead): prof-<stage>.txt, sorted by own and by cumulative time, beside --out")
+    ap.add_argument("--sync-audit", action="store_true",
+                    help="count the host's waits for the device per stage and where in wordpos they happen (CUDA: "
+                         "torch's sync debug mode; its stage seconds then include the warnings' cost)")
     args = ap.parse_args(argv)
     _stage_names(args.profile_stages)  # before minutes of work
     from wordpos.probing import heap
@@ -416,10 +502,13 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
         collect["efficiency"] = plain["seconds"] / collect["seconds"]  # same token-layers as the plain forward
         run_dir = args.keep or work / "run"
         restore = _profile_stages(args.profile_stages, (args.out.parent if args.out else Path.cwd()))
+        audit = SyncAudit() if args.sync_audit else None
+        unwatch = audit.attach(engine.device) if audit is not None else (lambda: None)
         t0 = time.perf_counter()
         try:
             result = run_pipeline(config, run_dir, model=model, overwrite=True, progress=False)
         finally:
+            unwatch()
             restore()
         run_s = time.perf_counter() - t0
         summary = result.summary
@@ -485,6 +574,10 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
         }
         if args.profile_stages:
             record["profiled_stages"] = list(args.profile_stages)  # their seconds include cProfile's overhead
+        if audit is not None:  # (its seconds include the warnings' cost)
+            record["syncs"] = {"note": "host waits for the device per stage, by the wordpos line that waited "
+                                       "(torch.cuda.set_sync_debug_mode('warn')); none are seen on a CPU",
+                               "by_stage": audit.summary()}
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -520,6 +613,10 @@ def print_table(rec: dict[str, Any]) -> None:
         print(f"{s['stage']:<24}{s['seconds']:>10.2f}{w:>22}{e:>12}{fp:>14}{e2:>14}")
     print(f"whole run: {rec['run_compute_s']:.1f} s = {rec['run_in_plain_forwards']:.1f} plain forwards over the "
           f"dataset ({rec['run_in_plain_forwards_with_load']:.1f} with the model load of {rec['load_model_s']:.1f} s)")
+    for stage, got in (rec.get("syncs") or {}).get("by_stage", {}).items():
+        print(f"syncs in {stage}: {got['syncs']}")
+        for site, n in list(got["sites"].items())[:6]:
+            print(f"  {n:>6}  {site}")
 
 
 def markdown_rows(rec: dict[str, Any]) -> str:

@@ -5,7 +5,8 @@
 # come from .whl/ (scripts/device_wheels.py; its wordpos wheel is not used). Writes summary.txt (the stages' seconds
 # and efficiencies per build and round) and every record and log into ab-logs.tgz under $OUT.
 #   AB="before after" ROUNDS=2 BENCH="--model smollm2-arch" PROFILE_BUILD=after bash scripts/device_ab.sh
-# PROFILE_BUILD adds one more run of that build with --profile-stages $PROFILE_STAGES (default: circuit ablation).
+# PROFILE_BUILD adds one more run of that build with --profile-stages $PROFILE_STAGES (default: circuit ablation);
+# SYNC_BUILD one with --sync-audit (where the host waits for the device, per stage and line: counts, not times).
 set -uo pipefail
 FINAL=${OUT:-/tmp/out}
 OUT=/tmp/device-ab-logs
@@ -40,5 +41,9 @@ for r in $(seq "${ROUNDS:-2}"); do
 done
 if [ -n "${PROFILE_BUILD:-}" ]; then
   run "$PROFILE_BUILD" "$PROFILE_BUILD-profiled" --profile-stages ${PROFILE_STAGES:-circuit ablation}
+fi
+if [ -n "${SYNC_BUILD:-}" ]; then
+  run "$SYNC_BUILD" "$SYNC_BUILD-syncs" --sync-audit
+  grep -E "^(syncs in|  +[0-9]+  )" "$OUT/$SYNC_BUILD-syncs.log" | tee -a "$OUT/summary.txt"
 fi
 exit $failed  # non-zero when a build did not install or a run failed (summary.txt says which)

@@ -6,7 +6,7 @@
 # it), into $OUT/logs.tgz (the device tool brings back at most 8 files).
 set -uo pipefail
 for s in ${STEPS:-}; do  # a misspelt step would run nothing and look like success
-  case " parity organism smollm2-fp32 e2e-smollm2 smollm2-bf16 circuit-profile circuit-host profile " in
+  case " parity organism smollm2-fp32 e2e-smollm2 smollm2-bf16 sync-audit circuit-profile circuit-host profile " in
     *" $s "*) ;; *) echo "STEPS: no step named $s"; exit 2 ;; esac
 done
 FINAL=${OUT:-/tmp/out}
@@ -33,6 +33,8 @@ step e2e-smollm2 /usr/bin/time -f "END-TO-END %e s" python3 -m wordpos.circuit.c
 want e2e-smollm2 && grep -h "END-TO-END" "$OUT/e2e-smollm2.log"
 step smollm2-bf16 python3 scripts/bench.py --model smollm2-arch --device cuda --dtype bfloat16 --out "$OUT/$tag-smollm2-arch-bf16.json" --markdown
 pack  # the records so far are safe before the circuit profile
+# where the host waits for the device, per stage and wordpos line (torch's sync debug mode; its times are not figures)
+step sync-audit python3 scripts/bench.py --model smollm2-arch --device cuda --sync-audit --out "$OUT/$tag-syncs-smollm2-arch.json"
 step circuit-profile python3 scripts/profile_circuit.py --device cuda --layer 8 --out "$OUT/$tag-circuit-profile-fp32-L8.json"
 # the stage's host share on this machine's CPU (every forward stood in for, the model on the CPU so that no mask
 # travels to the GPU): the rest of the stage is the device's

@@ -39,6 +39,8 @@ Reader = Callable[..., Tensor | None]
 # ([rows, pos, d]); only computed when a writer is given
 Writer = Callable[[int, str, Tensor], None]
 ZEdit = Callable[[int, Tensor], "Tensor | None"]
+# tap(layer, resid): sees the residual entering each block (TransformerLens' hook_resid_pre), to keep it
+Tap = Callable[[int, Tensor], None]
 
 
 def lean_unsupported(engine: Any) -> str | None:
@@ -334,15 +336,16 @@ class LeanBlocks:
 
     def forward(self, resid: Float[Tensor, "rows pos d_model"], *, start: int = 0,
                 past: tuple[list[Tensor], list[Tensor]] | None = None, reader: Reader | None = None,
-                writer: Writer | None = None, first: int = 0, z_edit: ZEdit | None = None, stop: int | None = None
-                ) -> Float[Tensor, "rows pos d_model"]:
+                writer: Writer | None = None, first: int = 0, z_edit: ZEdit | None = None, stop: int | None = None,
+                tap: Tap | None = None) -> Float[Tensor, "rows pos d_model"]:
         """The residual stream after the last block, for inputs ``resid`` (the residual entering block ``first``,
         0 by default) at positions ``start..``; ``past`` holds each layer's keys and values of positions
         ``0..start-1`` (``[r, n_kv_heads, start, d_head]``, as the bridge's cache keeps them: after RoPE; indexed by
         layer) for ``r`` rows that repeat: row ``i`` of ``resid`` attends to past row ``i % r`` (the edge runner's
         circuit-major ``(c b)``). ``z_edit(layer, z)`` may replace each layer's head outputs before the output
         projection (``z`` as TransformerLens' ``hook_z``: ``[rows, pos, head, d_head]``; None keeps them).
-        ``stop`` ends after block ``stop - 1`` (default: the last of these blocks)."""
+        ``stop`` ends after block ``stop - 1`` (default: the last of these blocks). ``tap(layer, resid)`` sees the
+        residual entering each block (``hook_resid_pre``)."""
         stop = self.n_layers if stop is None else int(stop)
         if not 0 <= first < stop <= self.n_layers:
             raise ConfigError(f"blocks {first}..{stop - 1} are not within these {self.n_layers} blocks.")
@@ -353,11 +356,12 @@ class LeanBlocks:
             from torch.nn.attention import sdpa_kernel
 
             with sdpa_kernel(kernels):
-                return self._forward(resid, start, past, reader, writer, first, z_edit, stop)
-        return self._forward(resid, start, past, reader, writer, first, z_edit, stop)
+                return self._forward(resid, start, past, reader, writer, first, z_edit, stop, tap)
+        return self._forward(resid, start, past, reader, writer, first, z_edit, stop, tap)
 
     def _forward(self, resid: Tensor, start: int, past: tuple[list[Tensor], list[Tensor]] | None,
-                 reader: Reader | None, writer: Writer | None, first: int, z_edit: ZEdit | None, stop: int) -> Tensor:
+                 reader: Reader | None, writer: Writer | None, first: int, z_edit: ZEdit | None, stop: int,
+                 tap: Tap | None = None) -> Tensor:
         n, t, _ = resid.shape
         mask, add_mask, cos_sin = self._tables(resid, start, t)
         gqa = self.n_kv_heads != self.n_heads
@@ -371,6 +375,8 @@ class LeanBlocks:
             views = {site: buf[sl].permute(1, 2, 0, 3) for site, sl in slots.items()}
         for L in range(first, stop):
             ly = self.layers[L]
+            if tap is not None:
+                tap(L, resid)
             if buf is not None:  # readers write their inputs straight into one buffer: no copy to stack them
                 whole = reader(L, "qkv", resid, buf)  # all three sites in one go, where the reader can
                 xs = dict(views) if whole is buf else {site: reader(L, site, resid, views[site]) for site in "qkv"}

@@ -117,7 +117,13 @@ def test_the_route_runs_only_what_an_ablation_can_change(method, llama_ctx, smal
 
     monkeypatch.setattr(LeanBlocks, "forward", spy)
     means = head_means(engine, small_data.train, [1], length=T) if method == "mean" else None
+    n_ref = len(seen)  # the mean-ablation reference: whole prompts from the tokens
+    assert (n_ref > 0) == (method == "mean") and all(s[1:] == (0, 0, False) for s in seen)
     ablated_sets(engine, 1, prompts, [[], [(1, 0)], [(1, 2)]], method, means, seed=0)
+    # an unpatched run from the tokens (on the route too) keeps the residual every ablated forward starts from
+    n_base = next(i for i, s in enumerate(seen[n_ref:]) if s[2] != 0)
+    assert n_base > 0 and all(s == (T, 0, 0, False) for s in seen[n_ref:n_ref + n_base])
+    seen = seen[n_ref + n_base:]
     assert seen and all(first == 1 for *_, first, _ in seen)
     if method == "resample":
         assert shared >= 1 and all(w == T - shared and start == shared and past for w, start, _, past in seen)
@@ -186,3 +192,46 @@ def test_a_forward_the_route_cannot_run_goes_to_the_bridge(gpt2_ctx, monkeypatch
     x = torch.randn(2, 4, engine.dims.d_model, dtype=torch.float64)
     with torch.no_grad():
         assert lean_route.lean_z_run(engine, x, [], stop_at_layer=2, start_at_layer=1) is None
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_cached_runs_on_the_route_keep_what_the_bridge_keeps(arch, gpt2_ctx, llama_ctx, gpt2_tok, counted,
+                                                               monkeypatch):
+    """An unpatched run that keeps head outputs and block inputs (the mean-ablation reference, the run ablated
+    forwards start from), from tokens and from a cached residual, with and without an edit before the kept head
+    outputs: the same activations as the bridge's cache, on the lean blocks; a cache of anything else stays on the
+    bridge."""
+    from wordpos.patching.runner import NOOP, Edit, Intervention, Request, cache_run, run_interventions
+
+    engine = as_engine((gpt2_ctx if arch == "gpt2" else llama_ctx)[0])
+    n = engine.dims.n_layers
+    data = WordIndexDataset.default(gpt2_tok, n_prompts=12, seed=4)
+    tokens = data.test.tokens[:, :data.test.max_len()]
+    names = [f"blocks.{L}.attn.hook_z" for L in range(n)] + [f"blocks.{L}.hook_resid_pre" for L in range(n)]
+    runs = {}
+    for on in (False, True):
+        monkeypatch.setattr(lean_route, "ENABLED", on)
+        out, cache = cache_run(engine, tokens, names, stop_at_layer=n)
+        # the input of the block a run stops at is its output (the bridge's engine keeps it so too)
+        cache["edge"] = cache_run(engine, tokens, [f"blocks.{n - 1}.hook_resid_pre"], stop_at_layer=n - 1)[1][
+            f"blocks.{n - 1}.hook_resid_pre"]
+        # from a cached residual, head 0 of the last layer zeroed before its output is kept
+        req = Request(tokens=tokens, read=lambda o, c, P, sl: {k: v.unsqueeze(0) for k, v in c.items()},
+                      stop_at_layer=n, resid={1: cache["blocks.1.hook_resid_pre"]},
+                      cache=[f"blocks.{n - 1}.attn.hook_z", f"blocks.{n - 1}.hook_resid_pre"])
+        edited = run_interventions(engine, req, [Intervention((Edit(f"blocks.{n - 1}.attn.hook_z", "zero", 0),),
+                                                              start_layer=1)], progress=False)
+        runs[on] = (out, cache, edited)
+        assert (len(counted) >= 3) if on else not counted  # three runs (a new kind of run is checked first)
+    (o0, c0, e0), (o1, c1, e1) = runs[False], runs[True]
+    torch.testing.assert_close(o1, o0, rtol=1e-10, atol=1e-10)
+    for k in names + ["edge"]:
+        torch.testing.assert_close(c1[k], c0[k], rtol=1e-10, atol=1e-10, msg=k)
+    for k in e0:
+        torch.testing.assert_close(e1[k], e0[k], rtol=1e-10, atol=1e-10, msg=k)
+    assert bool((e1[f"blocks.{n - 1}.attn.hook_z"][0, :, :, 0] == 0).all())  # kept after the edit
+    monkeypatch.setattr(lean_route, "ENABLED", True)
+    with torch.no_grad():
+        for other in ("blocks.0.hook_resid_post", "blocks.0.attn.hook_pattern", f"blocks.{n}.hook_resid_pre"):
+            assert lean_route.lean_run(engine, tokens, [], stop_at_layer=n, start_at_layer=None,
+                                       cache=[other]) is None, other

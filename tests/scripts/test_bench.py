@@ -77,3 +77,41 @@ def test_bench_lean_route_compares_the_routes_on_the_same_answers(tmp_path, scri
     assert [(r["method"], r["route"]) for r in rec["rows"]] == [("resample", "hooks"), ("resample", "lean"),
                                                                ("mean", "hooks"), ("mean", "lean")]
     assert json.loads((tmp_path / "l.json").read_text())["width"] == 36
+
+
+
+def test_sync_audit_tallies_waits_by_stage_and_wordpos_line(scripts_on_path, monkeypatch, tiny_model, small_data):
+    """The sync audit (``bench.py --sync-audit``) counts each synchronising call's warning under the stage running
+    and the innermost wordpos frame; other warnings pass through, and the pipeline is left as it was. (On CUDA torch
+    raises the warnings; here one wordpos helper is made to raise them.)"""
+    import warnings
+
+    import torch
+
+    bench = importlib.import_module("bench")
+    from wordpos.circuit import pipeline
+    from wordpos.patching import ablation
+    from wordpos.probing.engines import as_engine
+
+    def waits(device, t):  # what a blocking copy does on CUDA
+        warnings.warn(bench.SYNC_WARNING)
+        return t
+
+    monkeypatch.setattr(ablation, "_on", waits)
+    original = pipeline._stage
+    audit = bench.SyncAudit()
+    undo = audit.attach(torch.device("cpu"))
+    try:
+        with pipeline._stage("ablation", {}, False):
+            ablation.head_means(as_engine(tiny_model), small_data.train, [0, 1])
+        with pytest.warns(UserWarning, match="something else"):
+            warnings.warn("something else")
+        warnings.warn(bench.SYNC_WARNING)  # outside every stage, from this test (not a wordpos module)
+    finally:
+        undo()
+    assert pipeline._stage is original
+    got = audit.summary()
+    assert got["ablation"]["syncs"] == 1
+    (site,) = got["ablation"]["sites"]
+    assert site.startswith("wordpos.patching.ablation:head_means:") and site.endswith("test_bench.py:waits")
+    assert got["outside stages"] == {"syncs": 1, "sites": {"(no wordpos frame)": 1}}
