@@ -160,7 +160,7 @@ def ablation_intervention(heads: Sequence[tuple[int, int]], method: AblationMeth
 def ablated_sets(engine: Engine, layer: int, prompts: PromptSet, head_sets: Sequence[Sequence[tuple[int, int]]],
                  method: AblationMethod = "mean", means: dict[int, Tensor] | None = None, *, seed: int = 0,
                  probe: WordIndexProbe | None = None, sizing: Sizing | None = None, progress: bool = False,
-                 desc: str = "ablation", skip: bool = True) -> Tensor:
+                 desc: str = "ablation", skip: bool = True, memo: dict | None = None) -> Tensor:
     """For each set of heads (``[]`` = none), the residual after block ``layer`` at the word-final tokens of
     ``prompts`` with those heads ablated, all sets batched through the runner: ``[set, sample, d_model]`` in
     (prompt, word) order; with ``probe``, its predictions ``[set, sample]`` instead.
@@ -170,8 +170,9 @@ def ablated_sets(engine: Engine, layer: int, prompts: PromptSet, head_sets: Sequ
 
     With ``skip`` (default) forwards compute only what an ablation can change: each set starts at its first
     ablated layer from the unablated run's residual there, and resample ablation starts after the prefix every
-    prompt shares, on that prefix's cached keys/values (TransformerLens, and nnsight locally); ``skip=False`` runs every prompt
-    from its first token (the same numbers up to float rounding, tested)."""
+    prompt shares, on that prefix's cached keys/values (TransformerLens, and nnsight locally); ``skip=False`` runs
+    every prompt from its first token (the same numbers up to float rounding, tested). ``memo``, a dict shared by
+    calls on one model, keeps the shared prefix's keys/values between them (one run of it for a stage's calls)."""
     if method not in ABLATIONS:
         raise ConfigError(f"method must be one of {ABLATIONS}, got {method!r}.")
     if method == "mean" and means is None and any(head_sets):
@@ -196,7 +197,7 @@ def ablated_sets(engine: Engine, layer: int, prompts: PromptSet, head_sets: Sequ
     resid, source, ivs = _unablated_run(engine, tokens, head_sets, ivs, perm, sizing) if skip else ({}, {}, ivs)
     src = tokens[perm] if perm is not None and not source else None  # the runner runs the permuted prompts
     req = Request(tokens=tokens, read=read, stop_at_layer=layer + 1, mean=mean, source_tokens=src, source=source,
-                  split_prompts=True, resid=resid, **(_shared_prefix(engine, tokens, layer + 1)
+                  split_prompts=True, resid=resid, **(_shared_prefix(engine, tokens, layer + 1, memo)
                                                         if skip and method == "resample" else {}))
     return run_interventions(engine, req, ivs, sizing=sizing, progress=progress, desc=desc, unit="set").cpu()
 
@@ -235,18 +236,25 @@ def _unablated_run(engine: Engine, tokens: Tensor, head_sets: Sequence[Sequence[
     return resid, source, out
 
 
-def _shared_prefix(engine: Engine, tokens: Tensor, stop: int) -> dict[str, Any]:
+def _shared_prefix(engine: Engine, tokens: Tensor, stop: int, memo: dict | None = None) -> dict[str, Any]:
     """Request fields for the positions every prompt shares (the fixed prefix): there each prompt's head outputs
     equal every other prompt's, so resample ablation changes nothing before them. Their keys/values are computed
-    once, for one row, and ablated forwards start after them (``runner`` docstring)."""
+    once, for one row (and kept in ``memo`` for the next call with that prefix and stop), and ablated forwards
+    start after them (``runner`` docstring)."""
     from wordpos.probing.engines.split_inputs import prefix_kv_unsupported, run_prefix
 
     differ = (tokens != tokens[:1]).any(0).nonzero()
     p = int(differ.min()) if len(differ) else int(tokens.shape[1]) - 1
     if p < 1 or prefix_kv_unsupported(engine) is not None:
         return {}
+    key = ("shared prefix", tuple(tokens[0, :p].tolist()), stop)
+    if memo is not None and key in memo:
+        return memo[key]
     kv = run_prefix(engine, tokens[:1, :p].to(engine.device), stop, split=False)
-    return {"kv": kv, "out": kv.resid, "same_before": p}
+    fields = {"kv": kv, "out": kv.resid, "same_before": p}
+    if memo is not None:
+        memo[key] = fields
+    return fields
 
 
 def ablated_residuals(engine: Engine, layer: int, prompts: PromptSet, heads: Sequence[tuple[int, int]],
@@ -325,14 +333,17 @@ def random_head_sets(heads: Sequence[tuple[int, int]], n: int, n_heads: int, max
 def ablate_heads(model: Any, probe: WordIndexProbe, data: WordIndexDataset, heads: str | Sequence[Any], *,
                  method: AblationMethod = "mean", n_random: int = 0, split: str = "test", seed: int = 0,
                  refit: bool = True, batch_size: int | None = None, sizing: Sizing | None = None,
-                 progress: bool = True) -> AblationResult:
+                 progress: bool = True, means: dict[int, Tensor] | None = None, memo: dict | None = None
+                 ) -> AblationResult:
     """Ablate ``heads`` and score the probe on ``split`` (held-out words by default). With ``n_random``,
     also ablate that many random sets of as many heads drawn from the same layers, never the heads under test
     (seeded; :func:`random_head_sets`). With ``refit``, also re-fit a probe on the ablated activations
     (``refit_accuracy``): the word-index information that survives, to compare with the position-only baseline.
 
     The unablated run, the heads and every random set run together through the runner (folded into the batch);
-    ``config["timings"]`` keeps the forward time and the refit time apart."""
+    ``config["timings"]`` keeps the forward time and the refit time apart. ``means`` (mean ablation): reference
+    means already computed by :func:`head_means` over ``data.train`` (layers up to the probe's, positions as long
+    as the longest of train and ``split``); ``memo``: see :func:`ablated_sets`."""
     engine = as_engine(model)
     layer = check_probe(engine, probe)
     if method not in ABLATIONS:
@@ -347,14 +358,20 @@ def ablate_heads(model: Any, probe: WordIndexProbe, data: WordIndexDataset, head
     y = prompts.labels.numpy()
     length = max(prompts.max_len(), data.train.max_len())
     t0 = time.perf_counter()
-    means = head_means(engine, data.train, list(range(layer + 1)), length=length, sizing=sizing) \
-        if method == "mean" else None
+    if method != "mean":
+        means = None
+    elif means is None:
+        means = head_means(engine, data.train, list(range(layer + 1)), length=length, sizing=sizing)
+    elif not set(range(layer + 1)) <= set(means) or any(int(m.shape[0]) < length for m in means.values()):
+        raise ConfigError(f"means= must hold every layer 0..{layer} for {length} positions (head_means over "
+                          "data.train with length= the longest prompt); leave it out to compute them.")
+    memo = {} if memo is None else memo
     rand_heads = random_head_sets(heads, n_random, engine.dims.n_heads, layer, seed)
     sets = [[], heads, *rand_heads]
     x_test = ablated_sets(engine, layer, prompts, sets, method, means, seed=seed, sizing=sizing, progress=progress,
-                          desc=f"{method}-ablating {len(sets) - 1} head sets")
+                          desc=f"{method}-ablating {len(sets) - 1} head sets", memo=memo)
     x_train = ablated_sets(engine, layer, data.train, sets[1:], method, means, seed=seed, sizing=sizing,
-                           progress=progress, desc="ablated train activations (refit)") if refit else None
+                           progress=progress, desc="ablated train activations (refit)", memo=memo) if refit else None
     forward_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     preds = probe.logits(x_test).argmax(-1).numpy()

@@ -150,9 +150,10 @@ def ablation_stage(inp: StageInputs) -> StageOutput:
     means = head_means(engine, data.train, list(range(layer + 1)), length=length, sizing=c.run_sizing()) \
         if c.ablation == "mean" else None
     y = data.test.labels.numpy()
+    memo: dict = {}  # the shared prefix's keys/values, run once for the stage's calls
     preds = ablated_sets(engine, layer, data.test, [[], *[[hd] for hd in heads]], c.ablation, means, seed=c.seed,
                          probe=probe, sizing=c.run_sizing(), progress=inp.progress,
-                         desc=f"{c.ablation}-ablating heads").numpy()
+                         desc=f"{c.ablation}-ablating heads", memo=memo).numpy()
     clean = float(np.mean(preds[0] == y))
     acc = np.full((layer + 1, n_heads), np.nan)  # NaN: not measured
     for (L, h), p in zip(heads, preds[1:]):
@@ -164,7 +165,7 @@ def ablation_stage(inp: StageInputs) -> StageOutput:
                        extra={"level": acc})
     top = [(h["layer"], h["index"]) for h in res.top_heads(c.top_k, order="decrease")]
     ab = ablate_heads(engine, probe, data, top, method=c.ablation, n_random=c.n_random, seed=c.seed, sizing=c.run_sizing(),
-                      progress=inp.progress)
+                      progress=inp.progress, means=means, memo=memo)
     title = (f"{c.model}: change in probe accuracy when each head is {c.ablation}-ablated (layer {layer} probe; "
              "blank = not measured)")
     return StageOutput({"heads": res}, {"heads": lambda: head_heatmap(res.effects, title, "accuracy change")},

@@ -253,3 +253,37 @@ def test_refits_of_identical_ablated_sets_are_fitted_once_with_the_same_accuraci
     expect = [WordIndexProbe(layer=0, solver="torch").fit(sets[i][:200], ytr).score(sets[i][200:], yte) for i in order]
     assert got == pytest.approx(expect, abs=1e-12)
     assert len(set(np.round(expect, 6))) > 1  # the distinct sets really differ
+
+
+@pytest.mark.parametrize("method", ["mean", "resample"])
+def test_ablate_heads_reuses_given_means_and_the_shared_prefix(tiny_model, tiny_probe, small_data, method,
+                                                               monkeypatch):
+    """As the ablation stage calls it: the stage's reference means and a memo shared across calls give the same
+    result as computing them afresh, with no second mean run and one run of the shared prefix for every call;
+    means that miss a layer or positions are refused with what to pass."""
+    from wordpos.patching import ablation
+    from wordpos.probing.engines import split_inputs
+
+    engine = as_engine(tiny_model)
+    kw = dict(method=method, n_random=2, refit=True, progress=False, seed=1)
+    fresh = ablate_heads(engine, tiny_probe, small_data, "0.1,1.2", **kw).to_dict()
+    length = max(small_data.test.max_len(), small_data.train.max_len())
+    means = ablation.head_means(engine, small_data.train, [0, 1], length=length) if method == "mean" else None
+    calls = {"means": 0, "prefix": 0}
+    head_means, run_prefix = ablation.head_means, split_inputs.run_prefix
+    monkeypatch.setattr(ablation, "head_means", lambda *a, **k: calls.__setitem__("means", calls["means"] + 1)
+                        or head_means(*a, **k))
+    monkeypatch.setattr(split_inputs, "run_prefix", lambda *a, **k: calls.__setitem__("prefix", calls["prefix"] + 1)
+                        or run_prefix(*a, **k))
+    memo: dict = {}
+    reused = ablate_heads(engine, tiny_probe, small_data, "0.1,1.2", means=means, memo=memo, **kw).to_dict()
+    again = ablate_heads(engine, tiny_probe, small_data, "0.1,1.2", means=means, memo=memo, **kw).to_dict()
+    for d in (reused, again):
+        for k in ("accuracy", "clean_accuracy", "random_accuracies", "refit_accuracy", "random_refit_accuracies"):
+            assert d[k] == fresh[k], k
+    assert calls == {"means": 0, "prefix": 1 if method == "resample" else 0}
+    if method == "mean":
+        with pytest.raises(ConfigError, match="means= must hold every layer 0..1"):
+            ablate_heads(engine, tiny_probe, small_data, "0.1", means={0: means[0]}, **kw)
+        with pytest.raises(ConfigError, match="positions"):
+            ablate_heads(engine, tiny_probe, small_data, "0.1", means={L: m[:3] for L, m in means.items()}, **kw)
