@@ -145,7 +145,7 @@ def head_means(engine: Engine, prompts: PromptSet, layers: Sequence[int], batch_
 
 def _sizing(sizing: Sizing | None, batch_size: int | None) -> Sizing:
     sizing = sizing or Sizing()
-    return replace(sizing, prompt_batch=batch_size) if batch_size else sizing
+    return sizing.with_prompt_batch(batch_size) if batch_size else sizing
 
 
 def ablation_intervention(heads: Sequence[tuple[int, int]], method: AblationMethod) -> Intervention:

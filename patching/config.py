@@ -68,7 +68,7 @@ class PatchConfig:
 
     def identity(self) -> dict[str, Any]:
         d = config_identity(self, exclude=("device", "max_tokens", "engine", "remote", "checkpoint_dir"))
-        for k in ("cpu_tokens", "accelerator_tokens", "prompt_batch"):  # how fast, not what
+        for k in ("cpu_tokens", "accelerator_tokens", "prompt_batch", "accelerator_prompts"):  # how fast, not what
             d["sizing"].pop(k, None)
         return d
 

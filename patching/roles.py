@@ -9,7 +9,7 @@ anchors and 1 on word-initial tokens: 1 for a perfect anchor counter, ~0 for a h
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -90,7 +90,7 @@ def _word_query_stats(engine: Any, prompts: PromptSet, layers: list[int], batch_
 
     req = Request(tokens=tokens, read=read, stop_at_layer=max(layers) + 1, cache=names, split_prompts=True,
                   combine="sum")
-    sums = run_interventions(engine, req, [NOOP], sizing=replace(Sizing(), prompt_batch=batch_size), progress=False,
+    sums = run_interventions(engine, req, [NOOP], sizing=Sizing().with_prompt_batch(batch_size), progress=False,
                              desc="attention statistics")
     return {k: v[0] for k, v in sums.items()}
 

@@ -309,8 +309,9 @@ def run_interventions(engine: Engine, req: Request, interventions: Sequence[Inte
     (first axis: intervention; with ``split_prompts`` and ``combine="cat"`` second axis: prompt).
 
     Chunking rule: at most ``max_tokens`` (default ``sizing.tokens_per_forward(device)``) tokens per forward;
-    with ``split_prompts`` a prompt batch holds ``sizing.prompt_batch`` prompts (fewer when one forward of them
-    would exceed the budget) and the interventions fill the rest. Interventions run grouped by start layer; on an
+    with ``split_prompts`` a prompt batch holds ``sizing.prompts_per_batch(device)`` prompts (64 on the CPU, up to
+    the budget on an accelerator; fewer when one forward of them would exceed the budget) and the interventions
+    fill the rest. Interventions run grouped by start layer; on an
     accelerator, groups that together fit one forward share it (:func:`_coalesce`)."""
     if not interventions:
         raise ConfigError("no patches to run: the head/layer/position list is empty.")
@@ -329,7 +330,7 @@ def run_interventions(engine: Engine, req: Request, interventions: Sequence[Inte
             raise ConfigError(f"intervention {iv} starts at layer {iv.start_layer} but the request has no resid_pre "
                               "for that layer.")
         groups[iv.start_layer].append(i)
-    b = min(N, sizing.prompt_batch, max(1, budget // T)) if req.split_prompts else N
+    b = min(N, sizing.prompts_per_batch(engine.device), max(1, budget // T)) if req.split_prompts else N
     per = max(1, budget // (b * T))
     if _launch_bound(engine.device):
         groups = _coalesce(groups, per)

@@ -28,8 +28,12 @@ class Sizing:
     """Tokens per batched forward on a GPU or other accelerator, where wide batches keep the device busy."""
 
     prompt_batch: int = 64
-    """Prompts per batch when a method reads many prompts (ablation, head means, role statistics): the runner folds
-    the interventions into the batch axis next to them, as far as the token budget allows."""
+    """Prompts per batch on CPU when a method reads many prompts (ablation, head means, role statistics): the runner
+    folds the interventions into the batch axis next to them, as far as the token budget allows."""
+
+    accelerator_prompts: int = 4096
+    """``prompt_batch`` on a GPU or other accelerator: there a forward costs its launches and host work whatever its
+    size, so a batch takes as many prompts as the token budget (``accelerator_tokens``) allows, up to this many."""
 
     candidates: int = 16
     """Ablation stage: when the probe's layers hold more heads than this, only the heads that attribution patching
@@ -88,6 +92,18 @@ class Sizing:
         import torch  # here, so that reading a config (``wordpos --help``) does not import torch
 
         return self.cpu_tokens if torch.device(device).type == "cpu" else self.accelerator_tokens
+
+    def prompts_per_batch(self, device: torch.device | str) -> int:
+        """At most this many prompts per batch on ``device`` (``prompt_batch`` / ``accelerator_prompts``)."""
+        import torch
+
+        return self.prompt_batch if torch.device(device).type == "cpu" else self.accelerator_prompts
+
+    def with_prompt_batch(self, n: int) -> "Sizing":
+        """This sizing with ``n`` prompts per batch on every device (a caller's explicit batch size)."""
+        from dataclasses import replace
+
+        return replace(self, prompt_batch=n, accelerator_prompts=n)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -46,7 +46,7 @@ def main() -> None:
     def plain(prompts, repeats: int) -> tuple[float, int]:
         """Plain forwards to the probe's layer over ``prompts`` in the sizing's prompt batches."""
         T = prompts.max_len()
-        b = min(len(prompts), sizing.prompt_batch, max(1, sizing.tokens_per_forward(engine.device) // T))
+        b = min(len(prompts), sizing.prompts_per_batch(engine.device), max(1, sizing.tokens_per_forward(engine.device) // T))
         sync()
         t0 = time.perf_counter()
         with torch.no_grad():

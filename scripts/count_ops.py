@@ -95,8 +95,8 @@ class OpCounter(TorchDispatchMode):
 
 @contextlib.contextmanager
 def accelerator_chunking(real_width: int = 576) -> Iterator[None]:
-    """Batches split as on an accelerator: the CPU's token budget is the accelerator's, and the edge runner's
-    writer-buffer cap is computed for the real model's width (8 GiB, as on a GPU)."""
+    """Batches split as on an accelerator: the CPU's token budget and prompts per batch are the accelerator's, and
+    the edge runner's writer-buffer cap is computed for the real model's width (8 GiB, as on a GPU)."""
     from unittest import mock
 
     from wordpos.patching import eap, edge_runner
@@ -107,6 +107,7 @@ def accelerator_chunking(real_width: int = 576) -> Iterator[None]:
         return max(1, n // 4 if grad and max_tokens is None else n)
 
     with mock.patch.object(Sizing, "tokens_per_forward", lambda self, device: self.accelerator_tokens), \
+            mock.patch.object(Sizing, "prompts_per_batch", lambda self, device: self.accelerator_prompts), \
             mock.patch.object(edge_runner, "tokens_per_forward", tokens_per_forward), \
             mock.patch.object(eap, "tokens_per_forward", tokens_per_forward):  # (imported there by name)
         yield

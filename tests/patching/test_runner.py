@@ -80,6 +80,11 @@ def test_sizing_is_validated_and_round_trips():
     s = Sizing(candidates=5)
     assert Sizing.from_dict(s.to_dict()) == s
     assert s.tokens_per_forward("cpu") == 4096 and s.tokens_per_forward("meta") == 1 << 18
+    # prompts per batch: cache-sized on the CPU, up to the token budget on an accelerator; a caller's explicit batch
+    # size (attention patterns are [b, head, T, T]) holds on both
+    assert s.prompts_per_batch("cpu") == 64 and s.prompts_per_batch("meta") == 4096
+    assert {s.with_prompt_batch(8).prompts_per_batch(d) for d in ("cpu", "meta")} == {8}
+    assert PatchConfig(sizing=Sizing(accelerator_prompts=7)).identity() == PatchConfig().identity()  # how fast only
     with pytest.raises(ConfigError, match="positive integer"):
         Sizing(prompt_batch=0)
     with pytest.raises(ConfigError, match="unknown sizing fields"):
