@@ -94,7 +94,11 @@ class RunConfig:
                        n_pairs=self.n_pairs or (z.pairs_small if small else z.pairs_large))
 
     def identity(self) -> dict[str, Any]:
-        return config_identity(self, exclude=("device", "engine", "remote", "png"))
+        d = config_identity(self, exclude=("device", "engine", "remote", "png"))
+        # how fast, not what; and a field added after runs were saved with this identity: left out, so that those
+        # run directories still resume
+        d["sizing"].pop("accelerator_prompts", None)
+        return d
 
 
 @dataclass

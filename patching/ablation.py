@@ -108,7 +108,7 @@ def _masked_position_mean(z: Tensor, lengths: Tensor) -> Tensor:
 def _on(device: torch.device, t: Tensor) -> Tensor:
     """A small host tensor on ``device`` without waiting for the device (a blocking copy would wait for every
     queued forward: ``runner._index``)."""
-    return t if device.type == "cpu" else t.to(device, non_blocking=True)
+    return t if device.type == "cpu" else t.to(device, non_blocking=device.type == "cuda")
 
 
 @torch.no_grad()
@@ -122,10 +122,12 @@ def head_means(engine: Engine, prompts: PromptSet, layers: Sequence[int], batch_
     T = prompts.max_len()
     length = length or T
     names = [H.attn_z(L) for L in layers]
-    lengths = _on(engine.device, prompts.lengths)
+    lengths: dict[torch.device, Tensor] = {}  # the prompts' lengths where the forwards run, copied once
 
     def read(out: Tensor, cache: dict[str, Tensor], P: int, sl: slice) -> dict[str, Tensor]:
-        mask = (torch.arange(T, device=out.device)[None, :] < lengths[sl][:, None]).double()
+        if out.device not in lengths:
+            lengths[out.device] = _on(out.device, prompts.lengths)
+        mask = (torch.arange(T, device=out.device)[None, :] < lengths[out.device][sl][:, None]).double()
         d = {n: torch.einsum("bthd,bt->thd", cache[n].double(), mask).unsqueeze(0) for n in names}
         d["count"] = mask.sum(0).unsqueeze(0)
         return d
@@ -247,7 +249,10 @@ def _shared_prefix(engine: Engine, tokens: Tensor, stop: int, memo: dict | None 
     p = int(differ.min()) if len(differ) else int(tokens.shape[1]) - 1
     if p < 1 or prefix_kv_unsupported(engine) is not None:
         return {}
-    key = ("shared prefix", tuple(tokens[0, :p].tolist()), stop)
+    from wordpos.probing.engines.base import engine_dtype
+
+    key = ("shared prefix", id(getattr(engine, "model", engine)), str(engine.device), str(engine_dtype(engine)),
+           tuple(tokens[0, :p].tolist()), stop)
     if memo is not None and key in memo:
         return memo[key]
     kv = run_prefix(engine, tokens[:1, :p].to(engine.device), stop, split=False)

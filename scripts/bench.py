@@ -390,7 +390,8 @@ class SyncAudit:
         if frame is None:
             site = "(no wordpos frame)"
         else:
-            site = f"{frame.f_globals['__name__']}:{frame.f_code.co_name}:{frame.f_lineno}"
+            code = frame.f_code
+            site = f"{frame.f_globals['__name__']}:{getattr(code, 'co_qualname', code.co_name)}:{frame.f_lineno}"
             if below is not None:
                 site += f" -> {Path(below.f_code.co_filename).name}:{below.f_code.co_name}"
         self.sites[self.stage][site] += 1
@@ -423,7 +424,7 @@ class SyncAudit:
 
         caught = warnings.catch_warnings()
         caught.__enter__()
-        warnings.simplefilter("always", UserWarning)
+        warnings.filterwarnings("always", message=SYNC_WARNING)  # every one, not once per line
         shown = warnings.showwarning
 
         def showwarning(message: Any, category: Any, *a: Any, **kw: Any) -> None:

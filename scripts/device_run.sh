@@ -34,7 +34,9 @@ want e2e-smollm2 && grep -h "END-TO-END" "$OUT/e2e-smollm2.log"
 step smollm2-bf16 python3 scripts/bench.py --model smollm2-arch --device cuda --dtype bfloat16 --out "$OUT/$tag-smollm2-arch-bf16.json" --markdown
 pack  # the records so far are safe before the circuit profile
 # where the host waits for the device, per stage and wordpos line (torch's sync debug mode; its times are not figures)
-step sync-audit python3 scripts/bench.py --model smollm2-arch --device cuda --sync-audit --out "$OUT/$tag-syncs-smollm2-arch.json"
+# (its record goes into logs.tgz only: the device tool brings back at most 8 files; its log's tail prints the counts)
+mkdir -p "$OUT/syncs"
+step sync-audit python3 scripts/bench.py --model smollm2-arch --device cuda --sync-audit --out "$OUT/syncs/$tag-syncs-smollm2-arch.json"
 step circuit-profile python3 scripts/profile_circuit.py --device cuda --layer 8 --out "$OUT/$tag-circuit-profile-fp32-L8.json"
 # the stage's host share on this machine's CPU (every forward stood in for, the model on the CPU so that no mask
 # travels to the GPU): the rest of the stage is the device's

@@ -98,6 +98,21 @@ def test_rerun_reuses_finished_stages(planted_run):
     assert again["timings_s"]["probe (all layers)"] < first["probe (all layers)"]
 
 
+def test_a_run_saved_before_a_speed_setting_was_added_still_resumes(planted_run):
+    """``config.json`` records the run's identity; a run directory written before ``Sizing.accelerator_prompts``
+    existed (its identity without that key) is the same run, and a different value of it is the same run too."""
+    from wordpos.circuit.pipeline import RunConfig
+    from wordpos.patching.sizing import Sizing
+    from wordpos.probing.io import RUN_MARKER
+
+    out, args = planted_run
+    marker = out / RUN_MARKER
+    saved = json.loads(marker.read_text())
+    assert "accelerator_prompts" not in saved["config"]["sizing"] and "prompt_batch" in saved["config"]["sizing"]
+    assert RunConfig(model="m", sizing=Sizing(accelerator_prompts=7)).identity() == RunConfig(model="m").identity()
+    assert main(args) == 0  # resumes
+
+
 def test_run_refuses_another_runs_directory(planted_run, capsys):
     out, args = planted_run
     other = [a if a != "300" else "400" for a in args]

@@ -201,8 +201,19 @@ def test_cached_runs_on_the_route_keep_what_the_bridge_keeps(arch, gpt2_ctx, lla
     forwards start from), from tokens and from a cached residual, with and without an edit before the kept head
     outputs: the same activations as the bridge's cache, on the lean blocks; a cache of anything else stays on the
     bridge."""
-    from wordpos.patching.runner import NOOP, Edit, Intervention, Request, cache_run, run_interventions
+    from wordpos.patching import runner
+    from wordpos.patching.runner import Edit, Intervention, Request, cache_run, run_interventions
 
+    routed = []  # (what the runner's cached requests asked for, whether the lean blocks answered)
+    lean_run = runner.lean_run
+
+    def spy(*a, **kw):
+        got = lean_run(*a, **kw)
+        if kw.get("cache"):
+            routed.append((tuple(kw["cache"]), got is not None))
+        return got
+
+    monkeypatch.setattr(runner, "lean_run", spy)
     engine = as_engine((gpt2_ctx if arch == "gpt2" else llama_ctx)[0])
     n = engine.dims.n_layers
     data = WordIndexDataset.default(gpt2_tok, n_prompts=12, seed=4)
@@ -222,7 +233,9 @@ def test_cached_runs_on_the_route_keep_what_the_bridge_keeps(arch, gpt2_ctx, lla
         edited = run_interventions(engine, req, [Intervention((Edit(f"blocks.{n - 1}.attn.hook_z", "zero", 0),),
                                                               start_layer=1)], progress=False)
         runs[on] = (out, cache, edited)
-        assert (len(counted) >= 3) if on else not counted  # three runs (a new kind of run is checked first)
+        # three cached runs, each answered by the lean blocks (a new kind of run is also checked on them first)
+        assert [ok for _, ok in routed] == [on] * 3 and ((len(counted) >= 3) if on else not counted)
+        routed.clear()
     (o0, c0, e0), (o1, c1, e1) = runs[False], runs[True]
     torch.testing.assert_close(o1, o0, rtol=1e-10, atol=1e-10)
     for k in names + ["edge"]:
