@@ -4,6 +4,7 @@
 # 14: the lent machines' hosts differ, ~30% in host-bound stages between two H100 loans, so a baseline is only
 # comparable when it is rerun beside the change).
 #   bash scripts/device_ab_build.sh 9ff8b7a before && bash scripts/device_ab_build.sh . after
+# (PYTHON= names the interpreter that builds the wheels; default .venv/bin/python)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rev=${1:?usage: device_ab_build.sh REVISION|. NAME}
@@ -20,10 +21,11 @@ else
   git archive "$rev" | tar -x -C "$src"
 fi
 rm -rf "$dest" && mkdir -p "$dest"
-.venv/bin/python -m pip wheel -q --no-deps -w "$dest" "$src" > "$src/pip.log" 2>&1 || { tail -20 "$src/pip.log"; exit 1; }
+"${PYTHON:-.venv/bin/python}" -m pip wheel -q --no-deps -w "$dest" "$src" > "$src/pip.log" 2>&1 || { tail -20 "$src/pip.log"; exit 1; }
 cp -r "$src/scripts" "$dest/scripts"
 if [ "$rev" = . ]; then
-  commit="$(git rev-parse --short HEAD)$([ -n "$(git status --porcelain)" ] && echo ' + uncommitted changes')"
+  commit=$(git rev-parse --short HEAD)
+  [ -z "$(git status --porcelain)" ] || commit="$commit + uncommitted changes"  # (an if: a clean tree is no error)
 else
   commit=$(git rev-parse --short "$rev")
 fi

@@ -117,3 +117,22 @@ def test_sync_audit_tallies_waits_by_stage_and_wordpos_line(scripts_on_path, mon
     (site,) = got["ablation"]["sites"]
     assert site.startswith("wordpos.patching.ablation:head_means.<locals>.read:") and site.endswith("test_bench.py:waits")
     assert got["outside stages"] == {"syncs": 1, "sites": {"(no wordpos frame)": 1}}
+
+
+def test_device_ab_build_packs_a_clean_checkout_and_names_its_revision(tmp_path):
+    """``scripts/device_ab_build.sh . NAME`` on a checkout with nothing uncommitted (as a fresh clone is) writes the
+    wheel, the build's own scripts and its REVISION, and exits 0 (a clean tree once ended it before REVISION)."""
+    import subprocess
+
+    repo = SCRIPTS.parent
+    if not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    r = subprocess.run(["bash", "scripts/device_ab_build.sh", ".", "x"], cwd=clone, capture_output=True, text=True,
+                       env={**__import__("os").environ, "PYTHON": sys.executable})
+    assert r.returncode == 0, r.stdout + r.stderr
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=clone, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert (clone / ".ab/x/REVISION").read_text().startswith(f". ({head}) -> .ab/x:")
+    assert len(list((clone / ".ab/x").glob("wordpos-*.whl"))) == 1 and (clone / ".ab/x/scripts/bench.py").exists()
