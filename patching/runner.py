@@ -313,8 +313,8 @@ def run_interventions(engine: Engine, req: Request, interventions: Sequence[Inte
     Chunking rule: at most ``max_tokens`` (default ``sizing.tokens_per_forward(device)``) tokens per forward;
     with ``split_prompts`` a prompt batch holds ``sizing.prompts_per_batch(device)`` prompts (64 on the CPU, up to
     the budget on an accelerator; fewer when one forward of them would exceed the budget) and the interventions
-    fill the rest. Interventions run grouped by start layer; on an
-    accelerator, groups that together fit one forward share it (:func:`_coalesce`)."""
+    fill the rest. Interventions run grouped by start layer; on an accelerator, groups that together fit one
+    forward share it (:func:`_coalesce`)."""
     if not interventions:
         raise ConfigError("no patches to run: the head/layer/position list is empty.")
     sizing = sizing or Sizing()
