@@ -16,7 +16,7 @@ from torch import Tensor
 
 from wordpos.patching.activation import check_probe
 from wordpos.patching.corruptions import derangement
-from wordpos.patching.runner import NOOP, Edit, Intervention, Request, run_interventions
+from wordpos.patching.runner import NOOP, Edit, Intervention, Request, run_interventions, to_device
 from wordpos.patching.sizing import Sizing
 from wordpos.probing.progress import progress_bar
 from wordpos.probing import hooks as H
@@ -105,12 +105,6 @@ def _masked_position_mean(z: Tensor, lengths: Tensor) -> Tensor:
     return torch.einsum("bthd,bt->thd", z, mask) / mask.sum(0).clamp(min=1)[:, None, None]
 
 
-def _on(device: torch.device, t: Tensor) -> Tensor:
-    """A small host tensor on ``device`` without waiting for the device (a blocking copy would wait for every
-    queued forward: ``runner._index``)."""
-    return t if device.type == "cpu" else t.to(device, non_blocking=device.type == "cuda")
-
-
 @torch.no_grad()
 def head_means(engine: Engine, prompts: PromptSet, layers: Sequence[int], batch_size: int | None = None, *,
                length: int | None = None, sizing: Sizing | None = None) -> dict[int, Tensor]:
@@ -126,7 +120,7 @@ def head_means(engine: Engine, prompts: PromptSet, layers: Sequence[int], batch_
 
     def read(out: Tensor, cache: dict[str, Tensor], P: int, sl: slice) -> dict[str, Tensor]:
         if out.device not in lengths:
-            lengths[out.device] = _on(out.device, prompts.lengths)
+            lengths[out.device] = to_device(prompts.lengths, out.device)
         mask = (torch.arange(T, device=out.device)[None, :] < lengths[out.device][sl][:, None]).double()
         d = {n: torch.einsum("bthd,bt->thd", cache[n].double(), mask).unsqueeze(0) for n in names}
         d["count"] = mask.sum(0).unsqueeze(0)
@@ -187,10 +181,11 @@ def ablated_sets(engine: Engine, layer: int, prompts: PromptSet, head_sets: Sequ
     def read(out: Tensor, cache: dict[str, Tensor], P: int, sl: slice) -> Tensor:
         if (sl.start, sl.stop) not in at:
             keep = (prompt >= sl.start) & (prompt < sl.stop)
-            at[sl.start, sl.stop] = (_on(out.device, prompt[keep] - sl.start), _on(out.device, pos[keep]))
+            at[sl.start, sl.stop] = (to_device(prompt[keep] - sl.start, out.device),
+                                     to_device(pos[keep], out.device))
+        rows, cols = at[sl.start, sl.stop]
         r = einops.rearrange(out, "(p b) t d -> p b t d", p=P)
-        x = r[:, at[sl.start, sl.stop][0], at[sl.start, sl.stop][1]].float()  # (stays on the device: one copy at
-        # the end, so no forward waits for the one before)
+        x = r[:, rows, cols].float()  # (stays on the device: one copy at the end, so no forward waits for the last)
         return probe.logits(x).argmax(-1) if probe is not None else x
 
     mean = {H.attn_z(L): m for L, m in (means or {}).items()} if method == "mean" else {}

@@ -186,13 +186,17 @@ def _slot_source(req: Request, edit: Edit, sl: slice, src_run: dict[str, Tensor]
     raise AssertionError(edit.write)
 
 
-def _index(values: list[int], device: torch.device) -> Tensor:
-    """An index tensor on ``device`` without stalling it: ``torch.tensor(..., device=cuda)`` waits for the queue to
-    drain (a blocking copy); a non-blocking copy of a small host tensor does not."""
-    t = torch.tensor(values, dtype=torch.long)
-    # (non-blocking only on CUDA, where a copy from pageable memory is staged at once: elsewhere, e.g. MPS, a
-    # temporary source may be freed before the copy runs)
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A host tensor (token ids, indices) on ``device`` without stalling it: a blocking copy waits for the queue to
+    drain (every forward queued so far); a non-blocking copy from pageable memory does not. Non-blocking only on
+    CUDA, which stages such a copy at once: elsewhere (e.g. MPS) a temporary source may be freed before the copy
+    runs."""
     return t if device.type == "cpu" else t.to(device, non_blocking=device.type == "cuda")
+
+
+def _index(values: list[int], device: torch.device) -> Tensor:
+    """An index tensor on ``device`` without stalling it (``torch.tensor(..., device=cuda)`` is a blocking copy)."""
+    return to_device(torch.tensor(values, dtype=torch.long), device)
 
 
 def apply_edits(act: Tensor, rows: Sequence[tuple[int, Edit]], P: int, req: Request, sl: slice,
@@ -395,8 +399,7 @@ def _source_run(engine: Engine, req: Request, need: Sequence[str], sl: slice) ->
     the hooks that ``source`` edits write."""
     if not need:
         return {}
-    _, cache = engine.run(req.source_tokens[sl].to(engine.device, non_blocking=engine.device.type == "cuda"),
-                          cache=list(need),
+    _, cache = engine.run(to_device(req.source_tokens[sl], engine.device), cache=list(need),
                           stop_at_layer=max(_layer_of(n) for n in need) + 1)
     return cache
 
@@ -418,9 +421,7 @@ def _forward(engine: Engine, req: Request, chunk: Sequence[Intervention], start:
         for e in iv.edits:
             rows_by_hook[e.hook].append((p, e))
     if start is None:
-        # (non-blocking: a blocking host-to-device copy waits for every queued forward, once per forward)
-        x = einops.repeat(req.tokens[sl].to(engine.device, non_blocking=engine.device.type == "cuda"),
-                          "b t -> (p b) t", p=P)
+        x = einops.repeat(to_device(req.tokens[sl], engine.device), "b t -> (p b) t", p=P)
     else:
         x = einops.repeat(req.resid[start][sl], "b t d -> (p b) t d", p=P)
         first = H.resid(start, "resid_pre")

@@ -93,11 +93,11 @@ def test_sync_audit_tallies_waits_by_stage_and_wordpos_line(scripts_on_path, mon
     from wordpos.patching import ablation
     from wordpos.probing.engines import as_engine
 
-    def waits(device, t):  # what a blocking copy does on CUDA
+    def waits(t, device):  # what a blocking copy does on CUDA
         warnings.warn(bench.SYNC_WARNING)
         return t
 
-    monkeypatch.setattr(ablation, "_on", waits)
+    monkeypatch.setattr(ablation, "to_device", waits)
     shown = []  # what reaches the handler the audit found in place
     monkeypatch.setattr(warnings, "showwarning", lambda message, *a, **k: shown.append(str(message)))
     original = pipeline._stage
