@@ -323,44 +323,45 @@ def profile_text(prof: Any, top: int) -> dict[str, str]:
     return out
 
 
-def _profile_stages(names: Any, directory: Path) -> Any:
-    """cProfile the pipeline's stages named ``names`` (as the run names them, e.g. "circuit", "ablation") where
-    they run, in the pipeline's own process and state (warm or cold as a researcher's run is), by wrapping
-    ``pipeline._stage``; writes ``prof-<stage>.txt`` into ``directory``. Returns the function that unwraps it."""
+def _wrap_stages(wrap: Any) -> Any:
+    """Send each stage's timing context (``pipeline._stage``) through ``wrap(name, inner)``, a context manager that
+    enters ``inner``, so that a stage is watched where the pipeline runs it, in its own process and state (warm or
+    cold as a researcher's run is). Returns the function that undoes it."""
     from wordpos.circuit import pipeline
 
+    original = pipeline._stage
+    pipeline._stage = lambda name, *a, **kw: wrap(name, original(name, *a, **kw))
+    return lambda: setattr(pipeline, "_stage", original)
+
+
+def _profile_stages(names: Any, directory: Path) -> Any:
+    """cProfile the pipeline's stages named ``names`` (as the run names them, e.g. "circuit", "ablation") where
+    they run (:func:`_wrap_stages`); writes ``prof-<stage>.txt`` into ``directory``. Returns the function that
+    unwraps it."""
     if not names:
         return lambda: None
     import cProfile
+    import contextlib
 
-    original = pipeline._stage
     wanted = _stage_names(names)
 
-    def _stage(name: str, *a: Any, **kw: Any) -> Any:
-        inner = original(name, *a, **kw)
-        if name not in wanted:
-            return inner
+    @contextlib.contextmanager
+    def profiled(name: str, inner: Any) -> Any:
+        prof = cProfile.Profile()
+        try:
+            with inner:  # the stage's time stops with this block: the profile's writing is not in it
+                prof.enable()
+                try:
+                    yield
+                finally:
+                    prof.disable()
+        finally:
+            directory.mkdir(parents=True, exist_ok=True)
+            text = profile_text(prof, 80).values()
+            slug = {v: k for k, v in _SHORT_STAGES.items()}.get(name, name)  # ("circuit imports" -> "imports")
+            (directory / f"prof-{slug}.txt").write_text("\n".join(text))
 
-        class _Profiled:
-            def __enter__(self) -> Any:
-                self.prof = cProfile.Profile()
-                out = inner.__enter__()
-                self.prof.enable()
-                return out
-
-            def __exit__(self, *exc: Any) -> Any:
-                self.prof.disable()
-                result = inner.__exit__(*exc)  # the stage's time stops here: the profile's writing is not in it
-                directory.mkdir(parents=True, exist_ok=True)
-                text = profile_text(self.prof, 80).values()
-                slug = {v: k for k, v in _SHORT_STAGES.items()}.get(name, name)  # ("circuit imports" -> "imports")
-                (directory / f"prof-{slug}.txt").write_text("\n".join(text))
-                return result
-
-        return _Profiled()
-
-    pipeline._stage = _stage
-    return lambda: setattr(pipeline, "_stage", original)
+    return _wrap_stages(lambda name, inner: profiled(name, inner) if name in wanted else inner)
 
 
 SYNC_WARNING = "called a synchronizing CUDA operation"  # torch.cuda.set_sync_debug_mode("warn")'s message
@@ -402,25 +403,19 @@ class SyncAudit:
     def attach(self, device: torch.device) -> Any:
         """Watch the pipeline's stages (and, on CUDA, turn the sync warnings on); returns the function that undoes
         it."""
+        import contextlib
         import warnings
 
-        from wordpos.circuit import pipeline
+        audit = self
 
-        original, audit = pipeline._stage, self
-
-        def _stage(name: str, *a: Any, **kw: Any) -> Any:
-            inner = original(name, *a, **kw)
-
-            class _Watched:
-                def __enter__(self) -> Any:
-                    audit.stage = name
-                    return inner.__enter__()
-
-                def __exit__(self, *exc: Any) -> Any:
-                    audit.stage = "outside stages"
-                    return inner.__exit__(*exc)
-
-            return _Watched()
+        @contextlib.contextmanager
+        def watched(name: str, inner: Any) -> Any:
+            audit.stage = name
+            try:
+                with inner:
+                    yield
+            finally:
+                audit.stage = "outside stages"
 
         caught = warnings.catch_warnings()
         caught.__enter__()
@@ -434,14 +429,14 @@ class SyncAudit:
                 shown(message, category, *a, **kw)
 
         warnings.showwarning = showwarning
-        pipeline._stage = _stage
+        unwrap = _wrap_stages(watched)
         if device.type == "cuda":
             torch.cuda.set_sync_debug_mode("warn")
 
         def undo() -> None:
             if device.type == "cuda":
                 torch.cuda.set_sync_debug_mode("default")
-            pipeline._stage = original
+            unwrap()
             caught.__exit__(None, None, None)
 
         return undo
