@@ -311,7 +311,8 @@ def _stage_names(names: Any) -> set[str]:
 
 
 def profile_text(prof: Any, top: int) -> dict[str, str]:
-    """A ``cProfile.Profile``'s ``top`` lines by own time and by cumulative time (``{"tottime", "cumulative"}``)."""
+    """A ``cProfile.Profile``'s (or a saved profile file's) ``top`` lines by own time and by cumulative time
+    (``{"tottime", "cumulative"}``)."""
     import io
     import pstats
 

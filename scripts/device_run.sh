@@ -45,9 +45,8 @@ pack
 if [ "${PROFILE:-0}" = 1 ] && want profile; then
   step profile python3 -m cProfile -o "$OUT/prof.out" scripts/bench.py --model smollm2-arch --device cuda --keep /tmp/prof-run
   python3 -c "
-import pstats, io
-for key in ('cumulative', 'tottime'):
-    s = io.StringIO(); pstats.Stats('$OUT/prof.out', stream=s).sort_stats(key).print_stats(150); open('$OUT/prof-' + key + '.txt', 'w').write(s.getvalue())
+import sys; sys.path.insert(0, 'scripts'); from bench import profile_text
+for key, text in profile_text('$OUT/prof.out', 150).items(): open('$OUT/prof-' + key + '.txt', 'w').write(text)
 "
   rm -f "$OUT/prof.out"; cp /tmp/prof-run/circuit/circuit.json "$OUT/prof-circuit.txt" 2>/dev/null
 fi
