@@ -3,6 +3,7 @@ per word index, per absolute position, and as a confusion matrix; fitted at one 
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ class ProbeSweep:
 
     results: dict[int, LayerResult]
     probes: dict[int, WordIndexProbe] = field(repr=False)
+    timings: dict[str, float] = field(default_factory=dict, repr=False)  # seconds: fit_s, evaluate_s, shuffled_s
 
     @property
     def best_layer(self) -> int:
@@ -201,8 +203,11 @@ def sweep_layers(residuals: Residuals, layers: list[int] | None = None, *, shuff
     todo = [L for L in layers if L not in done]
     solver = probe_params.get("solver", DEFAULT_SOLVER)
     fitted: dict[int, WordIndexProbe] = {}
+    t0 = time.perf_counter()
     if solver == "torch" and todo:
         fitted = fit_layers(residuals, todo, device=device, **probe_params)
+    timings = {"fit_s": time.perf_counter() - t0}  # (sklearn fits each layer inside the evaluation loop)
+    t0 = time.perf_counter()
     if solver == "torch" and device is not None:
         probe_params = {**probe_params, "device": str(device)}
     base_pred = position_baseline_predictions(residuals)
@@ -216,9 +221,12 @@ def sweep_layers(residuals: Residuals, layers: list[int] | None = None, *, shuff
             ckpt = Path(checkpoint_dir) / f"layer{L}"
             probes[L].save(ckpt)
             write_json(ckpt / "result.json", results[L].to_dict())  # written last: marks the layer done
-    sweep = ProbeSweep(results=results, probes=probes)
+    timings["evaluate_s"] = time.perf_counter() - t0
+    sweep = ProbeSweep(results=results, probes=probes, timings=timings)
     if shuffled_control == "best":
+        t0 = time.perf_counter()
         best = sweep.best_layer
         results[best], _ = evaluate_layer(residuals, best, probes[best], shuffled_control=True, seed=seed,
                                           baseline_pred=base_pred, **probe_params)
+        timings["shuffled_s"] = time.perf_counter() - t0
     return sweep

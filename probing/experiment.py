@@ -130,6 +130,7 @@ def run_probe(config: ProbeConfig, out: str | Path, *, model: Any = None, overwr
                          device=engine.device if solver == "torch" and engine.device.type != "meta" else None,
                          checkpoint_dir=ckpt / "layers")
     timings["probes_s"] = time.perf_counter() - t0
+    timings.update({f"probes_{k}": v for k, v in sweep.timings.items()})  # its parts: fit, evaluate, shuffled
     name = config.model
     metrics = sweep.metrics(name)
     metrics["timings"] = timings

@@ -165,8 +165,13 @@ def fits_and_plots(run: Path, probe_timings: dict[str, Any]) -> dict[str, dict[s
     """Seconds each stage spent fitting probes and drawing and writing figures, as the stages recorded them, by part:
     the probe stage's fits and plots, each patching stage's figures (and the ablation stage's refits), the circuit
     stage's rendering and exports."""
-    parts = {"probe (all layers)": {"fits": float(probe_timings.get("probes_s") or 0),
-                                    "figures": float(probe_timings.get("plots_s") or 0)}}
+    probes_s = float(probe_timings.get("probes_s") or 0)
+    if "probes_fit_s" in probe_timings:  # the sweep's parts: the fits, the layers' evaluation and checkpoints
+        fits = float(probe_timings["probes_fit_s"]) + float(probe_timings.get("probes_shuffled_s") or 0)
+        probe = {"fits": fits, "evaluation and checkpoints": max(probes_s - fits, 0.0)}
+    else:  # (a run saved before the parts were timed)
+        probe = {"fits": probes_s}
+    parts = {"probe (all layers)": {**probe, "figures": float(probe_timings.get("plots_s") or 0)}}
     for method, stage in (("activation", "activation patching"), ("attribution", "attribution patching"),
                           ("path", "path patching"), ("ablation", "ablation")):
         s = _json(run / f"patch_{method}" / "summary.json")
@@ -608,6 +613,10 @@ def print_table(rec: dict[str, Any]) -> None:
         fp = f"{s['fits_plots_s']:.2f}" if "fits_plots_s" in s else "-"
         e2 = f"{s['efficiency_without_fits_plots']:.2f}" if "efficiency_without_fits_plots" in s else "-"
         print(f"{s['stage']:<24}{s['seconds']:>10.2f}{w:>22}{e:>12}{fp:>14}{e2:>14}")
+    for s in rec["stages"]:  # what the side seconds were spent on, where they went to more than one thing
+        parts = {k: v for k, v in (s.get("fits_plots_parts_s") or {}).items() if v >= 0.005}
+        if len(parts) > 1:
+            print(f"parts of {s['stage']}'s fits+plots: " + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items()))
     print(f"whole run: {rec['run_compute_s']:.1f} s = {rec['run_in_plain_forwards']:.1f} plain forwards over the "
           f"dataset ({rec['run_in_plain_forwards_with_load']:.1f} with the model load of {rec['load_model_s']:.1f} s)")
     for stage, got in (rec.get("syncs") or {}).get("by_stage", {}).items():

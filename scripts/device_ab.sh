@@ -5,7 +5,7 @@
 # come from .whl/ (scripts/device_wheels.py; its wordpos wheel is not used). Writes summary.txt (the stages' seconds
 # and efficiencies per build and round) and every record and log into ab-logs.tgz under $OUT.
 #   AB="before after" ROUNDS=2 BENCH="--model smollm2-arch" PROFILE_BUILD=after bash scripts/device_ab.sh
-# PROFILE_BUILD adds one more run of that build with --profile-stages $PROFILE_STAGES (default: circuit ablation);
+# PROFILE_BUILD adds one more run of that build with --profile-stages $PROFILE_STAGES (default: probe ablation circuit);
 # SYNC_BUILD one with --sync-audit (where the host waits for the device, per stage and line: counts, not times).
 set -uo pipefail
 FINAL=${OUT:-/tmp/out}
@@ -32,7 +32,7 @@ run() {  # build, tag, extra arguments
   rc=$?
   [ $rc = 0 ] || failed=1
   echo "== $tag rc=$rc $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
-  grep -E "^(plain forward|probe|activation|attribution|path|ablation|circuit|whole run)" "$OUT/$tag.log" \
+  grep -E "^(plain forward|probe|activation|attribution|path|ablation|circuit|parts of|whole run)" "$OUT/$tag.log" \
     | tee -a "$OUT/summary.txt"
 }
 for r in $(seq "${ROUNDS:-2}"); do
@@ -40,7 +40,7 @@ for r in $(seq "${ROUNDS:-2}"); do
   pack
 done
 if [ -n "${PROFILE_BUILD:-}" ]; then
-  run "$PROFILE_BUILD" "$PROFILE_BUILD-profiled" --profile-stages ${PROFILE_STAGES:-circuit ablation}
+  run "$PROFILE_BUILD" "$PROFILE_BUILD-profiled" --profile-stages ${PROFILE_STAGES:-probe ablation circuit}
 fi
 if [ -n "${SYNC_BUILD:-}" ]; then
   run "$SYNC_BUILD" "$SYNC_BUILD-syncs" --sync-audit

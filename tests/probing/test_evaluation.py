@@ -1,6 +1,8 @@
 """The probe's evaluation against scikit-learn's own estimators and metrics: the host decision path bit for bit,
 and every number of a layer's result as scikit-learn and a plain loop compute it."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -139,3 +141,27 @@ def test_evaluate_layer_alone_equals_the_sweeps_layer():
     sweep = sweep_layers(r, solver="sklearn", shuffled_control="none", progress=False)
     alone, _ = evaluate_layer(r, 1, sweep.probes[1], shuffled_control=False, solver="sklearn")
     assert alone == sweep.results[1]
+
+
+def test_sweep_times_its_fits_evaluation_and_control_apart(monkeypatch):
+    """``ProbeSweep.timings`` charges each part its own seconds (a fake clock: the layer fits take 100, each layer's
+    evaluation 1, the shuffled-label control's re-evaluation 10), so the benchmark can say where the stage goes."""
+    from wordpos.probing import evaluation
+
+    clock = [0.0]
+    real_fit, real_eval = evaluation.fit_layers, evaluation.evaluate_layer
+
+    def fit_layers(*a, **kw):
+        clock[0] += 100
+        return real_fit(*a, **kw)
+
+    def evaluate_layer(*a, shuffled_control=False, **kw):
+        clock[0] += 10 if shuffled_control else 1
+        return real_eval(*a, shuffled_control=shuffled_control, **kw)
+
+    monkeypatch.setattr(evaluation, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(evaluation, "fit_layers", fit_layers)
+    monkeypatch.setattr(evaluation, "evaluate_layer", evaluate_layer)
+    r = _residuals()
+    sweep = sweep_layers(r, solver="torch", shuffled_control="best", progress=False)
+    assert sweep.timings == {"fit_s": 100, "evaluate_s": len(r.layers), "shuffled_s": 10}

@@ -35,6 +35,12 @@ def test_bench_profiles_the_stages_it_is_asked_to(tmp_path, scripts_on_path):
     assert [p.name for p in tmp_path.glob("prof-*.txt")] == ["prof-circuit.txt"]
     circuit = next(s for s in rec["stages"] if s["stage"] == "circuit")
     assert circuit["work_token_layers"] > 0 and circuit["efficiency"] > 0
+    # the probe stage's side seconds split into the fits, the layers' evaluation (with checkpoints) and figures
+    probe = next(s for s in rec["stages"] if s["stage"] == "probe (all layers)")
+    parts, terms = probe["fits_plots_parts_s"], probe["terms"]
+    assert set(parts) == {"fits", "evaluation and checkpoints", "figures"} and min(parts.values()) > 0
+    assert sum(parts.values()) == pytest.approx(probe["fits_plots_s"])
+    assert probe["fits_plots_s"] == pytest.approx(terms["fits_s"] + terms["plots_s"])
 
 
 def test_device_wheels_sees_what_an_empty_cache_imports(scripts_on_path):
