@@ -166,10 +166,11 @@ def fits_and_plots(run: Path, probe_timings: dict[str, Any]) -> dict[str, dict[s
     the probe stage's fits and plots, each patching stage's figures (and the ablation stage's refits), the circuit
     stage's rendering and exports."""
     probes_s = float(probe_timings.get("probes_s") or 0)
-    if "probes_fit_s" in probe_timings:  # the sweep's parts: the fits, the layers' evaluation and checkpoints
+    if "probes_fit_s" in probe_timings and probe_timings.get("solver") == "torch":  # the sweep's parts: the fits,
+        # the layers' evaluation and checkpoints (scikit-learn's solver fits each layer inside that loop)
         fits = float(probe_timings["probes_fit_s"]) + float(probe_timings.get("probes_shuffled_s") or 0)
         probe = {"fits": fits, "evaluation and checkpoints": max(probes_s - fits, 0.0)}
-    else:  # (a run saved before the parts were timed)
+    else:  # (scikit-learn's solver, or a run saved before the parts were timed)
         probe = {"fits": probes_s}
     parts = {"probe (all layers)": {**probe, "figures": float(probe_timings.get("plots_s") or 0)}}
     for method, stage in (("activation", "activation patching"), ("attribution", "attribution patching"),
