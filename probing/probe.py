@@ -266,7 +266,9 @@ def batched_lbfgs_logreg(Z: Float[Tensor, "problem sample d"], y: Int[Tensor, "s
         theta.add_(s)
         # the logits are linear in θ: Za(θ + s) = Zaθ + a·Za p, so the step's logits come from Bp without a pass
         # over the data (the fit's largest cost: it is bound by reading Za; two passes per iteration, not three)
-        loss_new, g_new, logits_new = loss_grad(theta, torch.addcmul(logits, a[:, None, None], Bp))
+        # (where the search failed the logits stay as they are: 0·Bp would be NaN where Bp overflowed)
+        stepped = torch.where(ok[:, None, None], torch.addcmul(logits, a[:, None, None], Bp), logits)
+        loss_new, g_new, logits_new = loss_grad(theta, stepped)
         yv = g_new - g
         sy, yy = vdot(s, yv), vdot(yv, yv)
         good = ok & (sy > 1e-10 * yy) & (yy > 0)
@@ -314,8 +316,11 @@ def batched_lbfgs_logreg(Z: Float[Tensor, "problem sample d"], y: Int[Tensor, "s
     while it < max_iter and bool(active.any()):
         run()
         it += m
-    converged = not bool(active.any())
-    n_iter = int(done_at.max()) if converged else int(it_t)
+    # whole blocks run, so the last may pass max_iter by up to m - 1 iterations: a problem that stopped only
+    # there did not converge within max_iter
+    stopped = not bool(active.any())
+    n_iter = int(done_at.max()) if stopped else int(it_t)
+    converged = stopped and n_iter <= max_iter
     return theta[:, :d].contiguous(), theta[:, d].contiguous(), n_iter, converged
 
 

@@ -106,6 +106,21 @@ def test_batched_lbfgs_solves_each_problem_on_its_own():
         assert torch.allclose(W[i], Wi[0], rtol=0, atol=1e-9) and torch.allclose(b[i], bi[0], rtol=0, atol=1e-9)
 
 
+def test_batched_lbfgs_past_max_iter_is_not_converged():
+    """The solver runs whole blocks of ``history_size`` iterations: a problem that stops only after ``max_iter`` (in
+    the last block's overrun) is reported unconverged, with its iteration count; within ``max_iter``, converged."""
+    from wordpos.probing.probe import batched_lbfgs_logreg
+
+    X, y = _blobs(5, n=300, d=12)
+    Z = torch.from_numpy(StandardScaler().fit_transform(X))[None]
+    _, _, needed, conv = batched_lbfgs_logreg(Z, torch.from_numpy(y), 5, 1.0, tol=1e-6)
+    assert conv and needed > 5
+    _, _, it, conv = batched_lbfgs_logreg(Z, torch.from_numpy(y), 5, 1.0, tol=1e-6, max_iter=needed - 1)
+    assert not conv and it > needed - 1
+    _, _, it, conv = batched_lbfgs_logreg(Z, torch.from_numpy(y), 5, 1.0, tol=1e-6, max_iter=needed)
+    assert conv and it == needed
+
+
 def _two_loop(g, S, Y, rho, scale, head):
     """The textbook L-BFGS two-loop recursion, pair by pair: slots in ring order, ``head`` the next slot to write
     (so ``head - 1`` holds the newest pair), ``rho = 0`` a slot to skip, ``H_0 = scale · I``."""
