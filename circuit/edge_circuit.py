@@ -403,7 +403,7 @@ def edge_circuit_stage(engine: Any, ctx: Any, out_dir: str | Path, scores: str =
     written = save_figures({"curve": curve.figure(
         title=f"{name}: faithfulness of {scores} edge circuits ({ablation} ablation, {curve.n_pairs} pairs)<br><sup>"
               "x drawn on a log scale; CPR/CMD are trapezoid areas over the fraction on a LINEAR axis (MIB); bands: "
-              "95% bootstrap CI over pairs, random mean ± std</sup>", others=others)}, out, png=png)
+              "95% bootstrap CI over pairs, random mean ± std</sup>", others=others, as_dict=True)}, out, png=png)
     files["curve"] = [str(p) for p in written["curve"]]
     circuit.save(out)
     mask = circuit.mask(graph)
@@ -411,7 +411,8 @@ def edge_circuit_stage(engine: Any, ctx: Any, out_dir: str | Path, scores: str =
     files["graph"] = [str(p) for p in save_edge_graph(sc, out, mask, circuit_only=True, model=str(name),
                                                        ablation=ablation, target=float(target),
                                                        faithfulness=float(circuit.faithfulness))]
-    fig = render_circuit_edges(circuit, title=f"{name}: edge circuit into the layer-{graph.probe_layer} probe")
+    fig = render_circuit_edges(circuit, title=f"{name}: edge circuit into the layer-{graph.probe_layer} probe",
+                               as_dict=True)  # only written: its JSON-ready dict, without making a Figure
     files["circuit"] = [str(p) for p in save_edge_circuit_figure(fig, out, png=png)["circuit"]]
     files["scores"] = [str(out / "edge_scores.npz"), str(out / "edge_scores.json")]
     files["data"] = [str(out / "curve.json"), str(out / "edge_circuit.json")] + \

@@ -25,7 +25,7 @@ import plotly.graph_objects as go
 
 from wordpos.patching.edge_graph import EdgeGraph
 from wordpos.probing.errors import ConfigError
-from wordpos.probing.plots import fast_figure
+from wordpos.probing.plots import fast_figure, figure_dict
 
 STEPS = (10, 20, 50, 100, 200)
 KIND_COLORS = {"q": "#1b9e77", "k": "#d95f02", "v": "#7570b3", "mlp": "#e7298a", "probe": "#444444"}
@@ -90,10 +90,13 @@ def step_sizes(n_edges: int, steps: Sequence[int] = STEPS, max_all: int = 400) -
 
 def render_edge_circuit(graph: EdgeGraph, edges: Sequence[tuple[str, float]], *, title: str | None = None,
                         steps: Sequence[int] = STEPS, default_max: int = 200, max_all: int = 400,
-                        info: dict[str, Any] | None = None, validate: bool = False) -> go.Figure:
+                        info: dict[str, Any] | None = None, validate: bool = False, as_dict: bool = False
+                        ) -> go.Figure | dict[str, Any]:
     """Draw the circuit ``edges`` (``[("w->r", score)]``) of ``graph`` with the top-K slider (module docstring).
     ``info`` adds lines to the title (e.g. faithfulness, ablation). Built from plain dicts without plotly's
-    per-property validation (:func:`~wordpos.probing.plots.fast_figure`; ``validate=True`` validates)."""
+    per-property validation (:func:`~wordpos.probing.plots.fast_figure`; ``validate=True`` validates).
+    ``as_dict``: the figure's JSON-ready dict instead (:func:`~wordpos.probing.plots.figure_dict`, the same as the
+    Figure's ``to_dict()``), for a figure that is only written (:func:`save_edge_circuit_figure` takes either)."""
     if not edges:
         raise ConfigError("the circuit has no edges to draw; select one with circuit.select_circuit.")
     parsed = []
@@ -205,10 +208,10 @@ def render_edge_circuit(graph: EdgeGraph, edges: Sequence[tuple[str, float]], *,
                              range=[-1.8, graph.probe_layer + 2.2]),
                   yaxis=dict(visible=False, range=[-2.3, graph.n_heads + 0.2]),
                   legend=dict(orientation="h", x=0, y=1.0, yanchor="bottom"), margin=dict(t=150, b=110))
-    return fast_figure(data, layout, validate=validate)
+    return figure_dict(data, layout) if as_dict else fast_figure(data, layout, validate=validate)
 
 
-def render_circuit_edges(circuit: Any, title: str | None = None, **kw: Any) -> go.Figure:
+def render_circuit_edges(circuit: Any, title: str | None = None, **kw: Any) -> go.Figure | dict[str, Any]:
     """:func:`render_edge_circuit` for an :class:`~circuit.edge_circuit.EdgeCircuit`, with its numbers in the
     title."""
     info = {"f =": f"{circuit.faithfulness:.3f} [{circuit.ci[0]:.3f}, {circuit.ci[1]:.3f}]",
@@ -224,8 +227,8 @@ def drawn_edge_count(fig: go.Figure) -> int:
                        and t.visible is not False]))
 
 
-def save_edge_circuit_figure(fig: go.Figure, directory: str | Path, name: str = "circuit", png: bool = True
-                             ) -> dict[str, list[Path]]:
+def save_edge_circuit_figure(fig: go.Figure | dict[str, Any], directory: str | Path, name: str = "circuit",
+                             png: bool = True) -> dict[str, list[Path]]:
     """``{name}.html`` (offline, plotly.js embedded) + ``{name}.plotly.json`` + ``{name}.png`` when kaleido finds
     Chromium (:func:`circuit.render.save_circuit_figure`)."""
     from wordpos.circuit.render import save_circuit_figure

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from wordpos.patching.edge_graph import EdgeGraph, EdgeScores
 from wordpos.probing.errors import ConfigError, CorruptFileError
-from wordpos.probing.plots import fast_figure, hline
+from wordpos.probing.plots import fast_figure, figure_dict, hline
 
 ABLATIONS = ("counterfactual", "mean", "resample")
 DEFAULT_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -342,18 +342,23 @@ class Curve:
     def load(cls, path: str | Path) -> "Curve":
         return cls.from_dict(load_record(path, "curve", "faithfulness curve"))
 
-    def figure(self, title: str | None = None, others: Sequence["Curve"] = ()) -> go.Figure:
+    def figure(self, title: str | None = None, others: Sequence["Curve"] = (), as_dict: bool = False
+               ) -> go.Figure | dict[str, Any]:
         """f against the fraction of edges (log-x display), CI band, random mean ± std band, the target line and
-        the chosen circuit; ``others`` adds more curves (e.g. EAP vs EAP-IG vs node-level) as lines."""
-        return curve_figure([self, *others], title=title)
+        the chosen circuit; ``others`` adds more curves (e.g. EAP vs EAP-IG vs node-level) as lines. ``as_dict``:
+        the figure's JSON-ready dict (:func:`curve_figure`)."""
+        return curve_figure([self, *others], title=title, as_dict=as_dict)
 
 
 def _label(c: Curve) -> str:
     return f"{c.method} ({c.level}s)"
 
 
-def curve_figure(curves: Sequence[Curve], title: str | None = None) -> go.Figure:
-    """Plot one or more curves; the first one's random band, target and chosen size are drawn."""
+def curve_figure(curves: Sequence[Curve], title: str | None = None, as_dict: bool = False
+                 ) -> go.Figure | dict[str, Any]:
+    """Plot one or more curves; the first one's random band, target and chosen size are drawn. ``as_dict``: the
+    figure's JSON-ready dict instead of a Figure (:func:`~wordpos.probing.plots.figure_dict`: equal to its
+    ``to_dict()``), for a figure that is only written."""
     if not curves:
         raise ConfigError("curve_figure needs at least one Curve.")
     main = curves[0]
@@ -402,7 +407,7 @@ def curve_figure(curves: Sequence[Curve], title: str | None = None) -> go.Figure
             f"; {c.method}: fraction of the {c.n_items} {c.level}s" for c in curves[1:] if c.level != main.level)}),
         yaxis=dict(title={"text": "faithfulness f = (m(C) − m(∅)) / (m(N) − m(∅))"}),
         legend=dict(orientation="h", y=-0.22))
-    return fast_figure(data, layout)
+    return figure_dict(data, layout) if as_dict else fast_figure(data, layout)
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation

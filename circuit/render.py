@@ -135,7 +135,7 @@ def render_circuit(G: nx.DiGraph, title: str | None = None) -> go.Figure:
     return fig
 
 
-def save_circuit_figure(fig: go.Figure, directory: str | Path, name: str = "circuit", png: bool = True,
+def save_circuit_figure(fig: go.Figure | dict, directory: str | Path, name: str = "circuit", png: bool = True,
                         svg: bool = True) -> dict[str, list[Path]]:
     """``{name}.html``: ONE standalone page with the full plotly.js embedded (opens offline, no CDN), plus
     ``{name}.png`` and ``{name}.svg`` via kaleido (and ``{name}.plotly.json`` for reports). Without kaleido or

@@ -7,6 +7,7 @@ numerical order (the original post's legend was not, "sigh").
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import functools
@@ -62,6 +63,67 @@ def fast_figure(data: Sequence[dict[str, Any]], layout: dict[str, Any], *, valid
 @functools.lru_cache(maxsize=64)
 def _colorscale(name: str) -> str:
     return json.dumps(go.Heatmap(colorscale=name).to_plotly_json()["colorscale"])  # validated once per name
+
+
+_TYPED = {"int8": "i1", "uint8": "u1", "int16": "i2", "uint16": "u2", "int32": "i4", "uint32": "u4",
+          "float32": "f4", "float64": "f8"}  # plotly.js' typed-array names (_plotly_utils.utils)
+_UNTYPED_KEYS = ("geojson", "layer", "layers", "range")  # values plotly never turns into typed arrays
+
+
+def _typed_array(v: np.ndarray) -> Any:
+    """A numpy array as plotly's ``to_dict`` writes it (``_plotly_utils.utils.to_typed_array_spec``): base64 of its
+    bytes with plotly.js' dtype name; 64-bit integers narrowed to the smallest type that holds them, or kept."""
+    if v.size == 0:
+        return v.copy()
+    if v.dtype.kind in "iu" and v.dtype.itemsize == 8:
+        lo, hi = int(v.min()), int(v.max())
+        kinds = ("int8", "int16", "int32") if v.dtype.kind == "i" else ("uint8", "uint16", "uint32")
+        fit = next((t for t in kinds if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max), None)
+        if fit is None:
+            return v.copy()
+        v = v.astype(fit)
+    name = _TYPED.get(str(v.dtype))
+    if name is None:
+        return v.copy()
+    spec = {"dtype": name, "bdata": base64.b64encode(np.ascontiguousarray(v)).decode("ascii")}
+    if v.ndim > 1:
+        spec["shape"] = str(v.shape)[1:-1]
+    return spec
+
+
+def _plain(obj: Any) -> Any:
+    """A copy of nested dicts and lists with every numpy array that is a dict's value made a typed array
+    (``plotly.basedatatypes.BaseFigure.to_dict``'s deep copy and ``convert_to_base64``, for plain dicts)."""
+    if isinstance(obj, dict):
+        return {k: (_plain_value(v) if k not in _UNTYPED_KEYS else copy.deepcopy(v)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj] if isinstance(obj, list) else tuple(_plain(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def _plain_value(v: Any) -> Any:
+    return _typed_array(v) if isinstance(v, np.ndarray) else _plain(v)
+
+
+def figure_dict(data: Sequence[dict[str, Any]], layout: dict[str, Any]) -> dict[str, Any]:
+    """``fast_figure(data, layout).to_dict()`` without making the Figure: the JSON-ready dict :func:`save_figures`
+    writes (tested equal to plotly's). A Figure's construction and ``to_dict`` deep-copy everything and look every
+    array up through narwhals; for a figure only written to disk (``wordpos run``'s edge diagram) that was most of
+    the time it took."""
+    import plotly.io as pio
+
+    layout = dict(layout)
+    if isinstance(layout.get("template"), str):
+        layout["template"] = pio.templates[layout["template"]].to_plotly_json()
+    if isinstance(layout.get("title"), str):
+        layout["title"] = {"text": layout["title"]}
+    # in plotly's key order too (a trace's and the layout's own keys sorted, the trace's type last), so that the
+    # files are written byte for byte as from the Figure
+    traces = [_plain(_named_colorscales(t)) for t in data]
+    traces = [{**{k: t[k] for k in sorted(t) if k != "type"}, **({"type": t["type"]} if "type" in t else {})}
+              for t in traces]
+    layout = _plain(layout)
+    return {"data": traces, "layout": {k: layout[k] for k in sorted(layout)}}
 
 
 def _named_colorscales(trace: dict[str, Any]) -> dict[str, Any]:
@@ -270,10 +332,11 @@ def _write_offline_html(fig_dict: dict[str, Any], path: Path) -> None:
         f.write(b"</script>" + after.encode("utf-8"))
 
 
-def save_figures(figures: dict[str, go.Figure], directory: str | Path, png: bool = True, svg: bool = False,
-                 scale: float = 2.0) -> dict[str, list[Path]]:
+def save_figures(figures: dict[str, go.Figure | dict[str, Any]], directory: str | Path, png: bool = True,
+                 svg: bool = False, scale: float = 2.0) -> dict[str, list[Path]]:
     """Write each figure as ``{name}.html`` (plotly.js embedded: opens offline), ``{name}.png`` and
-    ``{name}.plotly.json`` (the figure itself, for reports).
+    ``{name}.plotly.json`` (the figure itself, for reports). A figure may also be given as its JSON-ready dict
+    (:func:`figure_dict`: what ``Figure.to_dict`` returns), which is written as it is.
 
     Static images need kaleido with a Chrome/Chromium; when none is found the HTML is still written
     and a warning says how to get the PNGs (``apt-get install chromium``). Inside :func:`deferred_images` they
@@ -286,13 +349,16 @@ def save_figures(figures: dict[str, go.Figure], directory: str | Path, png: bool
     import plotly.io as pio
 
     for name, fig in figures.items():
-        fig_dict = fig.to_dict()  # once for both files (a Figure is validated already: not again on writing)
+        # once for both files (a Figure is validated already: not again on writing)
+        fig_dict = fig if isinstance(fig, dict) else fig.to_dict()
         with atomic_path(directory / f"{name}.html") as tmp:
             _write_offline_html(fig_dict, tmp)
         with atomic_path(directory / f"{name}.plotly.json") as tmp:  # for reports that re-embed the figure
             pio.write_json(fig_dict, tmp, validate=False)
         written[name] += [directory / f"{name}.html", directory / f"{name}.plotly.json"]
     formats = (["png"] if png else []) + (["svg"] if svg else [])
+    if formats and (_QUEUE is None or _QUEUE.enabled):  # kaleido's batch writer wants Figures (it reads their size)
+        figures = {n: go.Figure(f) if isinstance(f, dict) else f for n, f in figures.items()}
     for fmt in formats:
         targets = {name: directory / f"{name}.{fmt}" for name in figures}
         if _QUEUE is not None:

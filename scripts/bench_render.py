@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> dict:
         "mib json": lambda: save_mib_json(sc, out / "circuit_edges.json", mask),
         "graph exports": lambda: save_edge_graph(sc, out, mask, circuit_only=True, model="m",
                                                  ablation="counterfactual", target=0.8, faithfulness=0.9),
-        "diagram": lambda: save_edge_circuit_figure(render_circuit_edges(circuit, title="circuit"), out, png=True),
+        "diagram": lambda: save_edge_circuit_figure(render_circuit_edges(circuit, title="circuit", as_dict=True), out,
+                                                    png=True),
     }
     runs = []
     with deferred_images(enabled=False):

@@ -89,6 +89,9 @@ def test_unvalidated_figure_serialises_as_plotlys_validated_one():
     ref = render_edge_circuit(g, edges, title="t", info=info, validate=True)
     assert fast.to_dict() == ref.to_dict()
     assert json.loads(fast.to_json()) == json.loads(ref.to_json())  # the HTML's figure (key order aside)
+    # the JSON-ready dict wordpos run writes (no Figure made): the Figure's to_dict, key order included
+    plain = render_edge_circuit(g, edges, title="t", info=info, as_dict=True)
+    assert json.dumps(plain) == json.dumps(fast.to_dict())
 
 
 @pytest.mark.browser

@@ -398,6 +398,8 @@ def test_curve_figure_equals_plotly_api_figure():
     for curves, title in cases:
         fast, ref = curve_figure(curves, title), _ref_curve_figure(curves, title)
         assert json.loads(pio.to_json(fast)) == json.loads(pio.to_json(ref))
+        plain = curve_figure(curves, title, as_dict=True)  # the JSON-ready dict wordpos run writes, as written
+        assert pio.to_json(plain, validate=False) == pio.to_json(fast)
 
 
 def test_node_effects_ablate_each_node_alone():

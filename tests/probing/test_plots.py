@@ -167,6 +167,67 @@ def test_fast_figure_writes_out_named_colorscales():
     assert trace["colorscale"] == "RdBu" and marker["marker"]["colorscale"] == "Viridis"  # the caller's dicts kept
 
 
+def test_figure_dict_is_plotlys_to_dict():
+    """``figure_dict`` (no Figure made) gives what plotly's ``to_dict`` gives for the same plain dicts (of the Figure
+    ``fast_figure`` makes: the one written before; its equality to the validated figure is tested above): numpy arrays
+    as typed arrays under plotly's rules (64-bit integers narrowed or kept, 2-D shapes, empty arrays, arrays under a
+    ``range`` key or inside a list left alone, dtypes plotly.js has no name for kept), a named template and
+    colorscale, a string title; the caller's dicts are not changed."""
+    import json
+
+    import numpy as np
+    from plotly.utils import PlotlyJSONEncoder
+
+    from wordpos.probing.plots import fast_figure, figure_dict
+
+    f8 = np.array([0.5, np.nan, 2.0])
+    data = [dict(type="scatter", x=f8, y=np.arange(3, dtype=np.float32), mode="lines", name="a",
+                 customdata=np.array([1, 2, 2**40]), meta=[np.array([1.0, 2.0]), 3],
+                 marker=dict(color=np.array([1, -2, 3]), size=np.array([4, 5, 300], dtype=np.uint64),
+                             colorscale="Viridis", opacity=np.array([True, False, True]))),
+            dict(type="heatmap", z=np.arange(6.0).reshape(2, 3), colorscale="RdBu", text=np.array([], dtype=float)),
+            dict(type="scatter", x=[1, 2], y=(3, 4), hovertext=["h", "i"])]
+    layout = dict(title="T", template="plotly_white", xaxis=dict(range=np.array([0.0, 3.0])), width=700)
+    before = json.dumps([data, layout], cls=PlotlyJSONEncoder, sort_keys=True)
+    ref = fast_figure(data, layout).to_dict()  # plotly's Figure and its to_dict (what was written before)
+    got = figure_dict(data, layout)
+    as_json = lambda d: json.dumps(d, cls=PlotlyJSONEncoder)  # noqa: E731 - (key order included)
+    assert as_json(got) == as_json(ref)
+    assert got["data"][0]["x"]["dtype"] == "f8" and got["data"][0]["customdata"].dtype == np.int64  # (kept: > 2^31)
+    assert got["data"][0]["marker"]["color"]["dtype"] == "i1" and got["data"][1]["z"]["shape"] == "2, 3"
+    assert json.dumps([data, layout], cls=PlotlyJSONEncoder, sort_keys=True) == before
+    assert isinstance(data[0]["x"], np.ndarray) and layout["template"] == "plotly_white"
+
+
+def test_save_figures_writes_a_figure_dict_as_the_figure(tmp_path):
+    """A figure given as its dict (``figure_dict``) is written as the Figure is: the same JSON file, the same page
+    up to its random div id; with images asked for, it is made a Figure for kaleido."""
+    import json
+    import re
+
+    import numpy as np
+
+    from wordpos.probing import plots
+    from wordpos.probing.plots import fast_figure, figure_dict
+
+    uid = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+    data = [dict(type="scatter", x=np.linspace(0, 1, 5), y=np.array([1.0, np.nan, 3, 4, 5]), name="s")]
+    layout = dict(title="T", template="plotly_white")
+    save_figures({"fig": fast_figure(data, layout)}, tmp_path / "a", png=False)
+    save_figures({"fig": figure_dict(data, layout)}, tmp_path / "b", png=False)
+    for name in ("fig.plotly.json", "fig.html"):
+        a, b = (uid.sub("ID", (tmp_path / d / name).read_text(encoding="utf-8")) for d in "ab")
+        assert a == b
+    with plots.deferred_images(True) as queue:
+        save_figures({"fig": figure_dict(data, layout)}, tmp_path / "c", png=True)
+        (fig, path, fmt, _), = queue.jobs
+    import plotly.io as pio
+
+    assert fmt == "png" and path.name == "fig.png" and fig.layout.title.text == "T"
+    # the same figure (its arrays as typed arrays, which plotly.js reads; the template's keys in another order)
+    assert json.loads(pio.to_json(fig)) == json.loads(pio.to_json(fast_figure(data, layout)))
+
+
 def test_save_figures_writes_what_plotly_writes(tmp_path):
     """One ``to_dict`` serves both files: they equal plotly's own ``write_json``/``write_html`` of the figure
     (the HTML up to its random div id)."""
