@@ -280,7 +280,8 @@ def attention_stage(config: RunConfig, out: Path, heads: list[tuple[int, int]], 
         pats, tokens = head_patterns(engine, prompts, heads)
         summary["example_prompt"] = prompts.text(0, engine.tokenizer)
         fig = attention_patterns(pats, tokens, f"{config.model}: attention of the heads found, from the words of one "
-                                               f"held-out prompt", query_from=max(int(prompts.prefix_len[0]) - 1, 0))
+                                               f"held-out prompt", query_from=max(int(prompts.prefix_len[0]) - 1, 0),
+                                 as_dict=True)  # only written: no Figure made
         save_figures({"patterns": fig}, adir)
     write_json(adir / "evidence.json", summary)
     return summary

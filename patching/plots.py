@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import plotly.graph_objects as go
 
-from wordpos.probing.plots import fast_figure, subplot_axes, subplot_grid, subplot_layout
+from wordpos.probing.plots import fast_figure, figure_dict, subplot_axes, subplot_grid, subplot_layout
 
 
 def head_heatmap(effects: np.ndarray, title: str, colorbar: str = "effect", text_fmt: str = ".2f") -> go.Figure:
@@ -41,7 +41,7 @@ def position_heatmap(effects: np.ndarray, title: str, tokens: Sequence[str] | No
 
 
 def attention_patterns(patterns: dict[str, np.ndarray], tokens: Sequence[str], title: str,
-                       query_from: int = 0) -> go.Figure:
+                       query_from: int = 0, *, as_dict: bool = False) -> go.Figure | dict:
     """One heatmap per head (``{"L.h": pattern[query, key]}``) on one prompt, token labels on both axes
     (``Ġ``/``▁`` shown as ``␣``), queries from ``query_from`` on (e.g. the random words), every key, so "looks
     at the anchor and at word starts" can be seen rather than read."""
@@ -62,4 +62,6 @@ def attention_patterns(patterns: dict[str, np.ndarray], tokens: Sequence[str], t
         elif k.startswith("xaxis"):
             ax.update(tickfont=dict(size=8), tickangle=-60)
     layout.update(title=title, template="plotly_white", height=420 * rows + 120, width=max(560, 460 * cols))
+    if as_dict:  # (the JSON-ready dict, for a figure that is only written: probing.plots.figure_dict)
+        return figure_dict(data, layout)
     return fast_figure(data, layout, grid=subplot_grid(rows, cols, **grid))

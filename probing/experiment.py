@@ -170,13 +170,14 @@ def save_probe_plots(out: Path, sweep: ProbeSweep, resid: Any, name: str) -> Non
         "key_plot": key_plot(resid.abs_pos["test"], resid.labels["test"], pred,
                              title=f"{name}: word-index probe at layer {best.layer}, held-out words<br><sup>accuracy "
                                    f"{best.accuracy:.1%} vs position-only {best.baseline_abs_pos_accuracy:.1%}; "
-                                   "bars: share of predictions per true index (row) and position</sup>"),
+                                   "bars: share of predictions per true index (row) and position</sup>", as_dict=True),
         "layer_curve": layer_curve({L: r.accuracy for L, r in sweep.results.items()}, best.baseline_abs_pos_accuracy,
                                    title=f"{name}: word-index probe accuracy by layer",
                                    shuffled=best.shuffled_label_accuracy,
-                                   per_layer_val={L: r.val_accuracy for L, r in sweep.results.items()}),
-        "confusion": confusion_heatmap(best.confusion, title=f"{name}: confusion at layer {best.layer} (held-out words)"),
-    }
+                                   per_layer_val={L: r.val_accuracy for L, r in sweep.results.items()}, as_dict=True),
+        "confusion": confusion_heatmap(best.confusion, as_dict=True,
+                                       title=f"{name}: confusion at layer {best.layer} (held-out words)"),
+    }  # JSON-ready dicts (no Figures made: they are only written), as the Figures would write them
     save_figures(figs, out)
 
 

@@ -126,6 +126,7 @@ def test_probe_figures_equal_plotly_api_figures():
         yp = np.where(rng.random(300) < 0.7, yt, rng.integers(0, n_rows, 300))
         pos = 19 + yt * 2 + rng.integers(0, 3, 300)
         _same_json(key_plot(pos, yt, yp, "K"), _ref_key_plot(pos, yt, yp, "K"))
+        _same_plain(key_plot(pos, yt, yp, "K", as_dict=True), key_plot(pos, yt, yp, "K"))
 
     per, val = {0: 0.3, 1: 0.6, 2: 0.9}, {0: 0.35, 1: 0.65, 2: 0.95}
     for shuffled, pv in ((None, None), (0.14, val)):
@@ -143,6 +144,8 @@ def test_probe_figures_equal_plotly_api_figures():
         ref.update_layout(title="L", xaxis_title="layer (residual stream after block)", yaxis_title="accuracy",
                           yaxis=dict(range=[0, 1], tickformat=".0%"), template="plotly_white")
         _same_json(layer_curve(per, 0.5, "L", shuffled=shuffled, per_layer_val=pv), ref)
+        _same_plain(layer_curve(per, 0.5, "L", shuffled=shuffled, per_layer_val=pv, as_dict=True),
+                    layer_curve(per, 0.5, "L", shuffled=shuffled, per_layer_val=pv))
 
     cm = rng.integers(0, 20, (7, 7))
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
@@ -153,6 +156,44 @@ def test_probe_figures_equal_plotly_api_figures():
     ref.update_layout(title="C", xaxis_title="predicted word index", yaxis_title="true word index",
                       yaxis=dict(autorange="reversed"), template="plotly_white")
     _same_json(confusion_heatmap(cm, "C"), ref)
+    _same_plain(confusion_heatmap(cm, "C", as_dict=True), confusion_heatmap(cm, "C"))
+
+
+def _same_plain(plain, fig):
+    """The JSON-ready dict (``as_dict=True``: what ``wordpos run`` writes) is the Figure's JSON (the same values;
+    plotly's Figure sorts the keys of numbered subplot axes such as ``yaxis2``, which the dict keeps as built)."""
+    import json
+
+    import plotly.io as pio
+
+    assert isinstance(plain, dict)
+    assert json.loads(pio.to_json(plain, validate=False)) == json.loads(pio.to_json(fig))
+
+
+def test_grid_layouts_are_make_subplots_layouts():
+    """``subplot_layout`` computes a plain grid's layout as plotly's ``make_subplots`` does (the reference): the same
+    JSON, key order included, for grids of 1-8 rows and 1-4 columns with shared x axes, spacings and subplot titles
+    (some empty, more or fewer than the cells); other arguments go to ``make_subplots`` itself."""
+    import json
+
+    from plotly.subplots import make_subplots
+
+    from wordpos.probing.plots import _grid_layout, subplot_layout
+
+    for rows in range(1, 9):
+        for cols in range(1, 5):
+            for kw in ({}, dict(shared_xaxes=True, vertical_spacing=0.02), dict(shared_xaxes=True),
+                       dict(subplot_titles=[f"head {i}" for i in range(rows * cols - 1)] + [""],
+                            horizontal_spacing=0.1, vertical_spacing=0.45 / rows),
+                       dict(subplot_titles=["a"] * (rows * cols + 2)), dict(subplot_titles=[""] * rows * cols),
+                       dict(subplot_titles=["t"], shared_xaxes=True, vertical_spacing=0.3 / rows)):
+                ref = make_subplots(rows=rows, cols=cols, **kw).to_dict()["layout"]
+                ref.pop("template")
+                assert json.dumps(_grid_layout(rows, cols, **kw)) == json.dumps(ref), (rows, cols, kw)
+                assert json.dumps(subplot_layout(rows, cols, **kw)) == json.dumps(ref)
+    ref = make_subplots(rows=2, cols=2, shared_yaxes=True).to_dict()["layout"]
+    ref.pop("template")
+    assert subplot_layout(2, 2, shared_yaxes=True) == ref  # (not a plain grid: make_subplots' own)
 
 
 def test_fast_figure_writes_out_named_colorscales():
