@@ -112,14 +112,16 @@ def figure_dict(data: Sequence[dict[str, Any]], layout: dict[str, Any]) -> dict[
     the time it took."""
     import plotly.io as pio
 
-    layout = dict(layout)
+    layout = {k: v for k, v in layout.items() if v is not None}  # (plotly drops a property set to None)
     if isinstance(layout.get("template"), str):
         layout["template"] = pio.templates[layout["template"]].to_plotly_json()
+    elif hasattr(layout.get("template"), "to_plotly_json"):
+        layout["template"] = layout["template"].to_plotly_json()
     if isinstance(layout.get("title"), str):
         layout["title"] = {"text": layout["title"]}
-    # in plotly's key order too (a trace's and the layout's own keys sorted, the trace's type last), so that the
-    # files are written byte for byte as from the Figure
-    traces = [_plain(_named_colorscales(t)) for t in data]
+    # in plotly's key order too (a trace's and the layout's own keys sorted, the trace's type last): for a figure
+    # without numbered subplot axes the files are written byte for byte as from the Figure
+    traces = [_plain(_named_colorscales({k: v for k, v in t.items() if v is not None})) for t in data]
     traces = [{**{k: t[k] for k in sorted(t) if k != "type"}, **({"type": t["type"]} if "type" in t else {})}
               for t in traces]
     layout = _plain(layout)
@@ -141,6 +143,21 @@ def index_color(k: int) -> str:
 
 
 _GRID_KWARGS = {"shared_xaxes", "vertical_spacing", "horizontal_spacing", "subplot_titles"}
+
+
+def _plain_grid(rows: int, cols: int, **kwargs: Any) -> bool:
+    """Whether :func:`_grid_layout` computes this grid: only its arguments, ``shared_xaxes`` True or False, and
+    sizes and spacings ``make_subplots`` accepts (anything else goes to ``make_subplots``, which refuses what it
+    cannot draw with its own error)."""
+    if not set(kwargs) <= _GRID_KWARGS or kwargs.get("shared_xaxes", False) not in (True, False):
+        return False
+    if rows < 1 or cols < 1:
+        return False
+    for n, key in ((cols, "horizontal_spacing"), (rows, "vertical_spacing")):
+        sp = kwargs.get(key)
+        if sp is not None and not (0 <= sp <= 1 and (n <= 1 or sp <= 1.0 / float(n - 1))):
+            return False
+    return True
 
 
 def _grid_layout(rows: int, cols: int, shared_xaxes: bool = False, vertical_spacing: float | None = None,
@@ -197,7 +214,7 @@ def subplot_layout(rows: int, cols: int, **kwargs: Any) -> dict[str, Any]:
     :func:`fast_figure`, computed once per grid: a trace in row ``r``, column ``c`` names its axes with
     :func:`subplot_axes`; ``fast_figure(..., grid=subplot_grid(rows, cols, **kwargs))`` makes the figure take
     ``row=``/``col=`` edits as a ``make_subplots`` figure does."""
-    if set(kwargs) <= _GRID_KWARGS:  # a plain grid: computed as plotly does, without making a figure
+    if _plain_grid(int(rows), int(cols), **kwargs):  # computed as plotly does, without making a figure
         return _grid_layout(int(rows), int(cols), **kwargs)
     return json.loads(_subplot_grid(int(rows), int(cols), json.dumps(kwargs, sort_keys=True))[0])
 
@@ -413,7 +430,7 @@ def save_figures(figures: dict[str, go.Figure | dict[str, Any]], directory: str 
         written[name] += [directory / f"{name}.html", directory / f"{name}.plotly.json"]
     formats = (["png"] if png else []) + (["svg"] if svg else [])
     if formats and (_QUEUE is None or _QUEUE.enabled):  # kaleido's batch writer wants Figures (it reads their size)
-        figures = {n: go.Figure(f) if isinstance(f, dict) else f for n, f in figures.items()}
+        figures = {n: fast_figure(f["data"], f["layout"]) if isinstance(f, dict) else f for n, f in figures.items()}
     for fmt in formats:
         targets = {name: directory / f"{name}.{fmt}" for name in figures}
         if _QUEUE is not None:

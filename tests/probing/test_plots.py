@@ -4,6 +4,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 import plotly.io as pio
+import pytest
 
 from wordpos.probing.plots import deferred_images, save_figures
 
@@ -191,9 +192,17 @@ def test_grid_layouts_are_make_subplots_layouts():
                 ref.pop("template")
                 assert json.dumps(_grid_layout(rows, cols, **kw)) == json.dumps(ref), (rows, cols, kw)
                 assert json.dumps(subplot_layout(rows, cols, **kw)) == json.dumps(ref)
-    ref = make_subplots(rows=2, cols=2, shared_yaxes=True).to_dict()["layout"]
-    ref.pop("template")
-    assert subplot_layout(2, 2, shared_yaxes=True) == ref  # (not a plain grid: make_subplots' own)
+    for kw in (dict(shared_yaxes=True), dict(shared_xaxes="all")):  # not a plain grid: make_subplots' own
+        ref = make_subplots(rows=3, cols=2, **kw).to_dict()["layout"]
+        ref.pop("template")
+        assert subplot_layout(3, 2, **kw) == ref
+    # what make_subplots refuses is refused with its error (a grid too tall for its spacing, no rows)
+    for rows, cols, kw in ((60, 1, dict(shared_xaxes=True, vertical_spacing=0.02)), (0, 1, {}),
+                           (2, 2, dict(horizontal_spacing=1.5))):
+        with pytest.raises(ValueError):
+            make_subplots(rows=rows, cols=cols, **kw)
+        with pytest.raises(ValueError):
+            subplot_layout(rows, cols, **kw)
 
 
 def test_fast_figure_writes_out_named_colorscales():
@@ -228,7 +237,8 @@ def test_figure_dict_is_plotlys_to_dict():
                              colorscale="Viridis", opacity=np.array([True, False, True]))),
             dict(type="heatmap", z=np.arange(6.0).reshape(2, 3), colorscale="RdBu", text=np.array([], dtype=float)),
             dict(type="scatter", x=[1, 2], y=(3, 4), hovertext=["h", "i"])]
-    layout = dict(title="T", template="plotly_white", xaxis=dict(range=np.array([0.0, 3.0])), width=700)
+    data.append(dict(type="bar", x=[1], y=[2], name=None))  # a property set to None: plotly leaves it out
+    layout = dict(title="T", template="plotly_white", xaxis=dict(range=np.array([0.0, 3.0])), width=700, height=None)
     before = json.dumps([data, layout], cls=PlotlyJSONEncoder, sort_keys=True)
     ref = fast_figure(data, layout).to_dict()  # plotly's Figure and its to_dict (what was written before)
     got = figure_dict(data, layout)
