@@ -17,10 +17,11 @@ runs the bridge.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,19 @@ from wordpos.probing.engines.lean import LeanBlocks, lean_unsupported
 #: numbers of earlier runs bit for bit: the two routes round differently, and a probe re-fitted on ablated
 #: activations can move by a sample); True: everywhere; False: never (tests and benchmarks choose)
 ENABLED: bool | str = "auto"
+
+
+@contextlib.contextmanager
+def forced(on: bool) -> Iterator[None]:
+    """The route on (True) or off (False) everywhere inside the block, ``ENABLED`` restored after it (the
+    benchmarks and the device parity script time and compare the two)."""
+    global ENABLED
+    before, ENABLED = ENABLED, on
+    try:
+        yield
+    finally:
+        ENABLED = before
+
 
 _Z = re.compile(r"^blocks\.(\d+)\.attn\.hook_z$")
 _RESID_PRE = re.compile(r"^blocks\.(\d+)\.hook_resid_pre$")
@@ -127,21 +141,14 @@ def _state(engine: Any, x: Tensor) -> _ModelState | None:
     return st
 
 
-def lean_z_run(engine: Any, x: Tensor, hooks: Sequence[tuple[str, Callable[[Tensor, str], Tensor | None]]], *,
-               stop_at_layer: int | None, start_at_layer: int | None, past: Any = None) -> Tensor | None:
-    """``engine.run(x, hooks=hooks, stop_at_layer=..., start_at_layer=..., past=past)[0]`` on the lean blocks,
-    for ``x`` the residual entering block ``start_at_layer`` (or token ids, with ``start_at_layer`` None) and
-    ``hooks`` at ``hook_z`` only; None where the route does not apply (the caller runs the bridge)."""
-    got = lean_run(engine, x, hooks, stop_at_layer=stop_at_layer, start_at_layer=start_at_layer, past=past)
-    return None if got is None else got[0]
-
-
 def lean_run(engine: Any, x: Tensor, hooks: Sequence[tuple[str, Callable[[Tensor, str], Tensor | None]]], *,
              stop_at_layer: int | None, start_at_layer: int | None, past: Any = None, cache: Sequence[str] = ()
              ) -> tuple[Tensor, dict[str, Tensor]] | None:
-    """:func:`lean_z_run` that also keeps the activations named in ``cache`` (``hook_z``, after the edits, and
-    ``hook_resid_pre``, of the blocks the forward runs): ``(out, cache)`` as ``engine.run`` returns them, or None
-    where the route does not apply. Unpatched cached runs (the mean-ablation reference, the run every ablated
+    """``engine.run(x, hooks=hooks, cache=cache, stop_at_layer=..., start_at_layer=..., past=past)`` on the lean
+    blocks, for ``x`` the residual entering block ``start_at_layer`` (or token ids, with ``start_at_layer`` None),
+    ``hooks`` at ``hook_z`` only and ``cache`` naming ``hook_z`` (after the edits) and ``hook_resid_pre`` activations
+    of the blocks the forward runs: ``(out, cache)`` as ``engine.run`` returns them, or None where the route does not
+    apply (the caller runs the bridge). Unpatched cached runs (the mean-ablation reference, the run every ablated
     forward starts from) thus skip the bridge's per-forward host work too."""
     tokens = start_at_layer is None
     if ENABLED is False or (ENABLED == "auto" and x.device.type == "cpu"):
@@ -232,4 +239,4 @@ def _check(engine: Any, blocks: LeanBlocks, x: Tensor, stop: int, start: int | N
         f"the lean forward of head edits differs from the bridge's by {err:.2e} of a position's norm (> {tol:.0e})"
 
 
-__all__ = ["ENABLED", "lean_run", "lean_z_run", "route_state"]
+__all__ = ["ENABLED", "forced", "lean_run", "route_state"]

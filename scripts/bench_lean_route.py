@@ -46,21 +46,17 @@ def main(argv: list[str] | None = None) -> dict:
     acts = collect_residuals(model, data, layers=[args.layer], progress=False)
     probe = WordIndexProbe(layer=args.layer, model=engine.name).fit(acts.train(args.layer), acts.labels["train"])
     rows = []
-    before = lean_route.ENABLED
-    try:
-        for method in ("resample", "mean"):
-            for r in range(args.rounds):
-                for on in (False, True):
-                    lean_route.ENABLED = on
+    for method in ("resample", "mean"):
+        for r in range(args.rounds):
+            for on in (False, True):
+                with lean_route.forced(on):
                     res = ablate_heads(model, probe, data, args.heads, method=method, n_random=args.random,
                                        refit=False, progress=False)
-                    rows.append({"method": method, "round": r, "route": "lean" if on else "hooks",
-                                 "forward_s": res.config["timings"]["forward_s"], "accuracy": res.accuracy,
-                                 "random_accuracies": res.random_accuracies})
-                    print(f"{method:<9} round {r} {rows[-1]['route']:<5} {rows[-1]['forward_s']:.3f} s  "
-                          f"accuracy {res.accuracy:.4f}")
-    finally:
-        lean_route.ENABLED = before
+                rows.append({"method": method, "round": r, "route": "lean" if on else "hooks",
+                             "forward_s": res.config["timings"]["forward_s"], "accuracy": res.accuracy,
+                             "random_accuracies": res.random_accuracies})
+                print(f"{method:<9} round {r} {rows[-1]['route']:<5} {rows[-1]['forward_s']:.3f} s  "
+                      f"accuracy {res.accuracy:.4f}")
     same = all(a["accuracy"] == b["accuracy"] and a["random_accuracies"] == b["random_accuracies"]
                for a, b in zip(rows[::2], rows[1::2]))
     print("same accuracies with and without the route:", same)

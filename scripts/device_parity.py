@@ -88,21 +88,17 @@ def ablation_case(model, data, layer: int) -> dict:
     sets = [[], [(0, 1)], [(layer, 0), (0, 2)], [(layer, 1)], [(1, 0), (layer, 2)]]
     means = head_means(engine, data.train, list(range(layer + 1)), length=data.test.max_len())
     out: dict = {}
-    before = lean_route.ENABLED
-    try:
-        for method in ("resample", "mean"):
-            res = {}
-            for on in (False, True):
-                lean_route.ENABLED = on
+    for method in ("resample", "mean"):
+        res = {}
+        for on in (False, True):
+            with lean_route.forced(on):
                 t0 = time.perf_counter()
                 res[on] = ablated_sets(engine, layer, data.test, sets, method, means if method == "mean" else None)
                 res[f"s{on}"] = round(time.perf_counter() - t0, 3)
-            # relative to the largest change an ablation made (the sets against the unablated one)
-            out[method] = {"max_abs_diff": float((res[True] - res[False]).abs().max()),
-                           "max_abs_effect": float((res[False][1:] - res[False][:1]).abs().max()),
-                           "hooks_s": res["sFalse"], "lean_s": res["sTrue"]}
-    finally:
-        lean_route.ENABLED = before
+        # relative to the largest change an ablation made (the sets against the unablated one)
+        out[method] = {"max_abs_diff": float((res[True] - res[False]).abs().max()),
+                       "max_abs_effect": float((res[False][1:] - res[False][:1]).abs().max()),
+                       "hooks_s": res["sFalse"], "lean_s": res["sTrue"]}
     state = lean_route.route_state(engine)
     out["lean_used"] = bool(state) and all(v is None for v in state.values())
     out["lean_reasons"] = sorted({v for v in state.values() if v is not None})

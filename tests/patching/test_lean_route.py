@@ -85,18 +85,18 @@ def test_other_edits_stay_on_the_bridge(gpt2_ctx, counted, monkeypatch):
     keep = lambda act, name: act  # noqa: E731
     assert lean_route.ENABLED == "auto"
     with torch.no_grad():
-        assert lean_route.lean_z_run(engine, x, [], stop_at_layer=2, start_at_layer=1) is None  # (a CPU tensor)
+        assert lean_route.lean_run(engine, x, [], stop_at_layer=2, start_at_layer=1) is None  # (a CPU tensor)
     monkeypatch.setattr(lean_route, "ENABLED", True)
     with torch.no_grad():
-        assert lean_route.lean_z_run(engine, x, [("blocks.1.hook_resid_pre", keep)], stop_at_layer=2,
-                                     start_at_layer=1) is None
-        assert lean_route.lean_z_run(engine, x, [], stop_at_layer=2, start_at_layer=None) is None  # (not tokens)
-        assert lean_route.lean_z_run(engine, x, [], stop_at_layer=None, start_at_layer=1) is None
-    assert lean_route.lean_z_run(engine, x, [], stop_at_layer=2, start_at_layer=1) is None  # (gradients on)
+        assert lean_route.lean_run(engine, x, [("blocks.1.hook_resid_pre", keep)], stop_at_layer=2,
+                                   start_at_layer=1) is None
+        assert lean_route.lean_run(engine, x, [], stop_at_layer=2, start_at_layer=None) is None  # (not tokens)
+        assert lean_route.lean_run(engine, x, [], stop_at_layer=None, start_at_layer=1) is None
+    assert lean_route.lean_run(engine, x, [], stop_at_layer=2, start_at_layer=1) is None  # (gradients on)
     assert counted == []
     with torch.no_grad():  # (as the runner's forwards run)
-        out = lean_route.lean_z_run(engine, x, [("blocks.1.attn.hook_z", keep)], stop_at_layer=2, start_at_layer=1)
-    assert out is not None and out.shape == x.shape and len(counted) == 2  # the check's forward, then this one
+        got = lean_route.lean_run(engine, x, [("blocks.1.attn.hook_z", keep)], stop_at_layer=2, start_at_layer=1)
+    assert got is not None and got[0].shape == x.shape and got[1] == {} and len(counted) == 2  # the check's, then this
 
 
 @pytest.mark.parametrize("method", ["resample", "mean"])
@@ -165,14 +165,16 @@ def test_new_weights_get_new_blocks_and_checks(llama_ctx, monkeypatch):
     norm = model.original_model.model.layers[1].input_layernorm
     old = norm.weight
     with torch.no_grad():
-        a = lean_route.lean_z_run(engine, x, [], stop_at_layer=2, start_at_layer=1)
+        a = lean_route.lean_run(engine, x, [], stop_at_layer=2, start_at_layer=1)
         norm.weight = torch.nn.Parameter(old.detach() * 2)
         try:
-            b = lean_route.lean_z_run(engine, x, [], stop_at_layer=2, start_at_layer=1)
+            b = lean_route.lean_run(engine, x, [], stop_at_layer=2, start_at_layer=1)
             ref, _ = engine.run(x, stop_at_layer=2, start_at_layer=1)
         finally:
             norm.weight = old
-    assert a is not None and b is not None and not torch.allclose(a, b)
+    assert a is not None and b is not None
+    (a, _), (b, _) = a, b
+    assert not torch.allclose(a, b)
     torch.testing.assert_close(b, ref, rtol=1e-10, atol=1e-10)
 
 
@@ -191,7 +193,7 @@ def test_a_forward_the_route_cannot_run_goes_to_the_bridge(gpt2_ctx, monkeypatch
     monkeypatch.setattr(LeanBlocks, "forward", lambda self, *a, **kw: 1 / 0)
     x = torch.randn(2, 4, engine.dims.d_model, dtype=torch.float64)
     with torch.no_grad():
-        assert lean_route.lean_z_run(engine, x, [], stop_at_layer=2, start_at_layer=1) is None
+        assert lean_route.lean_run(engine, x, [], stop_at_layer=2, start_at_layer=1) is None
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
