@@ -43,21 +43,29 @@ def fast_figure(data: Sequence[dict[str, Any]], layout: dict[str, Any], *, valid
         if grid is not None:
             fig._grid_ref, fig._grid_str = grid
         return fig
-    import plotly.io as pio
-
-    layout = dict(layout)
-    data = [_named_colorscales(t) for t in data]
-    if isinstance(layout.get("template"), str):
-        layout["template"] = pio.templates[layout["template"]]
-    if isinstance(layout.get("title"), str):
-        layout["title"] = {"text": layout["title"]}
-    fig = go.Figure(data=list(data), layout=layout, _validate=False)
+    data, layout = _as_validated(data, layout)
+    fig = go.Figure(data=data, layout=layout, _validate=False)
     if grid is not None:
         fig._grid_ref, fig._grid_str = grid  # what make_subplots sets (plotly keeps no public setter)
     fig._validate = fig.layout._validate = True  # later edits by the caller are validated as usual
     for trace in fig.data:
         trace._validate = True
     return fig
+
+
+def _as_validated(data: Sequence[dict[str, Any]], layout: dict[str, Any]
+                  ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """What plotly's validation would change in wordpos' own plain figure dicts (:func:`fast_figure`,
+    :func:`figure_dict`): a named template resolved, a string title made ``{"text": title}``, a named colorscale
+    written out. The caller's dicts are not changed (a new one wherever something changes)."""
+    import plotly.io as pio
+
+    layout = dict(layout)
+    if isinstance(layout.get("template"), str):
+        layout["template"] = pio.templates[layout["template"]]
+    if isinstance(layout.get("title"), str):
+        layout["title"] = {"text": layout["title"]}
+    return [_named_colorscales(t) for t in data], layout
 
 
 @functools.lru_cache(maxsize=64)
@@ -110,18 +118,13 @@ def figure_dict(data: Sequence[dict[str, Any]], layout: dict[str, Any]) -> dict[
     writes (tested equal to plotly's). A Figure's construction and ``to_dict`` deep-copy everything and look every
     array up through narwhals; for a figure only written to disk (``wordpos run``'s edge diagram) that was most of
     the time it took."""
-    import plotly.io as pio
-
-    layout = {k: v for k, v in layout.items() if v is not None}  # (plotly drops a property set to None)
-    if isinstance(layout.get("template"), str):
-        layout["template"] = pio.templates[layout["template"]].to_plotly_json()
-    elif hasattr(layout.get("template"), "to_plotly_json"):
+    data, layout = _as_validated([{k: v for k, v in t.items() if v is not None} for t in data],
+                                 {k: v for k, v in layout.items() if v is not None})  # (plotly drops a None property)
+    if hasattr(layout.get("template"), "to_plotly_json"):
         layout["template"] = layout["template"].to_plotly_json()
-    if isinstance(layout.get("title"), str):
-        layout["title"] = {"text": layout["title"]}
     # in plotly's key order too (a trace's and the layout's own keys sorted, the trace's type last): for a figure
     # without numbered subplot axes the files are written byte for byte as from the Figure
-    traces = [_plain(_named_colorscales({k: v for k, v in t.items() if v is not None})) for t in data]
+    traces = [_plain(t) for t in data]
     traces = [{**{k: t[k] for k in sorted(t) if k != "type"}, **({"type": t["type"]} if "type" in t else {})}
               for t in traces]
     layout = _plain(layout)
