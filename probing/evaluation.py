@@ -176,8 +176,8 @@ def fit_layers(residuals: Residuals, layers: list[int], *, device: str | torch.d
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     n, d = residuals.data["train"].shape[0], residuals.d_model
     probes: dict[int, WordIndexProbe] = {}
-    # float64 X, Z and a temporary; the batched solver's preconditioner and a temporary, two [d + 1, d + 1]
-    for group in _layer_groups(list(layers), n * d * 8 * 3 + (d + 1) ** 2 * 8 * 2, dev):
+    # float64 X, Z and a temporary; the batched solver's preconditioner and its temporaries, three [d + 1, d + 1]
+    for group in _layer_groups(list(layers), n * d * 8 * 3 + (d + 1) ** 2 * 8 * 3, dev):
         X = torch.stack([residuals.train(L) for L in group]).to(dev)
         for L, probe in zip(group, fit_probes(X, ytr, layers=group, device=dev, **params)):
             probes[L] = probe

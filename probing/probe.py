@@ -180,15 +180,23 @@ def logreg_preconditioner(Za: Float[Tensor, "problem sample f"], pen: Float[Tens
                           curvature: float) -> Float[Tensor, "problem f f"]:
     """``P = (curvature · Zaᵀ Za / n + 2 · reg · diag(pen))⁻¹`` per problem: the inverse of the regularised
     logistic objective's Hessian with the softmax's curvature taken as one constant (its value at θ = 0), the
-    initial inverse Hessian :func:`batched_lbfgs_logreg` starts its recursion from. By Cholesky, without a host
-    round trip; a problem whose matrix is not positive definite in the working precision gets ``P = I`` (plain
-    L-BFGS)."""
+    initial inverse Hessian :func:`batched_lbfgs_logreg` starts its recursion from. The matrix is formed on
+    ``Za``'s device and factored by Cholesky in float64 (on the CPU where the device has no float64 or no
+    factorisation, e.g. MPS), without a host round trip on CUDA; a problem whose factor fails or is nearly singular
+    (a pivot below 1e-8 of its largest: P would be mostly rounding) gets ``P = I`` (plain L-BFGS)."""
     L, n, f = Za.shape
     ridge = torch.diag(2.0 * reg * pen[:, 0]).expand(L, f, f)
-    chol, info = torch.linalg.cholesky_ex(torch.baddbmm(ridge, Za.transpose(1, 2), Za, alpha=curvature / n))
-    bad = info != 0  # (read on the device: no host round trip) a failed factor is replaced by I, whose inverse is I
+    A = torch.baddbmm(ridge, Za.transpose(1, 2), Za, alpha=curvature / n)
+    if Za.device.type not in ("cuda", "cpu"):
+        A = A.cpu()
+    chol, info = torch.linalg.cholesky_ex(A.double())
+    del A
+    piv = chol.diagonal(dim1=1, dim2=2).abs()
+    # (read on the device) a failed or nearly singular factor is replaced by I, whose inverse is I
+    bad = (info != 0) | (piv.amin(1) < 1e-8 * piv.amax(1)) | ~piv.isfinite().all(1)
     chol.masked_fill_(bad[:, None, None], 0.0).diagonal(dim1=1, dim2=2).add_(bad[:, None].to(chol.dtype))
-    return torch.cholesky_inverse(chol)  # (at most two [f, f] per problem alive at once)
+    # (about three [f, f] per problem alive at once: the matrix or its factor, cholesky_inverse's copy, P)
+    return torch.cholesky_inverse(chol).to(Za.device, Za.dtype)
 
 
 def batched_lbfgs_logreg(Z: Float[Tensor, "problem sample d"], y: Int[Tensor, "sample"], n_classes: int, C: float,
@@ -211,9 +219,9 @@ def batched_lbfgs_logreg(Z: Float[Tensor, "problem sample d"], y: Int[Tensor, "s
     iterations where 10 pairs took 344 (504 → 416 with SmolLM2's shapes and random weights, the benchmark's model);
     the pairs' cost per iteration is small beside the two passes over the data.
 
-    ``precondition`` (None: when ``d + 1 <= 2 · sample``, where applying ``P`` costs less than a pass over the
-    data): the recursion starts from ``H_0 = γ P`` with ``P`` the inverse of the objective's Hessian at θ = 0 up
-    to the softmax's curvature (:func:`logreg_preconditioner`), instead of ``γ I``. Residual-stream features are
+    ``precondition`` (None: when ``d + 1 <= 2 · sample``, where applying ``P`` costs at most the iteration's two
+    passes over the data): the recursion starts from ``H_0 = γ P`` with ``P`` the inverse of the objective's
+    Hessian at θ = 0 up to the softmax's curvature (:func:`logreg_preconditioner`), instead of ``γ I``. Residual-stream features are
     strongly correlated, which is what makes L-BFGS slow here; L-BFGS from ``γ P`` takes the steps it would take on
     decorrelated ("whitened") features, so it needs 3-4 times fewer iterations (SmolLM2-135M, layers 2, 8, 20, 29:
     315 → 82; SmolLM2's shapes with random weights: 407 → 124) for one more ``[d, d]`` product per iteration. The
@@ -296,7 +304,7 @@ def batched_lbfgs_logreg(Z: Float[Tensor, "problem sample d"], y: Int[Tensor, "s
             scale = torch.where(fresh, 1.0 / g.flatten(1).norm(dim=1).clamp_min(1e-30), gamma)
             p = lbfgs_direction(g.flatten(1), S, Y, rho, scale, recency).view_as(g)
         else:  # a fresh start steps along -P g, of unit length in P's metric (unit length after whitening)
-            scale = torch.where(fresh, vdot(g, Pg).clamp_min(1e-60).rsqrt(), gamma)
+            scale = torch.where(fresh, vdot(g, Pg).clamp_min(torch.finfo(dt).tiny).rsqrt(), gamma)
             p = lbfgs_direction(g.flatten(1), S, Y, rho, scale, recency, Pg.flatten(1), PY).view_as(g)
         gp = vdot(g, p)
         Bp = torch.bmm(Za, p)

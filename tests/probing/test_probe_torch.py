@@ -125,6 +125,34 @@ def test_preconditioned_lbfgs_same_optimum_in_fewer_iterations():
     assert fits[True][2] < 0.5 * fits[False][2], (fits[True][2], fits[False][2])
 
 
+def test_preconditioner_identity_is_plain_lbfgs(monkeypatch):
+    """With ``P = I`` the preconditioned code path takes plain L-BFGS's iterates: same iterations, same weights."""
+    import wordpos.probing.probe as probe_mod
+
+    X, y = _blobs(4, n=300, d=12)
+    Z = torch.from_numpy(StandardScaler().fit_transform(X))[None]
+    W0, b0, it0, _ = probe_mod.batched_lbfgs_logreg(Z, torch.from_numpy(y), 4, 1.0, tol=1e-6, precondition=False)
+    monkeypatch.setattr(probe_mod, "logreg_preconditioner",
+                        lambda Za, *a: torch.eye(Za.shape[2], dtype=Za.dtype).expand(len(Za), -1, -1).contiguous())
+    W1, b1, it1, _ = probe_mod.batched_lbfgs_logreg(Z, torch.from_numpy(y), 4, 1.0, tol=1e-6, precondition=True)
+    assert it1 == it0
+    assert torch.allclose(W1, W0, rtol=0, atol=1e-10) and torch.allclose(b1, b0, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batched_lbfgs_zero_gradient_start(dtype):
+    """A problem whose gradient is zero at the start (no information, balanced labels) stays at zero weights in
+    either precision, beside one that moves: no 0/0 from a fresh step's scale."""
+    from wordpos.probing.probe import batched_lbfgs_logreg
+
+    y = torch.arange(64) % 2
+    Z = torch.zeros(2, 64, 3, dtype=dtype)
+    Z[1, :, 0] = (2.0 * y - 1) + 0.5 * torch.randn(64, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    W, b, it, conv = batched_lbfgs_logreg(Z, y, 2, 1.0, precondition=True)
+    assert conv and torch.isfinite(W).all() and torch.isfinite(b).all()
+    assert torch.equal(W[0], torch.zeros_like(W[0])) and float(W[1].abs().max()) > 0.1
+
+
 def _penalised_loss(theta, Za, y, n_classes, reg):
     """The batched solver's objective written out independently: mean cross-entropy of the logits ``Za θ``
     (binary: ``[0, z]``) plus ``reg ||W||²`` (intercept, the last row, unpenalised)."""
