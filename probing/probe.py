@@ -14,7 +14,7 @@ batched ops and replayed as a CUDA graph (:func:`batched_lbfgs_logreg`).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +199,32 @@ def logreg_preconditioner(Za: Float[Tensor, "problem sample f"], pen: Float[Tens
     return torch.cholesky_inverse(chol).to(Za.device, Za.dtype)
 
 
+def _graphs_on(device: torch.device) -> bool:
+    """Whether :func:`batched_lbfgs_logreg` records its iteration as a CUDA graph on ``device`` (CUDA only)."""
+    return device.type == "cuda"
+
+
+def _run_then_record(fn: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """Run ``fn`` once for real (on a side stream: it warms the kernels up and allocates what it keeps), then record
+    it as a CUDA graph without running it, and return the graph's replay: one call = one more run of ``fn`` on the
+    state as the last run left it. If recording fails, a warning, and ``fn`` itself (the same runs, launched one
+    by one)."""
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # recorded, not run
+            fn()
+        return graph.replay
+    except Exception as e:  # noqa: BLE001 - any capture failure: the same iterations, launched one by one
+        warnings.warn(f"CUDA graph capture of the probe fit failed ({type(e).__name__}: {e}); running it "
+                      "eagerly (same result, slower).", RuntimeWarning, stacklevel=3)
+        return fn
+
+
 def batched_lbfgs_logreg(Z: Float[Tensor, "problem sample d"], y: Int[Tensor, "sample"], n_classes: int, C: float,
                          *, max_iter: int = 2000, tol: float = 1e-4, history_size: int = 20,
                          cuda_graph: bool | None = None, precondition: bool | None = None
@@ -352,21 +378,8 @@ def batched_lbfgs_logreg(Z: Float[Tensor, "problem sample d"], y: Int[Tensor, "s
         active.copy_(now)
 
     step, it = iteration, 0
-    if cuda_graph is not False and dev.type == "cuda" and max_iter > 1:
-        side = torch.cuda.Stream(device=dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):  # the first iteration runs for real and warms the kernels up
-            iteration()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        it = 1
-        try:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):  # recorded, not run: the state tensors are as the first iteration left them
-                iteration()
-            step = graph.replay
-        except Exception as e:  # noqa: BLE001 - any capture failure: the same iterations, launched one by one
-            warnings.warn(f"CUDA graph capture of the probe fit failed ({type(e).__name__}: {e}); running it "
-                          "eagerly (same result, slower).", RuntimeWarning, stacklevel=2)
+    if cuda_graph is not False and _graphs_on(dev) and max_iter > 1:
+        step, it = _run_then_record(iteration, dev), 1
     # blocks of history_size iterations (the ring buffer back at slot 0): the host reads whether any problem is
     # still moving once per block, and the logits are recomputed exactly at each block's start, so the steps'
     # updates of them (Zθ + a·Zp) do not build up rounding

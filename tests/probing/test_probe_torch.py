@@ -234,6 +234,34 @@ def test_batched_lbfgs_past_max_iter_is_not_converged():
     assert conv and it == needed
 
 
+@pytest.mark.parametrize("precondition", [True, False])
+@pytest.mark.parametrize("history_size,max_iter", [(20, 2000), (20, 7), (3, 2000), (3, 8), (1, 50), (5, 1)])
+def test_batched_lbfgs_recorded_path_equals_eager(monkeypatch, history_size, max_iter, precondition):
+    """The CUDA-graph path's bookkeeping, on the CPU: one iteration run for real, then replays of a recording of it
+    (here a stand-in that runs the iteration, as a replay does), counted in blocks of ``history_size`` from there:
+    the same weights, iteration count and convergence flag as the eager path, whether ``max_iter`` binds or not."""
+    import wordpos.probing.probe as probe_mod
+
+    X, y = _blobs(5, n=300, d=12)
+    Z = torch.from_numpy(np.stack([StandardScaler().fit_transform(X), StandardScaler().fit_transform(X[:, ::-1] ** 2)]))
+    yt = torch.from_numpy(y)
+    kw = dict(tol=1e-6, history_size=history_size, max_iter=max_iter, precondition=precondition)
+    eager = probe_mod.batched_lbfgs_logreg(Z, yt, 5, 1.0, cuda_graph=False, **kw)
+    recorded = []
+
+    def run_then_record(fn, device):
+        fn()  # the real first run; the recording itself runs nothing
+        recorded.append(fn)
+        return fn
+
+    monkeypatch.setattr(probe_mod, "_graphs_on", lambda device: True)
+    monkeypatch.setattr(probe_mod, "_run_then_record", run_then_record)
+    graphed = probe_mod.batched_lbfgs_logreg(Z, yt, 5, 1.0, **kw)
+    assert len(recorded) == (1 if max_iter > 1 else 0)
+    assert graphed[2:] == eager[2:]
+    assert torch.equal(graphed[0], eager[0]) and torch.equal(graphed[1], eager[1])
+
+
 def _two_loop(g, S, Y, rho, scale, head, P=None):
     """The textbook L-BFGS two-loop recursion, pair by pair: slots in ring order, ``head`` the next slot to write
     (so ``head - 1`` holds the newest pair), ``rho = 0`` a slot to skip, ``H_0 = scale · I`` (``scale · P``)."""
