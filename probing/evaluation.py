@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import confusion_matrix
 from wordpos.probing.progress import progress_bar as tqdm
 
 from wordpos.probing.activations import Residuals
@@ -87,6 +86,26 @@ class ProbeSweep:
         }
 
 
+def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """scikit-learn's ``confusion_matrix(y_true, y_pred, labels=labels)`` (rows: true label, columns: predicted;
+    samples with a label outside ``labels`` left out) by one ``bincount``: a sweep builds one per layer, and
+    scikit-learn's input validation cost ~2.4 ms of each (a tenth of a layer's evaluation)."""
+    labels = np.asarray(labels)
+    order = np.argsort(labels, kind="stable")
+    srt = labels[order]
+    K = len(labels)
+
+    def index(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        v = np.asarray(v)
+        i = np.clip(np.searchsorted(srt, v), 0, max(K - 1, 0))
+        return order[i] if K else i, (srt[i] == v) if K else np.zeros(len(v), bool)
+
+    t, t_ok = index(y_true)
+    p, p_ok = index(y_pred)
+    ok = t_ok & p_ok
+    return np.bincount(t[ok] * K + p[ok], minlength=K * K).reshape(K, K)
+
+
 def _per_group(pred: np.ndarray, y: np.ndarray, groups: np.ndarray) -> dict[int, float]:
     return {int(g): float(np.mean(pred[groups == g] == y[groups == g])) for g in np.unique(groups)}
 
@@ -128,7 +147,7 @@ def evaluate_layer(residuals: Residuals, layer: int, probe: WordIndexProbe | Non
         per_word_accuracy=_per_group(pred, yte, yte),
         baseline_per_word_accuracy=_per_group(base_pred, yte, yte),
         per_position_accuracy=_per_group(pred, yte, residuals.abs_pos["test"]),
-        confusion=confusion_matrix(yte, pred, labels=labels).tolist(),
+        confusion=confusion_counts(yte, pred, labels).tolist(),
         n_train=int(len(ytr)),
         n_test=int(len(yte)),
     )

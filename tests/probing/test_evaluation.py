@@ -165,3 +165,17 @@ def test_sweep_times_its_fits_evaluation_and_control_apart(monkeypatch):
     r = _residuals()
     sweep = sweep_layers(r, solver="torch", shuffled_control="best", progress=False)
     assert sweep.timings == {"fit_s": 100, "evaluate_s": len(r.layers), "shuffled_s": 10}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_confusion_counts_is_scikit_learns(seed):
+    """The sweep's confusion matrix equals scikit-learn's ``confusion_matrix`` with ``labels``: unsorted and
+    missing labels, classes never predicted, samples whose label is not listed (left out), an empty input."""
+    from wordpos.probing.evaluation import confusion_counts
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 7, size=200)
+    pred = np.where(rng.random(200) < 0.6, y, rng.integers(0, 9, size=200))  # 7, 8: labels outside the list
+    for labels in (np.arange(7), np.array([3, 0, 6, 1, 2, 5, 4]), np.array([0, 2, 4, 6]), np.arange(10)):
+        assert np.array_equal(confusion_counts(y, pred, labels), confusion_matrix(y, pred, labels=labels))
+    assert np.array_equal(confusion_counts(y[:0], pred[:0], np.arange(3)), np.zeros((3, 3), int))
