@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -117,23 +118,80 @@ def position_baseline_predictions(residuals: Residuals) -> np.ndarray:
     return base.predict(residuals.abs_pos["test"])
 
 
+def layer_predictions(residuals: Residuals, probes: dict[int, WordIndexProbe],
+                      splits: Sequence[str] = ("test", "val", "train"), max_bytes: int = 1 << 28
+                      ) -> dict[int, dict[str, np.ndarray]] | None:
+    """Every layer's predicted word indices on each split, computed where residuals kept on a device are, in
+    batched products over the layers with one copy of the predictions back per split: scored one layer and split
+    at a time, a sweep over residuals kept on a GPU makes ~90 calls, each with four small uploads of the probe and
+    a wait for its result. The arithmetic of :class:`WordIndexProbe`'s device path (float64, standardisation and
+    weights as fitted; argmax, or decision > 0 for two classes). ``None`` (score layer by layer) when the residuals
+    are host arrays or the probes do not share their classes and width. ``max_bytes`` bounds the float64 block of
+    standardised residuals made at once."""
+    layers = sorted(probes)
+    present = [s for s in splits if s in residuals.data]
+    if not layers or not present or not all(isinstance(residuals.data[s], torch.Tensor) for s in present):
+        return None
+    first = probes[layers[0]]
+    if any(not np.array_equal(probes[L].classes_, first.classes_) or probes[L].n_features_in_ != first.n_features_in_
+           for L in layers) or residuals.d_model != first.n_features_in_:
+        return None
+    dev = residuals.data[present[0]].device
+    d = first.n_features_in_
+
+    def stack(get: Any, fill: float) -> torch.Tensor:
+        rows = [np.full(d, fill) if get(probes[L]) is None else get(probes[L]) for L in layers]
+        return torch.as_tensor(np.stack(rows).astype(np.float64), device=dev)
+
+    mean, scale = stack(lambda p: p.scaler_.mean_, 0.0), stack(lambda p: p.scaler_.scale_, 1.0)  # [layer, d]
+    coef = torch.as_tensor(np.stack([probes[L].coef_ for L in layers]), dtype=torch.float64, device=dev)  # [l, k, d]
+    icpt = torch.as_tensor(np.stack([probes[L].intercept_ for L in layers]), dtype=torch.float64, device=dev)
+    cols = torch.as_tensor([residuals.layers.index(L) for L in layers], device=dev)
+    classes = np.asarray(first.classes_)
+    out: dict[int, dict[str, np.ndarray]] = {L: {} for L in layers}
+    for split in present:
+        X = residuals.data[split]  # [sample, every collected layer, d]
+        step = max(1, max_bytes // max(X.shape[0] * d * 8, 1))
+        parts = []
+        for s0 in range(0, len(layers), step):
+            sl = slice(s0, s0 + step)
+            Z = (X.index_select(1, cols[sl]).to(torch.float64) - mean[sl]) / scale[sl]  # [sample, layer, d]
+            dec = torch.einsum("nld,lkd->nlk", Z, coef[sl]) + icpt[sl]
+            parts.append((dec[..., 0] > 0).long() if dec.shape[-1] == 1 else dec.argmax(-1))
+        idx = torch.cat(parts, 1).cpu().numpy()  # the one wait for this split
+        for j, L in enumerate(layers):
+            out[L][split] = classes[idx[:, j]]
+    return out
+
+
 def evaluate_layer(residuals: Residuals, layer: int, probe: WordIndexProbe | None = None, *,
                    shuffled_control: bool = True, seed: int = 0, baseline_pred: np.ndarray | None = None,
+                   predictions: dict[str, np.ndarray] | None = None,
                    **probe_params: Any) -> tuple[LayerResult, WordIndexProbe]:
     """Fit (unless given) and evaluate the probe at ``layer`` on the held-out-word test split. Each split is
     predicted once; every accuracy, per-group accuracy and the confusion matrix are read from those
-    predictions. ``baseline_pred``: :func:`position_baseline_predictions`, when the caller already has them."""
-    Xtr, ytr = residuals.train(layer), residuals.labels["train"]
-    Xte, yte = residuals.test(layer), residuals.labels["test"]
+    predictions. ``baseline_pred``: :func:`position_baseline_predictions`, when the caller already has them;
+    ``predictions``: the given probe's predictions per split (:func:`layer_predictions`), when the caller has
+    them (splits it lacks are predicted here)."""
+    ytr, yte = residuals.labels["train"], residuals.labels["test"]
+    have = (predictions or {}) if probe is not None else {}  # (predictions are of the given probe)
+    # the residuals are read (a copy each) only where something still needs them
+    need_x = probe is None or shuffled_control or not {"train", "test"} <= have.keys()
+    Xtr, Xte = (residuals.train(layer), residuals.test(layer)) if need_x else (None, None)
     params = {"layer": layer, "site": residuals.kind, "model": residuals.model_name, **probe_params}
     if probe is None:
         probe = WordIndexProbe(**params).fit(Xtr, ytr)
-    pred = probe.predict(Xte)
+    pred = have["test"] if "test" in have else probe.predict(Xte)
     base_pred = position_baseline_predictions(residuals) if baseline_pred is None else np.asarray(baseline_pred)
     if len(base_pred) != len(yte):
         raise ConfigError(f"baseline_pred has {len(base_pred)} predictions for {len(yte)} test samples; pass "
                           "position_baseline_predictions(residuals) of these residuals.")
-    val_acc = float(probe.score(residuals.val(layer), residuals.labels["val"])) if "val" in residuals.data else float("nan")
+    if "val" not in residuals.data:
+        val_acc = float("nan")
+    elif "val" in have:
+        val_acc = float(np.mean(have["val"] == residuals.labels["val"]))
+    else:
+        val_acc = float(probe.score(residuals.val(layer), residuals.labels["val"]))
     shuffled = (shuffled_label_accuracy(lambda: WordIndexProbe(**params), Xtr, ytr, Xte, yte, seed=seed)
                 if shuffled_control else None)
     labels = np.unique(np.concatenate([ytr, yte]))
@@ -141,7 +199,7 @@ def evaluate_layer(residuals: Residuals, layer: int, probe: WordIndexProbe | Non
         layer=layer,
         accuracy=float(np.mean(pred == yte)),
         val_accuracy=val_acc,
-        train_accuracy=float(probe.score(Xtr, ytr)),
+        train_accuracy=float(np.mean(have["train"] == ytr)) if "train" in have else float(probe.score(Xtr, ytr)),
         baseline_abs_pos_accuracy=float(np.mean(base_pred == yte)),
         shuffled_label_accuracy=shuffled,
         per_word_accuracy=_per_group(pred, yte, yte),
@@ -231,12 +289,15 @@ def sweep_layers(residuals: Residuals, layers: list[int] | None = None, *, shuff
     if solver == "torch" and device is not None:
         probe_params = {**probe_params, "device": str(device)}
     base_pred = position_baseline_predictions(residuals)
+    # residuals kept on a device: every fitted layer's predictions in batched products, one wait per split
+    preds = layer_predictions(residuals, fitted) if fitted else None
     for L in tqdm(layers, desc="probes", unit="layer", disable=not progress):
         if L in done:
             results[L], probes[L] = done[L]
             continue
         results[L], probes[L] = evaluate_layer(residuals, L, fitted.get(L), shuffled_control=shuffled_control == "all",
-                                               seed=seed, baseline_pred=base_pred, **probe_params)
+                                               seed=seed, baseline_pred=base_pred,
+                                               predictions=(preds or {}).get(L), **probe_params)
         if checkpoint_dir is not None:
             ckpt = Path(checkpoint_dir) / f"layer{L}"
             probes[L].save(ckpt)
@@ -247,6 +308,7 @@ def sweep_layers(residuals: Residuals, layers: list[int] | None = None, *, shuff
         t0 = time.perf_counter()
         best = sweep.best_layer
         results[best], _ = evaluate_layer(residuals, best, probes[best], shuffled_control=True, seed=seed,
-                                          baseline_pred=base_pred, **probe_params)
+                                          baseline_pred=base_pred, predictions=(preds or {}).get(best),
+                                          **probe_params)
         timings["shuffled_s"] = time.perf_counter() - t0
     return sweep

@@ -179,3 +179,56 @@ def test_confusion_counts_is_scikit_learns(seed):
     for labels in (np.arange(7), np.array([3, 0, 6, 1, 2, 5, 4]), np.array([0, 2, 4, 6]), np.arange(10)):
         assert np.array_equal(confusion_counts(y, pred, labels), confusion_matrix(y, pred, labels=labels))
     assert np.array_equal(confusion_counts(y[:0], pred[:0], np.arange(3)), np.zeros((3, 3), int))
+
+
+def _on_tensors(r: Residuals) -> Residuals:
+    """The same residuals with every split as a tensor (as kept on a device by ``collect_residuals``)."""
+    return Residuals(r.layers, r.kind, r.positions, {k: torch.from_numpy(v) for k, v in r.data.items()}, r.labels,
+                     r.abs_pos, r.prompt_idx, r.model_name)
+
+
+@pytest.mark.parametrize("n_classes", [2, 7])
+@pytest.mark.parametrize("standardize", [True, False])
+def test_layer_predictions_are_each_probes(n_classes, standardize):
+    """The batched predictions of every layer on every split equal each probe's own ``predict``, in chunks of
+    layers too; host arrays, or probes of different classes, give None (the sweep scores layer by layer)."""
+    from wordpos.probing.evaluation import fit_layers, layer_predictions
+
+    r = _residuals(n_layers=4)
+    for split in r.labels:
+        r.labels[split] = r.labels[split] % n_classes
+    probes = fit_layers(r, r.layers, solver="torch", standardize=standardize)
+    t = _on_tensors(r)
+    for max_bytes in (1 << 28, 1):  # every layer at once; one layer per block
+        got = layer_predictions(t, probes, max_bytes=max_bytes)
+        for L, probe in probes.items():
+            for split in ("test", "val", "train"):
+                assert np.array_equal(got[L][split], probe.predict(r.get(split, L))), (L, split)
+    assert layer_predictions(r, probes) is None
+    other = WordIndexProbe(solver="torch").fit(r.train(0), (r.labels["train"] + 1) % n_classes + 10)
+    assert layer_predictions(t, {**probes, 0: other}) is None
+
+
+@pytest.mark.parametrize("shuffled", ["none", "best"])
+def test_sweep_on_tensors_uses_batched_predictions(monkeypatch, shuffled):
+    """A sweep over residuals kept as tensors reads its predictions from the batched products (no per-layer
+    ``predict`` of the fitted probes; the shuffled control's own probe predicts) and gives every number
+    scikit-learn's metrics give (the reference of the host sweep)."""
+    r = _residuals()
+    callers = []  # the probes whose predict ran
+    predict = WordIndexProbe.predict
+    monkeypatch.setattr(WordIndexProbe, "predict", lambda self, X: callers.append(self) or predict(self, X))
+    sweep = sweep_layers(_on_tensors(r), solver="torch", shuffled_control=shuffled, progress=False)
+    assert not any(p is q for p in callers for q in sweep.probes.values())
+    if shuffled == "best":
+        assert sweep.results[sweep.best_layer].shuffled_label_accuracy is not None
+    for L in r.layers:
+        got = sweep.results[L].to_dict()
+        for key, value in _reference(r, L, sweep.probes[L]).items():
+            if isinstance(value, dict):
+                assert got[key].keys() == value.keys(), key
+                assert all(got[key][k] == pytest.approx(v, abs=1e-15) for k, v in value.items()), key
+            elif isinstance(value, list):
+                assert got[key] == value, key
+            else:
+                assert got[key] == pytest.approx(value, abs=1e-15), key
