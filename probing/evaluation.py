@@ -125,9 +125,11 @@ def layer_predictions(residuals: Residuals, probes: dict[int, WordIndexProbe],
     batched products over the layers with one copy of the predictions back per split: scored one layer and split
     at a time, a sweep over residuals kept on a GPU makes ~90 calls, each with four small uploads of the probe and
     a wait for its result. The arithmetic of :class:`WordIndexProbe`'s device path (float64, standardisation and
-    weights as fitted; argmax, or decision > 0 for two classes). ``None`` (score layer by layer) when the residuals
-    are host arrays or the probes do not share their classes and width. ``max_bytes`` bounds the float64 block of
-    standardised residuals made at once."""
+    weights as fitted; argmax, or decision > 0 for two classes), with the host path's refusals (an empty split; NaN
+    or inf residuals). ``None`` (score layer by layer) when the residuals are host arrays or the probes do not share
+    their classes and width. ``max_bytes`` bounds the float64 block of standardised residuals made at once (it and
+    its decision values are the only large tensors alive).
+    """
     layers = sorted(probes)
     present = [s for s in splits if s in residuals.data]
     if not layers or not present or not all(isinstance(residuals.data[s], torch.Tensor) for s in present):
@@ -136,6 +138,10 @@ def layer_predictions(residuals: Residuals, probes: dict[int, WordIndexProbe],
     if any(not np.array_equal(probes[L].classes_, first.classes_) or probes[L].n_features_in_ != first.n_features_in_
            for L in layers) or residuals.d_model != first.n_features_in_:
         return None
+    missing = [L for L in layers if L not in residuals.layers]
+    if missing:
+        raise ConfigError(f"probes for layer(s) {missing}, which these residuals do not hold (layers "
+                          f"{residuals.layers}); pass probes of collected layers.")
     dev = residuals.data[present[0]].device
     d = first.n_features_in_
 
@@ -144,23 +150,36 @@ def layer_predictions(residuals: Residuals, probes: dict[int, WordIndexProbe],
         return torch.as_tensor(np.stack(rows).astype(np.float64), device=dev)
 
     mean, scale = stack(lambda p: p.scaler_.mean_, 0.0), stack(lambda p: p.scaler_.scale_, 1.0)  # [layer, d]
-    coef = torch.as_tensor(np.stack([probes[L].coef_ for L in layers]), dtype=torch.float64, device=dev)  # [l, k, d]
+    coef_t = torch.as_tensor(np.stack([probes[L].coef_ for L in layers]), dtype=torch.float64,
+                             device=dev).transpose(1, 2)  # [layer, d, k]
     icpt = torch.as_tensor(np.stack([probes[L].intercept_ for L in layers]), dtype=torch.float64, device=dev)
-    cols = torch.as_tensor([residuals.layers.index(L) for L in layers], device=dev)
+    cols = [residuals.layers.index(L) for L in layers]
     classes = np.asarray(first.classes_)
     out: dict[int, dict[str, np.ndarray]] = {L: {} for L in layers}
     for split in present:
         X = residuals.data[split]  # [sample, every collected layer, d]
-        step = max(1, max_bytes // max(X.shape[0] * d * 8, 1))
+        n = X.shape[0]
+        if n == 0:
+            raise ConfigError(f"no residual vectors to score in the {split!r} split (0 samples); is the split empty?")
+        step = max(1, max_bytes // max(n * d * 8, 1))
         parts = []
         for s0 in range(0, len(layers), step):
             sl = slice(s0, s0 + step)
-            Z = (X.index_select(1, cols[sl]).to(torch.float64) - mean[sl]) / scale[sl]  # [sample, layer, d]
-            dec = torch.einsum("nld,lkd->nlk", Z, coef[sl]) + icpt[sl]
-            parts.append((dec[..., 0] > 0).long() if dec.shape[-1] == 1 else dec.argmax(-1))
-        idx = torch.cat(parts, 1).cpu().numpy()  # the one wait for this split
+            Z = torch.empty(len(cols[sl]), n, d, dtype=torch.float64, device=dev)  # [layer, sample, d]: one block
+            for j, c in enumerate(cols[sl]):
+                Z[j].copy_(X[:, c])
+            Z.sub_(mean[sl, None]).div_(scale[sl, None])
+            dec = torch.baddbmm(icpt[sl, None], Z, coef_t[sl])  # [layer, sample, k]
+            del Z
+            idx = (dec[..., 0] > 0).long() if dec.shape[-1] == 1 else dec.argmax(-1)
+            parts.append(idx.masked_fill_(~torch.isfinite(dec).all(-1), -1))  # -1: a NaN or inf residual
+            del dec
+        idx = torch.cat(parts, 0).cpu().numpy()  # [layer, sample]: the one wait for this split
+        if (idx < 0).any():
+            raise ConfigError("the residual vectors contain NaN or inf; check the model's dtype (a float16 overflow?) "
+                              "or collect them again in float32.")
         for j, L in enumerate(layers):
-            out[L][split] = classes[idx[:, j]]
+            out[L][split] = classes[idx[j]]
     return out
 
 
@@ -175,6 +194,11 @@ def evaluate_layer(residuals: Residuals, layer: int, probe: WordIndexProbe | Non
     them (splits it lacks are predicted here)."""
     ytr, yte = residuals.labels["train"], residuals.labels["test"]
     have = (predictions or {}) if probe is not None else {}  # (predictions are of the given probe)
+    for split, p in have.items():
+        if split in residuals.labels and len(p) != len(residuals.labels[split]):
+            raise ConfigError(f"predictions[{split!r}] holds {len(p)} predictions for {len(residuals.labels[split])} "
+                              f"{split} samples; pass layer_predictions(residuals, probes)[{layer}] of these "
+                              "residuals.")
     # the residuals are read (a copy each) only where something still needs them
     need_x = probe is None or shuffled_control or not {"train", "test"} <= have.keys()
     Xtr, Xte = (residuals.train(layer), residuals.test(layer)) if need_x else (None, None)

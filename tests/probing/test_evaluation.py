@@ -183,7 +183,7 @@ def test_confusion_counts_is_scikit_learns(seed):
 
 def _on_tensors(r: Residuals) -> Residuals:
     """The same residuals with every split as a tensor (as kept on a device by ``collect_residuals``)."""
-    return Residuals(r.layers, r.kind, r.positions, {k: torch.from_numpy(v) for k, v in r.data.items()}, r.labels,
+    return Residuals(r.layers, r.kind, r.positions, {k: torch.from_numpy(v.copy()) for k, v in r.data.items()}, r.labels,
                      r.abs_pos, r.prompt_idx, r.model_name)
 
 
@@ -232,3 +232,25 @@ def test_sweep_on_tensors_uses_batched_predictions(monkeypatch, shuffled):
                 assert got[key] == value, key
             else:
                 assert got[key] == pytest.approx(value, abs=1e-15), key
+
+
+def test_layer_predictions_refuse_bad_input():
+    """The batched path refuses what the host path refuses (NaN residuals, an empty split), probes of layers the
+    residuals lack, and predictions of the wrong length, each with one clear error."""
+    from wordpos.probing.evaluation import fit_layers, layer_predictions
+
+    r = _residuals(n_layers=2)
+    probes = fit_layers(r, r.layers, solver="torch")
+    bad = _on_tensors(r)
+    bad.data["val"][3, 1, 2] = float("nan")
+    with pytest.raises(ConfigError, match="NaN or inf"):
+        layer_predictions(bad, probes)
+    empty = _on_tensors(r)
+    empty.data["val"] = empty.data["val"][:0]
+    with pytest.raises(ConfigError, match="0 samples"):
+        layer_predictions(empty, probes)
+    with pytest.raises(ConfigError, match="do not hold"):
+        layer_predictions(_on_tensors(r), {**probes, 5: probes[0]})
+    preds = layer_predictions(_on_tensors(r), probes)[0]
+    with pytest.raises(ConfigError, match="predictions"):
+        evaluate_layer(r, 0, probes[0], shuffled_control=False, predictions={**preds, "train": preds["train"][:1]})
