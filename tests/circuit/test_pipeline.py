@@ -137,3 +137,58 @@ def test_circuit_command_with_threshold(planted_run, tmp_path, capsys):
     assert main(["circuit", "--model", "planted", "--probe", str(out / "probe"), "--out", str(tmp_path / "d"),
                  "--threshold", "50", "--n-pairs", "8", "--quiet"]) == 2
     assert "leaves no edge" in capsys.readouterr().err
+
+
+def test_run_on_the_accelerators_paths_matches_the_cpus(planted_run, tmp_path, monkeypatch):
+    """`wordpos run` through the code an accelerator takes, on the CPU: free memory reported (residuals kept as
+    tensors, all layers fitted in one group, predictions batched over layers), the batched preconditioned L-BFGS for
+    every probe fit and refit, the hook-free route for head edits and the accelerator's batch sizes. Each of those
+    paths runs, and the run reads as the CPU path's (same patched layer, top head, circuit heads; accuracies within
+    solver tolerance): the GPU's code, exercised where CI runs."""
+    import wordpos.probing.engines.memory as memory
+    import wordpos.probing.evaluation as evaluation
+    import wordpos.probing.probe as probe
+    from wordpos.patching import lean_route, runner, sizing
+
+    used = {"batched": 0, "preconditioned": 0, "predictions": 0, "lean": 0}
+    solver, predictions, lean = probe.batched_lbfgs_logreg, evaluation.layer_predictions, lean_route.lean_run
+    fit = probe.fit_probes
+
+    def batched(Z, *a, **kw):
+        used["batched"] += 1
+        used["preconditioned"] += kw.get("precondition") is not False and Z.shape[2] + 1 <= 2 * Z.shape[1]
+        return solver(Z, *a, **kw)
+
+    def counted_predictions(*a, **kw):
+        out = predictions(*a, **kw)
+        used["predictions"] += out is not None
+        return out
+
+    def counted_lean(*a, **kw):
+        out = lean(*a, **kw)
+        used["lean"] += out is not None
+        return out
+
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda device: 8 << 30)
+    monkeypatch.setattr(probe, "batched_lbfgs_logreg", batched)
+    monkeypatch.setattr(probe, "fit_probes", lambda *a, optimizer="auto", **kw: fit(
+        *a, optimizer="batched" if optimizer == "auto" else optimizer, **kw))
+    monkeypatch.setattr(evaluation, "fit_probes", probe.fit_probes)
+    monkeypatch.setattr(evaluation, "layer_predictions", counted_predictions)
+    monkeypatch.setattr(runner, "lean_run", counted_lean)
+    monkeypatch.setattr(lean_route, "ENABLED", True)
+    monkeypatch.setattr(sizing.Sizing, "tokens_per_forward", lambda self, device: self.accelerator_tokens)
+    monkeypatch.setattr(sizing.Sizing, "prompts_per_batch", lambda self, device: self.accelerator_prompts)
+    cpu_out, args = planted_run
+    out = tmp_path / "accelerator"
+    assert main([a if a != str(cpu_out) else str(out) for a in args]) == 0
+    assert all(used.values()), used
+    cpu, acc = (json.loads((d / "summary.json").read_text()) for d in (cpu_out, out))
+    assert acc["patched_layer"] == cpu["patched_layer"]
+    assert acc["probe"]["accuracy"] == pytest.approx(cpu["probe"]["accuracy"], abs=0.005)
+    assert acc["top_heads"]["activation"][0]["head"] == cpu["top_heads"]["activation"][0]["head"]
+    assert sorted(acc["circuit"]["heads"]) == sorted(cpu["circuit"]["heads"])
+    assert acc["circuit"]["faithfulness"]["share"] == pytest.approx(cpu["circuit"]["faithfulness"]["share"], abs=0.02)
+    a, c = acc["ablation"], cpu["ablation"]
+    assert a["accuracy"] == pytest.approx(c["accuracy"], abs=0.01)
+    assert a["refit_accuracy"] == pytest.approx(c["refit_accuracy"], abs=0.01)
