@@ -104,10 +104,8 @@ def _reference(r: Residuals, layer: int, probe: WordIndexProbe) -> dict:
         n_train=len(ytr), n_test=len(yte))
 
 
-@pytest.mark.parametrize("solver", ["sklearn", "torch"])
-def test_sweep_results_equal_scikit_learns_metrics(solver):
-    r = _residuals()
-    sweep = sweep_layers(r, solver=solver, shuffled_control="best", progress=False)
+def _assert_sweep_is_reference(r: Residuals, sweep) -> None:
+    """Every layer's result equals :func:`_reference`'s (scikit-learn's metrics and plain loops)."""
     for L in r.layers:
         got = sweep.results[L].to_dict()
         for key, value in _reference(r, L, sweep.probes[L]).items():
@@ -118,6 +116,13 @@ def test_sweep_results_equal_scikit_learns_metrics(solver):
                 assert got[key] == value, key
             else:
                 assert got[key] == pytest.approx(value, abs=1e-15), key
+
+
+@pytest.mark.parametrize("solver", ["sklearn", "torch"])
+def test_sweep_results_equal_scikit_learns_metrics(solver):
+    r = _residuals()
+    sweep = sweep_layers(r, solver=solver, shuffled_control="best", progress=False)
+    _assert_sweep_is_reference(r, sweep)
     assert sweep.results[2].accuracy > sweep.results[0].accuracy + 0.1  # the signal grows with the layer
     best = sweep.best_layer
     # the shuffled-label control: a probe fitted on permuted labels, scored by scikit-learn
@@ -222,16 +227,7 @@ def test_sweep_on_tensors_uses_batched_predictions(monkeypatch, shuffled):
     assert not any(p is q for p in callers for q in sweep.probes.values())
     if shuffled == "best":
         assert sweep.results[sweep.best_layer].shuffled_label_accuracy is not None
-    for L in r.layers:
-        got = sweep.results[L].to_dict()
-        for key, value in _reference(r, L, sweep.probes[L]).items():
-            if isinstance(value, dict):
-                assert got[key].keys() == value.keys(), key
-                assert all(got[key][k] == pytest.approx(v, abs=1e-15) for k, v in value.items()), key
-            elif isinstance(value, list):
-                assert got[key] == value, key
-            else:
-                assert got[key] == pytest.approx(value, abs=1e-15), key
+    _assert_sweep_is_reference(r, sweep)
 
 
 def test_layer_predictions_refuse_bad_input():
