@@ -144,8 +144,9 @@ def lbfgs_direction(g: Float[Tensor, "problem f"], S: Float[Tensor, "problem m f
 
     * first loop (newest pair first): ``α_j = ρ_j s_j·(q_0 − Σ_{i newer} α_i y_i)``, so
       ``(I + diag(ρ) N) α = ρ ⊙ Sᵀq_0`` with ``N = (Sᵀ Y) ⊙ newer`` (``q_0 = −g``);
-    * second loop (oldest first), from ``r_0 = H_0 (q_0 − Yᵀα)`` (``= −scale · (P g + (PY)ᵀα)`` preconditioned): ``β_j = ρ_j y_j·(r_0 + Σ_{i older} (α_i − β_i)
-      s_i)``, so ``(I + diag(ρ) Nᵀ) β = ρ ⊙ (Yᵀ r_0 + Nᵀ α)``; the direction is ``r_0 + Sᵀ(α − β)``.
+    * second loop (oldest first), from ``r_0 = H_0 (q_0 − Yᵀα)`` (``= −scale · (P g + (PY)ᵀα)`` preconditioned):
+      ``β_j = ρ_j y_j·(r_0 + Σ_{i older} (α_i − β_i) s_i)``, so ``(I + diag(ρ) Nᵀ) β = ρ ⊙ (Yᵀ r_0 + Nᵀ α)``; the
+      direction is ``r_0 + Sᵀ(α − β)``.
 
     ``N`` is strictly triangular in recency order, so ``X = −diag(ρ) N`` is nilpotent (``X^m = 0``, exactly: the
     zero pattern survives rounding) and ``(I − X)^{-1} = Π_k (I + X^{2^k})`` over ``2^k < m``: a few small matrix
@@ -247,11 +248,13 @@ def batched_lbfgs_logreg(Z: Float[Tensor, "problem sample d"], y: Int[Tensor, "s
 
     ``precondition`` (None: when ``d + 1 <= 2 · sample``, where applying ``P`` costs at most the iteration's two
     passes over the data): the recursion starts from ``H_0 = γ P`` with ``P`` the inverse of the objective's
-    Hessian at θ = 0 up to the softmax's curvature (:func:`logreg_preconditioner`), instead of ``γ I``. Residual-stream features are
-    strongly correlated, which is what makes L-BFGS slow here; L-BFGS from ``γ P`` takes the steps it would take on
-    decorrelated ("whitened") features, so it needs 3-4 times fewer iterations (SmolLM2-135M, layers 2, 8, 20, 29:
-    315 → 82; SmolLM2's shapes with random weights: 407 → 124) for one more ``[d, d]`` product per iteration. The
-    objective, the line search and the stopping rule are the same; only the path to the optimum changes.
+    Hessian at θ = 0 up to the softmax's curvature (:func:`logreg_preconditioner`), instead of ``γ I``.
+    Residual-stream features are strongly correlated, which is what makes L-BFGS slow here; L-BFGS from ``γ P`` takes
+    the steps it would take on decorrelated ("whitened") features, so it needs 3-4 times fewer iterations
+    (SmolLM2-135M's 30 layers: 302 → 103; SmolLM2's shapes with random weights: 416 → 129) for one more ``[d, d]``
+    product per iteration. The objective, the line search and the stopping rule are the same; only the path to the
+    optimum changes.
+
     The host checks once per block of ``history_size`` iterations whether all have stopped. On CUDA (``cuda_graph``
     None or True) one iteration is recorded as a CUDA graph (the ring slot it writes is read on the device) and
     replayed, so an iteration costs its kernels' run time, not their launches, and recording costs one iteration's

@@ -188,8 +188,8 @@ def test_confusion_counts_is_scikit_learns(seed):
 
 def _on_tensors(r: Residuals) -> Residuals:
     """The same residuals with every split as a tensor (as kept on a device by ``collect_residuals``)."""
-    return Residuals(r.layers, r.kind, r.positions, {k: torch.from_numpy(v.copy()) for k, v in r.data.items()}, r.labels,
-                     r.abs_pos, r.prompt_idx, r.model_name)
+    data = {k: torch.from_numpy(v.copy()) for k, v in r.data.items()}
+    return Residuals(r.layers, r.kind, r.positions, data, r.labels, r.abs_pos, r.prompt_idx, r.model_name)
 
 
 @pytest.mark.parametrize("n_classes", [2, 7])
