@@ -4,9 +4,9 @@ per word index, per absolute position, and as a confusion matrix; fitted at one 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
