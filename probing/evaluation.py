@@ -17,7 +17,7 @@ from wordpos.probing.activations import Residuals
 from wordpos.probing.baselines import PositionBaseline, shuffled_label_accuracy
 from wordpos.probing.errors import ConfigError, CorruptFileError
 from wordpos.probing.io import read_json, write_json
-from wordpos.probing.probe import DEFAULT_SOLVER, WordIndexProbe, fit_probes
+from wordpos.probing.probe import DEFAULT_SOLVER, NONFINITE_RESIDUALS, WordIndexProbe, decision_index, fit_probes
 
 
 @dataclass
@@ -145,14 +145,12 @@ def layer_predictions(residuals: Residuals, probes: dict[int, WordIndexProbe],
     dev = residuals.data[present[0]].device
     d = first.n_features_in_
 
-    def stack(get: Any, fill: float) -> torch.Tensor:
-        rows = [np.full(d, fill) if get(probes[L]) is None else get(probes[L]) for L in layers]
-        return torch.as_tensor(np.stack(rows).astype(np.float64), device=dev)
+    def stack(get: Any) -> torch.Tensor:  # one upload per attribute (fitted probes keep float64 arrays for all)
+        return torch.as_tensor(np.stack([get(probes[L]) for L in layers]), dtype=torch.float64, device=dev)
 
-    mean, scale = stack(lambda p: p.scaler_.mean_, 0.0), stack(lambda p: p.scaler_.scale_, 1.0)  # [layer, d]
-    coef_t = torch.as_tensor(np.stack([probes[L].coef_ for L in layers]), dtype=torch.float64,
-                             device=dev).transpose(1, 2)  # [layer, d, k]
-    icpt = torch.as_tensor(np.stack([probes[L].intercept_ for L in layers]), dtype=torch.float64, device=dev)
+    mean, scale = stack(lambda p: p.scaler_.mean_), stack(lambda p: p.scaler_.scale_)  # [layer, d]
+    coef_t = stack(lambda p: p.coef_).transpose(1, 2)  # [layer, d, k]
+    icpt = stack(lambda p: p.intercept_)  # [layer, k]
     cols = [residuals.layers.index(L) for L in layers]
     classes = np.asarray(first.classes_)
     out: dict[int, dict[str, np.ndarray]] = {L: {} for L in layers}
@@ -171,13 +169,12 @@ def layer_predictions(residuals: Residuals, probes: dict[int, WordIndexProbe],
             Z.sub_(mean[sl, None]).div_(scale[sl, None])
             dec = torch.baddbmm(icpt[sl, None], Z, coef_t[sl])  # [layer, sample, k]
             del Z
-            idx = (dec[..., 0] > 0).long() if dec.shape[-1] == 1 else dec.argmax(-1)
+            idx = decision_index(dec)  # (WordIndexProbe.predict's rule)
             parts.append(idx.masked_fill_(~torch.isfinite(dec).all(-1), -1))  # -1: a NaN or inf residual
             del dec
         idx = torch.cat(parts, 0).cpu().numpy()  # [layer, sample]: the one wait for this split
         if (idx < 0).any():
-            raise ConfigError("the residual vectors contain NaN or inf; check the model's dtype (a float16 overflow?) "
-                              "or collect them again in float32.")
+            raise ConfigError(NONFINITE_RESIDUALS)
         for j, L in enumerate(layers):
             out[L][split] = classes[idx[j]]
     return out

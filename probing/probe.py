@@ -33,6 +33,14 @@ ArrayLike = np.ndarray | Tensor
 SOLVERS = ("torch", "sklearn")
 OPTIMIZERS = ("auto", "joint", "batched")  # the torch solver's L-BFGS variants (fit_probes)
 DEFAULT_SOLVER = "torch"  # held-out accuracy within 0.5 point of scikit-learn's (organism, SmolLM2; see tests)
+NONFINITE_RESIDUALS = ("the residual vectors contain NaN or inf; check the model's dtype (a float16 overflow?) or "
+                       "collect them again in float32.")
+
+
+def decision_index(d: np.ndarray | Tensor) -> np.ndarray | Tensor:
+    """The class index each row of decision values ``[..., k]`` predicts, by scikit-learn's rule: argmax, or
+    decision > 0 for two classes (``k = 1``). For numpy arrays and torch tensors alike."""
+    return (d[..., 0] > 0) * 1 if d.shape[-1] == 1 else d.argmax(-1)
 
 
 def _np(x: ArrayLike) -> np.ndarray:
@@ -352,12 +360,13 @@ def batched_lbfgs_logreg(Z: Float[Tensor, "problem sample d"], y: Int[Tensor, "s
         stepped = torch.where(ok[:, None, None], torch.addcmul(logits, a[:, None, None], Bp), logits)
         loss_new, g_new, logits_new = loss_grad(theta, stepped)
         yv = g_new - g
+        sy = vdot(s, yv)
         if P is None:
-            sy, yy = vdot(s, yv), vdot(yv, yv)
+            yy = vdot(yv, yv)
         else:  # γ = s·y / y·Py: the scale whitened coordinates would give
             Pg_new = torch.bmm(P, g_new)
             Pyv = Pg_new - Pg
-            sy, yy = vdot(s, yv), vdot(yv, Pyv)
+            yy = vdot(yv, Pyv)
             PY.index_copy_(1, head, Pyv.flatten(1)[:, None])
             Pg.copy_(Pg_new)
         good = ok & (sy > 1e-10 * yy) & (yy > 0)
@@ -560,8 +569,7 @@ class WordIndexProbe(ClassifierMixin, BaseEstimator):
         if len(Z) == 0:
             raise ConfigError("no residual vectors to score (0 samples); is the split empty?")
         if not np.isfinite(Z).all():
-            raise ConfigError("the residual vectors contain NaN or inf; check the model's dtype (a float16 overflow?) "
-                              "or collect them again in float32.")
+            raise ConfigError(NONFINITE_RESIDUALS)
         if self.standardize:
             Z -= self.scaler_.mean_
             Z /= self.scaler_.scale_
@@ -582,7 +590,7 @@ class WordIndexProbe(ClassifierMixin, BaseEstimator):
 
     def predict(self, X: ArrayLike) -> np.ndarray:
         d = self._decision(X)  # scikit-learn's rule: argmax, or decision > 0 for two classes
-        idx = (d[:, 0] > 0).astype(np.int64) if d.shape[1] == 1 else d.argmax(1)
+        idx = decision_index(d)
         return np.asarray(self.classes_)[idx]
 
     def score(self, X: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | None = None) -> float:
