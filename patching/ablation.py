@@ -98,13 +98,6 @@ class AblationResult:
         return len({tuple(sorted(map(tuple, s))) for s in self.random_heads})
 
 
-def _masked_position_mean(z: Tensor, lengths: Tensor) -> Tensor:
-    """Mean over prompts at each position, counting only prompts that reach it: ``[pos, head, d_head]``."""
-    T = z.shape[1]
-    mask = (torch.arange(T, device=z.device)[None, :] < lengths.to(z.device)[:, None]).to(z.dtype)
-    return torch.einsum("bthd,bt->thd", z, mask) / mask.sum(0).clamp(min=1)[:, None, None]
-
-
 @torch.no_grad()
 def head_means(engine: Engine, prompts: PromptSet, layers: Sequence[int], batch_size: int | None = None, *,
                length: int | None = None, sizing: Sizing | None = None) -> dict[int, Tensor]:

@@ -170,10 +170,6 @@ def _ctx(model: Any, pairs: PatchingPairs | PatchContext, probe: WordIndexProbe 
     return prepare(model, pairs, probe, metric=metric, direction=direction)
 
 
-def _unpatched_value(ctx: PatchContext) -> float:
-    return ctx.unpatched
-
-
 def change_result(levels: torch.Tensor | Any, ctx: PatchContext, axes: tuple[str, ...], method: str,
                   **config: Any) -> EffectResult:
     """An :class:`EffectResult` of signed changes (levels − unpatched), the levels kept in ``extra["level"]``."""

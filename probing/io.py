@@ -59,11 +59,6 @@ def file_mode() -> int:
     return 0o666 & ~current_umask()
 
 
-def dir_mode() -> int:
-    """The mode a new directory gets under the user's umask (``0o777 & ~umask``): what ``mkdir`` would give."""
-    return 0o777 & ~current_umask()
-
-
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path`` in one step,
