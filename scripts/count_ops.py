@@ -17,6 +17,13 @@ passes, each a run of the model's blocks). Counts are exact and repeatable; they
 
     python scripts/count_ops.py                       # probe layer 8, 16 pairs (the benchmark's circuit stage)
     python scripts/count_ops.py --layer 23 --top 30 --out ops.json
+    python scripts/count_ops.py --run --out ops-run.json     # every stage of ``wordpos run``, the GPU's paths
+
+``--run`` counts every stage of ``wordpos run`` (the pipeline as the benchmark runs it, sized as on the GPU) with
+the code paths an accelerator takes forced on the CPU (:func:`accelerator_paths`: residuals kept as tensors and all
+layers fitted in one group, the batched preconditioned L-BFGS for every probe fit and refit, the hook-free route
+for head edits, the accelerator's batch sizes). The solver's operators are counted apart (``solver``) with its
+iterations: on CUDA an iteration is one replay of a recorded graph, not its operators one by one.
 """
 
 from __future__ import annotations
@@ -114,6 +121,128 @@ def accelerator_chunking(real_width: int = 576) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def accelerator_paths() -> Iterator[None]:
+    """The code an accelerator runs, on the CPU: free device memory reported (residuals kept as tensors, every layer
+    fitted in one group), the batched preconditioned L-BFGS for every probe fit and refit, the hook-free route for
+    head edits, and :func:`accelerator_chunking`'s batch sizes."""
+    from unittest import mock
+
+    import wordpos.probing.engines.memory as memory
+    import wordpos.probing.evaluation as evaluation
+    import wordpos.probing.probe as probe
+    from wordpos.patching import lean_route
+
+    fit = probe.fit_probes
+
+    def batched(*a: Any, optimizer: str = "auto", **kw: Any) -> Any:
+        return fit(*a, optimizer="batched" if optimizer == "auto" else optimizer, **kw)
+
+    with accelerator_chunking(), lean_route.forced(True), \
+            mock.patch.object(memory, "free_memory_bytes", lambda device: 8 << 30), \
+            mock.patch.object(probe, "fit_probes", batched), mock.patch.object(evaluation, "fit_probes", batched):
+        yield
+
+
+class StageCounter(OpCounter):
+    """Counts aten calls per stage of ``wordpos run`` (``self.phase`` is the stage's name), the probe solver's apart
+    (``solver``, with its iterations: on CUDA each is one replay of a recorded graph)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_phase = {}
+        self.solver: Counter[str] = Counter()
+        self.iterations: Counter[str] = Counter()
+        self.in_solver = False
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func._schema.name.split("::")[-1]
+        c = self.by_phase.setdefault(self.phase, Counter())
+        key = "solver_" if self.in_solver else ""
+        c[f"{key}ops"] += 1
+        if _syncs(name, args, kwargs):
+            c[f"{key}syncs"] += 1
+        elif not (func.is_view or name in NO_KERNEL):
+            c[f"{key}kernels"] += 1
+            if not self.in_solver:
+                self.by_op[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        """Tag the pipeline's stages (``pipeline._stage``, as ``bench.py`` wraps them) and the solver's calls."""
+        from unittest import mock
+
+        import wordpos.probing.probe as probe
+        from bench import _wrap_stages
+
+        solver = probe.batched_lbfgs_logreg
+
+        @contextlib.contextmanager
+        def stage(name: str, inner: Any) -> Iterator[None]:
+            with inner:
+                before, self.phase = self.phase, name
+                try:
+                    yield
+                finally:
+                    self.phase = before
+
+        def counted_solver(*a: Any, **k: Any) -> Any:
+            self.in_solver = True
+            try:
+                out = solver(*a, **k)
+            finally:
+                self.in_solver = False
+            self.iterations[self.phase] += int(out[2])
+            return out
+
+        undo = _wrap_stages(stage)
+        try:
+            with mock.patch.object(probe, "batched_lbfgs_logreg", counted_solver):
+                yield
+        finally:
+            undo()
+
+
+def count_run(width: int = 36, layer: int | None = 8, n_prompts: int | None = None, n_pairs: int | None = None,
+              n_random: int = 10, top: int = 15) -> dict[str, Any]:
+    """Operators per stage of ``wordpos run`` on the narrow SmolLM2-architecture model with the accelerator's paths
+    (:func:`accelerator_paths`), as :func:`bench._bench` sizes the run (``layer``: the patched layer)."""
+    from wordpos.circuit.pipeline import RunConfig, run_pipeline
+    from wordpos.probing import load_model
+
+    work = Path(tempfile.mkdtemp(prefix="wordpos-ops-"))
+    try:
+        path = build_smollm2_arch(work / "narrow", width=width)
+        model = load_model(str(path), device="cpu", dtype="float32")
+        n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+        config = RunConfig(model=str(path), n_prompts=n_prompts, n_pairs=n_pairs, n_random=n_random, layer=layer,
+                           device="cpu").sized(n_layers, n_heads)
+        counter = StageCounter()
+        with accelerator_paths(), counter.watching(), counter:
+            summary = run_pipeline(config, work / "run", model=model, overwrite=True, progress=False).summary
+        stages = {k: dict(v) for k, v in counter.by_phase.items() if k != "other" or sum(v.values())}
+        return {"model": f"SmolLM2-135M's architecture, width {width} (random weights)", "width": width,
+                "patched_layer": summary["patched_layer"], "n_prompts": config.n_prompts, "n_pairs": config.n_pairs,
+                "n_random": config.n_random, "torch": torch.__version__, "paths": "accelerator (forced on the CPU)",
+                "stages": stages, "solver_iterations": dict(counter.iterations),
+                "top_kernels_outside_the_solver": dict(counter.by_op.most_common(top))}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def print_run(rec: dict[str, Any]) -> None:
+    print(f"wordpos run, {rec['model']}, patched layer {rec['patched_layer']}, {rec['n_prompts']} prompts, "
+          f"{rec['n_pairs']} pairs, {rec['n_random']} random sets; the accelerator's paths")
+    print(f"  {'stage':22s} {'ops':>8s} {'kernels':>8s} {'syncs':>6s} | solver: {'ops':>7s} {'kernels':>8s} "
+          f"{'syncs':>6s} {'iterations':>10s}")
+    for stage, c in rec["stages"].items():
+        print(f"  {stage:22s} {c.get('ops', 0):8,} {c.get('kernels', 0):8,} {c.get('syncs', 0):6,} |         "
+              f"{c.get('solver_ops', 0):7,} {c.get('solver_kernels', 0):8,} {c.get('solver_syncs', 0):6,} "
+              f"{rec['solver_iterations'].get(stage, 0):10,}")
+    print("  top kernels (solver apart):", ", ".join(f"{k} {v}" for k, v in rec["top_kernels_outside_the_solver"].items()))
+
+
+@contextlib.contextmanager
 def phases(counter: OpCounter) -> Iterator[None]:
     """Tag the stage's calls with their phase (the functions the stage looks up when it runs)."""
     from unittest import mock
@@ -179,7 +308,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--width", type=int, default=36, help="the narrow model's width (a multiple of 9)")
     ap.add_argument("--top", type=int, default=15, help="kernels listed by name")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--run", action="store_true", help="count every stage of `wordpos run` (--layer: the patched "
+                    "layer), the accelerator's paths forced")
+    ap.add_argument("--prompts", type=int, default=None, help="--run: the probe's prompts (default: the run's sizing)")
+    ap.add_argument("--random", type=int, default=10, help="--run: random-head control sets")
     args = ap.parse_args(argv)
+    if args.run:
+        rec = count_run(args.width, args.layer, args.prompts, args.pairs, args.random, args.top)
+        print_run(rec)
+        if args.out:
+            args.out.write_text(json.dumps(rec, indent=1) + "\n")
+        return rec
 
     from wordpos.circuit.edge_circuit import edge_circuit_stage, load_stage_modules
     from wordpos.probing import load_model

@@ -142,3 +142,26 @@ def test_device_ab_build_packs_a_clean_checkout_and_names_its_revision(tmp_path)
                           check=True).stdout.strip()
     assert (clone / ".ab/x/REVISION").read_text().startswith(f". ({head}) -> .ab/x:")
     assert len(list((clone / ".ab/x").glob("wordpos-*.whl"))) == 1 and (clone / ".ab/x/scripts/bench.py").exists()
+
+
+def test_count_ops_run_counts_every_stage_on_the_accelerators_paths(scripts_on_path):
+    """``count_ops.py --run``: every stage of ``wordpos run`` counted, the GPU's probe solver taken by the probe fits
+    and the ablation's refits (its operators and iterations apart, nowhere else), and every switch it forced (route,
+    sizing, solver, stage wrapper) left as it was."""
+    count_ops = importlib.import_module("count_ops")
+    from wordpos.circuit import pipeline
+    from wordpos.patching import lean_route
+    from wordpos.patching.sizing import Sizing
+    from wordpos.probing import probe
+
+    before = (lean_route.ENABLED, Sizing.tokens_per_forward, probe.batched_lbfgs_logreg, pipeline._stage)
+    rec = count_ops.count_run(width=36, layer=2, n_prompts=96, n_pairs=4, n_random=2)
+    assert (lean_route.ENABLED, Sizing.tokens_per_forward, probe.batched_lbfgs_logreg, pipeline._stage) == before
+    stages = rec["stages"]
+    run_stages = {"probe (all layers)", "activation patching", "attribution patching", "path patching", "ablation",
+                  "circuit", "attention evidence"}
+    assert run_stages <= set(stages) and all(stages[s]["kernels"] > 0 for s in run_stages)
+    solver = {s for s, c in stages.items() if c.get("solver_ops")}
+    assert solver == {"probe (all layers)", "ablation"}
+    assert set(rec["solver_iterations"]) == solver and min(rec["solver_iterations"].values()) > 0
+    assert rec["patched_layer"] == 2
