@@ -284,8 +284,9 @@ def _refit_sets(probe: WordIndexProbe, xtr: Tensor, ytr: Tensor, xte: Tensor, yt
     ``[set, sample, d_model]``) with the torch solver on ``device`` (the run's): on an accelerator every set in one
     batched fit (``batched_lbfgs_logreg``: each set its own L-BFGS, line search and stopping rule), on the CPU one
     set at a time with torch's LBFGS (a joint fit there runs as many iterations as its slowest set needs, and its
-    shared line search converges each set less tightly). Sets with identical activations are fitted once."""
-    from wordpos.probing.probe import fit_probes
+    shared line search converges each set less tightly): ``probing.probe.auto_optimizer`` decides, as for the probe
+    stage's fits. Sets with identical activations are fitted once."""
+    from wordpos.probing.probe import auto_optimizer, fit_probes
 
     dev = device if device.type != "meta" else torch.device("cpu")
     kw = dict(device=dev, C=probe.C, model=probe.model)
@@ -296,7 +297,7 @@ def _refit_sets(probe: WordIndexProbe, xtr: Tensor, ytr: Tensor, xte: Tensor, yt
         same = next((j for j in first if torch.equal(xtr[i], xtr[j]) and torch.equal(xte[i], xte[j])), None)
         first.append(i if same is None else same)
     distinct = sorted(set(first))
-    if dev.type == "cpu":
+    if auto_optimizer(dev) == "joint":
         fitted = [fit_probes(xtr[i][None], ytr, layers=[probe.layer], **kw)[0] for i in distinct]
     else:
         fitted = fit_probes(xtr[distinct], ytr, layers=[probe.layer] * len(distinct), **kw)

@@ -409,6 +409,14 @@ def batched_lbfgs_logreg(Z: Float[Tensor, "problem sample d"], y: Int[Tensor, "s
     return theta[:, :d].contiguous(), theta[:, d].contiguous(), n_iter, converged
 
 
+def auto_optimizer(device: torch.device) -> str:
+    """The L-BFGS variant ``optimizer="auto"`` takes on ``device``: ``"batched"`` (one L-BFGS per problem, no host
+    round trip inside a block) on an accelerator, ``"joint"`` (torch's LBFGS) on the CPU, where the batched line
+    search's 12 trial steps cost more than they save. Callers that fit several problems (the ablation's refits)
+    ask it too, so that one switch decides the CPU's and the accelerator's route."""
+    return "joint" if torch.device(device).type == "cpu" else "batched"
+
+
 def fit_probes(X: Float[Tensor, "layer sample d_model"] | Sequence[ArrayLike], y: ArrayLike, *,
                layers: Sequence[int | None] | None = None, device: str | torch.device | None = None,
                dtype: torch.dtype = torch.float64, optimizer: str = "auto", **params) -> list["WordIndexProbe"]:
@@ -445,7 +453,7 @@ def fit_probes(X: Float[Tensor, "layer sample d_model"] | Sequence[ArrayLike], y
     Z = (X - mean[:, None]) / scale[:, None]
     del X
     if optimizer == "auto":
-        optimizer = "joint" if dev.type == "cpu" else "batched"
+        optimizer = auto_optimizer(dev)
     solve = batched_lbfgs_logreg if optimizer == "batched" else lbfgs_logreg
     W, b, n_iter, converged = solve(Z, torch.as_tensor(y_idx), len(classes), p0.C, max_iter=p0.max_iter, tol=p0.tol)
     if not converged:

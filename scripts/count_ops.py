@@ -123,23 +123,18 @@ def accelerator_chunking(real_width: int = 576) -> Iterator[None]:
 @contextlib.contextmanager
 def accelerator_paths() -> Iterator[None]:
     """The code an accelerator runs, on the CPU: free device memory reported (residuals kept as tensors, every layer
-    fitted in one group), the batched preconditioned L-BFGS for every probe fit and refit, the hook-free route for
-    head edits, and :func:`accelerator_chunking`'s batch sizes."""
+    fitted in one group), the batched preconditioned L-BFGS for every probe fit and refit (``auto_optimizer``: the
+    refits of all sets in one fit), the hook-free route for head edits, and :func:`accelerator_chunking`'s batch
+    sizes."""
     from unittest import mock
 
     import wordpos.probing.engines.memory as memory
-    import wordpos.probing.evaluation as evaluation
     import wordpos.probing.probe as probe
     from wordpos.patching import lean_route
 
-    fit = probe.fit_probes
-
-    def batched(*a: Any, optimizer: str = "auto", **kw: Any) -> Any:
-        return fit(*a, optimizer="batched" if optimizer == "auto" else optimizer, **kw)
-
     with accelerator_chunking(), lean_route.forced(True), \
             mock.patch.object(memory, "free_memory_bytes", lambda device: 8 << 30), \
-            mock.patch.object(probe, "fit_probes", batched), mock.patch.object(evaluation, "fit_probes", batched):
+            mock.patch.object(probe, "auto_optimizer", lambda device: "batched"):
         yield
 
 
@@ -150,7 +145,7 @@ class StageCounter(OpCounter):
     def __init__(self) -> None:
         super().__init__()
         self.by_phase = {}
-        self.solver: Counter[str] = Counter()
+        self.solver_calls: Counter[str] = Counter()
         self.iterations: Counter[str] = Counter()
         self.in_solver = False
 
@@ -193,6 +188,7 @@ class StageCounter(OpCounter):
             finally:
                 self.in_solver = False
             self.iterations[self.phase] += int(out[2])
+            self.solver_calls[self.phase] += 1
             return out
 
         undo = _wrap_stages(stage)
@@ -225,6 +221,7 @@ def count_run(width: int = 36, layer: int | None = 8, n_prompts: int | None = No
                 "patched_layer": summary["patched_layer"], "n_prompts": config.n_prompts, "n_pairs": config.n_pairs,
                 "n_random": config.n_random, "torch": torch.__version__, "paths": "accelerator (forced on the CPU)",
                 "stages": stages, "solver_iterations": dict(counter.iterations),
+                "solver_calls": dict(counter.solver_calls),
                 "top_kernels_outside_the_solver": dict(counter.by_op.most_common(top))}
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -234,11 +231,11 @@ def print_run(rec: dict[str, Any]) -> None:
     print(f"wordpos run, {rec['model']}, patched layer {rec['patched_layer']}, {rec['n_prompts']} prompts, "
           f"{rec['n_pairs']} pairs, {rec['n_random']} random sets; the accelerator's paths")
     print(f"  {'stage':22s} {'ops':>8s} {'kernels':>8s} {'syncs':>6s} | solver: {'ops':>7s} {'kernels':>8s} "
-          f"{'syncs':>6s} {'iterations':>10s}")
+          f"{'syncs':>6s} {'iterations':>10s} {'calls':>5s}")
     for stage, c in rec["stages"].items():
         print(f"  {stage:22s} {c.get('ops', 0):8,} {c.get('kernels', 0):8,} {c.get('syncs', 0):6,} |         "
               f"{c.get('solver_ops', 0):7,} {c.get('solver_kernels', 0):8,} {c.get('solver_syncs', 0):6,} "
-              f"{rec['solver_iterations'].get(stage, 0):10,}")
+              f"{rec['solver_iterations'].get(stage, 0):10,} {rec['solver_calls'].get(stage, 0):5}")
     print("  top kernels (solver apart):", ", ".join(f"{k} {v}" for k, v in rec["top_kernels_outside_the_solver"].items()))
 
 

@@ -142,7 +142,8 @@ def test_circuit_command_with_threshold(planted_run, tmp_path, capsys):
 def test_run_on_the_accelerators_paths_matches_the_cpus(planted_run, tmp_path, monkeypatch):
     """`wordpos run` through the code an accelerator takes, on the CPU: free memory reported (residuals kept as
     tensors, all layers fitted in one group, predictions batched over layers), the batched preconditioned L-BFGS for
-    every probe fit and refit, the hook-free route for head edits and the accelerator's batch sizes. Each of those
+    every probe fit and refit (the refits of all random sets in one fit), the hook-free route for head edits and the
+    accelerator's batch sizes. Each of those
     paths runs, and the run reads as the CPU path's (same patched layer, top head, circuit heads; accuracies within
     solver tolerance): the GPU's code, exercised where CI runs."""
     import wordpos.probing.engines.memory as memory
@@ -150,9 +151,14 @@ def test_run_on_the_accelerators_paths_matches_the_cpus(planted_run, tmp_path, m
     import wordpos.probing.probe as probe
     from wordpos.patching import lean_route, runner, sizing
 
-    used = {"batched": 0, "preconditioned": 0, "predictions": 0, "lean": 0}
+    used = {"batched": 0, "preconditioned": 0, "refits_in_one_fit": 0, "predictions": 0, "lean": 0}
     solver, predictions, lean = probe.batched_lbfgs_logreg, evaluation.layer_predictions, lean_route.lean_run
     fit = probe.fit_probes
+
+    def counted_fit(X, *a, layers=None, **kw):
+        # the ablation's refits: every distinct set in one fit (one layer, several sets), as on an accelerator
+        used["refits_in_one_fit"] += layers is not None and len(layers) > 1 and len(set(layers)) == 1
+        return fit(X, *a, layers=layers, **kw)
 
     def batched(Z, *a, **kw):
         used["batched"] += 1
@@ -171,9 +177,9 @@ def test_run_on_the_accelerators_paths_matches_the_cpus(planted_run, tmp_path, m
 
     monkeypatch.setattr(memory, "free_memory_bytes", lambda device: 8 << 30)
     monkeypatch.setattr(probe, "batched_lbfgs_logreg", batched)
-    monkeypatch.setattr(probe, "fit_probes", lambda *a, optimizer="auto", **kw: fit(
-        *a, optimizer="batched" if optimizer == "auto" else optimizer, **kw))
-    monkeypatch.setattr(evaluation, "fit_probes", probe.fit_probes)
+    monkeypatch.setattr(probe, "auto_optimizer", lambda device: "batched")
+    monkeypatch.setattr(probe, "fit_probes", counted_fit)
+    monkeypatch.setattr(evaluation, "fit_probes", counted_fit)
     monkeypatch.setattr(evaluation, "layer_predictions", counted_predictions)
     monkeypatch.setattr(runner, "lean_run", counted_lean)
     monkeypatch.setattr(lean_route, "ENABLED", True)

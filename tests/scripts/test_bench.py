@@ -163,5 +163,6 @@ def test_count_ops_run_counts_every_stage_on_the_accelerators_paths(scripts_on_p
     assert run_stages <= set(stages) and all(stages[s]["kernels"] > 0 for s in run_stages)
     solver = {s for s, c in stages.items() if c.get("solver_ops")}
     assert solver == {"probe (all layers)", "ablation"}
-    assert set(rec["solver_iterations"]) == solver and min(rec["solver_iterations"].values()) > 0
+    assert set(rec["solver_iterations"]) == set(rec["solver_calls"]) == solver
+    assert min(rec["solver_iterations"].values()) > 0 and min(rec["solver_calls"].values()) > 0
     assert rec["patched_layer"] == 2
