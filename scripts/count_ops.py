@@ -124,15 +124,16 @@ def accelerator_chunking(real_width: int = 576) -> Iterator[None]:
 def accelerator_paths() -> Iterator[None]:
     """The code an accelerator runs, on the CPU: free device memory reported (residuals kept as tensors, every layer
     fitted in one group), the batched preconditioned L-BFGS for every probe fit and refit (``auto_optimizer``: the
-    refits of all sets in one fit), the hook-free route for head edits, and :func:`accelerator_chunking`'s batch
-    sizes."""
+    refits of all sets in one fit), the hook-free route for head edits, interventions that start at different
+    layers coalesced into one forward (``runner._launch_bound``), and :func:`accelerator_chunking`'s batch sizes."""
     from unittest import mock
 
     import wordpos.probing.engines.memory as memory
     import wordpos.probing.probe as probe
-    from wordpos.patching import lean_route
+    from wordpos.patching import lean_route, runner
 
     with accelerator_chunking(), lean_route.forced(True), \
+            mock.patch.object(runner, "_launch_bound", lambda device: True), \
             mock.patch.object(memory, "free_memory_bytes", lambda device: 8 << 30), \
             mock.patch.object(probe, "auto_optimizer", lambda device: "batched"):
         yield

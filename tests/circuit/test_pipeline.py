@@ -183,6 +183,7 @@ def test_run_on_the_accelerators_paths_matches_the_cpus(planted_run, tmp_path, m
     monkeypatch.setattr(evaluation, "layer_predictions", counted_predictions)
     monkeypatch.setattr(runner, "lean_run", counted_lean)
     monkeypatch.setattr(lean_route, "ENABLED", True)
+    monkeypatch.setattr(runner, "_launch_bound", lambda device: True)  # interventions' groups coalesced
     monkeypatch.setattr(sizing.Sizing, "tokens_per_forward", lambda self, device: self.accelerator_tokens)
     monkeypatch.setattr(sizing.Sizing, "prompts_per_batch", lambda self, device: self.accelerator_prompts)
     cpu_out, args = planted_run
