@@ -199,3 +199,5 @@ def test_run_on_the_accelerators_paths_matches_the_cpus(planted_run, tmp_path, m
     a, c = acc["ablation"], cpu["ablation"]
     assert a["accuracy"] == pytest.approx(c["accuracy"], abs=0.01)
     assert a["refit_accuracy"] == pytest.approx(c["refit_accuracy"], abs=0.01)
+    # the random sets' refits, fitted together here and one by one on the CPU
+    assert a["random_refit_accuracies"] == pytest.approx(c["random_refit_accuracies"], abs=0.02)
