@@ -79,16 +79,19 @@ class OpCounter(TorchDispatchMode):
         self.by_op: Counter[str] = Counter()
         self.by_phase: dict[str, Counter[str]] = {p: Counter() for p in PHASES}
 
+    def _where(self) -> tuple[Counter[str], str, bool]:
+        """(the counter a call goes to, its keys' prefix, whether its kernels are also counted by name)."""
+        return self.by_phase[self.phase], "device_" if self.depth else "host_", bool(self.depth)
+
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         name = func._schema.name.split("::")[-1]
-        c = self.by_phase[self.phase]
-        where = "device" if self.depth else "host"
-        c[f"{where}_ops"] += 1
+        c, key, named = self._where()
+        c[f"{key}ops"] += 1
         if _syncs(name, args, kwargs):
-            c[f"{where}_syncs"] += 1
+            c[f"{key}syncs"] += 1
         elif not (func.is_view or name in NO_KERNEL):
-            c[f"{where}_kernels"] += 1
-            if self.depth:
+            c[f"{key}kernels"] += 1
+            if named:
                 self.by_op[name] += 1
         return func(*args, **(kwargs or {}))
 
@@ -150,18 +153,8 @@ class StageCounter(OpCounter):
         self.iterations: Counter[str] = Counter()
         self.in_solver = False
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        name = func._schema.name.split("::")[-1]
-        c = self.by_phase.setdefault(self.phase, Counter())
-        key = "solver_" if self.in_solver else ""
-        c[f"{key}ops"] += 1
-        if _syncs(name, args, kwargs):
-            c[f"{key}syncs"] += 1
-        elif not (func.is_view or name in NO_KERNEL):
-            c[f"{key}kernels"] += 1
-            if not self.in_solver:
-                self.by_op[name] += 1
-        return func(*args, **(kwargs or {}))
+    def _where(self) -> tuple[Counter[str], str, bool]:
+        return self.by_phase.setdefault(self.phase, Counter()), "solver_" if self.in_solver else "", not self.in_solver
 
     @contextlib.contextmanager
     def watching(self) -> Iterator[None]:
