@@ -22,7 +22,8 @@ passes, each a run of the model's blocks). Counts are exact and repeatable; they
 ``--run`` counts every stage of ``wordpos run`` (the pipeline as the benchmark runs it, sized as on the GPU) with
 the code paths an accelerator takes forced on the CPU (:func:`accelerator_paths`: residuals kept as tensors and all
 layers fitted in one group, the batched preconditioned L-BFGS for every probe fit and refit, the hook-free route
-for head edits, the accelerator's batch sizes). The solver's operators are counted apart (``solver``) with its
+for head edits, interventions starting at different layers coalesced into one forward, the accelerator's batch
+sizes). The solver's operators are counted apart (``solver``) with its
 iterations: on CUDA an iteration is one replay of a recorded graph, not its operators one by one.
 """
 

@@ -156,7 +156,8 @@ def test_run_on_the_accelerators_paths_matches_the_cpus(planted_run, tmp_path, m
     fit = probe.fit_probes
 
     def counted_fit(X, *a, layers=None, **kw):
-        # the ablation's refits: every distinct set in one fit (one layer, several sets), as on an accelerator
+        # the ablation's refits: every distinct set in one fit (one layer, several sets), as on an accelerator (the
+        # planted run's random sets are not all identical, so at least two are fitted together)
         used["refits_in_one_fit"] += layers is not None and len(layers) > 1 and len(set(layers)) == 1
         return fit(X, *a, layers=layers, **kw)
 

@@ -150,13 +150,19 @@ def test_count_ops_run_counts_every_stage_on_the_accelerators_paths(scripts_on_p
     sizing, solver, stage wrapper) left as it was."""
     count_ops = importlib.import_module("count_ops")
     from wordpos.circuit import pipeline
-    from wordpos.patching import lean_route
+    from wordpos.patching import edge_runner, lean_route, runner
     from wordpos.patching.sizing import Sizing
     from wordpos.probing import probe
+    from wordpos.probing.engines import memory
 
-    before = (lean_route.ENABLED, Sizing.tokens_per_forward, probe.batched_lbfgs_logreg, pipeline._stage)
+    def switches():
+        return (lean_route.ENABLED, Sizing.tokens_per_forward, Sizing.prompts_per_batch, probe.batched_lbfgs_logreg,
+                probe.auto_optimizer, runner._launch_bound, memory.free_memory_bytes, edge_runner.tokens_per_forward,
+                pipeline._stage)
+
+    before = switches()
     rec = count_ops.count_run(width=36, layer=2, n_prompts=96, n_pairs=4, n_random=2)
-    assert (lean_route.ENABLED, Sizing.tokens_per_forward, probe.batched_lbfgs_logreg, pipeline._stage) == before
+    assert switches() == before
     stages = rec["stages"]
     run_stages = {"probe (all layers)", "activation patching", "attribution patching", "path patching", "ablation",
                   "circuit", "attention evidence"}
