@@ -167,9 +167,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     ab = res.summary.get("ablation") or {}
     if ab:
         heads = ", ".join(f"{L}.{h}" for L, h in ab["heads"])
+        rand = (f"; {len(ab['heads'])} random heads: {ab['random_refit_mean']:.1%}" + _distinct_note(ab)
+                if ab.get("random_refit_mean") is not None else "; no random-head control (--n-random 0)")
         print(f"{ab['method']}-ablating {heads}: re-fitted probe {ab['refit_accuracy']:.1%} vs position-only "
-              f"{ab['baseline_abs_pos_accuracy']:.1%}; {len(ab['heads'])} random heads: {ab['random_refit_mean']:.1%}"
-              + _distinct_note(ab))
+              f"{ab['baseline_abs_pos_accuracy']:.1%}" + rand)
     c = res.summary["circuit"]
     f = c["faithfulness"]
     if "cpr" in c:  # the edge circuit

@@ -68,6 +68,12 @@ class RunConfig:
         for name, ok in choices.items():
             if getattr(self, name) not in ok:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {ok}.")
+        for name in ("n_prompts", "n_pairs"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{name} must be a positive integer, or None to size it to the model; got {v!r}.")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}.")
         if not 0 < self.circuit_target <= 1:
             raise ConfigError(f"circuit_target is a faithfulness in (0, 1], got {self.circuit_target}.")
         if self.circuit_steps < 1 or self.circuit_n_random < 0 or self.top_k < 1 or self.n_random < 0:
@@ -90,8 +96,9 @@ class RunConfig:
         small = n_layers * n_heads <= z.small_model_heads
         from dataclasses import replace
 
-        return replace(self, n_prompts=self.n_prompts or (z.prompts_small if small else z.prompts_large),
-                       n_pairs=self.n_pairs or (z.pairs_small if small else z.pairs_large))
+        return replace(self, n_prompts=self.n_prompts if self.n_prompts is not None else
+                       (z.prompts_small if small else z.prompts_large),
+                       n_pairs=self.n_pairs if self.n_pairs is not None else (z.pairs_small if small else z.pairs_large))
 
     def identity(self) -> dict[str, Any]:
         d = config_identity(self, exclude=("device", "engine", "remote", "png"))
@@ -173,7 +180,7 @@ def _run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool, progre
 
         raise ConfigError(f"layer {config.layer} has no probe in {out / 'probe'}; layers run: "
                           f"{sorted(metrics['per_layer_accuracy'])}.")
-    common = dict(model=config.model, probe=str(probe_path), n_pairs=config.n_pairs, seed=config.seed,
+    common = dict(model=config.model, probe=str(probe_path.absolute()), n_pairs=config.n_pairs, seed=config.seed,
                   device=config.device, top_k=config.top_k, n_random=config.n_random, receivers=config.receivers,
                   n_prompts=min(config.n_prompts, config.sizing.ablation_prompts), checkpoint_dir=str(out / "checkpoints"),
                   sizing=config.sizing, screen=config.screen)

@@ -318,8 +318,11 @@ def random_head_sets(heads: Sequence[tuple[int, int]], n: int, n_heads: int, max
     if len(pool) < k:
         pool = [(L, h) for L in range(max_layer + 1) for h in range(n_heads) if (L, h) not in under]
     if len(pool) < k and n > 0:
+        total = (max_layer + 1) * n_heads
         raise ConfigError(f"a random control needs {k} heads other than the {k} under test, but layers "
-                          f"0..{max_layer} hold only {len(pool)}; ablate fewer heads or pass n_random=0.")
+                          f"0..{max_layer} hold only {len(pool)} ({total} heads in all, so at most {total // 2} can be "
+                          f"tested against a random set); ablate at most {total // 2} heads (--top-k) or pass "
+                          "--n-random 0 (n_random=0).")
     rng = np.random.default_rng(seed)
     return [sorted(pool[i] for i in rng.choice(len(pool), size=k, replace=False)) for _ in range(n)]
 

@@ -15,7 +15,7 @@ from wordpos.patching.config import ABLATIONS, CORRUPTIONS, DIRECTIONS, METRICS,
 from wordpos.patching.results import EffectResult
 from wordpos.patching.sizing import Sizing  # noqa: F401 - importable from here, as before
 from wordpos.probing.engines import as_engine, make_engine
-from wordpos.probing.errors import ConfigError, CorruptFileError
+from wordpos.probing.errors import ConfigError, CorruptFileError, RunDirError
 from wordpos.probing.io import prepare_run_dir, read_json, write_json
 from wordpos.probing.probe import WordIndexProbe
 from wordpos.probing.vocab import WordVocab
@@ -48,6 +48,19 @@ def load_probe(path: str | Path) -> tuple[WordIndexProbe, Path]:
                            "`wordpos probe --out DIR` and pass --probe DIR.")
 
 
+def probe_fingerprint(probe: WordIndexProbe) -> str:
+    """SHA-256 of a fitted probe's readout (directions, bias, classes): saved with patching results, so that a
+    resumed stage notices a probe re-fitted in place since."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for a in (probe.directions_, probe.bias_, probe.classes_):
+        h.update(np.ascontiguousarray(np.asarray(a.detach().cpu() if hasattr(a, "detach") else a)).tobytes())
+    return h.hexdigest()
+
+
 def _vocab_for(probe_dir: Path, tokenizer: Any, seed: int) -> WordVocab:
     """The probe run's own word split (so held-out words stay held out), else a fresh one. The probe run's
     ``dataset.json`` sits next to its best probe (``RUN/probe``) or two levels up (``RUN/probes/layerL``)."""
@@ -78,9 +91,15 @@ def run_patching(config: PatchConfig, out: str | Path, *, model: Any = None, ove
     spec = registry.get(config.method)
     probe, probe_dir = load_probe(config.probe)
     prepare_run_dir(out, {"stage": "patch", **config.identity()}, overwrite=overwrite)
+    fingerprint = probe_fingerprint(probe)
     if (out / "summary.json").exists() and not overwrite:
         summary = read_json(out / "summary.json", "patching summary")
         if summary.get("method") == config.method:
+            # the probe directory may hold a re-fitted probe since (the same path, so the same settings)
+            if summary.get("probe_layer") != probe.layer or summary.get("probe_sha256", fingerprint) != fingerprint:
+                raise RunDirError(f"{out} holds {config.method} results for another probe than {probe_dir} holds now "
+                                  "(it was re-fitted since): pass --overwrite to recompute them for this probe, or "
+                                  "choose a new --out directory.")
             return PatchRun(out=out, summary=summary)
     if probe.model and probe.model != config.model:
         raise ConfigError(f"the probe in {config.probe} was fitted on {probe.model!r}, not {config.model!r}; pass the "
@@ -93,7 +112,7 @@ def run_patching(config: PatchConfig, out: str | Path, *, model: Any = None, ove
     vocab = _vocab_for(probe_dir, engine.tokenizer, config.seed)
     timings = {"load_s": time.perf_counter() - t0}
     summary: dict[str, Any] = {"method": config.method, "model": config.model, "probe_layer": probe.layer,
-                               "sizing": config.sizing.to_dict()}
+                               "probe_sha256": fingerprint, "sizing": config.sizing.to_dict()}
     inputs = registry.StageInputs(engine=engine, probe=probe, config=config, vocab=vocab, progress=progress, out=out)
     if shared is not None:
         inputs.cache = shared.setdefault(_shared_scope(engine, probe_dir, config), {})

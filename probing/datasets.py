@@ -70,6 +70,9 @@ class DatasetConfig:
                               "and held-out splits each need prompts.")
         if self.n_words < 1:
             raise ConfigError(f"n_words must be at least 1, got {self.n_words}.")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer (numpy's generators take no negative seeds), "
+                              f"got {self.seed}.")
         if not self.lengths or min(self.lengths) < 1:
             raise ConfigError(f"lengths must be positive token counts such as (1, 2, 3), got {self.lengths}.")
         if not self.prefixes:

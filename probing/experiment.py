@@ -15,7 +15,7 @@ from wordpos.probing.datasets import REFERENCE_PREFIX, DatasetConfig, WordIndexD
 from wordpos.probing.engines import as_engine, make_engine
 from wordpos.probing.errors import ConfigError, CorruptFileError
 from wordpos.probing.evaluation import ProbeSweep, sweep_layers
-from wordpos.probing.io import atomic_dir, config_identity, prepare_run_dir, read_json, write_json
+from wordpos.probing.io import RUN_MARKER, atomic_dir, config_identity, prepare_run_dir, read_json, write_json
 from wordpos.probing.models import DEFAULT_MODEL
 from wordpos.probing.probe import DEFAULT_SOLVER, SOLVERS
 
@@ -62,6 +62,16 @@ class ProbeConfig:
         return d
 
     def __post_init__(self) -> None:
+        import math
+
+        if not (isinstance(self.C, (int, float)) and math.isfinite(self.C) and self.C > 0):
+            raise ConfigError(f"C (the inverse regularisation strength, as scikit-learn's) must be a positive number, "
+                              f"got {self.C!r}; the default is 1.0.")
+        if self.n_words < 2:
+            raise ConfigError(f"n_words must be at least 2 (a word-index probe needs two word positions to tell "
+                              f"apart), got {self.n_words}; the reference experiment uses 7.")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed}.")
         if self.solver not in (*SOLVERS, "auto"):
             raise ConfigError(f"solver must be one of {(*SOLVERS, 'auto')}, got {self.solver!r}.")
         if self.batch_size is not None and self.batch_size < 1:
@@ -87,7 +97,11 @@ def run_probe(config: ProbeConfig, out: str | Path, *, model: Any = None, overwr
               progress: bool = True, plots: bool = True) -> ProbeRun:
     """Run the probing experiment into ``out``. A finished run with the same settings is reused."""
     out = Path(out)
+    replacing = overwrite and (out / RUN_MARKER).exists()  # a wordpos run replaced (not a folder written into)
     prepare_run_dir(out, {"stage": "probe", **config.identity()}, overwrite=overwrite)
+    if replacing:  # its layer probes and residual checkpoint are not this run's: none may be read as this run's
+        for stale in (out / "probes", out / "checkpoint"):
+            shutil.rmtree(stale, ignore_errors=True)
     if (out / "metrics.json").exists() and not overwrite:
         metrics = read_json(out / "metrics.json", "probe metrics")
         if metrics.get("model") == config.model:

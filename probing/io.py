@@ -196,22 +196,49 @@ def versions() -> dict[str, str]:
     return out
 
 
+#: config keys whose values are filesystem paths: compared as absolute paths, so that a run addressed by another
+#: path to the same place (``runs/x`` from one directory, ``/abs/runs/x`` or ``./runs/x``) still resumes
+PATH_KEYS = frozenset({"probe", "checkpoint_dir"})
+
+
+def _comparable(config: Any) -> Any:
+    """``config`` with the values of :data:`PATH_KEYS` made absolute (relative ones against this process's
+    working directory, where a run started from the same place had saved them)."""
+    if isinstance(config, dict):
+        return {k: os.path.abspath(v) if k in PATH_KEYS and isinstance(v, str) and v else _comparable(v)
+                for k, v in config.items()}
+    return config
+
+
+def _holds_results(out: Path) -> bool:
+    """Whether ``out`` holds any file besides run markers (``config.json``), at any depth: a run that failed on
+    its settings before writing anything leaves only its markers, and those are no results to protect."""
+    return any(p.name != RUN_MARKER for p in out.rglob("*") if not p.is_dir())
+
+
 def prepare_run_dir(out: str | os.PathLike, config: dict[str, Any], *, overwrite: bool = False,
                     resume: bool = True) -> Path:
     """Create ``out`` for a run with ``config``; refuse a directory holding a different run.
 
-    A directory whose ``config.json`` equals ``config`` (ignoring versions) is reused so that a
-    re-run resumes; any other existing run is refused unless ``overwrite`` is given.
+    A directory whose ``config.json`` equals ``config`` (ignoring versions; path settings compared as absolute
+    paths) is reused so that a re-run resumes; any other existing run is refused unless ``overwrite`` is given,
+    except one that holds no results (a run that stopped on a bad setting leaves only its ``config.json``: the
+    corrected command takes the directory over).
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"{out} is a file, not a directory: pass a directory path as --out (it is created if "
+                          "missing).")
     marker = out / RUN_MARKER
     record = {"config": _jsonable(config), "versions": versions()}
-    if marker.exists() and not overwrite:
+    if marker.exists() and not overwrite and _holds_results(out):
         try:
             old = json.loads(marker.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            old = None
-        if not (resume and isinstance(old, dict) and old.get("config") == record["config"]):
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RunDirError(f"{marker} is not readable JSON ({e}), so {out} cannot be checked or resumed. Choose "
+                              "a new --out directory, or pass --overwrite to replace that run.") from e
+        if not (resume and isinstance(old, dict)
+                and _comparable(old.get("config")) == _comparable(record["config"])):
             raise RunDirError(
                 f"{out} already holds the results of another run (its {RUN_MARKER} differs from this "
                 "run's settings). Choose a new --out directory, or pass --overwrite to replace it."
@@ -221,6 +248,10 @@ def prepare_run_dir(out: str | os.PathLike, config: dict[str, Any], *, overwrite
             f"{out} exists and is not empty but holds no wordpos run. Choose a new --out directory, "
             "or pass --overwrite to write into it anyway."
         )
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(marker, record)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(marker, record)
+    except OSError as e:
+        raise RunDirError(f"cannot write the run directory {out} ({e.strerror or e}): choose a writable --out "
+                          "directory.") from e
     return out

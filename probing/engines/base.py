@@ -145,9 +145,11 @@ def make_engine(model_or_name: Any, engine: str = "tl", device: str | None = Non
 
     ``dtype`` (``"float32"`` default, ``"bfloat16"``, ``"float16"``) is the dtype a *name* is loaded in; an
     already-loaded model keeps its own, and a ``dtype`` that contradicts it is a ``ConfigError``."""
-    from wordpos.probing.models.registry import resolve_dtype
+    from wordpos.probing.models.registry import check_device, resolve_dtype
 
     wanted = resolve_dtype(dtype) if dtype is not None else None
+    if device is not None and not remote:  # before any loading: a device this machine lacks fails at once
+        device = check_device(device)
     is_name = isinstance(model_or_name, (str, bytes)) or hasattr(model_or_name, "__fspath__")
     if engine == "nnsight":
         from wordpos.probing.engines.nnsight_engine import NNsightEngine

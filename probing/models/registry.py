@@ -71,6 +71,32 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str | torch.device | None) -> str:
+    """``device`` (default :func:`default_device`) as a string, refused with what to pass instead when this
+    machine cannot run a model there: an unknown name, CUDA without a CUDA build or device, a CUDA index past the
+    last device, MPS off Apple silicon, or ``meta`` (no weights: remote models get it from ``--remote``)."""
+    if device is None:
+        return default_device()
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"unknown device {str(device)!r}: pass cpu, cuda, cuda:N or mps.") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build of torch" if torch.version.cuda is None else "no visible CUDA device"
+            raise ConfigError(f"device {str(device)!r}: CUDA is not available here ({build}, torch "
+                              f"{torch.__version__}); pass --device cpu, or install torch's CUDA build on a GPU machine.")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                              f"cuda:0..cuda:{torch.cuda.device_count() - 1}.")
+    elif d.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {str(device)!r}: MPS (Apple silicon) is not available here; pass --device cpu.")
+    elif d.type == "meta":
+        raise ConfigError("device 'meta' holds no weights: pass cpu or cuda (a remote model on NDIF is --engine "
+                          "nnsight --remote).")
+    return str(device)
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
@@ -99,7 +125,11 @@ def _is_gpt2_family(name_or_dir: str | Path) -> bool:
         if cfg.exists():
             import json
 
-            return json.loads(cfg.read_text()).get("model_type") == "gpt2"
+            try:
+                return json.loads(cfg.read_text()).get("model_type") == "gpt2"
+            except (ValueError, AttributeError) as e:  # not JSON, or JSON that is not an object
+                raise ModelNotAvailableError(f"{cfg} is not a Hugging Face config ({e}): pass a model directory "
+                                             f"with a valid config.json, or one of {', '.join(KNOWN_MODELS)}.") from e
         return False
     return str(name_or_dir).split("/")[-1].startswith(("gpt2", "distilgpt2"))
 
@@ -191,7 +221,7 @@ def load_model(name_or_dir: str | os.PathLike = DEFAULT_MODEL, device: str | tor
 
     dtype = resolve_dtype(dtype)  # before any loading: a bad setting fails at once
     source = resolve_model_dir(name_or_dir)
-    kwargs: dict[str, Any] = dict(device=str(device or default_device()), dtype=dtype)
+    kwargs: dict[str, Any] = dict(device=check_device(device), dtype=dtype)
     if _needs_gpt2_tokenizer(source):
         from wordpos.probing.models.tokenizers import gpt2_tokenizer
 
@@ -199,7 +229,7 @@ def load_model(name_or_dir: str | os.PathLike = DEFAULT_MODEL, device: str | tor
     kwargs.update(boot_kwargs)
     try:
         model = TransformerBridge.boot_transformers(source, **kwargs)
-    except OSError as e:
+    except (OSError, ValueError, KeyError) as e:  # missing files; a config.json without a known model_type
         raise ModelNotAvailableError(
             f"Could not load {str(name_or_dir)!r} ({e}). Pass a local Hugging Face directory, or one of "
             f"{', '.join(KNOWN_MODELS)}."
