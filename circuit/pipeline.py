@@ -74,6 +74,13 @@ class RunConfig:
                 raise ConfigError(f"{name} must be a positive integer, or None to size it to the model; got {v!r}.")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}.")
+        # the head-level circuit's pruning, checked here (as prune.py would) before any stage runs
+        if not 0 < self.keep <= 1:
+            raise ConfigError(f"keep is a share of the total |effect| and must be in (0, 1], got {self.keep}.")
+        if self.threshold is not None and not self.threshold >= 0:
+            raise ConfigError(f"the threshold is a minimum |effect| and must be ≥ 0, got {self.threshold}.")
+        if self.circuit_top_k is not None and self.circuit_top_k < 1:
+            raise ConfigError(f"top-k is a number of edges and must be at least 1, got {self.circuit_top_k}.")
         if not 0 < self.circuit_target <= 1:
             raise ConfigError(f"circuit_target is a faithfulness in (0, 1], got {self.circuit_target}.")
         if self.circuit_steps < 1 or self.circuit_n_random < 0 or self.top_k < 1 or self.n_random < 0:

@@ -100,6 +100,7 @@ def run_patching(config: PatchConfig, out: str | Path, *, model: Any = None, ove
                 raise RunDirError(f"{out} holds {config.method} results for another probe than {probe_dir} holds now "
                                   "(it was re-fitted since): pass --overwrite to recompute them for this probe, or "
                                   "choose a new --out directory.")
+            EffectResult.load(out)  # a damaged effects file is named with the fix, not served as a finished stage
             return PatchRun(out=out, summary=summary)
     if probe.model and probe.model != config.model:
         raise ConfigError(f"the probe in {config.probe} was fitted on {probe.model!r}, not {config.model!r}; pass the "

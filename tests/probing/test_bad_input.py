@@ -143,3 +143,31 @@ def test_run_without_a_random_control_prints_its_summary(tmp_path, capsys, monke
     monkeypatch.chdir(tmp_path)
     assert main(["run", "--model", "planted", "--out", "run", "--n-prompts", "200", "--n-pairs", "4",
                  "--n-random", "0", "--circuit-n-random", "1", "--steps", "2", "--layer", "1", "--quiet"]) == 0
+
+
+@pytest.mark.parametrize("extra,says", [(["--top-k", "0"], "top-k is a number of edges"),
+                                        (["--threshold", "-1"], "threshold is a minimum"),
+                                        (["--keep", "0"], "keep is a share")])
+def test_head_level_circuit_pruning_is_checked_before_any_stage_runs(tiny_gpt2_dir, tmp_path, capsys, extra, says,
+                                                                      monkeypatch):
+    from wordpos.patching import experiment
+
+    ran = []
+    monkeypatch.setattr(experiment, "run_patching", lambda *a, **k: ran.append(1))
+    assert main(["circuit", "--head-level", "--model", str(tiny_gpt2_dir), "--probe", str(tmp_path / "p"), "--out",
+                 str(tmp_path / "c"), "--quiet", *extra]) == 2
+    assert says in capsys.readouterr().err and not ran
+
+
+def test_a_resumed_patch_stage_with_a_damaged_effects_file_says_so(tiny_gpt2_dir, tmp_path, capsys):
+    probe = tmp_path / "p"
+    assert main(_probe(tiny_gpt2_dir, probe)) == 0
+    patch = ["patch", "--model", str(tiny_gpt2_dir), "--probe", str(probe), "--method", "activation", "--out",
+             str(tmp_path / "pa"), "--n-pairs", "4", "--quiet"]
+    assert main(patch) == 0
+    (tmp_path / "pa" / "effects.npz").write_bytes(b"")
+    assert main(patch) == 2
+    err = capsys.readouterr().err
+    assert "effects.npz" in err and "Traceback" not in err
+    assert main(patch + ["--overwrite"]) == 0
+    assert (tmp_path / "pa" / "effects.npz").stat().st_size > 0
