@@ -71,7 +71,7 @@ class RunConfig:
         for name in ("n_prompts", "n_pairs"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
-                raise ConfigError(f"{name} must be a positive integer, or None to size it to the model; got {v!r}.")
+                raise ConfigError(f"{name} must be a positive integer (leave it out to size it to the model); got {v!r}.")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}.")
         # the head-level circuit's pruning, checked here (as prune.py would) before any stage runs
