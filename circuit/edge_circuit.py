@@ -31,7 +31,7 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
-from wordpos.circuit.evaluation import (ABLATIONS, Evaluate, MemoEvaluate, _edge_order, bootstrap_faithfulness,
+from wordpos.circuit.evaluation import (ABLATIONS, Evaluate, MemoEvaluate, _edge_order, bootstrap_faithfulness, check_alpha,
                                         faithfulness_of, load_record, make_evaluate, masks_from_order, percentile_ci,
                                         prune_dangling, record_from_dict, run_masks, save_record)
 from wordpos.patching.edge_graph import EdgeGraph, EdgeScores
@@ -248,6 +248,9 @@ def select_circuit(model: Any, ctx: Any, scores: EdgeScores, target: float = 0.8
         raise ConfigError(f"ablation must be one of {ABLATIONS}, got {ablation!r}.")
     if per_call < 1 or max_rounds < 1:
         raise ConfigError(f"per_call and max_rounds must be ≥ 1, got {per_call} and {max_rounds}.")
+    if n_boot < 1:
+        raise ConfigError(f"n_boot (bootstrap resamples of the pairs) must be ≥ 1, got {n_boot}.")
+    check_alpha(alpha)
     graph = scores.graph
     order = edge_order(scores, rule)
     N = graph.n_edges

@@ -610,6 +610,14 @@ def curve_masks(scores: EdgeScores, fractions: Sequence[float] = DEFAULT_FRACTIO
                       **_edge_curve_source(scores, fractions, n_random, seed, prune))
 
 
+def check_alpha(alpha: float) -> None:
+    """The confidence intervals' level: ``alpha`` in (0, 1) (0.05: 95% intervals); outside it the bootstrap's
+    percentiles cross or leave [0, 100]."""
+    if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
+        raise ConfigError(f"alpha is the intervals' miss rate and must be in (0, 1) (0.05 for 95% intervals), got "
+                          f"{alpha!r}.")
+
+
 def faithfulness_curve(model: Any, ctx: Any, scores: EdgeScores,
                        fractions: Sequence[float] = DEFAULT_FRACTIONS, ablation: str = "counterfactual",
                        n_random: int = 3, n_boot: int = 1000, seed: int = 0, *, prune: bool = True,
@@ -623,6 +631,7 @@ def faithfulness_curve(model: Any, ctx: Any, scores: EdgeScores,
     fractions = _check_fractions(fractions)
     if n_random < 0 or n_boot < 1:
         raise ConfigError(f"n_random must be ≥ 0 and n_boot ≥ 1, got {n_random} and {n_boot}.")
+    check_alpha(alpha)
     graph = scores.graph
     sizes = sizes_for(fractions, graph.n_edges)
     masks, rnd = curve_masks(scores, fractions, n_random, seed, prune=prune) if masks is None else _given_masks(

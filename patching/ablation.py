@@ -33,16 +33,21 @@ ABLATIONS = ("zero", "mean", "resample")
 def parse_heads(spec: str | Sequence[Any], dims: Any = None, keep_order: bool = False) -> list[tuple[int, int]]:
     """``"3.4,2.1"`` or ``[(3, 4), "2.1"]`` → ``[(2, 1), (3, 4)]`` (sorted, unique), validated against ``dims``
     when given. ``keep_order=True`` keeps the order given (for rankings)."""
+    if isinstance(spec, tuple) and len(spec) == 2 and all(isinstance(x, (int, np.integer)) for x in spec):
+        spec = [spec]  # one head given as (layer, head)
     items = [s for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec)
     heads = []
     for it in items:
-        if isinstance(it, str):
-            try:
-                L, h = (int(x) for x in it.strip().split("."))
-            except ValueError:
-                raise ConfigError(f"head {it!r} is not LAYER.HEAD (e.g. '3.4').") from None
-        else:
-            L, h = (int(x) for x in it)
+        parts = it.strip().split(".") if isinstance(it, str) else it
+        try:
+            L, h = parts
+            if not all(isinstance(x, (int, np.integer)) or (isinstance(x, str) and x.strip().lstrip("-").isdigit())
+                       for x in (L, h)):
+                raise ValueError
+            L, h = int(L), int(h)
+        except (TypeError, ValueError):
+            raise ConfigError(f"head {it!r} is not LAYER.HEAD: pass heads as '3.4,2.1', or as (layer, head) pairs of "
+                              "ints such as [(3, 4), (2, 1)].") from None
         heads.append((L, h))
     if not heads:
         raise ConfigError("the head list is empty; pass heads as LAYER.HEAD, e.g. --heads 3.4,2.1.")
@@ -350,9 +355,16 @@ def ablate_heads(model: Any, probe: WordIndexProbe, data: WordIndexDataset, head
     if late:
         raise ConfigError(f"heads {late} are after the probe's layer {layer} and cannot change it; pick heads in "
                           f"layers 0..{layer}.")
+    if not isinstance(n_random, (int, np.integer)) or n_random < 0:
+        raise ConfigError(f"n_random must be a non-negative integer (random head sets for the control), got "
+                          f"{n_random!r}.")
     sizing = _sizing(sizing, batch_size)
     prompts = data.split(split)
     y = prompts.labels.numpy()
+    unknown = sorted(set(np.unique(y).tolist()) - set(np.asarray(probe.classes_).tolist()))
+    if unknown:
+        raise ConfigError(f"the data has word indices {unknown} that the probe was not fitted on (its classes: "
+                          f"{np.asarray(probe.classes_).tolist()}); generate the data with the probe's n_words.")
     length = max(prompts.max_len(), data.train.max_len())
     t0 = time.perf_counter()
     if method != "mean":

@@ -161,9 +161,34 @@ def _run(ctx: PatchContext, patches: list[Patch], checkpoint_dir: str | Path | N
                        progress=progress, desc=desc, skip=ctx.skip_fields())
 
 
+def _weights_id(engine: Any) -> tuple[int, tuple[int, ...]] | None:
+    """Where an engine's first floating weight lives (engines that share weights, e.g. an nnsight engine made from a
+    bridge, share it), or None where there are none here (a remote model)."""
+    module = getattr(engine, "model", engine)
+    module = getattr(module, "_module", module)
+    try:
+        w = next(p for p in module.parameters() if p.is_floating_point())
+    except (AttributeError, StopIteration, TypeError):
+        return None
+    return w.data_ptr(), tuple(w.shape)
+
+
+def check_context_model(model: Any, ctx: PatchContext) -> None:
+    """Refuse a ``model`` that is not the one ``ctx`` was prepared on: a context carries its model's base runs and
+    engine, so the other model's numbers would mix with them silently."""
+    if model is None or model is ctx.engine or model is getattr(ctx.engine, "model", None):
+        return
+    a, b = _weights_id(as_engine(model)), _weights_id(ctx.engine)
+    if a is not None and b is not None and a != b:
+        raise ConfigError(f"the model passed is not the one this patching context was prepared on "
+                          f"({getattr(ctx.engine, 'name', 'another model')!r}); pass that model, or prepare a context "
+                          "for this one with wordpos.patching.prepare(model, pairs, probe).")
+
+
 def _ctx(model: Any, pairs: PatchingPairs | PatchContext, probe: WordIndexProbe | None, metric: MetricKind,
          direction: Direction) -> PatchContext:
     if isinstance(pairs, PatchContext):
+        check_context_model(model, pairs)
         return pairs
     if probe is None:
         raise ConfigError("pass the fitted probe (or a PatchContext from wordpos.patching.prepare).")
@@ -188,11 +213,14 @@ def patch_heads(model: Any, pairs: PatchingPairs | PatchContext, probe: WordInde
     runs: both keep the unpatched value without being run."""
     ctx = _ctx(model, pairs, probe, metric, direction)
     dims = ctx.engine.dims
-    heads = heads if heads is not None else [(L, h) for L in ctx.layers for h in range(dims.n_heads)]
+    if heads is not None:
+        from wordpos.patching.ablation import parse_heads  # ("3.4,2.1", [(3, 4)], (3, 4)): one rule everywhere
+
+        heads = parse_heads(heads, dims, keep_order=True)
+    else:
+        heads = [(L, h) for L in ctx.layers for h in range(dims.n_heads)]
     for L, h in heads:
         dims.check_head(L, h)
-    if not heads:
-        raise ConfigError("the head list is empty; pass at least one (layer, head).")
     T = ctx.pairs.clean.shape[1]
     if by_pos:
         patches = [Patch("z", L, h, p) for L, h in heads for p in ctx.sweep_positions()]

@@ -81,6 +81,11 @@ def make_pairs(tokenizer: Any, n_pairs: int = 64, *, vocab: WordVocab | None = N
     For ``merge`` the roles are reversed (clean has the three 1-token words)."""
     if n_pairs < 1:
         raise ConfigError(f"n_pairs must be at least 1, got {n_pairs}.")
+    if kind not in ("split", "merge"):  # before any pair is built
+        raise ConfigError(f"kind must be 'split' or 'merge', got {kind!r}.")
+    if n_words < 4:
+        raise ConfigError(f"n_words must be at least 4 for a split/merge pair (a 3-token word against three 1-token "
+                          f"words, with a word after them), got {n_words}.")
     if not 0 <= swap_at < n_words - 3:
         raise ConfigError(f"swap_at={swap_at} must leave at least one word after the swap: use 0..{n_words - 4}.")
     vocab = vocab or WordVocab.build(tokenizer, seed=seed)
@@ -113,8 +118,6 @@ def make_pairs(tokenizer: Any, n_pairs: int = 64, *, vocab: WordVocab | None = N
         rows.append((a, b, targets, la, lb))
     if kind == "merge":
         rows = [(b, a, t, lb, la) for a, b, t, la, lb in rows]
-    elif kind != "split":
-        raise ConfigError(f"kind must be 'split' or 'merge', got {kind!r}.")
     T = max(len(r[0]) for r in rows)
     K = max(len(r[2]) for r in rows)
     pad = start if start is not None else 0

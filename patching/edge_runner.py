@@ -147,6 +147,9 @@ class EdgeRunner:
                  share_prefix: bool = True, lean: bool = True):
         if ablation not in ABLATIONS:
             raise ConfigError(f"ablation must be one of {ABLATIONS}, got {ablation!r}.")
+        from wordpos.patching.activation import check_context_model
+
+        check_context_model(model, ctx)
         self.engine = as_engine(model if model is not None else ctx.engine)
         self.ctx = ctx
         self.probe_layer = int(ctx.probe.layer)

@@ -181,8 +181,13 @@ def path_patch_edges(model: Any, pairs: PatchingPairs | PatchContext, probe: Wor
     dims = ctx.engine.dims
     L_stop, n_heads = ctx.stop_at_layer, dims.n_heads
     group = n_heads // dims.n_kv_heads
-    receivers = receivers if receivers is not None else [(L, h) for L in range(1, L_stop) for h in range(n_heads)]
-    senders = senders if senders is not None else [(L, h) for L in range(L_stop) for h in range(n_heads)]
+    from wordpos.patching.ablation import parse_heads  # ("3.4,2.1", [(3, 4)], (3, 4)): one rule everywhere
+
+    def heads_of(spec: Any, default: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        return default if spec is None else [] if len(spec) == 0 else parse_heads(spec, dims, keep_order=True)
+
+    receivers = heads_of(receivers, [(L, h) for L in range(1, L_stop) for h in range(n_heads)])
+    senders = heads_of(senders, [(L, h) for L in range(L_stop) for h in range(n_heads)])
     for L, h in list(receivers) + list(senders):
         dims.check_head(L, h)
         if L >= L_stop:

@@ -190,10 +190,11 @@ def anchor_evidence(model: Any, prompts: PromptSet, heads: list[tuple[int, int]]
     softmax that log ratio *is* the score difference, so the hypothesis (score 3 on anchors, 1 on word
     starts) predicts 2.0 and ``to_other`` near 0."""
     engine = as_engine(model)
-    if not heads:
+    if heads is None or len(heads) == 0:
         return {}
-    for L, h in heads:
-        engine.dims.check_head(L, h)
+    from wordpos.patching.ablation import parse_heads  # ("3.4,2.1", [(3, 4)], (3, 4)): one rule everywhere
+
+    heads = parse_heads(heads, engine.dims, keep_order=True)
     sizing = sizing or Sizing()
     batch_size, max_prompts = batch_size or sizing.role_batch, max_prompts or sizing.evidence_prompts
     kinds = {EVIDENCE_ANCHORS[a]: m for a, m in anchor_masks(engine.tokenizer).items()}

@@ -49,7 +49,28 @@ def _np(x: ArrayLike) -> np.ndarray:
     return np.asarray(x)
 
 
+def _int_labels(y: ArrayLike) -> np.ndarray:
+    """``y`` as int64 word indices; labels that are not whole numbers are refused (a cast would truncate them)."""
+    raw = np.asarray(_np(y))
+    if raw.dtype.kind not in "iub":
+        if raw.dtype.kind != "f" or not np.all(np.isfinite(raw)) or not np.all(raw == np.round(raw)):
+            raise ConfigError(f"y must hold integer word indices (0, 1, 2, ...), got {raw.dtype} values such as "
+                              f"{raw.ravel()[:3].tolist()}; pass the dataset's labels (e.g. acts.labels['train']).")
+    return raw.astype(np.int64)
+
+
+def _check_params(C: float, max_iter: int) -> None:
+    """The fit's settings, checked before any work: a non-positive ``C`` or no iterations fit nothing."""
+    if not (isinstance(C, (int, float, np.floating)) and np.isfinite(C) and C > 0):
+        raise ConfigError(f"C (the inverse regularisation strength, as scikit-learn's) must be a positive number, got "
+                          f"{C!r}; the default is 1.0.")
+    if not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
+        raise ConfigError(f"max_iter must be a positive integer, got {max_iter!r}.")
+
+
 def _check_xy(X_shape: tuple[int, ...], y: np.ndarray) -> None:
+    if y.ndim != 1:
+        raise ConfigError(f"y must be one word index per sample ([n_samples]), got shape {tuple(y.shape)}.")
     if len(X_shape) != 2:
         raise ConfigError(f"X must be [n_samples, d_model], got shape {tuple(X_shape)}.")
     if X_shape[0] != len(y):
@@ -435,7 +456,7 @@ def fit_probes(X: Float[Tensor, "layer sample d_model"] | Sequence[ArrayLike], y
         X = torch.stack([torch.as_tensor(_np(x)) for x in X])
     if X.ndim != 3:
         raise ConfigError(f"X must be [n_layers, n_samples, d_model], got shape {tuple(X.shape)}.")
-    y_np = _np(y).astype(np.int64)
+    y_np = _int_labels(y)
     _check_xy(tuple(X.shape[1:]), y_np)
     layers = list(layers) if layers is not None else [params.pop("layer", None)] * len(X)
     if len(layers) != len(X):
@@ -444,10 +465,13 @@ def fit_probes(X: Float[Tensor, "layer sample d_model"] | Sequence[ArrayLike], y
     params["solver"] = "torch"
     probes = [WordIndexProbe(layer=L, **params) for L in layers]  # the fit device is a run-time choice
     p0 = probes[0]
+    _check_params(p0.C, p0.max_iter)
     dev = _resolve_device(device if device is not None else p0.device, X)
     if dev.type == "mps" and dtype == torch.float64:  # no float64 there
         dtype = torch.float32
     X = X.to(dev, dtype)
+    if not bool(torch.isfinite(X).all()):  # (one read on the host per fit) NaN would fit NaN weights silently
+        raise ConfigError(NONFINITE_RESIDUALS)
     classes, y_idx = np.unique(y_np, return_inverse=True)
     mean, scale = _torch_standardize(X, p0.standardize)
     Z = (X - mean[:, None]) / scale[:, None]
@@ -497,6 +521,7 @@ class WordIndexProbe(ClassifierMixin, BaseEstimator):
         ``"torch"`` runs on ``device`` (default: ``X``'s device), ``"sklearn"`` on the host."""
         if self.solver not in SOLVERS:
             raise ConfigError(f"solver must be one of {SOLVERS}, got {self.solver!r}.")
+        _check_params(self.C, self.max_iter)
         if self.solver == "torch":
             Xt = X if isinstance(X, Tensor) else torch.as_tensor(_np(X))
             if Xt.ndim != 2:
@@ -505,8 +530,10 @@ class WordIndexProbe(ClassifierMixin, BaseEstimator):
             fitted = fit_probes(Xt[None], y, layers=[self.layer], **params)[0]
             self.__dict__.update({k: v for k, v in fitted.__dict__.items() if k.endswith("_")})
             return self
-        X, y = _np(X).astype(np.float64), _np(y).astype(np.int64)
+        X, y = _np(X).astype(np.float64), _int_labels(y)
         _check_xy(X.shape, y)
+        if not np.isfinite(X).all():
+            raise ConfigError(NONFINITE_RESIDUALS)
         scaler = StandardScaler(with_mean=self.standardize, with_std=self.standardize).fit(X)
         clf = LogisticRegression(C=self.C, max_iter=self.max_iter, tol=self.tol, random_state=self.random_state)
         clf.fit(scaler.transform(X), y)
