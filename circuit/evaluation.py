@@ -29,6 +29,7 @@ runner.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -613,7 +614,7 @@ def curve_masks(scores: EdgeScores, fractions: Sequence[float] = DEFAULT_FRACTIO
 def check_alpha(alpha: float) -> None:
     """The confidence intervals' level: ``alpha`` in (0, 1) (0.05: 95% intervals); outside it the bootstrap's
     percentiles cross or leave [0, 100]."""
-    if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
+    if not (isinstance(alpha, numbers.Real) and 0 < alpha < 1):
         raise ConfigError(f"alpha is the intervals' miss rate and must be in (0, 1) (0.05 for 95% intervals), got "
                           f"{alpha!r}.")
 

@@ -9,6 +9,7 @@ evidence → ``report.html`` and ``summary.json``. An interrupted run resumes: f
 from __future__ import annotations
 
 import logging
+import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,9 +71,9 @@ class RunConfig:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {ok}.")
         for name in ("n_prompts", "n_pairs"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
+            if v is not None and (not isinstance(v, numbers.Integral) or v < 1):
                 raise ConfigError(f"{name} must be a positive integer (leave it out to size it to the model); got {v!r}.")
-        if not isinstance(self.seed, int) or self.seed < 0:
+        if not isinstance(self.seed, numbers.Integral) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}.")
         # the head-level circuit's pruning, checked here (as prune.py would) before any stage runs
         if not 0 < self.keep <= 1:
@@ -187,7 +188,7 @@ def _run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool, progre
 
         raise ConfigError(f"layer {config.layer} has no probe in {out / 'probe'}; layers run: "
                           f"{sorted(metrics['per_layer_accuracy'])}.")
-    common = dict(model=config.model, probe=str(probe_path.absolute()), n_pairs=config.n_pairs, seed=config.seed,
+    common = dict(model=config.model, probe=str(probe_path), n_pairs=config.n_pairs, seed=config.seed,
                   device=config.device, top_k=config.top_k, n_random=config.n_random, receivers=config.receivers,
                   n_prompts=min(config.n_prompts, config.sizing.ablation_prompts), checkpoint_dir=str(out / "checkpoints"),
                   sizing=config.sizing, screen=config.screen)

@@ -4,6 +4,7 @@ the same layers, so "these k heads matter" is read against "any k heads matter".
 
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -30,6 +31,20 @@ AblationMethod = Literal["zero", "mean", "resample"]
 ABLATIONS = ("zero", "mean", "resample")
 
 
+def _head_index(x: Any) -> int:
+    """A layer or head index: an int (numpy's and 0-d integer tensors included), a float with no fraction, or a
+    string of digits; anything else (1.5, "x") is a ValueError rather than a silent truncation."""
+    if isinstance(x, str):
+        if not x.strip().lstrip("-").isdigit():
+            raise ValueError(x)
+        return int(x)
+    if isinstance(x, float) or (hasattr(x, "is_floating_point") and x.is_floating_point()):
+        if not float(x).is_integer():
+            raise ValueError(x)
+        return int(x)
+    return operator.index(x)
+
+
 def parse_heads(spec: str | Sequence[Any], dims: Any = None, keep_order: bool = False) -> list[tuple[int, int]]:
     """``"3.4,2.1"`` or ``[(3, 4), "2.1"]`` → ``[(2, 1), (3, 4)]`` (sorted, unique), validated against ``dims``
     when given. ``keep_order=True`` keeps the order given (for rankings)."""
@@ -40,11 +55,7 @@ def parse_heads(spec: str | Sequence[Any], dims: Any = None, keep_order: bool = 
     for it in items:
         parts = it.strip().split(".") if isinstance(it, str) else it
         try:
-            L, h = parts
-            if not all(isinstance(x, (int, np.integer)) or (isinstance(x, str) and x.strip().lstrip("-").isdigit())
-                       for x in (L, h)):
-                raise ValueError
-            L, h = int(L), int(h)
+            L, h = (_head_index(x) for x in parts)
         except (TypeError, ValueError):
             raise ConfigError(f"head {it!r} is not LAYER.HEAD: pass heads as '3.4,2.1', or as (layer, head) pairs of "
                               "ints such as [(3, 4), (2, 1)].") from None

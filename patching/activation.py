@@ -178,7 +178,12 @@ def check_context_model(model: Any, ctx: PatchContext) -> None:
     engine, so the other model's numbers would mix with them silently."""
     if model is None or model is ctx.engine or model is getattr(ctx.engine, "model", None):
         return
-    a, b = _weights_id(as_engine(model)), _weights_id(ctx.engine)
+    try:
+        engine = as_engine(model)
+    except TypeError as e:
+        raise ConfigError(f"{e}; pass the loaded model the context was prepared on (or None to use the context's)."
+                          ) from None
+    a, b = _weights_id(engine), _weights_id(ctx.engine)
     if a is not None and b is not None and a != b:
         raise ConfigError(f"the model passed is not the one this patching context was prepared on "
                           f"({getattr(ctx.engine, 'name', 'another model')!r}); pass that model, or prepare a context "

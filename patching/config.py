@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -57,7 +58,7 @@ class PatchConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}.")
         if not isinstance(self.n_random, int) or self.n_random < 0:
             raise ConfigError(f"n_random must be a non-negative integer, got {self.n_random!r}.")
-        if not isinstance(self.seed, int) or self.seed < 0:
+        if not isinstance(self.seed, numbers.Integral) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer (numpy's generators take no negative seeds), got "
                               f"{self.seed!r}.")
         if self.max_tokens is not None and self.max_tokens < 1:

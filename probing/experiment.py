@@ -63,8 +63,9 @@ class ProbeConfig:
 
     def __post_init__(self) -> None:
         import math
+        import numbers
 
-        if not (isinstance(self.C, (int, float)) and math.isfinite(self.C) and self.C > 0):
+        if not (isinstance(self.C, numbers.Real) and math.isfinite(self.C) and self.C > 0):
             raise ConfigError(f"C (the inverse regularisation strength, as scikit-learn's) must be a positive number, "
                               f"got {self.C!r}; the default is 1.0.")
         if self.n_words < 2:

@@ -13,6 +13,7 @@ batched ops and replayed as a CUDA graph (:func:`batched_lbfgs_logreg`).
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -52,6 +53,8 @@ def _np(x: ArrayLike) -> np.ndarray:
 def _int_labels(y: ArrayLike) -> np.ndarray:
     """``y`` as int64 word indices; labels that are not whole numbers are refused (a cast would truncate them)."""
     raw = np.asarray(_np(y))
+    if raw.ndim == 2 and raw.shape[1] == 1:  # a column vector of labels (scikit-learn takes it too)
+        raw = raw[:, 0]
     if raw.dtype.kind not in "iub":
         if raw.dtype.kind != "f" or not np.all(np.isfinite(raw)) or not np.all(raw == np.round(raw)):
             raise ConfigError(f"y must hold integer word indices (0, 1, 2, ...), got {raw.dtype} values such as "
@@ -61,10 +64,10 @@ def _int_labels(y: ArrayLike) -> np.ndarray:
 
 def _check_params(C: float, max_iter: int) -> None:
     """The fit's settings, checked before any work: a non-positive ``C`` or no iterations fit nothing."""
-    if not (isinstance(C, (int, float, np.floating)) and np.isfinite(C) and C > 0):
+    if not (isinstance(C, numbers.Real) and np.isfinite(C) and C > 0):
         raise ConfigError(f"C (the inverse regularisation strength, as scikit-learn's) must be a positive number, got "
                           f"{C!r}; the default is 1.0.")
-    if not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
+    if not isinstance(max_iter, numbers.Integral) or max_iter < 1:
         raise ConfigError(f"max_iter must be a positive integer, got {max_iter!r}.")
 
 

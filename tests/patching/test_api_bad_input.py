@@ -121,3 +121,18 @@ def test_make_pairs_checks_its_recipe_before_building_pairs(gpt2_tok, small_data
     assert not drawn  # refused before any word was drawn for the 20,000 pairs
     with pytest.raises(ConfigError, match="n_words must be at least 4"):
         make_pairs(gpt2_tok, 4, vocab=small_data.vocab, n_words=3)
+
+
+def test_head_indices_in_any_integer_form_parse_and_fractions_do_not():
+    from wordpos.patching.ablation import parse_heads
+
+    assert parse_heads(torch.tensor([[1, 0], [0, 2]])) == [(0, 2), (1, 0)]  # e.g. torch.nonzero of a head mask
+    assert parse_heads(np.array([[1, 0]])) == parse_heads([(1.0, 0.0)]) == parse_heads((np.int64(1), 0)) == [(1, 0)]
+    with pytest.raises(ConfigError, match="is not LAYER.HEAD"):
+        parse_heads([(1.5, 0)])
+
+
+def test_probe_labels_as_a_column_are_one_label_per_sample(xy):
+    X, y = xy
+    a = WordIndexProbe(solver="torch").fit(X, y[:, None]).predict(X)
+    assert (a == WordIndexProbe(solver="torch").fit(X, y).predict(X)).all()

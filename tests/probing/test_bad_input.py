@@ -171,3 +171,24 @@ def test_a_resumed_patch_stage_with_a_damaged_effects_file_says_so(tiny_gpt2_dir
     assert "effects.npz" in err and "Traceback" not in err
     assert main(patch + ["--overwrite"]) == 0
     assert (tmp_path / "pa" / "effects.npz").stat().st_size > 0
+
+
+def test_a_run_moved_with_its_project_still_resumes(tmp_path, monkeypatch):
+    """Stage configs keep paths as given (relative under a relative --out), so a run directory copied elsewhere
+    resumes from its new place; the same place by an absolute path resumes too, another run is still refused."""
+    import shutil
+
+    from wordpos.probing.errors import RunDirError
+    from wordpos.probing.io import prepare_run_dir
+
+    config = {"stage": "patch", "probe": "runs/x/probe/probes/layer1", "n_pairs": 4}
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    prepare_run_dir("runs/x/patch", config)
+    (tmp_path / "a" / "runs/x/patch/summary.json").write_text("{}")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    monkeypatch.chdir(tmp_path / "b")
+    prepare_run_dir("runs/x/patch", config)  # moved: resumes
+    prepare_run_dir(tmp_path / "b" / "runs/x/patch", {**config, "probe": str(tmp_path / "b" / config["probe"])})
+    with pytest.raises(RunDirError, match="another run"):
+        prepare_run_dir("runs/x/patch", {**config, "n_pairs": 8})
