@@ -32,6 +32,7 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from wordpos.circuit.evaluation import (ABLATIONS, Evaluate, MemoEvaluate, _edge_order, bootstrap_faithfulness, check_alpha,
+                                        check_scores,
                                         faithfulness_of, load_record, make_evaluate, masks_from_order, percentile_ci,
                                         prune_dangling, record_from_dict, run_masks, save_record)
 from wordpos.patching.edge_graph import EdgeGraph, EdgeScores
@@ -251,6 +252,7 @@ def select_circuit(model: Any, ctx: Any, scores: EdgeScores, target: float = 0.8
     if n_boot < 1:
         raise ConfigError(f"n_boot (bootstrap resamples of the pairs) must be ≥ 1, got {n_boot}.")
     check_alpha(alpha)
+    check_scores(scores)
     graph = scores.graph
     order = edge_order(scores, rule)
     N = graph.n_edges

@@ -611,6 +611,13 @@ def curve_masks(scores: EdgeScores, fractions: Sequence[float] = DEFAULT_FRACTIO
                       **_edge_curve_source(scores, fractions, n_random, seed, prune))
 
 
+def check_scores(scores: Any) -> None:
+    """Refuse what is not edge scores (a tensor, a graph) before any circuit is evaluated."""
+    if not isinstance(scores, EdgeScores):
+        raise ConfigError(f"scores must be the EdgeScores of wordpos.patching.score_edges(model, ctx), got "
+                          f"{type(scores).__name__}.")
+
+
 def check_alpha(alpha: float) -> None:
     """The confidence intervals' level: ``alpha`` in (0, 1) (0.05: 95% intervals); outside it the bootstrap's
     percentiles cross or leave [0, 100]."""
@@ -633,6 +640,7 @@ def faithfulness_curve(model: Any, ctx: Any, scores: EdgeScores,
     if n_random < 0 or n_boot < 1:
         raise ConfigError(f"n_random must be ≥ 0 and n_boot ≥ 1, got {n_random} and {n_boot}.")
     check_alpha(alpha)
+    check_scores(scores)
     graph = scores.graph
     sizes = sizes_for(fractions, graph.n_edges)
     masks, rnd = curve_masks(scores, fractions, n_random, seed, prune=prune) if masks is None else _given_masks(

@@ -359,6 +359,9 @@ def ablate_heads(model: Any, probe: WordIndexProbe, data: WordIndexDataset, head
     as the longest of train and ``split``); ``memo``: see :func:`ablated_sets`."""
     engine = as_engine(model)
     layer = check_probe(engine, probe)
+    if not isinstance(data, WordIndexDataset):
+        raise ConfigError(f"data must be a WordIndexDataset (its train split refits the probe, its {split!r} split is "
+                          f"scored), got {type(data).__name__}.")
     if method not in ABLATIONS:
         raise ConfigError(f"method must be one of {ABLATIONS}, got {method!r}.")
     heads = parse_heads(heads, engine.dims)

@@ -113,6 +113,11 @@ def prepare(model: Any, pairs: PatchingPairs, probe: WordIndexProbe, *, metric: 
     first clean/corrupted difference for whole-position patches); the results are the same up to float rounding.
     ``full_base_cache`` keeps every cached site of the base run too, not only its residuals: the edge runner then
     takes both runs' writer outputs from the context instead of running the prompts again."""
+    if not isinstance(pairs, PatchingPairs):
+        raise ConfigError(f"pairs must be PatchingPairs from wordpos.patching.make_pairs(model.tokenizer, n_pairs, "
+                          f"vocab=data.vocab), got {type(pairs).__name__}.")
+    if not isinstance(probe, WordIndexProbe):
+        raise ConfigError(f"probe must be a fitted WordIndexProbe, got {type(probe).__name__}.")
     engine = as_engine(model)
     layer = check_probe(engine, probe)
     if direction not in ("denoising", "noising"):

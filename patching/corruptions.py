@@ -79,6 +79,9 @@ def make_pairs(tokenizer: Any, n_pairs: int = 64, *, vocab: WordVocab | None = N
     ``swap_at`` has 3 tokens; the corrupted prompt has it replaced by three 1-token words (``n_words``
     words). Labels never exceed ``n_words - 1``, so a probe trained on ``n_words`` words reads them all.
     For ``merge`` the roles are reversed (clean has the three 1-token words)."""
+    from wordpos.probing.datasets import check_tokenizer
+
+    check_tokenizer(tokenizer)
     if n_pairs < 1:
         raise ConfigError(f"n_pairs must be at least 1, got {n_pairs}.")
     if kind not in ("split", "merge"):  # before any pair is built

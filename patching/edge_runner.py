@@ -147,8 +147,11 @@ class EdgeRunner:
                  share_prefix: bool = True, lean: bool = True):
         if ablation not in ABLATIONS:
             raise ConfigError(f"ablation must be one of {ABLATIONS}, got {ablation!r}.")
-        from wordpos.patching.activation import check_context_model
+        from wordpos.patching.activation import PatchContext, check_context_model
 
+        if not isinstance(ctx, PatchContext):
+            raise ConfigError(f"ctx must be a PatchContext from wordpos.patching.prepare(model, pairs, probe), got "
+                              f"{type(ctx).__name__}.")
         check_context_model(model, ctx)
         self.engine = as_engine(model if model is not None else ctx.engine)
         self.ctx = ctx

@@ -45,6 +45,13 @@ def sequence_start_id(tokenizer: Any) -> int | None:
     return None
 
 
+def check_tokenizer(tokenizer: Any) -> None:
+    """Refuse what is not a tokenizer (a model, a model name) before any word is drawn."""
+    if isinstance(tokenizer, (str, bytes)) or not callable(getattr(tokenizer, "encode", None)):
+        raise ConfigError(f"expected the model's tokenizer (e.g. model.tokenizer), got {type(tokenizer).__name__}"
+                          f"{' ' + repr(tokenizer) if isinstance(tokenizer, str) else ''}.")
+
+
 @dataclass
 class DatasetConfig:
     """Everything that determines a :class:`WordIndexDataset` (saved with every run)."""
@@ -209,6 +216,7 @@ class WordIndexDataset:
                  words: Sequence[str] | None = None) -> "WordIndexDataset":
         """Sample prompts under ``config``; ``words`` replaces the default vocabulary (every word must
         take one of ``config.lengths`` tokens)."""
+        check_tokenizer(tokenizer)
         config = config or DatasetConfig()
         if words is not None:
             words = list(words)

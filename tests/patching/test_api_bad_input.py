@@ -136,3 +136,28 @@ def test_probe_labels_as_a_column_are_one_label_per_sample(xy):
     X, y = xy
     a = WordIndexProbe(solver="torch").fit(X, y[:, None]).predict(X)
     assert (a == WordIndexProbe(solver="torch").fit(X, y).predict(X)).all()
+
+
+def test_wrong_objects_in_the_notebook_calls_are_named(tiny_model, tiny_probe, tiny_pairs, tiny_ctx, small_data):
+    """The objects the README's calls take, swapped or given as names, are refused with what to pass."""
+    from wordpos.circuit.edge_circuit import select_circuit
+    from wordpos.circuit.evaluation import faithfulness_curve
+    from wordpos.patching import ablate_heads, make_pairs, prepare
+    from wordpos.patching.eap import score_edges
+    from wordpos.probing import WordIndexDataset
+
+    cases = [
+        (lambda: prepare(tiny_model, small_data, tiny_probe), "pairs must be PatchingPairs"),
+        (lambda: prepare(tiny_model, tiny_pairs, small_data), "probe must be a fitted WordIndexProbe"),
+        (lambda: score_edges(tiny_model, tiny_pairs, method="eap"), "ctx must be a PatchContext"),
+        (lambda: faithfulness_curve(tiny_model, tiny_ctx, torch.zeros(3, 3)), "scores must be the EdgeScores"),
+        (lambda: select_circuit(tiny_model, tiny_ctx, torch.zeros(3, 3)), "scores must be the EdgeScores"),
+        (lambda: make_pairs(tiny_model, 4), "expected the model's tokenizer"),
+        (lambda: make_pairs("organism", 4), "expected the model's tokenizer"),
+        (lambda: WordIndexDataset.default("organism", n_prompts=20), "expected the model's tokenizer"),
+        (lambda: ablate_heads(tiny_model, tiny_probe, tiny_pairs, "0.1", progress=False), "data must be a "
+                                                                                           "WordIndexDataset"),
+    ]
+    for call, says in cases:
+        with pytest.raises(ConfigError, match=says):
+            call()
