@@ -146,7 +146,9 @@ def head_roles(model: Any, prompts: PromptSet, *, layers: list[int] | None = Non
     dims = engine.dims
     sizing = sizing or Sizing()
     batch_size, max_prompts = batch_size or sizing.role_batch, max_prompts or sizing.max_role_prompts
-    layers = layers if layers is not None else list(range(dims.n_layers))
+    from wordpos.probing.activations import parse_layers
+
+    layers = parse_layers(layers, dims.n_layers) if layers is not None else list(range(dims.n_layers))
     prompts = prompts.subset(range(min(len(prompts), max_prompts)))
 
     def stats(b: _WordQueries) -> dict[str, Tensor]:

@@ -212,6 +212,9 @@ def collect_residuals(
     memory-mapped file in ``spill_dir`` (a temporary directory by default).
     """
     engine = as_engine(model)
+    if kind not in ("resid_pre", "resid_mid", "resid_post"):
+        raise ConfigError(f"kind must be 'resid_pre', 'resid_mid' or 'resid_post' (where in each block the residual "
+                          f"stream is read), got {kind!r}.")
     layers = parse_layers(layers, engine.dims.n_layers)
     check_fits_context(engine, data)
     names = [H.resid(L, kind) for L in layers]

@@ -161,3 +161,14 @@ def test_wrong_objects_in_the_notebook_calls_are_named(tiny_model, tiny_probe, t
     for call, says in cases:
         with pytest.raises(ConfigError, match=says):
             call()
+
+
+def test_residual_sites_and_role_layers_are_checked_first(tiny_model, small_data):
+    from wordpos.patching.roles import head_roles
+    from wordpos.probing import collect_residuals
+
+    with pytest.raises(ConfigError, match="kind must be 'resid_pre', 'resid_mid' or 'resid_post'"):
+        collect_residuals(tiny_model, small_data, layers=[1], kind="resid_foo", progress=False)
+    for bad in ([-1], [7]):
+        with pytest.raises(ConfigError, match="out of range"):
+            head_roles(tiny_model, small_data.test, layers=bad)
