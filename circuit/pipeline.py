@@ -20,7 +20,7 @@ from wordpos.patching.experiment import PatchConfig, load_probe, run_patching
 from wordpos.patching.results import EffectResult
 from wordpos.patching.sizing import Sizing
 from wordpos.probing.experiment import ProbeConfig, run_probe
-from wordpos.probing.io import config_identity, prepare_run_dir, read_json, write_json
+from wordpos.probing.io import check_seed, config_identity, prepare_run_dir, read_json, write_json
 from wordpos.probing.models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -73,15 +73,10 @@ class RunConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, numbers.Integral) or v < 1):
                 raise ConfigError(f"{name} must be a positive integer (leave it out to size it to the model); got {v!r}.")
-        if not isinstance(self.seed, numbers.Integral) or self.seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}.")
-        # the head-level circuit's pruning, checked here (as prune.py would) before any stage runs
-        if not 0 < self.keep <= 1:
-            raise ConfigError(f"keep is a share of the total |effect| and must be in (0, 1], got {self.keep}.")
-        if self.threshold is not None and not self.threshold >= 0:
-            raise ConfigError(f"the threshold is a minimum |effect| and must be ≥ 0, got {self.threshold}.")
-        if self.circuit_top_k is not None and self.circuit_top_k < 1:
-            raise ConfigError(f"top-k is a number of edges and must be at least 1, got {self.circuit_top_k}.")
+        check_seed(self.seed)
+        from wordpos.circuit.prune import check_prune_settings  # the head-level circuit's, before any stage runs
+
+        check_prune_settings(threshold=self.threshold, top_k=self.circuit_top_k, keep=self.keep)
         if not 0 < self.circuit_target <= 1:
             raise ConfigError(f"circuit_target is a faithfulness in (0, 1], got {self.circuit_target}.")
         if self.circuit_steps < 1 or self.circuit_n_random < 0 or self.top_k < 1 or self.n_random < 0:

@@ -122,11 +122,22 @@ def _nothing_left(G: nx.DiGraph, what: str) -> ConfigError:
                        f"{top_in / 2:.3g}), --top-k, or --keep.")
 
 
+def check_prune_settings(*, threshold: float | None = None, top_k: int | None = None, keep: float | None = None
+                         ) -> None:
+    """The pruning rules' settings (those given): what :func:`prune_threshold`, :func:`prune_top_k` and
+    :func:`prune_min_edges` refuse, checkable before any stage runs (``RunConfig``)."""
+    if threshold is not None and not float(threshold) >= 0:
+        raise ConfigError(f"the threshold is a minimum |effect| and must be ≥ 0, got {float(threshold)}.")
+    if top_k is not None and (int(top_k) != top_k or top_k < 1):
+        raise ConfigError(f"top-k is a number of edges and must be at least 1, got {top_k}.")
+    if keep is not None and not 0 < float(keep) <= 1:
+        raise ConfigError(f"keep is a share of the total |effect| and must be in (0, 1], got {float(keep)}.")
+
+
 def prune_threshold(G: nx.DiGraph, threshold: float) -> PruneResult:
     """Keep the ranked edges with |effect| ≥ ``threshold`` that reach the probe."""
+    check_prune_settings(threshold=threshold)
     threshold = float(threshold)
-    if not threshold >= 0:
-        raise ConfigError(f"the threshold is a minimum |effect| and must be ≥ 0, got {threshold}.")
     res = _result(G, [(u, v) for u, v, s in _ranked(G) if s >= threshold], "threshold", threshold)
     if not res.kept_edges:
         raise _nothing_left(G, f"threshold {threshold:g}")
@@ -135,8 +146,7 @@ def prune_threshold(G: nx.DiGraph, threshold: float) -> PruneResult:
 
 def prune_top_k(G: nx.DiGraph, k: int) -> PruneResult:
     """Keep the ``k`` ranked edges with the largest |effect|, less those that do not reach the probe."""
-    if int(k) != k or k < 1:
-        raise ConfigError(f"top-k is a number of edges and must be at least 1, got {k}.")
+    check_prune_settings(top_k=k)
     res = _result(G, [(u, v) for u, v, _ in _ranked(G)[: int(k)]], "top_k", int(k))
     if not res.kept_edges:
         raise _nothing_left(G, f"top-k {k}")
@@ -146,9 +156,8 @@ def prune_top_k(G: nx.DiGraph, k: int) -> PruneResult:
 def prune_min_edges(G: nx.DiGraph, keep: float = 0.9) -> PruneResult:
     """The fewest edges into the probe that keep ``keep`` of its total |effect|, plus the upstream head → head
     edges that each carry at least ``1 - keep`` of what their receiver passes on (see the module docstring)."""
+    check_prune_settings(keep=keep)
     keep = float(keep)
-    if not 0 < keep <= 1:
-        raise ConfigError(f"keep is a share of the total |effect| and must be in (0, 1], got {keep}.")
     ranked = _ranked(G)
     into = [(u, v, s) for u, v, s in ranked if v == "probe"]
     total = sum(s for *_, s in into)

@@ -226,11 +226,9 @@ def patch_heads(model: Any, pairs: PatchingPairs | PatchContext, probe: WordInde
     if heads is not None:
         from wordpos.patching.ablation import parse_heads  # ("3.4,2.1", [(3, 4)], (3, 4)): one rule everywhere
 
-        heads = parse_heads(heads, dims, keep_order=True)
+        heads = parse_heads(heads, dims, keep_order=True)  # (checked against dims there)
     else:
         heads = [(L, h) for L in ctx.layers for h in range(dims.n_heads)]
-    for L, h in heads:
-        dims.check_head(L, h)
     T = ctx.pairs.clean.shape[1]
     if by_pos:
         patches = [Patch("z", L, h, p) for L, h in heads for p in ctx.sweep_positions()]

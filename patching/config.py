@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -11,7 +10,7 @@ from wordpos.patching import registry
 from wordpos.patching.registry import ABLATIONS, CORRUPTIONS, DIRECTIONS, METRICS
 from wordpos.patching.sizing import Sizing
 from wordpos.probing.errors import ConfigError
-from wordpos.probing.io import config_identity
+from wordpos.probing.io import check_seed, config_identity
 
 
 @dataclass
@@ -58,9 +57,7 @@ class PatchConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}.")
         if not isinstance(self.n_random, int) or self.n_random < 0:
             raise ConfigError(f"n_random must be a non-negative integer, got {self.n_random!r}.")
-        if not isinstance(self.seed, numbers.Integral) or self.seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer (numpy's generators take no negative seeds), got "
-                              f"{self.seed!r}.")
+        check_seed(self.seed)
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ConfigError(f"max_tokens must be a positive integer or None, got {self.max_tokens!r}.")
 

@@ -23,6 +23,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from wordpos.probing.errors import ConfigError, TokenizationError
+from wordpos.probing.io import check_seed
 from wordpos.probing.vocab import WordVocab, word_tokens, words_tokens
 
 REFERENCE_PREFIX = (
@@ -77,9 +78,7 @@ class DatasetConfig:
                               "and held-out splits each need prompts.")
         if self.n_words < 1:
             raise ConfigError(f"n_words must be at least 1, got {self.n_words}.")
-        if self.seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer (numpy's generators take no negative seeds), "
-                              f"got {self.seed}.")
+        check_seed(self.seed)
         if not self.lengths or min(self.lengths) < 1:
             raise ConfigError(f"lengths must be positive token counts such as (1, 2, 3), got {self.lengths}.")
         if not self.prefixes:

@@ -15,9 +15,9 @@ from wordpos.probing.datasets import REFERENCE_PREFIX, DatasetConfig, WordIndexD
 from wordpos.probing.engines import as_engine, make_engine
 from wordpos.probing.errors import ConfigError, CorruptFileError
 from wordpos.probing.evaluation import ProbeSweep, sweep_layers
-from wordpos.probing.io import RUN_MARKER, atomic_dir, config_identity, prepare_run_dir, read_json, write_json
+from wordpos.probing.io import RUN_MARKER, atomic_dir, check_seed, config_identity, prepare_run_dir, read_json, write_json
 from wordpos.probing.models import DEFAULT_MODEL
-from wordpos.probing.probe import DEFAULT_SOLVER, SOLVERS
+from wordpos.probing.probe import DEFAULT_SOLVER, SOLVERS, check_C
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +62,11 @@ class ProbeConfig:
         return d
 
     def __post_init__(self) -> None:
-        import math
-        import numbers
-
-        if not (isinstance(self.C, numbers.Real) and math.isfinite(self.C) and self.C > 0):
-            raise ConfigError(f"C (the inverse regularisation strength, as scikit-learn's) must be a positive number, "
-                              f"got {self.C!r}; the default is 1.0.")
+        check_C(self.C)
         if self.n_words < 2:
             raise ConfigError(f"n_words must be at least 2 (a word-index probe needs two word positions to tell "
                               f"apart), got {self.n_words}; the reference experiment uses 7.")
-        if self.seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer, got {self.seed}.")
+        check_seed(self.seed)
         if self.solver not in (*SOLVERS, "auto"):
             raise ConfigError(f"solver must be one of {(*SOLVERS, 'auto')}, got {self.solver!r}.")
         if self.batch_size is not None and self.batch_size < 1:

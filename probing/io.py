@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import numbers
 import os
 import platform
 import shutil
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from wordpos.probing.errors import CorruptFileError, RunDirError
+from wordpos.probing.errors import ConfigError, CorruptFileError, RunDirError
 
 RUN_MARKER = "config.json"
 
@@ -194,6 +195,13 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[dist] = "not installed"
     return out
+
+
+def check_seed(seed: Any) -> None:
+    """A run's seed (every config that draws from numpy's generators checks it here): a non-negative integer (numpy's generators take no negative seeds)."""
+    if not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer (numpy's generators take no negative seeds), got "
+                          f"{seed!r}.")
 
 
 #: config keys whose values are filesystem paths: compared as absolute paths, so that a run addressed by another

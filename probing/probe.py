@@ -62,11 +62,16 @@ def _int_labels(y: ArrayLike) -> np.ndarray:
     return raw.astype(np.int64)
 
 
-def _check_params(C: float, max_iter: int) -> None:
-    """The fit's settings, checked before any work: a non-positive ``C`` or no iterations fit nothing."""
+def check_C(C: float) -> None:
+    """The probe's ``C`` (inverse regularisation strength, as scikit-learn's): a positive finite number."""
     if not (isinstance(C, numbers.Real) and np.isfinite(C) and C > 0):
         raise ConfigError(f"C (the inverse regularisation strength, as scikit-learn's) must be a positive number, got "
                           f"{C!r}; the default is 1.0.")
+
+
+def _check_params(C: float, max_iter: int) -> None:
+    """The fit's settings, checked before any work: a non-positive ``C`` or no iterations fit nothing."""
+    check_C(C)
     if not isinstance(max_iter, numbers.Integral) or max_iter < 1:
         raise ConfigError(f"max_iter must be a positive integer, got {max_iter!r}.")
 
