@@ -37,6 +37,7 @@ from wordpos.circuit.evaluation import (ABLATIONS, Evaluate, MemoEvaluate, _edge
                                         prune_dangling, record_from_dict, run_masks, save_record)
 from wordpos.patching.edge_graph import EdgeGraph, EdgeScores
 from wordpos.probing.errors import ConfigError
+from wordpos.probing.reprs import clipped, short_repr
 
 RULES = ("top-n", "greedy")
 EDGE_CIRCUIT_FORMAT = "wordpos.edge_circuit/1"
@@ -156,6 +157,17 @@ class EdgeCircuit:
             raise ConfigError(f"ablation must be one of {ABLATIONS}, got {self.ablation!r}.")
         if len(self.edges) != len(self.edge_scores):
             raise ConfigError("edges and edge_scores must have one entry per edge.")
+
+    def __repr__(self) -> str:
+        heads = [h["name"] for h in self.nodes.get("heads", [])]
+        ci = f" [{self.ci[0]:.3f}, {self.ci[1]:.3f}]" if len(self.ci) == 2 else ""
+        return short_repr(self, [
+            f"{self.n_edges} of {self.n_valid} edges ({self.percent_of_graph:.1f}%)",
+            f"f = {self.faithfulness:.3f}{ci} under {self.ablation} ablation, target {self.target:g} "
+            + ("reached" if self.reached else "not reached"),
+            f"{self.method} scores, {self.rule} rule",
+            f"heads {clipped(heads, 8)}" if heads else "no heads",
+            f"MLPs {clipped(self.nodes.get('mlp_names', []), 8)}" if self.nodes.get("mlp_names") else "no MLPs"])
 
     @property
     def n_edges(self) -> int:

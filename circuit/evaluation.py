@@ -44,6 +44,7 @@ from torch import Tensor
 from wordpos.patching.edge_graph import EdgeGraph, EdgeScores
 from wordpos.probing.errors import ConfigError, CorruptFileError
 from wordpos.probing.plots import fast_figure, figure_dict, hline
+from wordpos.probing.reprs import short_repr
 
 ABLATIONS = ("counterfactual", "mean", "resample")
 DEFAULT_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -303,6 +304,19 @@ class Curve:
                 raise ConfigError(f"Curve.{name} has {len(getattr(self, name))} values for {n} fractions.")
         if any(len(row) != n for row in self.random_faithfulness):
             raise ConfigError("every random draw needs one faithfulness per fraction.")
+
+    def __repr__(self) -> str:
+        def ci(lo_hi: list[float]) -> str:
+            return f"[{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if len(lo_hi) == 2 else ""
+
+        return short_repr(self, [
+            f"{self.level} circuits by {self.method} under {self.ablation} ablation",
+            f"{len(self.fractions)} sizes of {self.n_items} {'edges' if self.level == 'edge' else 'nodes'}, "
+            f"{self.n_pairs} pairs",
+            f"CPR {self.cpr:.3f} {ci(self.cpr_ci)}" + (f" vs {self.n_random} random {self.random_cpr_mean:.3f}"
+                                                      if self.n_random else ""),
+            f"CMD {self.cmd:.3f} {ci(self.cmd_ci)}" + (f" vs random {self.random_cmd_mean:.3f}"
+                                                      if self.n_random else "")])
 
     @property
     def random_cpr_mean(self) -> float:

@@ -26,6 +26,7 @@ from wordpos.probing.datasets import PromptSet, WordIndexDataset
 from wordpos.probing.engines import Engine, as_engine
 from wordpos.probing.errors import ConfigError
 from wordpos.probing.probe import WordIndexProbe
+from wordpos.probing.reprs import clipped, percent, short_repr
 
 AblationMethod = Literal["zero", "mean", "resample"]
 ABLATIONS = ("zero", "mean", "resample")
@@ -85,6 +86,19 @@ class AblationResult:
     random_refit_accuracies: list[float] = field(default_factory=list)
     n_samples: int = 0
     config: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        r, rr = self.random_accuracies, self.random_refit_accuracies
+
+        def spread(xs: list[float]) -> str:
+            return f"{percent(float(np.mean(xs)))} ± {100 * float(np.std(xs)):.1f}"
+        return short_repr(self, [
+            f"{self.method} ablation of {clipped((f'{L}.{h}' for L, h in self.heads), 8)}",
+            f"held-out words {percent(self.accuracy)} (unablated {percent(self.clean_accuracy)}, position-only "
+            f"{percent(self.baseline_abs_pos_accuracy)})",
+            "" if self.refit_accuracy is None else f"probe refitted {percent(self.refit_accuracy)}",
+            f"{len(r)} random sets {spread(r)}" if r else "",
+            f"refitted {spread(rr)}" if rr else ""])
 
     @property
     def drop(self) -> float:

@@ -26,6 +26,7 @@ from wordpos.probing import hooks as H
 from wordpos.probing.engines import Engine, as_engine
 from wordpos.probing.errors import ConfigError
 from wordpos.probing.probe import WordIndexProbe
+from wordpos.probing.reprs import short_repr
 
 Direction = Literal["denoising", "noising"]
 
@@ -65,6 +66,13 @@ class PatchContext:
     @property
     def layers(self) -> list[int]:
         return list(range(self.stop_at_layer))
+
+    def __repr__(self) -> str:
+        return short_repr(self, [f"model {self.engine.name!r} ({type(self.engine).__name__})",
+                                 f"{len(self.pairs)} pairs", f"{self.direction} with {self.metric!r}",
+                                 f"runs stop at layer {self.stop_at_layer}",
+                                 f"cached: {len(self.source_cache)} source and {len(self.base_cache)} base activations"
+                                 + ("" if self.base_kv is None else ", the base run's keys/values")])
 
     @property
     def max_target_pos(self) -> int:

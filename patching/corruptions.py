@@ -21,6 +21,7 @@ from torch import Tensor
 
 from wordpos.probing.datasets import REFERENCE_PREFIX, sequence_start_id
 from wordpos.probing.errors import ConfigError
+from wordpos.probing.reprs import array_summary, short_repr
 from wordpos.probing.vocab import WordVocab, word_tokens
 
 
@@ -48,6 +49,12 @@ class PatchingPairs:
 
     def __len__(self) -> int:
         return int(self.clean.shape[0])
+
+    def __repr__(self) -> str:
+        n = self.target_mask.sum(1).tolist() if len(self) else [0]
+        targets = f"{min(n)}" if min(n) == max(n) else f"{min(n)}–{max(n)}"
+        return short_repr(self, [f"{len(self)} clean/corrupted pairs of {self.clean.shape[1]} tokens ({self.kind!r})",
+                                 f"{targets} target words each", f"tokens {array_summary(self.clean)}"])
 
     def to(self, device: torch.device | str) -> "PatchingPairs":
         return PatchingPairs(self.clean.to(device), self.corrupted.to(device), self.target_pos.to(device),

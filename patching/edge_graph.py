@@ -26,6 +26,7 @@ from torch import Tensor
 
 from wordpos.probing.engines.base import ModelDims
 from wordpos.probing.errors import ConfigError, CorruptFileError
+from wordpos.probing.reprs import clipped, short_repr
 
 ReaderKind = Literal["q", "k", "v", "mlp", "probe"]
 METHODS: tuple[str, ...] = ("eap", "eap-ig", "exact")
@@ -115,6 +116,11 @@ class EdgeGraph:
         return cls.build(dims.n_layers, dims.n_heads, dims.n_kv_heads, probe_layer)
 
     # ------------------------------------------------------------------ lookups
+    def __repr__(self) -> str:
+        return short_repr(self, [f"{self.n_writers} writers × {self.n_readers} readers, {self.n_edges} edges",
+                                 f"{self.n_layers} layers of {self.n_heads} heads ({self.n_kv_heads} key/value heads)",
+                                 f"probe after layer {self.probe_layer}"])
+
     @property
     def n_writers(self) -> int:
         return len(self.writers)
@@ -310,6 +316,11 @@ class EdgeScores:
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}.")
         self.scores[~self.graph.valid] = float("nan")
+
+    def __repr__(self) -> str:
+        return short_repr(self, [f"{self.method} on {self.metric}", f"{self.graph.n_edges} edges",
+                                 f"{self.n_pairs} pairs", "largest |score|: " + clipped(
+                                     (f"{e} {v:+.3g}" for e, v in self.top_edges(min(3, self.graph.n_edges))), 3)])
 
     def edge_values(self) -> Float[Tensor, " n_edges"]:
         """Scores of the valid edges in :meth:`EdgeGraph.edge_names` order."""

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from wordpos.patching.corruptions import PatchingPairs
 from wordpos.probing.errors import ConfigError
+from wordpos.probing.reprs import short_repr
 from wordpos.probing.probe import WordIndexProbe
 
 MetricKind = Literal["logit_diff", "projection", "accuracy"]
@@ -49,6 +50,11 @@ class ProbeMetric:
     @property
     def name(self) -> str:
         return f"probe_{self.kind}"
+
+    def __repr__(self) -> str:
+        ends = ("uncalibrated" if self.clean_value is None or self.corrupted_value is None
+                else f"clean {self.clean_value:.4g}, corrupted {self.corrupted_value:.4g} (normalised to 1 and 0)")
+        return short_repr(self, [self.name, f"probe layer {self.probe.layer}", f"{len(self.pairs)} pairs", ends])
 
     def per_target(self, resid: Float[Tensor, "rows pos d_model"]) -> Float[Tensor, "copies batch target"]:
         B = len(self.pairs)

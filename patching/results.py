@@ -18,6 +18,7 @@ import numpy as np
 
 from wordpos.probing.errors import ConfigError, CorruptFileError
 from wordpos.probing.io import read_json, read_npz, write_json, write_npz
+from wordpos.probing.reprs import array_summary, clipped, short_repr
 
 FORMAT = "wordpos.EffectResult/2"
 FORMAT_V1 = "wordpos.EffectResult/1"  # stored levels (1 = clean) and unmeasured ablation heads as 0.0
@@ -56,6 +57,19 @@ class EffectResult:
             raise ConfigError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}.")
         for i, ax in enumerate(self.axes):
             self.coords.setdefault(ax, list(range(self.effects.shape[i])))
+
+    def __repr__(self) -> str:
+        e = self.effects
+        if self.axes[:2] == ("layer", "head"):
+            top = "largest: " + clipped((f"{t['head']} {t['effect']:+.3g}" for t in self.top_heads(3)), 3)
+        elif np.isfinite(e).any():
+            i = np.unravel_index(np.nanargmax(np.abs(e)), e.shape)
+            top = "largest: " + ", ".join(f"{ax} {self.coords[ax][j]}" for ax, j in zip(self.axes, i)) + f" {e[i]:+.3g}"
+        else:
+            top = "nothing measured"
+        return short_repr(self, [f"{self.method}, {self.direction}, {self.metric}",
+                                 f"effects {array_summary(e)} over {'×'.join(self.axes)}",
+                                 f"{self.n_prompts} prompts" if self.n_prompts else "", top])
 
     @property
     def change(self) -> np.ndarray:

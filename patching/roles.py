@@ -20,6 +20,7 @@ from wordpos.patching.runner import NOOP, Request, cache_run, run_interventions
 from wordpos.patching.sizing import Sizing
 from wordpos.probing import hooks as H
 from wordpos.probing.datasets import PromptSet
+from wordpos.probing.reprs import clipped, short_repr
 from wordpos.probing.engines import as_engine
 from wordpos.probing.vocab import tokenizer_memo
 
@@ -120,6 +121,17 @@ class HeadRoles:
     scores: dict[str, np.ndarray]
     n_prompts: int
     config: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        c = self.scores.get("counter_score")
+        top = ""
+        if c is not None and np.isfinite(c).any():
+            best = np.argsort(-np.nan_to_num(c, nan=-np.inf), axis=None)[:3]
+            top = "highest counter score: " + ", ".join(
+                f"{L}.{h} {c[L, h]:.2f}" for L, h in (np.unravel_index(i, c.shape) for i in best))
+        shape = "×".join(map(str, next(iter(self.scores.values())).shape)) if self.scores else "0"
+        return short_repr(self, [f"{clipped(self.scores, 6)} per head [layer×head {shape}]",
+                                 f"{self.n_prompts} prompts", top])
 
     def head(self, layer: int, head: int) -> dict[str, float]:
         return {k: float(v[layer, head]) for k, v in self.scores.items()}

@@ -23,6 +23,7 @@ from wordpos.probing import hooks as H
 from wordpos.probing.datasets import SPLITS, Positions, WordIndexDataset
 from wordpos.probing.engines import Engine, as_engine
 from wordpos.probing.errors import ConfigError, CorruptFileError
+from wordpos.probing.reprs import array_summary, clipped, short_repr
 
 
 def parse_layers(layers: int | str | Sequence[int], n_layers: int) -> list[int]:
@@ -72,6 +73,12 @@ class Residuals:
             return data[:, self.layers.index(layer)].contiguous()
         arr = np.ascontiguousarray(data[:, self.layers.index(layer)])
         return torch.from_numpy(arr if arr.flags.writeable else arr.copy())  # read-only memmaps: a private copy
+
+    def __repr__(self) -> str:
+        return short_repr(self, [f"model {self.model_name!r}", f"{self.kind} at {self.positions} tokens",
+                                 f"layers {clipped(self.layers, 8)}",
+                                 ", ".join(f"{k} {array_summary(v)}" for k, v in self.data.items())
+                                 + " [sample×layer×d_model]"])
 
     def train(self, layer: int) -> Float[Tensor, "sample d_model"]:
         return self.get("train", layer)

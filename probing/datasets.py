@@ -24,6 +24,7 @@ from torch import Tensor
 
 from wordpos.probing.errors import ConfigError, TokenizationError
 from wordpos.probing.io import check_seed
+from wordpos.probing.reprs import array_summary, short_repr
 from wordpos.probing.vocab import WordVocab, word_tokens, words_tokens
 
 REFERENCE_PREFIX = (
@@ -123,6 +124,10 @@ class PromptSet:
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
 
+    def __repr__(self) -> str:
+        return short_repr(self, [f"{self.split}: {len(self)} prompts of {self.max_len() if len(self) else 0} tokens or fewer",
+                                 f"tokens {array_summary(self.tokens)}", f"{self.n_words} words each"])
+
     @property
     def n_words(self) -> int:
         return int(self.word_last.shape[1])
@@ -189,6 +194,13 @@ class WordIndexDataset:
     seq_start_id: int | None
     pad_id: int
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        c = self.config
+        vocab = "" if self.vocab is None else repr(self.vocab)
+        return short_repr(self, [" / ".join(f"{s} {len(self.split(s))}" for s in SPLITS) + " prompts",
+                                 f"{c.n_words} words of {'/'.join(map(str, c.lengths))} tokens", vocab,
+                                 f"seed {c.seed}"])
 
     def split(self, name: str) -> PromptSet:
         if name not in SPLITS:

@@ -18,6 +18,7 @@ from wordpos.probing.baselines import PositionBaseline, shuffled_label_accuracy
 from wordpos.probing.errors import ConfigError, CorruptFileError
 from wordpos.probing.io import read_json, write_json
 from wordpos.probing.probe import DEFAULT_SOLVER, NONFINITE_RESIDUALS, WordIndexProbe, decision_index, fit_probes
+from wordpos.probing.reprs import clipped, percent, short_repr
 
 
 @dataclass
@@ -41,6 +42,14 @@ class LayerResult:
     def gain(self) -> float:
         return self.accuracy - self.baseline_abs_pos_accuracy
 
+    def __repr__(self) -> str:
+        return short_repr(self, [f"layer {self.layer}: held-out words {percent(self.accuracy)} vs position-only "
+                                 f"{percent(self.baseline_abs_pos_accuracy)}",
+                                 f"validation {percent(self.val_accuracy)}, train {percent(self.train_accuracy)}",
+                                 "" if self.shuffled_label_accuracy is None
+                                 else f"shuffled labels {percent(self.shuffled_label_accuracy)}",
+                                 f"{self.n_train} train / {self.n_test} test samples"])
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["gain_over_baseline"] = self.gain
@@ -59,6 +68,13 @@ class ProbeSweep:
     @property
     def best_layer(self) -> int:
         return max(self.results, key=lambda L: (self.results[L].val_accuracy, -L))
+
+    def __repr__(self) -> str:
+        if not self.results:
+            return short_repr(self, ["no layers"])
+        return short_repr(self, [f"{len(self.results)} layers", f"best {self.best!r}",
+                                 "held-out by layer " + clipped((f"{L}: {percent(r.accuracy)}"
+                                                                 for L, r in sorted(self.results.items())), 8)])
 
     @property
     def best(self) -> LayerResult:

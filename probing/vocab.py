@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wordpos.probing.errors import ConfigError, TokenizationError
+from wordpos.probing.reprs import short_repr
 
 
 SHIPPED_WORDS = Path(__file__).parent / "data" / "wordfreq_en_top10000.txt"
@@ -110,6 +111,13 @@ class WordVocab:
             k = max(1, round(len(group) * test_fraction))
             test[n], train[n] = sorted(group[:k]), sorted(group[k:])
         return cls(train=train, test=test, seed=seed, lengths=lengths)
+
+    def __repr__(self) -> str:
+        n = {name: sum(len(v) for v in words.values()) for name, words in (("train", self.train), ("test", self.test))}
+        return short_repr(self, [f"{n['train']} training and {n['test']} held-out words",
+                                 "by token count " + ", ".join(f"{k}: {len(self.train.get(k, []))}+"
+                                                               f"{len(self.test.get(k, []))}" for k in self.lengths),
+                                 f"seed {self.seed}"])
 
     def split(self, name: str) -> dict[int, list[str]]:
         if name not in ("train", "test"):

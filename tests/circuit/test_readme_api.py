@@ -1,0 +1,77 @@
+"""The README's notebook example, run as written on the planted model (whose circuit is set by hand): every call
+it shows works, finds the planted heads, and every object it makes prints as a short summary in a notebook."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+# The README's example is written for GPT-2 on a GPU; these edits (each must match once) point it at the planted
+# model (counter 0.2 feeding receiver 1.1, probe after layer 1) at test size.
+EDITS = {
+    'model = load_model("gpt2", device="cuda")': "model = _planted",
+    "n_prompts=4096": "n_prompts=600",
+    "layer=3": "layer=1",
+    "n_pairs=64": "n_pairs=12",
+    '"3.4,2.1"': '"0.2,1.1"',
+    "[(3, 4), (2, 1)]": "[(0, 2), (1, 1)]",
+}
+
+
+def _example() -> str:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+    assert blocks, "README.md has no ```python block"
+    code = blocks[0]
+    for old, new in EDITS.items():
+        assert code.count(old) >= 1, f"the README example no longer contains {old!r}: update EDITS"
+        code = code.replace(old, new)
+    return code
+
+
+@pytest.fixture(scope="module")
+def example(planted_model):
+    ns: dict = {"_planted": planted_model}
+    exec(compile(_example(), str(README), "exec"), ns)  # noqa: S102 - the README's own example
+    return ns
+
+
+def test_the_readme_example_finds_the_planted_circuit(example):
+    ns = example
+    model, data, acts, probe = ns["model"], ns["data"], ns["acts"], ns["probe"]
+    acc = probe.score(acts.test(layer=1), data.test.labels)
+    assert [t["head"] for t in ns["patch_heads"](model, ns["ctx"]).top_heads(2)] == ["0.2", "1.1"]
+    abl = ns["ablate_heads"](model, probe, data, "0.2,1.1", method="mean", n_random=0)
+    assert acc > abl.baseline_abs_pos_accuracy + 0.2
+    # without the counter and its receiver the probe knows what the absolute position tells it, no more
+    assert abs(abl.accuracy - abl.baseline_abs_pos_accuracy) < 0.06
+    ev = ns["anchor_evidence"](model, data.test, [(0, 2), (1, 1)])
+    assert ev["0.2"]["counter_score"] > 0.9 > 0.1 > ev["1.1"]["counter_score"]
+    curve, circuit = ns["curve"], ns["circuit"]
+    assert curve.cpr > curve.random_cpr_mean + 0.3
+    assert circuit.reached and circuit.nodes["head_names"] == ["a0.h2", "a1.h1"] and not circuit.nodes["mlp_names"]
+
+
+def test_every_object_of_the_example_prints_as_a_short_summary(example):
+    """A notebook shows a cell's value with repr(): a dataset, a context or residuals used to print every token
+    (hundreds of thousands of characters); now each is a line with its sizes and headline numbers."""
+    ns = example
+    objects = {k: v for k, v in ns.items() if not k.startswith("_") and not callable(v) and k != "__builtins__"}
+    objects.update(ablation=ns["ablate_heads"](ns["model"], ns["probe"], ns["data"], "0.2,1.1", method="mean",
+                                               n_random=2),
+                   effects=ns["patch_heads"](ns["model"], ns["ctx"]), graph=ns["scores"].graph,
+                   metric=ns["ctx"].metric, vocab=ns["data"].vocab, train=ns["data"].train)
+    assert {"data", "acts", "probe", "pairs", "ctx", "scores", "curve", "circuit"} <= set(objects)
+    for name, obj in objects.items():
+        if isinstance(obj, (torch.nn.Module, float, int, tuple)) or type(obj).__module__ == "builtins":
+            continue
+        text = repr(obj)
+        assert len(text) <= 400, f"repr({name}) is {len(text)} characters: {text[:200]}..."
+        assert "tensor(" not in text and "array(" not in text, f"repr({name}) prints its data: {text[:200]}"
+    # the summaries show the planted ground truth, not just sizes
+    assert "largest: 0.2 +" in repr(objects["effects"])
+    assert f"{len(ns['data'].train)}" in repr(ns["data"]) and "7 words" in repr(ns["data"])
+    assert "heads a0.h2, a1.h1; no MLPs" in repr(ns["circuit"]) and "target 0.8 reached" in repr(ns["circuit"])
