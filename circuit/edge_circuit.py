@@ -169,6 +169,12 @@ class EdgeCircuit:
             f"heads {clipped(heads, 8)}" if heads else "no heads",
             f"MLPs {clipped(self.nodes.get('mlp_names', []), 8)}" if self.nodes.get("mlp_names") else "no MLPs"])
 
+    def figure(self, title: str | None = None) -> Any:
+        """The circuit's diagram (plotly, with a slider over how many of its edges are drawn)."""
+        from wordpos.circuit.edge_render import render_circuit_edges
+
+        return render_circuit_edges(self, title=title or f"edge circuit into the layer-{self.graph['probe_layer']} probe")
+
     @property
     def n_edges(self) -> int:
         return len(self.edges)

@@ -10,7 +10,6 @@ from wordpos.patching.ablation import ablate_heads, ablated_sets, head_means
 from wordpos.patching.activation import patch_heads, patch_layer_outputs, patch_resid
 from wordpos.patching.attribution import correlation
 from wordpos.patching.path import path_patch_direct, path_patch_edges
-from wordpos.patching.plots import head_heatmap, position_heatmap
 from wordpos.patching.registry import PAIR_OPTIONS, StageInputs, StageOutput  # noqa: F401 - PAIR_OPTIONS, as before
 from wordpos.patching.results import EffectResult
 from wordpos.patching.roles import head_roles
@@ -21,7 +20,7 @@ def _label(inp: StageInputs, ctx) -> str:
 
 
 def _heads_fig(inp: StageInputs, res: EffectResult, what: str, ctx) -> object:
-    return head_heatmap(res.head_effects(), f"{what} of heads ({_label(inp, ctx)})", "change in normalised metric")
+    return res.figure(f"{what} of heads ({_label(inp, ctx)})")
 
 
 def activation_stage(inp: StageInputs) -> StageOutput:
@@ -42,8 +41,7 @@ def activation_stage(inp: StageInputs) -> StageOutput:
         top = [(h["layer"], h["index"]) for h in res["heads"].top_heads(c.sizing.by_pos_heads)]
         res["heads_by_pos"] = patch_heads(inp.engine, ctx, by_pos=True, heads=top, checkpoint_dir=ckpt, **kw)
     tokens = inp.engine.tokenizer.convert_ids_to_tokens(ctx.base[0].tolist())
-    figs = {"resid": lambda: position_heatmap(res["resid"].effects, f"Residual-stream patching ({_label(inp, ctx)})",
-                                              tokens, "change"),
+    figs = {"resid": lambda: res["resid"].figure(f"Residual-stream patching ({_label(inp, ctx)})", tokens),
             "heads": lambda: _heads_fig(inp, res["heads"], "Activation patching", ctx)}
     return StageOutput(res, figs, extra)
 
@@ -168,7 +166,7 @@ def ablation_stage(inp: StageInputs) -> StageOutput:
                       progress=inp.progress, means=means, memo=memo)
     title = (f"{c.model}: change in probe accuracy when each head is {c.ablation}-ablated (layer {layer} probe; "
              "blank = not measured)")
-    return StageOutput({"heads": res}, {"heads": lambda: head_heatmap(res.effects, title, "accuracy change")},
+    return StageOutput({"heads": res}, {"heads": lambda: res.figure(title)},
                        {"top_k_ablation": ab.to_dict()}, rank="decrease")
 
 

@@ -71,6 +71,20 @@ class EffectResult:
                                  f"effects {array_summary(e)} over {'×'.join(self.axes)}",
                                  f"{self.n_prompts} prompts" if self.n_prompts else "", top])
 
+    def figure(self, title: str | None = None, tokens: list[str] | None = None) -> Any:
+        """The effects as a plotly heatmap (shown inline in a notebook): ``[layer, head]`` (a position axis summed,
+        as :meth:`head_effects`) or ``[layer, pos]`` (``tokens``, e.g. the first prompt's, label the positions)."""
+        from wordpos.patching.plots import head_heatmap, position_heatmap
+
+        title = title or f"{self.method} ({self.direction}, {self.metric}, {self.n_prompts} prompts)"
+        if self.axes[:2] == ("layer", "head"):
+            colorbar = "accuracy change" if "accuracy" in self.metric else "change in normalised metric"
+            return head_heatmap(self.head_effects(), title, colorbar)
+        if self.axes == ("layer", "pos"):
+            return position_heatmap(self.effects, title, tokens, "change")
+        raise ConfigError(f"no figure for effects over {self.axes}: figure() draws (layer, head[, pos]) or "
+                          "(layer, pos); plot .effects yourself for other axes.")
+
     @property
     def change(self) -> np.ndarray:
         """The signed change from the unpatched run (the same array as ``effects``)."""

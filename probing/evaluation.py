@@ -17,6 +17,7 @@ from wordpos.probing.activations import Residuals
 from wordpos.probing.baselines import PositionBaseline, shuffled_label_accuracy
 from wordpos.probing.errors import ConfigError, CorruptFileError
 from wordpos.probing.io import read_json, write_json
+from wordpos.probing.models.registry import check_device
 from wordpos.probing.probe import DEFAULT_SOLVER, NONFINITE_RESIDUALS, WordIndexProbe, decision_index, fit_probes
 from wordpos.probing.reprs import clipped, percent, short_repr
 
@@ -68,6 +69,15 @@ class ProbeSweep:
     @property
     def best_layer(self) -> int:
         return max(self.results, key=lambda L: (self.results[L].val_accuracy, -L))
+
+    def figure(self, title: str = "Word-index probe accuracy by layer") -> Any:
+        """Held-out accuracy by layer against the position-only baseline and the shuffled-label control (plotly)."""
+        from wordpos.probing.plots import layer_curve
+
+        best = self.best
+        return layer_curve({L: r.accuracy for L, r in self.results.items()}, best.baseline_abs_pos_accuracy,
+                           title=title, shuffled=best.shuffled_label_accuracy,
+                           per_layer_val={L: r.val_accuracy for L, r in self.results.items()})
 
     def __repr__(self) -> str:
         if not self.results:
@@ -282,12 +292,16 @@ def _layer_groups(layers: list[int], bytes_per_layer: int, device: torch.device)
 def fit_layers(residuals: Residuals, layers: list[int], *, device: str | torch.device | None = None,
                **probe_params: Any) -> dict[int, WordIndexProbe]:
     """Fit the probe at each of ``layers`` on the training split. The torch solver fits groups of layers
-    in one batched optimisation on ``device`` (default: CUDA when present, else CPU); sklearn, one by one."""
+    in one batched optimisation on ``device`` (default: where the residuals are kept, else CUDA when present, else
+    the CPU); sklearn, one by one."""
     params = {"site": residuals.kind, "model": residuals.model_name, **probe_params}
     ytr = residuals.labels["train"]
     if params.get("solver", DEFAULT_SOLVER) != "torch":
         return {L: WordIndexProbe(layer=L, **params).fit(residuals.train(L), ytr) for L in layers}
-    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    kept = residuals.data["train"]
+    if device is None and isinstance(kept, torch.Tensor):
+        device = kept.device
+    dev = torch.device(check_device(device))
     n, d = residuals.data["train"].shape[0], residuals.d_model
     probes: dict[int, WordIndexProbe] = {}
     # float64 X, Z and a temporary; the batched solver's preconditioner and its temporaries, three [d + 1, d + 1]

@@ -1,8 +1,9 @@
 """Progress bars that suit where the output goes.
 
-On a terminal, :func:`progress_bar` is an ordinary tqdm bar. When stderr is not a terminal (CI logs, ``nohup``,
-a notebook's captured stderr), a redrawn bar floods the log with one line per update, so the bar is silent while it
-runs and prints one summary line when it closes: ``desc: 528 patch in 4.2 s``.
+On a terminal and in a Jupyter notebook, :func:`progress_bar` is an ordinary ``tqdm.auto`` bar (a widget where
+ipywidgets is installed). When stderr is neither (CI logs, ``nohup``, a script's redirected output), a redrawn bar
+floods the log with one line per update, so the bar is silent while it runs and prints one summary line when it
+closes: ``desc: 528 patch in 4.2 s``.
 """
 
 from __future__ import annotations
@@ -14,11 +15,21 @@ from typing import Any
 from tqdm.auto import tqdm
 
 
+def _in_notebook() -> bool:
+    """Whether this runs in a Jupyter kernel (IPython with a kernel attached), where tqdm.auto draws a live bar
+    that redraws in place, although stderr is not a terminal."""
+    ipython = sys.modules.get("IPython")
+    shell = getattr(ipython, "get_ipython", lambda: None)() if ipython is not None else None
+    return getattr(shell, "kernel", None) is not None
+
+
 def _interactive() -> bool:
     try:
-        return sys.stderr.isatty()
+        if sys.stderr.isatty():
+            return True
     except (AttributeError, ValueError):
-        return False
+        pass
+    return _in_notebook()
 
 
 class _QuietBar(tqdm):

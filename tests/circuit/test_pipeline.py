@@ -120,6 +120,28 @@ def test_run_refuses_another_runs_directory(planted_run, capsys):
     assert "another run" in capsys.readouterr().err
 
 
+def test_overwrite_replaces_the_whole_run(planted_run, tmp_path):
+    """``run --overwrite`` over an earlier run leaves none of its files behind (here a stale file in a stage's
+    folder and a checkpoint) to be read as the new run's; files the run did not write stay."""
+    import shutil
+
+    src, args = planted_run
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    (out / "circuit" / "head_graph_from_an_older_run.json").write_text("{}")
+    (out / "checkpoints" / "stale").mkdir(parents=True, exist_ok=True)
+    (out / "my_notes.txt").write_text("mine")
+    again = [str(out) if a == str(src) else a for a in args]
+    assert main(again + ["--overwrite"]) == 0
+    assert not (out / "circuit" / "head_graph_from_an_older_run.json").exists()
+    assert not (out / "checkpoints" / "stale").exists()
+    assert (out / "my_notes.txt").read_text() == "mine"
+    assert (out / "circuit" / "circuit.json").exists() and (out / "report.html").exists()
+    new, old = (json.loads((d / "summary.json").read_text())["circuit"] for d in (out, src))
+    same = lambda c: {k: v for k, v in c.items() if k not in ("files", "timings_s")}  # noqa: E731 - paths, seconds
+    assert same(new) == same(old)  # the same settings give the same circuit
+
+
 def test_export_script(planted_run, tmp_path):
     out, _ = planted_run
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "export_circuit.py"), str(out), "--formats",

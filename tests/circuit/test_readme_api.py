@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,3 +76,24 @@ def test_every_object_of_the_example_prints_as_a_short_summary(example):
     assert "largest: 0.2 +" in repr(objects["effects"])
     assert f"{len(ns['data'].train)}" in repr(ns["data"]) and "7 words" in repr(ns["data"])
     assert "heads a0.h2, a1.h1; no MLPs" in repr(ns["circuit"]) and "target 0.8 reached" in repr(ns["circuit"])
+
+
+def test_the_results_draw_themselves(example):
+    """``figure()`` on the example's results: the heatmap's two largest cells are the planted heads, the diagram
+    draws exactly the circuit's edges, the layer curve plots each layer's held-out accuracy."""
+    from wordpos.circuit.edge_render import drawn_edge_count
+    from wordpos.probing import ConfigError, sweep_layers
+
+    ns = example
+    effects = ns["patch_heads"](ns["model"], ns["ctx"])
+    z = np.asarray(effects.figure().data[0].z, dtype=float)
+    top = np.argsort(-np.nan_to_num(z, nan=-np.inf), axis=None)[:2]
+    assert sorted(np.unravel_index(top, z.shape)[0].tolist()) == [0, 1]
+    assert {f"{L}.{h}" for L, h in zip(*np.unravel_index(top, z.shape))} == {"0.2", "1.1"}
+    assert drawn_edge_count(ns["circuit"].figure()) == ns["circuit"].n_edges
+    sweep = sweep_layers(ns["acts"], progress=False)
+    held_out = sweep.figure().data[0]
+    assert list(held_out.x) == [0, 1] and held_out.y[1] == sweep.results[1].accuracy
+    assert held_out.y[1] > sweep.best.baseline_abs_pos_accuracy + 0.2
+    with pytest.raises(ConfigError, match="no figure for effects over"):
+        type(effects)(np.zeros((2, 3, 4)), ("pair", "layer", "pos"), "activation", "m").figure()

@@ -172,3 +172,21 @@ def test_residual_sites_and_role_layers_are_checked_first(tiny_model, small_data
     for bad in ([-1], [7]):
         with pytest.raises(ConfigError, match="out of range"):
             head_roles(tiny_model, small_data.test, layers=bad)
+
+
+def test_a_probe_without_its_model_is_used_with_a_warning(tiny_model, tiny_probe, tiny_pairs):
+    """A probe fitted without ``model=`` cannot be checked against the model it is used on (one of another model
+    of the same width would pass): ``prepare`` says so and how to record it, and goes on; one that records it is
+    used without a word."""
+    import copy
+    import warnings
+
+    from wordpos.patching import prepare
+
+    anonymous = copy.deepcopy(tiny_probe)
+    anonymous.model = None
+    with pytest.warns(UserWarning, match=r"does not record the model.*WordIndexProbe\(model=acts.model_name"):
+        prepare(tiny_model, tiny_pairs, anonymous)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare(tiny_model, tiny_pairs, tiny_probe)

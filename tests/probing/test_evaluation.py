@@ -250,3 +250,22 @@ def test_layer_predictions_refuse_bad_input():
     preds = layer_predictions(_on_tensors(r), probes)[0]
     with pytest.raises(ConfigError, match="predictions"):
         evaluate_layer(r, 0, probes[0], shuffled_control=False, predictions={**preds, "train": preds["train"][:1]})
+
+
+def test_fit_layers_fits_where_the_residuals_are_kept(monkeypatch):
+    """Residuals kept as tensors are fitted on their own device, not on a CUDA device that merely exists (which
+    would copy them across); a device this machine lacks is refused with what to pass."""
+    from wordpos.probing import evaluation
+    from wordpos.probing.evaluation import fit_layers
+
+    r = _on_tensors(_residuals(n_layers=2))
+    seen = []
+    real = evaluation.fit_probes
+    monkeypatch.setattr(evaluation, "fit_probes", lambda X, y, **kw: seen.append(kw["device"]) or real(X, y, **kw))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU "present": the residuals stay the guide
+    fit_layers(r, r.layers, solver="torch")
+    assert seen and all(torch.device(d).type == "cpu" for d in seen)
+    monkeypatch.undo()
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            fit_layers(r, r.layers, solver="torch", device="cuda")
