@@ -97,7 +97,8 @@ class AblationResult:
             f"held-out words {percent(self.accuracy)} (unablated {percent(self.clean_accuracy)}, position-only "
             f"{percent(self.baseline_abs_pos_accuracy)})",
             "" if self.refit_accuracy is None else f"probe refitted {percent(self.refit_accuracy)}",
-            f"{len(r)} random sets {spread(r)}" if r else "",
+            (f"{len(r)} random sets" + (f" ({self.random_distinct_sets} distinct)"
+                                          if self.random_distinct_sets < len(r) else "") + f" {spread(r)}") if r else "",
             f"refitted {spread(rr)}" if rr else ""])
 
     @property

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from typing import Any
 
-from tqdm.auto import tqdm
+from tqdm import TqdmWarning
+
+with warnings.catch_warnings():  # in a notebook without ipywidgets tqdm.auto falls back to text bars, which
+    warnings.simplefilter("ignore", TqdmWarning)  # redraw in place there too: its advice to install them is noise
+    from tqdm.auto import tqdm
 
 
 def _in_notebook() -> bool:

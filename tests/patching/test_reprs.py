@@ -20,3 +20,14 @@ def test_pairs_repr_gives_the_range_of_targets():
     mask = torch.tensor([[True, True], [True, False], [True, True]])
     r = repr(PatchingPairs(clean, clean + 1, pos, pos * 0, pos * 0 + 1, mask))
     assert "3 clean/corrupted pairs of 10 tokens" in r and "1–2 target words each" in r
+
+
+def test_ablation_repr_says_when_random_draws_repeat_a_set():
+    from wordpos.patching import AblationResult
+
+    same = [[(1, 0), (1, 2)]] * 3
+    r = repr(AblationResult([(1, 1), (1, 3)], "mean", 0.4, 0.96, 0.57, {}, [0.8, 0.8, 0.8], same, n_samples=10))
+    assert "3 random sets (1 distinct) 80.0% ± 0.0" in r and "ablation of 1.1, 1.3" in r
+    other = [[(1, 0), (1, 2)], [(0, 1), (1, 2)]]
+    assert "2 random sets 70.0% ± 10.0" in repr(AblationResult([(1, 1)], "mean", 0.4, 0.96, 0.57, {}, [0.6, 0.8],
+                                                              other))
