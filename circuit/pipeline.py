@@ -8,10 +8,8 @@ evidence → ``report.html`` and ``summary.json``. An interrupted run resumes: f
 
 from __future__ import annotations
 
-import json
 import logging
 import numbers
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +20,8 @@ from wordpos.patching.experiment import PatchConfig, load_probe, run_patching
 from wordpos.patching.results import EffectResult
 from wordpos.patching.sizing import Sizing
 from wordpos.probing.experiment import ProbeConfig, run_probe
-from wordpos.probing.io import RUN_MARKER, check_seed, config_identity, prepare_run_dir, read_json, write_json
+from wordpos.probing.io import (check_seed, config_identity, prepare_run_dir, read_json, remove_replaced_outputs,
+                                write_json)
 from wordpos.probing.models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -118,24 +117,6 @@ RUN_OUTPUTS = ("probe", "patch_activation", "patch_attribution", "patch_path", "
                "attention", "checkpoints", "summary.json", "report.html")
 
 
-def _clear_replaced_run(out: Path) -> None:
-    """``--overwrite`` over an earlier ``wordpos run``: its outputs are removed before the new run writes, so that
-    none of its files (a circuit of another kind, a layer's figures) is left to be read as the new run's. Only what
-    a run writes goes, and only where ``config.json`` says the directory held one; other files stay."""
-    try:
-        old = json.loads((out / RUN_MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    if not (isinstance(old, dict) and isinstance(old.get("config"), dict) and old["config"].get("stage") == "run"):
-        return
-    for name in RUN_OUTPUTS:
-        path = out / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-
-
 @dataclass
 class RunResult:
     out: Path
@@ -184,9 +165,14 @@ def _run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool, progre
                                                             dtype=config.dtype)
     dims = as_engine(model).dims
     config = config.sized(dims.n_layers, dims.n_heads)
+    probe_config = ProbeConfig(model=config.model, layers="all", n_prompts=config.n_prompts, seed=config.seed,
+                               device=config.device)
+    probe_config.dataset_config()  # the settings refused later are refused now, before a replaced run is removed
+    if config.layer is not None:
+        dims.check_layer(config.layer, "--layer")
     if overwrite:
-        _clear_replaced_run(out)
-    prepare_run_dir(out, {"stage": "run", **config.identity()}, overwrite=overwrite)
+        remove_replaced_outputs(out, "run", RUN_OUTPUTS)
+    prepare_run_dir(out, {"stage": "run", **config.identity()}, overwrite=overwrite, outputs=RUN_OUTPUTS)
     old = out / "summary.json"
     prev = read_json(old, "run summary") if old.exists() and not overwrite else {}
     computed: dict[str, float] = dict(prev.get("compute_s", prev.get("timings_s", {})))  # older runs: timings_s
@@ -200,9 +186,7 @@ def _run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool, progre
 
             load_stage_modules()
     with _stage("probe (all layers)", timings, progress, out / "probe" / "metrics.json", **kw):
-        probe_run = run_probe(ProbeConfig(model=config.model, layers="all", n_prompts=config.n_prompts,
-                                          seed=config.seed, device=config.device),
-                              out / "probe", model=model, overwrite=overwrite, progress=progress)
+        probe_run = run_probe(probe_config, out / "probe", model=model, overwrite=overwrite, progress=progress)
     metrics = probe_run.metrics
     probe_path = out / "probe" if config.layer is None else out / "probe" / "probes" / f"layer{config.layer}"
     if config.layer is not None and not (probe_path / "probe.json").exists():

@@ -320,7 +320,7 @@ class EdgeScores:
     def __repr__(self) -> str:
         return short_repr(self, [f"{self.method} on {self.metric}", f"{self.graph.n_edges} edges",
                                  f"{self.n_pairs} pairs", "largest |score|: " + clipped(
-                                     (f"{e} {v:+.3g}" for e, v in self.top_edges(min(3, self.graph.n_edges))), 3)])
+                                     (f"{e} {v:+.3g}" for e, v in self.top_edges(3) if v == v), 3) or "none scored"])
 
     def edge_values(self) -> Float[Tensor, " n_edges"]:
         """Scores of the valid edges in :meth:`EdgeGraph.edge_names` order."""

@@ -60,13 +60,13 @@ class EffectResult:
 
     def __repr__(self) -> str:
         e = self.effects
-        if self.axes[:2] == ("layer", "head"):
+        if not np.isfinite(e).any():
+            top = "nothing measured"
+        elif self.axes[:2] == ("layer", "head"):
             top = "largest: " + clipped((f"{t['head']} {t['effect']:+.3g}" for t in self.top_heads(3)), 3)
-        elif np.isfinite(e).any():
+        else:
             i = np.unravel_index(np.nanargmax(np.abs(e)), e.shape)
             top = "largest: " + ", ".join(f"{ax} {self.coords[ax][j]}" for ax, j in zip(self.axes, i)) + f" {e[i]:+.3g}"
-        else:
-            top = "nothing measured"
         return short_repr(self, [f"{self.method}, {self.direction}, {self.metric}",
                                  f"effects {array_summary(e)} over {'×'.join(self.axes)}",
                                  f"{self.n_prompts} prompts" if self.n_prompts else "", top])
@@ -78,7 +78,7 @@ class EffectResult:
 
         title = title or f"{self.method} ({self.direction}, {self.metric}, {self.n_prompts} prompts)"
         if self.axes[:2] == ("layer", "head"):
-            colorbar = "accuracy change" if "accuracy" in self.metric else "change in normalised metric"
+            colorbar = "accuracy change" if self.method == "ablation" else "change in normalised metric"
             return head_heatmap(self.head_effects(), title, colorbar)
         if self.axes == ("layer", "pos"):
             return position_heatmap(self.effects, title, tokens, "change")

@@ -126,7 +126,7 @@ class HeadRoles:
         c = self.scores.get("counter_score")
         top = ""
         if c is not None and np.isfinite(c).any():
-            best = np.argsort(-np.nan_to_num(c, nan=-np.inf), axis=None)[:3]
+            best = np.argsort(-np.nan_to_num(c, nan=-np.inf), axis=None)[:min(3, int(np.isfinite(c).sum()))]
             top = "highest counter score: " + ", ".join(
                 f"{L}.{h} {c[L, h]:.2f}" for L, h in (np.unravel_index(i, c.shape) for i in best))
         shape = "×".join(map(str, next(iter(self.scores.values())).shape)) if self.scores else "0"

@@ -4,7 +4,7 @@
 >>> model = load_model("organism")
 >>> data = WordIndexDataset.default(model.tokenizer, n_prompts=4096, seed=0)
 >>> acts = collect_residuals(model, data, layers="all", positions="word_final")
->>> probe = WordIndexProbe().fit(acts.train(layer=3), data.train.labels)
+>>> probe = WordIndexProbe(layer=3, model=acts.model_name).fit(acts.train(layer=3), data.train.labels)
 >>> probe.score(acts.test(layer=3), data.test.labels)
 """
 

@@ -74,6 +74,8 @@ class ProbeSweep:
         """Held-out accuracy by layer against the position-only baseline and the shuffled-label control (plotly)."""
         from wordpos.probing.plots import layer_curve
 
+        if not self.results:
+            raise ConfigError("this sweep has no layers to draw: fit it on at least one layer.")
         best = self.best
         return layer_curve({L: r.accuracy for L, r in self.results.items()}, best.baseline_abs_pos_accuracy,
                            title=title, shuffled=best.shuffled_label_accuracy,

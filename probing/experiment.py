@@ -15,7 +15,8 @@ from wordpos.probing.datasets import REFERENCE_PREFIX, DatasetConfig, WordIndexD
 from wordpos.probing.engines import as_engine, make_engine
 from wordpos.probing.errors import ConfigError, CorruptFileError
 from wordpos.probing.evaluation import ProbeSweep, sweep_layers
-from wordpos.probing.io import RUN_MARKER, atomic_dir, check_seed, config_identity, prepare_run_dir, read_json, write_json
+from wordpos.probing.io import (atomic_dir, check_seed, config_identity, prepare_run_dir, read_json,
+                                remove_replaced_outputs, write_json)
 from wordpos.probing.models import DEFAULT_MODEL
 from wordpos.probing.probe import DEFAULT_SOLVER, SOLVERS, check_C
 
@@ -88,15 +89,18 @@ class ProbeRun:
         return int(self.metrics["layer"])
 
 
+#: what a probe run writes that a replacing run would not write over (each layer's probe, the residual checkpoint)
+PROBE_OUTPUTS = ("probes", "checkpoint")
+
+
 def run_probe(config: ProbeConfig, out: str | Path, *, model: Any = None, overwrite: bool = False,
               progress: bool = True, plots: bool = True) -> ProbeRun:
     """Run the probing experiment into ``out``. A finished run with the same settings is reused."""
     out = Path(out)
-    replacing = overwrite and (out / RUN_MARKER).exists()  # a wordpos run replaced (not a folder written into)
-    prepare_run_dir(out, {"stage": "probe", **config.identity()}, overwrite=overwrite)
-    if replacing:  # its layer probes and residual checkpoint are not this run's: none may be read as this run's
-        for stale in (out / "probes", out / "checkpoint"):
-            shutil.rmtree(stale, ignore_errors=True)
+    config.dataset_config()  # refused settings are refused before a replaced run's files are removed
+    if overwrite:  # the replaced run's layer probes and residual checkpoint: none may be read as this run's
+        remove_replaced_outputs(out, "probe", PROBE_OUTPUTS)
+    prepare_run_dir(out, {"stage": "probe", **config.identity()}, overwrite=overwrite, outputs=PROBE_OUTPUTS)
     if (out / "metrics.json").exists() and not overwrite:
         metrics = read_json(out / "metrics.json", "probe metrics")
         if metrics.get("model") == config.model:

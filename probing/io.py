@@ -224,14 +224,57 @@ def _holds_results(out: Path) -> bool:
     return any(p.name != RUN_MARKER for p in out.rglob("*") if not p.is_dir())
 
 
+def _marker_record(out: Path) -> dict[str, Any] | None:
+    """The run marker's record (``{"config", "versions"[, "outputs"]}``), or None when missing or unreadable."""
+    try:
+        record = json.loads((out / RUN_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("config"), dict) else None
+
+
+def _owned(out: Path, stage: str, outputs: tuple[str, ...]) -> list[str]:
+    """Which of ``outputs`` (a stage's folders and files, top-level names in ``out``) the ``stage`` run recorded in
+    ``out`` wrote: those its marker lists, or, for a marker written before the list existed, those present."""
+    record = _marker_record(out)
+    if record is None or record["config"].get("stage") != stage:
+        return []
+    listed = record.get("outputs")
+    names = listed if isinstance(listed, list) else [n for n in outputs if (out / n).exists()]
+    return [n for n in outputs if n in names]  # only names the caller writes: a marker cannot point elsewhere
+
+
+def remove_replaced_outputs(out: str | os.PathLike, stage: str, outputs: tuple[str, ...]) -> list[str]:
+    """Before ``--overwrite`` replaces the ``stage`` run recorded in ``out``: remove what that run wrote (of
+    ``outputs``), so that none of its files is left to be read as the new run's. A folder or file of those names
+    that was there before the run (it was written into a directory holding other things) is not the run's, and
+    stays, as does everything else. Returns the names removed."""
+    out = Path(out)
+    removed = []
+    for name in _owned(out, stage, outputs):
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
 def prepare_run_dir(out: str | os.PathLike, config: dict[str, Any], *, overwrite: bool = False,
-                    resume: bool = True) -> Path:
+                    resume: bool = True, outputs: tuple[str, ...] = ()) -> Path:
     """Create ``out`` for a run with ``config``; refuse a directory holding a different run.
 
     A directory whose ``config.json`` equals ``config`` (ignoring versions; path settings compared as absolute
     paths) is reused so that a re-run resumes; any other existing run is refused unless ``overwrite`` is given,
     except one that holds no results (a run that stopped on a bad setting leaves only its ``config.json``: the
     corrected command takes the directory over).
+
+    ``outputs`` names what the run writes at the top of ``out``; the marker records which of them the run owns
+    (those not already there when it first wrote the directory), so that :func:`remove_replaced_outputs` removes
+    only its own.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -239,6 +282,9 @@ def prepare_run_dir(out: str | os.PathLike, config: dict[str, Any], *, overwrite
                           "missing).")
     marker = out / RUN_MARKER
     record = {"config": _jsonable(config), "versions": versions()}
+    if outputs:
+        before = _owned(out, str(config.get("stage")), outputs) if out.is_dir() else []
+        record["outputs"] = [n for n in outputs if n in before or not (out / n).exists()]
     if marker.exists() and not overwrite and _holds_results(out):
         try:
             old = json.loads(marker.read_text(encoding="utf-8"))

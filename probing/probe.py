@@ -700,7 +700,7 @@ class WordIndexProbe(ClassifierMixin, BaseEstimator):
         if model_name and not self.model:
             warnings.warn(f"this probe does not record the model it was fitted on, so it cannot be checked against "
                           f"{model_name!r} (a probe of another model of the same width would pass): fit it with "
-                          "WordIndexProbe(model=acts.model_name, ...).", UserWarning, stacklevel=3)
+                          "WordIndexProbe(model=acts.model_name, ...).", UserWarning, stacklevel=4)
         if model_name and self.model and model_name != self.model:
             raise ConfigError(f"the probe was fitted on model {self.model!r}, not {model_name!r}; fit one on "
                               f"this model (`wordpos probe --model {model_name}`).")

@@ -142,6 +142,29 @@ def test_overwrite_replaces_the_whole_run(planted_run, tmp_path):
     assert same(new) == same(old)  # the same settings give the same circuit
 
 
+def test_overwrite_with_a_refused_setting_keeps_the_run(planted_run, tmp_path, capsys):
+    """Settings refused later in the run (a layer the model lacks, too few prompts) are refused before the
+    replaced run's outputs are removed: a typo with --overwrite loses nothing."""
+    import shutil
+
+    src, args = planted_run
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    base = [str(out) if a == str(src) else a for a in args]
+    for bad in (["--layer", "7"], ["--n-prompts", "5"]):
+        assert main(_with(base, bad) + ["--overwrite"]) == 2
+        assert "out of range" in capsys.readouterr().err or bad[0] == "--n-prompts"
+        assert (out / "circuit" / "circuit.json").exists() and (out / "summary.json").exists()
+
+
+def _with(args: list[str], extra: list[str]) -> list[str]:
+    """``args`` with ``extra``'s option values replacing theirs."""
+    args = list(args)
+    for k in range(0, len(extra), 2):
+        args[args.index(extra[k]) + 1] = extra[k + 1]
+    return args
+
+
 def test_export_script(planted_run, tmp_path):
     out, _ = planted_run
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "export_circuit.py"), str(out), "--formats",

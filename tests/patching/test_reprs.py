@@ -31,3 +31,12 @@ def test_ablation_repr_says_when_random_draws_repeat_a_set():
     other = [[(1, 0), (1, 2)], [(0, 1), (1, 2)]]
     assert "2 random sets 70.0% ± 10.0" in repr(AblationResult([(1, 1)], "mean", 0.4, 0.96, 0.57, {}, [0.6, 0.8],
                                                               other))
+
+
+def test_heatmap_colour_bars_name_what_changed():
+    """Patching effects are changes in the normalised metric (the accuracy metric too); ablation's are accuracy."""
+    e = np.zeros((2, 3))
+    bar = lambda r: r.figure().data[0].colorbar.title.text  # noqa: E731
+    assert bar(EffectResult(e, ("layer", "head"), "activation", "probe_accuracy")) == "change in normalised metric"
+    assert bar(EffectResult(e, ("layer", "head"), "ablation", "probe_accuracy (mean ablation)",
+                            direction="ablation")) == "accuracy change"

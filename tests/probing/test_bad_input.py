@@ -101,6 +101,28 @@ def test_overwrite_leaves_no_layer_probe_of_the_run_it_replaced(tiny_gpt2_dir, t
     assert json.loads((out / "metrics.json").read_text())["layer"] == 1
 
 
+def test_overwrite_removes_only_what_the_replaced_run_wrote(tmp_path):
+    """``--overwrite`` removes the replaced run's own outputs; a folder of the same name that was in the directory
+    before the first run wrote into it is the user's and stays; a marker cannot point outside the run's names."""
+    from wordpos.probing.io import RUN_MARKER, prepare_run_dir, remove_replaced_outputs
+
+    out = tmp_path / "r"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "checkpoint" / "mine.pt").write_text("weights")
+    outputs = ("probes", "checkpoint")
+    prepare_run_dir(out, {"stage": "probe", "n": 1}, overwrite=True, outputs=outputs)  # written into: forced
+    (out / "probes").mkdir()
+    (out / "probes" / "layer0").write_text("probe")
+    assert remove_replaced_outputs(out, "probe", outputs) == ["probes"]
+    assert (out / "checkpoint" / "mine.pt").exists() and not (out / "probes").exists()
+    prepare_run_dir(out, {"stage": "probe", "n": 2}, overwrite=True, outputs=outputs)
+    assert json.loads((out / RUN_MARKER).read_text())["outputs"] == ["probes"]  # still not the user's folder
+    record = json.loads((out / RUN_MARKER).read_text())
+    (out / RUN_MARKER).write_text(json.dumps({**record, "outputs": ["..", "checkpoint", "probes"]}))
+    assert remove_replaced_outputs(out, "probe", outputs) == ["checkpoint"]  # listed: removed; ".." never
+    assert tmp_path.exists() and remove_replaced_outputs(out, "run", outputs) == []  # another stage's marker
+
+
 def test_patch_results_for_a_probe_refitted_in_place_are_not_served_again(tiny_gpt2_dir, tmp_path, capsys):
     """The same `wordpos patch` command after its probe directory was re-fitted (another layer, same path): the
     saved results are for the old probe, so the stage refuses to resume and says how to recompute."""
