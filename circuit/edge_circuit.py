@@ -173,7 +173,8 @@ class EdgeCircuit:
         """The circuit's diagram (plotly, with a slider over how many of its edges are drawn)."""
         from wordpos.circuit.edge_render import render_circuit_edges
 
-        return render_circuit_edges(self, title=title or f"edge circuit into the layer-{self.graph['probe_layer']} probe")
+        title = title or f"edge circuit into the layer-{self.graph['probe_layer']} probe"
+        return render_circuit_edges(self, title=title)
 
     @property
     def n_edges(self) -> int:
@@ -195,6 +196,7 @@ class EdgeCircuit:
         return (graph or self.edge_graph()).mask_from_edges(self.edges)
 
     def summary(self) -> dict[str, Any]:
+        """The headline numbers as a JSON-ready dict (what ``summary.json`` and the report show)."""
         return {"edges": self.n_edges, "percent_of_graph": self.percent_of_graph, "n_valid": self.n_valid,
                 "n_top": self.n_top, "faithfulness": self.faithfulness, "ci": self.ci, "reached": self.reached,
                 "target": self.target, "rule": self.rule, "ablation": self.ablation, "method": self.method,
@@ -215,10 +217,12 @@ class EdgeCircuit:
         return record_from_dict(cls, d, EDGE_CIRCUIT_FORMAT, "an edge circuit", "edge circuit")
 
     def save(self, directory: str | Path, name: str = "edge_circuit") -> Path:
+        """``{directory}/{name}.json`` (atomically); returns that file's path."""
         return save_record(self.to_dict(), directory, name)
 
     @classmethod
     def load(cls, path: str | Path) -> "EdgeCircuit":
+        """Read a circuit written by :meth:`save` (the ``.json`` file, or its directory)."""
         return cls.from_dict(load_record(path, "edge_circuit", "edge circuit"))
 
 
@@ -258,7 +262,10 @@ def select_circuit(model: Any, ctx: Any, scores: EdgeScores, target: float = 0.8
                    n_boot: int = 1000, alpha: float = 0.05, seed: int = 0, max_circuits: int | None = None,
                    evaluate: Evaluate | None = None) -> EdgeCircuit:
     """The smallest circuit (in ``rule``'s edge order, dangling nodes pruned) with faithfulness ≥ ``target``
-    (see the module docstring for the search). ``evaluate`` replaces the runner (``masks -> .values/.full/.empty``).
+    (see the module docstring for the search), as an :class:`EdgeCircuit`: its edges and their scores, f with a
+    bootstrap CI over pairs under ``ablation`` of everything else, whether the target was reached, its heads and
+    MLPs (``nodes``) and every size tried (``trace``). ``evaluate`` replaces the runner (``masks ->
+    .values/.full/.empty``).
     """
     target = float(target)
     if not 0 < target <= 1:

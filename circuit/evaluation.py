@@ -355,6 +355,7 @@ class Curve:
 
     @classmethod
     def load(cls, path: str | Path) -> "Curve":
+        """Read a curve written by :meth:`save` (the ``.json`` file, or its directory)."""
         return cls.from_dict(load_record(path, "curve", "faithfulness curve"))
 
     def figure(self, title: str | None = None, others: Sequence["Curve"] = (), as_dict: bool = False
@@ -647,6 +648,8 @@ def faithfulness_curve(model: Any, ctx: Any, scores: EdgeScores,
                        masks: tuple[Tensor, Tensor] | None = None) -> Curve:
     """The edge-level faithfulness curve of ``scores`` (top edges by |score| at each fraction) against
     ``n_random`` random edge sets of each size, with bootstrap CIs; one batched runner call (see module docs).
+    Returns a :class:`Curve`: f and its CI at each fraction, the random circuits' f, CPR/CMD for both with CIs
+    (``.summary()`` for the headline numbers, ``.figure()`` to draw it).
     ``evaluate`` replaces the runner (``masks -> .values/.full/.empty``), e.g. in tests; ``masks`` is what
     :func:`curve_masks` returned for the same arguments, when the caller has built it already (for a prefetch)."""
     _check_ablation(ablation)

@@ -24,7 +24,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "metrics": ["ProbeMetric"],
     "path": ["path_patch_direct", "path_patch_edges"],
     "results": ["EffectResult"],
-    "roles": ["HeadRoles", "head_roles"],
+    "roles": ["HeadRoles", "anchor_evidence", "head_roles"],
     "runner": ["Edit", "Intervention", "Request", "run_interventions"],
     "sizing": ["Sizing"],
 })

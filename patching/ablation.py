@@ -5,7 +5,9 @@ the same layers, so "these k heads matter" is read against "any k heads matter".
 from __future__ import annotations
 
 import operator
+import re
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
@@ -32,6 +34,9 @@ AblationMethod = Literal["zero", "mean", "resample"]
 ABLATIONS = ("zero", "mean", "resample")
 
 
+_EDGE_HEAD = re.compile(r"a(\d+)\.h(\d+)(?:<[qkv]+>)?")  # the edge graph's head names: a3.h4, a3.h4<qk>
+
+
 def _head_index(x: Any) -> int:
     """A layer or head index: an int (numpy's and 0-d integer tensors included), a float with no fraction, or a
     string of digits; anything else (1.5, "x") is a ValueError rather than a silent truncation."""
@@ -48,18 +53,24 @@ def _head_index(x: Any) -> int:
 
 def parse_heads(spec: str | Sequence[Any], dims: Any = None, keep_order: bool = False) -> list[tuple[int, int]]:
     """``"3.4,2.1"`` or ``[(3, 4), "2.1"]`` → ``[(2, 1), (3, 4)]`` (sorted, unique), validated against ``dims``
-    when given. ``keep_order=True`` keeps the order given (for rankings)."""
+    when given. ``keep_order=True`` keeps the order given (for rankings). Also taken: the edge graph's names
+    (``"a3.h4"``, as in ``circuit.nodes["head_names"]``) and :meth:`EffectResult.top_heads`' dicts, so that one
+    call's heads go straight into the next."""
     if isinstance(spec, tuple) and len(spec) == 2 and all(isinstance(x, (int, np.integer)) for x in spec):
         spec = [spec]  # one head given as (layer, head)
     items = [s for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec)
     heads = []
     for it in items:
-        parts = it.strip().split(".") if isinstance(it, str) else it
+        if isinstance(it, dict) and "layer" in it and "index" in it:  # EffectResult.top_heads()
+            it = (it["layer"], it["index"])
+        edge_name = _EDGE_HEAD.fullmatch(it.strip()) if isinstance(it, str) else None
+        parts = edge_name.groups() if edge_name else it.strip().split(".") if isinstance(it, str) else it
         try:
             L, h = (_head_index(x) for x in parts)
         except (TypeError, ValueError):
-            raise ConfigError(f"head {it!r} is not LAYER.HEAD: pass heads as '3.4,2.1', or as (layer, head) pairs of "
-                              "ints such as [(3, 4), (2, 1)].") from None
+            raise ConfigError(f"head {it!r} is not LAYER.HEAD: pass heads as '3.4,2.1', as (layer, head) pairs of "
+                              "ints such as [(3, 4), (2, 1)], as edge-graph names such as 'a3.h4', or top_heads()' "
+                              "dicts.") from None
         heads.append((L, h))
     if not heads:
         raise ConfigError("the head list is empty; pass heads as LAYER.HEAD, e.g. --heads 3.4,2.1.")
@@ -89,6 +100,7 @@ class AblationResult:
 
     def __repr__(self) -> str:
         r, rr = self.random_accuracies, self.random_refit_accuracies
+        distinct = f" ({self.random_distinct_sets} distinct)" if r and self.random_distinct_sets < len(r) else ""
 
         def spread(xs: list[float]) -> str:
             return f"{percent(float(np.mean(xs)))} ± {100 * float(np.std(xs)):.1f}"
@@ -97,16 +109,17 @@ class AblationResult:
             f"held-out words {percent(self.accuracy)} (unablated {percent(self.clean_accuracy)}, position-only "
             f"{percent(self.baseline_abs_pos_accuracy)})",
             "" if self.refit_accuracy is None else f"probe refitted {percent(self.refit_accuracy)}",
-            (f"{len(r)} random sets" + (f" ({self.random_distinct_sets} distinct)"
-                                          if self.random_distinct_sets < len(r) else "") + f" {spread(r)}") if r else "",
+            f"{len(r)} random sets{distinct} {spread(r)}" if r else "",
             f"refitted {spread(rr)}" if rr else ""])
 
     @property
     def drop(self) -> float:
+        """Unablated minus ablated held-out accuracy (what the heads carried)."""
         return self.clean_accuracy - self.accuracy
 
     @property
     def gap_to_baseline(self) -> float:
+        """Ablated accuracy minus the position-only baseline's (what is left beyond position)."""
         return self.accuracy - self.baseline_abs_pos_accuracy
 
     def to_dict(self) -> dict[str, Any]:
@@ -423,6 +436,11 @@ def ablate_heads(model: Any, probe: WordIndexProbe, data: WordIndexDataset, head
     _, pos = prompts.positions("word_final")
     _, tr_pos = data.train.positions("word_final")
     base = PositionBaseline().fit(tr_pos.numpy(), data.train.labels.numpy()).score(pos.numpy(), y)
+    if float(np.mean(clean == y)) <= base:
+        warnings.warn(f"the probe reads {np.mean(clean == y):.1%} of these held-out words, no more than the position-"
+                      f"only baseline's {base:.1%}: ablating heads cannot show word-index information beyond the "
+                      "position here. Fit the probe at a better layer (sweep_layers shows each layer against the "
+                      "baseline) or on more prompts.", UserWarning, stacklevel=2)
     per_word = {int(k): float(np.mean(pred[y == k] == k)) for k in np.unique(y)}
     n_tokens = int(prompts.lengths.sum()) * len(sets) + (int(data.train.lengths.sum()) * (len(sets) - 1) if refit else 0)
     return AblationResult(heads=heads, method=method, accuracy=float(np.mean(pred == y)),

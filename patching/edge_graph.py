@@ -362,6 +362,7 @@ class EdgeScores:
 
     @classmethod
     def load(cls, directory: str | Path) -> "EdgeScores":
+        """Read scores written by :meth:`save`."""
         from wordpos.probing.io import read_json, read_npz
 
         d = Path(directory)

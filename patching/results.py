@@ -126,6 +126,8 @@ class EffectResult:
         return out
 
     def save(self, directory: str | Path) -> Path:
+        """``effects.npz`` (effects and extras) and ``effects.json`` (axes, coords, method, config) in
+        ``directory``, atomically; returns the directory."""
         directory = Path(directory)
         write_npz(directory / "effects.npz", effects=self.effects, **{f"extra_{k}": v for k, v in self.extra.items()})
         record = {"format": FORMAT, "values": "signed change from the unpatched run (patched - unpatched)",

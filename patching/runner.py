@@ -345,7 +345,8 @@ def run_interventions(engine: Engine, req: Request, interventions: Sequence[Inte
         groups = defaultdict(list, {k: sorted(v, key=lambda i: firsts[i]) for k, v in groups.items()})
     prompt_slices = [slice(s, min(N, s + b)) for s in range(0, N, b)]
     results: list[Any] = [None] * len(interventions)
-    bar = progress_bar(total=len(interventions) * len(prompt_slices), desc=desc, unit=unit, disable=not progress)
+    bar = progress_bar(total=len(interventions) * len(prompt_slices), desc=desc, disable=not progress,
+                       unit=unit if len(prompt_slices) == 1 else f"{unit}×batch")  # counts each set on each batch
     # jobs: (group, chunk of intervention indices); finished groups come from the checkpoint
     todo: dict[int | None, list[list[int]]] = {}
     names: dict[int | None, str] = {}

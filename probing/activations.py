@@ -81,12 +81,15 @@ class Residuals:
                                  + " [sample×layer×d_model]"])
 
     def train(self, layer: int) -> Float[Tensor, "sample d_model"]:
+        """The training split's residuals at ``layer``, ``[sample, d_model]`` (labels: ``labels['train']``)."""
         return self.get("train", layer)
 
     def val(self, layer: int) -> Float[Tensor, "sample d_model"]:
+        """The validation split's residuals at ``layer`` (training words, new prompts)."""
         return self.get("val", layer)
 
     def test(self, layer: int) -> Float[Tensor, "sample d_model"]:
+        """The held-out split's residuals at ``layer`` (words never seen in training)."""
         return self.get("test", layer)
 
     @property
@@ -124,6 +127,7 @@ class Residuals:
 
     @classmethod
     def load(cls, directory: str | Path, mmap: bool = True) -> "Residuals":
+        """Read residuals written by :meth:`save`; ``mmap`` maps the arrays instead of reading them."""
         from wordpos.probing.io import read_json
 
         directory = Path(directory)

@@ -68,6 +68,7 @@ class ProbeSweep:
 
     @property
     def best_layer(self) -> int:
+        """The layer with the best validation accuracy (the earliest on ties)."""
         return max(self.results, key=lambda L: (self.results[L].val_accuracy, -L))
 
     def figure(self, title: str = "Word-index probe accuracy by layer") -> Any:

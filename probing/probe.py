@@ -529,6 +529,10 @@ class WordIndexProbe(ClassifierMixin, BaseEstimator):
         ``"torch"`` runs on ``device`` (default: ``X``'s device), ``"sklearn"`` on the host."""
         if self.solver not in SOLVERS:
             raise ConfigError(f"solver must be one of {SOLVERS}, got {self.solver!r}.")
+        if self.model is not None and not isinstance(self.model, str):
+            raise ConfigError(f"model= names the model the probe reads (a string such as acts.model_name), not the "
+                              f"model itself (got a {type(self.model).__name__}): WordIndexProbe(layer=L, "
+                              "model=acts.model_name).")
         _check_params(self.C, self.max_iter)
         if self.solver == "torch":
             Xt = X if isinstance(X, Tensor) else torch.as_tensor(_np(X))
@@ -632,6 +636,7 @@ class WordIndexProbe(ClassifierMixin, BaseEstimator):
         return self.clf_.predict_proba(self.scaler_.transform(X))
 
     def predict(self, X: ArrayLike) -> np.ndarray:
+        """The predicted word index of each residual vector in ``X`` (``[sample, d_model]``)."""
         d = self._decision(X)  # scikit-learn's rule: argmax, or decision > 0 for two classes
         idx = decision_index(d)
         return np.asarray(self.classes_)[idx]
@@ -679,6 +684,7 @@ class WordIndexProbe(ClassifierMixin, BaseEstimator):
 
     @classmethod
     def load(cls, path: str | Path) -> "WordIndexProbe":
+        """Read a probe written by :meth:`save` (its directory)."""
         from wordpos.probing.io import read_json, read_npz
 
         path = Path(path)

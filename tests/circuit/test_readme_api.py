@@ -97,3 +97,31 @@ def test_the_results_draw_themselves(example):
     assert held_out.y[1] > sweep.best.baseline_abs_pos_accuracy + 0.2
     with pytest.raises(ConfigError, match="no figure for effects over"):
         type(effects)(np.zeros((2, 3, 4)), ("pair", "layer", "pos"), "activation", "m").figure()
+
+
+def test_one_calls_heads_go_into_the_next(example):
+    """``top_heads()``' dicts and the circuit's head names are taken wherever heads are: the same heads as the
+    ``"L.H"`` string, hence the same numbers."""
+    ns = example
+    model, probe, data = ns["model"], ns["probe"], ns["data"]
+    assert [t["head"] for t in ns["top"][:2]] == ["0.2", "1.1"]
+    by_string = ns["ablate_heads"](model, probe, data, "0.2,1.1", method="mean", n_random=0, refit=False)
+    by_dicts = ns["ablate_heads"](model, probe, data, ns["top"][:2], method="mean", n_random=0, refit=False)
+    assert by_dicts.heads == by_string.heads == [(0, 2), (1, 1)] and by_dicts.accuracy == by_string.accuracy
+    evidence = ns["anchor_evidence"](model, data.test, ns["circuit"].nodes["head_names"])
+    assert set(evidence) == {"0.2", "1.1"}
+
+
+def test_a_model_object_as_the_probes_model_and_a_probe_below_baseline_are_named(example):
+    """Two natural slips: ``model=model`` (the object, where the probe takes its name) is refused with the fix,
+    and ablating heads under a probe that reads no more than the position does warns that nothing can show."""
+    from wordpos.probing import ConfigError, WordIndexProbe
+
+    ns = example
+    acts, data, model = ns["acts"], ns["data"], ns["model"]
+    with pytest.raises(ConfigError, match=r"model= names the model.*model=acts.model_name"):
+        WordIndexProbe(layer=1, model=model).fit(acts.train(layer=1), data.train.labels)
+    # regularised almost to its prior, a probe predicts little more than the commonest word index: below baseline
+    weak = WordIndexProbe(layer=0, model=acts.model_name, C=1e-4).fit(acts.train(layer=0), data.train.labels)
+    with pytest.warns(UserWarning, match="no more than the position-only baseline"):
+        ns["ablate_heads"](model, weak, data, "0.0", method="mean", n_random=0, refit=False)

@@ -70,7 +70,7 @@ def test_ablation_refuses_data_with_word_indices_the_probe_never_saw(tiny_model,
         ablate_heads(tiny_model, tiny_probe, data, "0.1", refit=False, progress=False)
 
 
-@pytest.mark.parametrize("heads", [[1, 0], [(1.5, 0)], [("a", 0)], [(1,)], "1.x"])
+@pytest.mark.parametrize("heads", [[1, 0], [(1.5, 0)], [("a", 0)], [(1,)], "1.x", "a1.x", "a1.h2.q", [{"head": "1.2"}]])
 def test_malformed_head_lists_are_named(heads):
     from wordpos.patching.ablation import parse_heads
 
