@@ -9,7 +9,8 @@ import re
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import einops
@@ -80,6 +81,9 @@ def parse_heads(spec: str | Sequence[Any], dims: Any = None, keep_order: bool = 
     return list(dict.fromkeys(heads)) if keep_order else sorted(set(heads))
 
 
+ABLATION_FORMAT = "wordpos.ablation/1"
+
+
 @dataclass
 class AblationResult:
     """Probe accuracy on held-out words with ``heads`` ablated, against the unablated accuracy, the
@@ -133,6 +137,30 @@ class AblationResult:
                  random_refit_std=float(np.std(rr)) if rr else None,
                  random_distinct_sets=self.random_distinct_sets)
         return d
+
+    def save(self, directory: str | Path, name: str = "ablation") -> Path:
+        """``{directory}/{name}.json`` (the numbers of :meth:`to_dict`), atomically; returns that file's path."""
+        from wordpos.probing.io import write_json
+
+        return write_json(Path(directory) / f"{name}.json", {"format": ABLATION_FORMAT, **self.to_dict()})
+
+    @classmethod
+    def load(cls, path: str | Path, name: str = "ablation") -> "AblationResult":
+        """Read a result written by :meth:`save` (the ``.json`` file, or its directory)."""
+        from wordpos.probing.errors import CorruptFileError
+        from wordpos.probing.io import read_json
+
+        path = Path(path)
+        path = path / f"{name}.json" if path.is_dir() else path
+        d = read_json(path, "ablation result")
+        if not isinstance(d, dict) or d.get("format") != ABLATION_FORMAT:
+            raise CorruptFileError(f"{path} is not an ablation result (format {ABLATION_FORMAT}).")
+        names = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        d["heads"] = [tuple(h) for h in d["heads"]]
+        d["random_heads"] = [[tuple(h) for h in s] for s in d.get("random_heads", [])]
+        d["per_word_accuracy"] = {int(k): v for k, v in d["per_word_accuracy"].items()}
+        return cls(**d)
 
     @property
     def random_distinct_sets(self) -> int:

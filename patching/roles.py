@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -114,6 +115,9 @@ def ideal_counter_pattern(is_anchor: Tensor, is_space: Tensor, anchor_score: flo
     return torch.softmax(scores, dim=-1)
 
 
+ROLES_FORMAT = "wordpos.head_roles/1"
+
+
 @dataclass
 class HeadRoles:
     """Per-head scores ``[layer, head]`` for each role in ``ROLE_NAMES``."""
@@ -147,6 +151,26 @@ class HeadRoles:
     def to_dict(self) -> dict[str, Any]:
         return {"scores": {k: v.tolist() for k, v in self.scores.items()}, "n_prompts": self.n_prompts,
                 "config": self.config}
+
+    def save(self, directory: str | Path, name: str = "head_roles") -> Path:
+        """``{directory}/{name}.json``, atomically; returns that file's path."""
+        from wordpos.probing.io import write_json
+
+        return write_json(Path(directory) / f"{name}.json", {"format": ROLES_FORMAT, **self.to_dict()})
+
+    @classmethod
+    def load(cls, path: str | Path, name: str = "head_roles") -> "HeadRoles":
+        """Read roles written by :meth:`save` (the ``.json`` file, or its directory)."""
+        from wordpos.probing.errors import CorruptFileError
+        from wordpos.probing.io import read_json
+
+        path = Path(path)
+        path = path / f"{name}.json" if path.is_dir() else path
+        d = read_json(path, "head roles")
+        if not isinstance(d, dict) or d.get("format") != ROLES_FORMAT:
+            raise CorruptFileError(f"{path} is not a head-roles record (format {ROLES_FORMAT}).")
+        return cls({k: np.asarray(v, dtype=np.float64) for k, v in d["scores"].items()}, int(d["n_prompts"]),
+                   dict(d.get("config", {})))
 
 
 @torch.no_grad()

@@ -57,6 +57,9 @@ class LayerResult:
         return d
 
 
+SWEEP_FORMAT = "wordpos.probe_sweep/1"
+
+
 @dataclass
 class ProbeSweep:
     """Probes at several layers with their evaluation; ``best`` is the layer with the best validation
@@ -92,6 +95,27 @@ class ProbeSweep:
     @property
     def best(self) -> LayerResult:
         return self.results[self.best_layer]
+
+    def save(self, directory: str | Path) -> Path:
+        """Every layer's probe and evaluation (``layer{L}/``, the sweep checkpoint's format) and ``sweep.json``
+        (the layers, the seconds), in ``directory``; returns it. :meth:`load` reads it back."""
+        directory = Path(directory)
+        for L in self.results:
+            _save_layer(directory / f"layer{L}", self.results[L], self.probes[L])
+        write_json(directory / "sweep.json", {"format": SWEEP_FORMAT, "layers": sorted(self.results),
+                                              "timings": self.timings})
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ProbeSweep":
+        """Read a sweep written by :meth:`save`."""
+        directory = Path(directory)
+        d = read_json(directory / "sweep.json", "probe sweep")
+        if not isinstance(d, dict) or d.get("format") != SWEEP_FORMAT:
+            raise CorruptFileError(f"{directory / 'sweep.json'} is not a probe sweep (format {SWEEP_FORMAT}).")
+        layers = {int(L): _read_layer(directory / f"layer{int(L)}") for L in d["layers"]}
+        return cls(results={L: r for L, (r, _) in layers.items()}, probes={L: p for L, (_, p) in layers.items()},
+                   timings=dict(d.get("timings", {})))
 
     def metrics(self, model_name: str) -> dict[str, Any]:
         """The ``metrics.json`` record: best layer's numbers plus the per-layer curve."""
@@ -262,17 +286,32 @@ def evaluate_layer(residuals: Residuals, layer: int, probe: WordIndexProbe | Non
     return result, probe
 
 
-def _load_layer(directory: Path) -> tuple[LayerResult, WordIndexProbe] | None:
-    """A layer fitted by an earlier, interrupted sweep (``None`` when absent or unreadable)."""
-    if not (directory / "result.json").exists():
-        return None
+def _save_layer(directory: Path, result: LayerResult, probe: WordIndexProbe) -> None:
+    """A layer's probe and ``result.json`` in ``directory`` (the result written last: it marks the layer done)."""
+    probe.save(directory)
+    write_json(directory / "result.json", result.to_dict())
+
+
+def _read_layer(directory: Path) -> tuple[LayerResult, WordIndexProbe]:
+    """A layer written by :func:`_save_layer`; a missing or damaged one is a CorruptFileError naming it."""
     try:
         d = read_json(directory / "result.json", "layer result")
         d.pop("gain_over_baseline", None)
         for k in ("per_word_accuracy", "baseline_per_word_accuracy", "per_position_accuracy"):
             d[k] = {int(i): v for i, v in d[k].items()}
         return LayerResult(**d), WordIndexProbe.load(directory)
-    except (CorruptFileError, KeyError, TypeError, ValueError, AttributeError):
+    except (KeyError, TypeError, ValueError, AttributeError, OSError) as e:
+        raise CorruptFileError(f"{directory} does not hold a fitted layer ({type(e).__name__}: {e}); fit it again "
+                               "(sweep_layers).") from None
+
+
+def _load_layer(directory: Path) -> tuple[LayerResult, WordIndexProbe] | None:
+    """A layer fitted by an earlier, interrupted sweep (``None`` when absent or unreadable)."""
+    if not (directory / "result.json").exists():
+        return None
+    try:
+        return _read_layer(directory)
+    except CorruptFileError:
         return None
 
 
@@ -354,8 +393,7 @@ def sweep_layers(residuals: Residuals, layers: list[int] | None = None, *, shuff
                                                predictions=(preds or {}).get(L), **probe_params)
         if checkpoint_dir is not None:
             ckpt = Path(checkpoint_dir) / f"layer{L}"
-            probes[L].save(ckpt)
-            write_json(ckpt / "result.json", results[L].to_dict())  # written last: marks the layer done
+            _save_layer(ckpt, results[L], probes[L])
     timings["evaluate_s"] = time.perf_counter() - t0
     sweep = ProbeSweep(results=results, probes=probes, timings=timings)
     if shuffled_control == "best":

@@ -125,3 +125,26 @@ def test_a_model_object_as_the_probes_model_and_a_probe_below_baseline_are_named
     weak = WordIndexProbe(layer=0, model=acts.model_name, C=1e-4).fit(acts.train(layer=0), data.train.labels)
     with pytest.warns(UserWarning, match="no more than the position-only baseline"):
         ns["ablate_heads"](model, weak, data, "0.0", method="mean", n_random=0, refit=False)
+
+
+def test_every_result_saves_and_loads(example, tmp_path):
+    """The results a notebook makes round-trip through their files: the same numbers, the same predictions."""
+    from wordpos.patching import AblationResult, EffectResult, HeadRoles, head_roles
+    from wordpos.probing import ProbeSweep, sweep_layers
+
+    ns = example
+    model, data, acts = ns["model"], ns["data"], ns["acts"]
+    sweep = sweep_layers(acts, progress=False)
+    assert sweep.save(tmp_path / "sweep") == tmp_path / "sweep"
+    back = ProbeSweep.load(tmp_path / "sweep")
+    assert back.results == sweep.results and back.best_layer == sweep.best_layer
+    for L in sweep.probes:
+        assert np.array_equal(back.probes[L].predict(acts.test(L)), sweep.probes[L].predict(acts.test(L)))
+    abl = ns["ablate_heads"](model, ns["probe"], data, "0.2,1.1", method="mean", n_random=2)
+    assert AblationResult.load(abl.save(tmp_path)) == abl == AblationResult.load(tmp_path)
+    roles = head_roles(model, data.test, layers=[0, 1])
+    again = HeadRoles.load(roles.save(tmp_path))
+    assert all(np.array_equal(again.scores[k], v, equal_nan=True) for k, v in roles.scores.items())
+    assert again.label(0, 2) == roles.label(0, 2) == "anchor counter"
+    eff = ns["patch_heads"](model, ns["ctx"])
+    assert np.array_equal(EffectResult.load(eff.save(tmp_path / "eff")).effects, eff.effects, equal_nan=True)
