@@ -35,7 +35,8 @@ AblationMethod = Literal["zero", "mean", "resample"]
 ABLATIONS = ("zero", "mean", "resample")
 
 
-_EDGE_HEAD = re.compile(r"a(\d+)\.h(\d+)(?:<[qkv]+>)?")  # the edge graph's head names: a3.h4, a3.h4<qk>
+# the edge graph's head names (a3.h4); a reader's "<k>"/"<v>" name a key/value head's index, not a query head's
+_EDGE_HEAD = re.compile(r"a(\d+)\.h(\d+)")
 
 
 def _head_index(x: Any) -> int:
@@ -55,15 +56,19 @@ def _head_index(x: Any) -> int:
 def parse_heads(spec: str | Sequence[Any], dims: Any = None, keep_order: bool = False) -> list[tuple[int, int]]:
     """``"3.4,2.1"`` or ``[(3, 4), "2.1"]`` → ``[(2, 1), (3, 4)]`` (sorted, unique), validated against ``dims``
     when given. ``keep_order=True`` keeps the order given (for rankings). Also taken: the edge graph's names
-    (``"a3.h4"``, as in ``circuit.nodes["head_names"]``) and :meth:`EffectResult.top_heads`' dicts, so that one
-    call's heads go straight into the next."""
-    if isinstance(spec, tuple) and len(spec) == 2 and all(isinstance(x, (int, np.integer)) for x in spec):
-        spec = [spec]  # one head given as (layer, head)
+    (``"a3.h4"``, as in ``circuit.nodes["head_names"]``), :meth:`EffectResult.top_heads`' dicts and the circuit's
+    ``nodes["heads"]`` dicts, so that one call's heads go straight into the next. Reader names (``"a3.h4<k>"``) are
+    refused: with grouped-query attention their index is a key/value head's."""
+    if (isinstance(spec, tuple) and len(spec) == 2 and all(isinstance(x, (int, np.integer)) for x in spec)
+            or isinstance(spec, dict)):
+        spec = [spec]  # one head given as (layer, head), or one dict
     items = [s for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec)
     heads = []
     for it in items:
         if isinstance(it, dict) and "layer" in it and "index" in it:  # EffectResult.top_heads()
             it = (it["layer"], it["index"])
+        elif isinstance(it, dict) and "layer" in it and not isinstance(it.get("head", ""), str):  # circuit nodes
+            it = (it["layer"], it["head"])
         edge_name = _EDGE_HEAD.fullmatch(it.strip()) if isinstance(it, str) else None
         parts = edge_name.groups() if edge_name else it.strip().split(".") if isinstance(it, str) else it
         try:
@@ -157,10 +162,14 @@ class AblationResult:
             raise CorruptFileError(f"{path} is not an ablation result (format {ABLATION_FORMAT}).")
         names = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in names}
-        d["heads"] = [tuple(h) for h in d["heads"]]
-        d["random_heads"] = [[tuple(h) for h in s] for s in d.get("random_heads", [])]
-        d["per_word_accuracy"] = {int(k): v for k, v in d["per_word_accuracy"].items()}
-        return cls(**d)
+        try:
+            d["heads"] = [tuple(h) for h in d["heads"]]
+            d["random_heads"] = [[tuple(h) for h in s] for s in d.get("random_heads", [])]
+            d["per_word_accuracy"] = {int(k): v for k, v in d["per_word_accuracy"].items()}
+            return cls(**d)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CorruptFileError(f"{path} is not a complete ablation result ({type(e).__name__}: {e}); run the "
+                                   "ablation again.") from None
 
     @property
     def random_distinct_sets(self) -> int:

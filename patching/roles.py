@@ -169,8 +169,12 @@ class HeadRoles:
         d = read_json(path, "head roles")
         if not isinstance(d, dict) or d.get("format") != ROLES_FORMAT:
             raise CorruptFileError(f"{path} is not a head-roles record (format {ROLES_FORMAT}).")
-        return cls({k: np.asarray(v, dtype=np.float64) for k, v in d["scores"].items()}, int(d["n_prompts"]),
-                   dict(d.get("config", {})))
+        try:
+            return cls({k: np.asarray(v, dtype=np.float64) for k, v in d["scores"].items()}, int(d["n_prompts"]),
+                       dict(d.get("config", {})))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CorruptFileError(f"{path} is not a complete head-roles record ({type(e).__name__}: {e}); compute "
+                                   "the roles again.") from None
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@ per word index, per absolute position, and as a confusion matrix; fitted at one 
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -100,6 +101,10 @@ class ProbeSweep:
         """Every layer's probe and evaluation (``layer{L}/``, the sweep checkpoint's format) and ``sweep.json``
         (the layers, the seconds), in ``directory``; returns it. :meth:`load` reads it back."""
         directory = Path(directory)
+        (directory / "sweep.json").unlink(missing_ok=True)  # written last: a half-written save is no sweep
+        for old in directory.glob("layer*"):  # an older sweep's other layers would read as this one's checkpoint
+            if old.is_dir() and old.name[5:].isdigit() and int(old.name[5:]) not in self.results:
+                shutil.rmtree(old)
         for L in self.results:
             _save_layer(directory / f"layer{L}", self.results[L], self.probes[L])
         write_json(directory / "sweep.json", {"format": SWEEP_FORMAT, "layers": sorted(self.results),

@@ -69,8 +69,13 @@ def check_C(C: float) -> None:
                           f"{C!r}; the default is 1.0.")
 
 
-def _check_params(C: float, max_iter: int) -> None:
-    """The fit's settings, checked before any work: a non-positive ``C`` or no iterations fit nothing."""
+def _check_params(C: float, max_iter: int, model: Any = None) -> None:
+    """The fit's settings, checked before any work: a non-positive ``C`` or no iterations fit nothing; ``model``
+    is the model's name (a loaded model there would be stored, and written, as the probe's identity)."""
+    if model is not None and not isinstance(model, str):
+        raise ConfigError(f"model= names the model the probe reads (a string such as acts.model_name), not the "
+                          f"model itself (got a {type(model).__name__}): WordIndexProbe(layer=L, "
+                          "model=acts.model_name).")
     check_C(C)
     if not isinstance(max_iter, numbers.Integral) or max_iter < 1:
         raise ConfigError(f"max_iter must be a positive integer, got {max_iter!r}.")
@@ -473,7 +478,7 @@ def fit_probes(X: Float[Tensor, "layer sample d_model"] | Sequence[ArrayLike], y
     params["solver"] = "torch"
     probes = [WordIndexProbe(layer=L, **params) for L in layers]  # the fit device is a run-time choice
     p0 = probes[0]
-    _check_params(p0.C, p0.max_iter)
+    _check_params(p0.C, p0.max_iter, p0.model)
     dev = _resolve_device(device if device is not None else p0.device, X)
     if dev.type == "mps" and dtype == torch.float64:  # no float64 there
         dtype = torch.float32
@@ -529,11 +534,7 @@ class WordIndexProbe(ClassifierMixin, BaseEstimator):
         ``"torch"`` runs on ``device`` (default: ``X``'s device), ``"sklearn"`` on the host."""
         if self.solver not in SOLVERS:
             raise ConfigError(f"solver must be one of {SOLVERS}, got {self.solver!r}.")
-        if self.model is not None and not isinstance(self.model, str):
-            raise ConfigError(f"model= names the model the probe reads (a string such as acts.model_name), not the "
-                              f"model itself (got a {type(self.model).__name__}): WordIndexProbe(layer=L, "
-                              "model=acts.model_name).")
-        _check_params(self.C, self.max_iter)
+        _check_params(self.C, self.max_iter, self.model)
         if self.solver == "torch":
             Xt = X if isinstance(X, Tensor) else torch.as_tensor(_np(X))
             if Xt.ndim != 2:

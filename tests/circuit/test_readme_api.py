@@ -2,6 +2,7 @@
 it shows works, finds the planted heads, and every object it makes prints as a short summary in a notebook."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -140,6 +141,11 @@ def test_every_result_saves_and_loads(example, tmp_path):
     assert back.results == sweep.results and back.best_layer == sweep.best_layer
     for L in sweep.probes:
         assert np.array_equal(back.probes[L].predict(acts.test(L)), sweep.probes[L].predict(acts.test(L)))
+    older = sweep_layers(acts, progress=False, layers=[0, 1])  # an older sweep with a layer this one lacks
+    older.results[7], older.probes[7] = older.results[0], older.probes[0]
+    older.save(tmp_path / "over")
+    assert set(ProbeSweep.load(sweep_subset(sweep, [1]).save(tmp_path / "over")).results) == {1}
+    assert not (tmp_path / "over" / "layer7").exists() and not (tmp_path / "over" / "layer0").exists()
     abl = ns["ablate_heads"](model, ns["probe"], data, "0.2,1.1", method="mean", n_random=2)
     assert AblationResult.load(abl.save(tmp_path)) == abl == AblationResult.load(tmp_path)
     roles = head_roles(model, data.test, layers=[0, 1])
@@ -148,3 +154,16 @@ def test_every_result_saves_and_loads(example, tmp_path):
     assert again.label(0, 2) == roles.label(0, 2) == "anchor counter"
     eff = ns["patch_heads"](model, ns["ctx"])
     assert np.array_equal(EffectResult.load(eff.save(tmp_path / "eff")).effects, eff.effects, equal_nan=True)
+    from wordpos.probing import CorruptFileError
+
+    for cls, file in ((AblationResult, "ablation.json"), (HeadRoles, "head_roles.json")):
+        record = json.loads((tmp_path / file).read_text())
+        (tmp_path / file).write_text(json.dumps({"format": record["format"]}))
+        with pytest.raises(CorruptFileError, match="not a complete"):
+            cls.load(tmp_path)
+
+
+def sweep_subset(sweep, layers):
+    from wordpos.probing import ProbeSweep
+
+    return ProbeSweep({L: sweep.results[L] for L in layers}, {L: sweep.probes[L] for L in layers})

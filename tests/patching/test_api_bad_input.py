@@ -70,7 +70,8 @@ def test_ablation_refuses_data_with_word_indices_the_probe_never_saw(tiny_model,
         ablate_heads(tiny_model, tiny_probe, data, "0.1", refit=False, progress=False)
 
 
-@pytest.mark.parametrize("heads", [[1, 0], [(1.5, 0)], [("a", 0)], [(1,)], "1.x", "a1.x", "a1.h2.q", [{"head": "1.2"}]])
+@pytest.mark.parametrize("heads", [[1, 0], [(1.5, 0)], [("a", 0)], [(1,)], "1.x", "a1.x", "a1.h2.q", [{"head": "1.2"}],
+                                   "a1.h2<k>", "a1.h2<q>"])
 def test_malformed_head_lists_are_named(heads):
     from wordpos.patching.ablation import parse_heads
 
@@ -190,3 +191,28 @@ def test_a_probe_without_its_model_is_used_with_a_warning(tiny_model, tiny_probe
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         prepare(tiny_model, tiny_pairs, tiny_probe)
+
+
+def test_heads_from_one_call_parse_as_the_heads_they_name():
+    """top_heads()' dicts (one or a list), the circuit's node dicts and its head names are the same heads as their
+    "L.H" string; a reader's name is refused: under grouped-query attention "a1.h2<k>" is key/value head 2 of
+    layer 1, whose query heads are others (the edge graph's own reading, checked here)."""
+    from wordpos.patching.ablation import parse_heads
+    from wordpos.patching.edge_graph import EdgeGraph
+
+    top = [{"head": "3.4", "layer": 3, "index": np.int64(4), "effect": 0.5}, {"head": "2.1", "layer": 2, "index": 1}]
+    assert parse_heads(top) == parse_heads(top[::-1]) == parse_heads("3.4,2.1") == [(2, 1), (3, 4)]
+    assert parse_heads(top, keep_order=True) == [(3, 4), (2, 1)] and parse_heads(top[0]) == [(3, 4)]
+    assert parse_heads([{"name": "a3.h4", "layer": 3, "head": 4, "inputs": ["k"]}]) == [(3, 4)]
+    assert parse_heads("a3.h4, a2.h1") == [(2, 1), (3, 4)]
+    assert EdgeGraph.build(2, 9, 3, 1).reader_heads("a1.h2<k>") == ["a1.h6", "a1.h7", "a1.h8"]
+
+
+def test_the_fit_of_all_layers_refuses_a_model_object_too(tiny_model, small_data):
+    """sweep_layers' batched torch fit builds its probes without fit(): the same check runs there, before any
+    layer is fitted (the object would otherwise be stored as the probes' model and fail when saved)."""
+    from wordpos.probing import collect_residuals, sweep_layers
+
+    acts = collect_residuals(tiny_model, small_data, layers=[0, 1], progress=False)
+    with pytest.raises(ConfigError, match="model= names the model"):
+        sweep_layers(acts, model=tiny_model, shuffled_control="none", progress=False)
