@@ -43,6 +43,7 @@ from torch import Tensor
 
 from wordpos.patching.edge_graph import EdgeGraph, EdgeScores
 from wordpos.probing.errors import ConfigError, CorruptFileError
+from wordpos.probing.io import load_record, record_from_dict, save_record  # noqa: F401 - edge_circuit's too
 from wordpos.probing.plots import fast_figure, figure_dict, hline
 from wordpos.probing.reprs import short_repr
 
@@ -214,34 +215,6 @@ def percentile_ci(samples: np.ndarray, alpha: float = 0.05) -> tuple[np.ndarray,
     # nanpercentile's NaN handling costs several times the percentile itself: only where there is a NaN
     lo, hi = np.nanpercentile(samples, q, axis=0) if np.isnan(samples).any() else np.percentile(samples, q, axis=0)
     return lo, hi
-
-
-def save_record(record: dict[str, Any], directory: str | Path, name: str) -> Path:
-    """Write a result's dict as ``{directory}/{name}.json`` (atomically), creating the directory."""
-    from wordpos.probing.io import write_json
-
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    return write_json(Path(directory) / f"{name}.json", record)
-
-
-def load_record(path: str | Path, name: str, what: str) -> Any:
-    """Read a result's dict from ``path`` (a file, or a directory holding ``{name}.json``)."""
-    from wordpos.probing.io import read_json
-
-    path = Path(path)
-    return read_json(path / f"{name}.json" if path.is_dir() else path, what)
-
-
-def record_from_dict(cls: Any, d: Any, fmt: str, what: str, file_what: str, fix: str = "") -> Any:
-    """``cls(**d)`` for a result dict written with format ``fmt`` (the ``format`` key dropped); another format, or
-    fields ``cls`` does not have, is a CorruptFileError naming ``what`` and how to get a good file."""
-    if not isinstance(d, dict) or d.get("format") != fmt:
-        raise CorruptFileError(f"not {what} (format {d.get('format') if isinstance(d, dict) else d!r}, expected "
-                               f"{fmt!r}); write it with {cls.__name__}.save.")
-    try:
-        return cls(**{k: v for k, v in d.items() if k != "format"})
-    except TypeError as e:
-        raise CorruptFileError(f"the {file_what} file does not match {cls.__name__}'s fields ({e}){fix}.") from e
 
 
 # ---------------------------------------------------------------------------------------------------- result

@@ -145,31 +145,23 @@ class AblationResult:
 
     def save(self, directory: str | Path, name: str = "ablation") -> Path:
         """``{directory}/{name}.json`` (the numbers of :meth:`to_dict`), atomically; returns that file's path."""
-        from wordpos.probing.io import write_json
+        from wordpos.probing.io import save_record
 
-        return write_json(Path(directory) / f"{name}.json", {"format": ABLATION_FORMAT, **self.to_dict()})
+        return save_record({"format": ABLATION_FORMAT, **self.to_dict()}, directory, name)
 
     @classmethod
     def load(cls, path: str | Path, name: str = "ablation") -> "AblationResult":
         """Read a result written by :meth:`save` (the ``.json`` file, or its directory)."""
-        from wordpos.probing.errors import CorruptFileError
-        from wordpos.probing.io import read_json
+        from wordpos.probing.io import load_record, record_from_dict
 
-        path = Path(path)
-        path = path / f"{name}.json" if path.is_dir() else path
-        d = read_json(path, "ablation result")
-        if not isinstance(d, dict) or d.get("format") != ABLATION_FORMAT:
-            raise CorruptFileError(f"{path} is not an ablation result (format {ABLATION_FORMAT}).")
-        names = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in names}
-        try:
-            d["heads"] = [tuple(h) for h in d["heads"]]
-            d["random_heads"] = [[tuple(h) for h in s] for s in d.get("random_heads", [])]
-            d["per_word_accuracy"] = {int(k): v for k, v in d["per_word_accuracy"].items()}
-            return cls(**d)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise CorruptFileError(f"{path} is not a complete ablation result ({type(e).__name__}: {e}); run the "
-                                   "ablation again.") from None
+        def convert(d: dict[str, Any]) -> dict[str, Any]:  # JSON's lists and string keys back to tuples and ints
+            d = {k: v for k, v in d.items() if k in {f.name for f in fields(cls)}}
+            return {**d, "heads": [tuple(h) for h in d["heads"]],
+                    "random_heads": [[tuple(h) for h in s] for s in d.get("random_heads", [])],
+                    "per_word_accuracy": {int(k): v for k, v in d["per_word_accuracy"].items()}}
+
+        return record_from_dict(cls, load_record(path, name, "ablation result"), ABLATION_FORMAT,
+                                "an ablation result", "ablation", "; run the ablation again", convert)
 
     @property
     def random_distinct_sets(self) -> int:

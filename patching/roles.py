@@ -154,27 +154,20 @@ class HeadRoles:
 
     def save(self, directory: str | Path, name: str = "head_roles") -> Path:
         """``{directory}/{name}.json``, atomically; returns that file's path."""
-        from wordpos.probing.io import write_json
+        from wordpos.probing.io import save_record
 
-        return write_json(Path(directory) / f"{name}.json", {"format": ROLES_FORMAT, **self.to_dict()})
+        return save_record({"format": ROLES_FORMAT, **self.to_dict()}, directory, name)
 
     @classmethod
     def load(cls, path: str | Path, name: str = "head_roles") -> "HeadRoles":
         """Read roles written by :meth:`save` (the ``.json`` file, or its directory)."""
-        from wordpos.probing.errors import CorruptFileError
-        from wordpos.probing.io import read_json
+        from wordpos.probing.io import load_record, record_from_dict
 
-        path = Path(path)
-        path = path / f"{name}.json" if path.is_dir() else path
-        d = read_json(path, "head roles")
-        if not isinstance(d, dict) or d.get("format") != ROLES_FORMAT:
-            raise CorruptFileError(f"{path} is not a head-roles record (format {ROLES_FORMAT}).")
-        try:
-            return cls({k: np.asarray(v, dtype=np.float64) for k, v in d["scores"].items()}, int(d["n_prompts"]),
-                       dict(d.get("config", {})))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise CorruptFileError(f"{path} is not a complete head-roles record ({type(e).__name__}: {e}); compute "
-                                   "the roles again.") from None
+        def convert(d: dict[str, Any]) -> dict[str, Any]:
+            return {**d, "scores": {k: np.asarray(v, dtype=np.float64) for k, v in d["scores"].items()}}
+
+        return record_from_dict(cls, load_record(path, name, "head roles"), ROLES_FORMAT, "a head-roles record",
+                                "head roles", "; compute the roles again", convert)
 
 
 @torch.no_grad()

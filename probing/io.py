@@ -106,6 +106,34 @@ def read_json(path: str | os.PathLike, what: str = "result file") -> Any:
         ) from e
 
 
+def save_record(record: dict[str, Any], directory: str | os.PathLike, name: str) -> Path:
+    """Write a result's dict as ``{directory}/{name}.json`` (atomically), creating the directory."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    return write_json(Path(directory) / f"{name}.json", record)
+
+
+def load_record(path: str | os.PathLike, name: str, what: str) -> Any:
+    """Read a result's dict from ``path`` (a file, or a directory holding ``{name}.json``)."""
+    path = Path(path)
+    return read_json(path / f"{name}.json" if path.is_dir() else path, what)
+
+
+def record_from_dict(cls: Any, d: Any, fmt: str, what: str, file_what: str, fix: str = "",
+                     convert: Any = None) -> Any:
+    """``cls(**d)`` for a result dict written with format ``fmt`` (the ``format`` key dropped; ``convert`` turns
+    what JSON gave back into ``cls``' arguments, e.g. lists into tuples); another format, missing or foreign fields
+    are a CorruptFileError naming ``what`` and how to get a good file."""
+    if not isinstance(d, dict) or d.get("format") != fmt:
+        raise CorruptFileError(f"not {what} (format {d.get('format') if isinstance(d, dict) else d!r}, expected "
+                               f"{fmt!r}); write it with {cls.__name__}.save.")
+    try:
+        kwargs = {k: v for k, v in d.items() if k != "format"}
+        return cls(**(convert(kwargs) if convert is not None else kwargs))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CorruptFileError(f"the {file_what} file does not match {cls.__name__}'s fields ({type(e).__name__}: "
+                               f"{e}){fix}.") from e
+
+
 def write_npz(path: str | os.PathLike, **arrays: Any) -> Path:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:

@@ -159,7 +159,7 @@ def test_every_result_saves_and_loads(example, tmp_path):
     for cls, file in ((AblationResult, "ablation.json"), (HeadRoles, "head_roles.json")):
         record = json.loads((tmp_path / file).read_text())
         (tmp_path / file).write_text(json.dumps({"format": record["format"]}))
-        with pytest.raises(CorruptFileError, match="not a complete"):
+        with pytest.raises(CorruptFileError, match="does not match"):
             cls.load(tmp_path)
 
 
