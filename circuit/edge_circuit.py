@@ -31,12 +31,12 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
-from wordpos.circuit.evaluation import (ABLATIONS, Evaluate, MemoEvaluate, _edge_order, bootstrap_faithfulness, check_alpha,
-                                        check_scores,
-                                        faithfulness_of, load_record, make_evaluate, masks_from_order, percentile_ci,
-                                        prune_dangling, record_from_dict, run_masks, save_record)
+from wordpos.circuit.evaluation import (ABLATIONS, Evaluate, MemoEvaluate, _edge_order, bootstrap_faithfulness,
+                                        check_alpha, check_scores, faithfulness_of, make_evaluate, masks_from_order,
+                                        percentile_ci, prune_dangling, run_masks)
 from wordpos.patching.edge_graph import EdgeGraph, EdgeScores
 from wordpos.probing.errors import ConfigError
+from wordpos.probing.io import load_record, record_from_dict, save_record
 from wordpos.probing.reprs import clipped, short_repr
 
 RULES = ("top-n", "greedy")

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from wordpos.patching.edge_graph import EdgeGraph, EdgeScores
 from wordpos.probing.errors import ConfigError, CorruptFileError
-from wordpos.probing.io import load_record, record_from_dict, save_record  # noqa: F401 - edge_circuit's too
+from wordpos.probing.io import load_record, record_from_dict, save_record
 from wordpos.probing.plots import fast_figure, figure_dict, hline
 from wordpos.probing.reprs import short_repr
 

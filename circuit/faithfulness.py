@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from wordpos.patching.ablation import ABLATIONS, AblationMethod, ablated_predictions, head_means, parse_heads
+from wordpos.patching.ablation import ABLATIONS, AblationMethod, ablated_predictions, head_means
+from wordpos.patching.heads import parse_heads
 from wordpos.patching.activation import check_probe
 from wordpos.probing.baselines import PositionBaseline
 from wordpos.probing.datasets import WordIndexDataset

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wordpos.patching.ablation import parse_heads
+from wordpos.patching.heads import parse_heads
 from wordpos.patching.experiment import PatchConfig, load_probe, run_patching
 from wordpos.patching.results import EffectResult
 from wordpos.patching.sizing import Sizing

@@ -11,7 +11,8 @@ from wordpos.probing.lazy import lazy_exports
 
 # public names, imported from their submodules on first use (see probing.lazy)
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
-    "ablation": ["AblationResult", "ablate_heads", "ablation_sweep", "parse_heads", "random_head_sets"],
+    "ablation": ["AblationResult", "ablate_heads", "ablation_sweep", "random_head_sets"],
+    "heads": ["parse_heads"],
     "activation": ["PatchContext", "patch_heads", "patch_layer_outputs", "patch_resid", "prepare"],
     "attribution": ["attribute_heads", "attribute_resid", "correlation"],
     "batched": ["Patch", "run_patches"],

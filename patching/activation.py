@@ -20,6 +20,7 @@ from wordpos.patching.batched import Patch, SweepCheckpoint, base_resid_names, r
 from wordpos.patching.runner import cache_run
 from wordpos.patching.sizing import Sizing
 from wordpos.patching.corruptions import PatchingPairs
+from wordpos.patching.heads import parse_heads
 from wordpos.patching.metrics import MetricKind, ProbeMetric
 from wordpos.patching.results import EffectResult
 from wordpos.probing import hooks as H
@@ -232,8 +233,6 @@ def patch_heads(model: Any, pairs: PatchingPairs | PatchContext, probe: WordInde
     ctx = _ctx(model, pairs, probe, metric, direction)
     dims = ctx.engine.dims
     if heads is not None:
-        from wordpos.patching.ablation import parse_heads  # ("3.4,2.1", [(3, 4)], (3, 4)): one rule everywhere
-
         heads = parse_heads(heads, dims, keep_order=True)  # (checked against dims there)
     else:
         heads = [(L, h) for L in ctx.layers for h in range(dims.n_heads)]

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from wordpos.patching.activation import Direction, PatchContext, _ctx
 from wordpos.patching.corruptions import PatchingPairs
+from wordpos.patching.heads import parse_heads
 from wordpos.patching.metrics import MetricKind
 from wordpos.patching.results import EffectResult
 from wordpos.patching.runner import Edit, Intervention, Request, _layer_of, cache_run, run_interventions
@@ -181,8 +182,6 @@ def path_patch_edges(model: Any, pairs: PatchingPairs | PatchContext, probe: Wor
     dims = ctx.engine.dims
     L_stop, n_heads = ctx.stop_at_layer, dims.n_heads
     group = n_heads // dims.n_kv_heads
-    from wordpos.patching.ablation import parse_heads  # ("3.4,2.1", [(3, 4)], (3, 4)): one rule everywhere
-
     def heads_of(spec: Any, default: list[tuple[int, int]]) -> list[tuple[int, int]]:
         return default if spec is None else [] if len(spec) == 0 else parse_heads(spec, dims, keep_order=True)
 

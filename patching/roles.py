@@ -17,12 +17,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from wordpos.patching.heads import parse_heads
 from wordpos.patching.runner import NOOP, Request, cache_run, run_interventions
 from wordpos.patching.sizing import Sizing
 from wordpos.probing import hooks as H
 from wordpos.probing.datasets import PromptSet
-from wordpos.probing.reprs import clipped, short_repr
 from wordpos.probing.engines import as_engine
+from wordpos.probing.reprs import clipped, short_repr
 from wordpos.probing.vocab import tokenizer_memo
 
 ROLE_NAMES = ("to_anchor", "to_space", "to_prev", "to_bos", "counter_score")
@@ -227,8 +228,6 @@ def anchor_evidence(model: Any, prompts: PromptSet, heads: list[tuple[int, int]]
     engine = as_engine(model)
     if heads is None or len(heads) == 0:
         return {}
-    from wordpos.patching.ablation import parse_heads  # ("3.4,2.1", [(3, 4)], (3, 4)): one rule everywhere
-
     heads = parse_heads(heads, engine.dims, keep_order=True)
     sizing = sizing or Sizing()
     batch_size, max_prompts = batch_size or sizing.role_batch, max_prompts or sizing.evidence_prompts

@@ -17,7 +17,7 @@ from wordpos.probing.progress import progress_bar as tqdm
 from wordpos.probing.activations import Residuals
 from wordpos.probing.baselines import PositionBaseline, shuffled_label_accuracy
 from wordpos.probing.errors import ConfigError, CorruptFileError
-from wordpos.probing.io import read_json, write_json
+from wordpos.probing.io import load_record, read_json, record_from_dict, save_record, write_json
 from wordpos.probing.models.registry import check_device
 from wordpos.probing.probe import DEFAULT_SOLVER, NONFINITE_RESIDUALS, WordIndexProbe, decision_index, fit_probes
 from wordpos.probing.reprs import clipped, percent, short_repr
@@ -107,20 +107,22 @@ class ProbeSweep:
                 shutil.rmtree(old)
         for L in self.results:
             _save_layer(directory / f"layer{L}", self.results[L], self.probes[L])
-        write_json(directory / "sweep.json", {"format": SWEEP_FORMAT, "layers": sorted(self.results),
-                                              "timings": self.timings})
+        save_record({"format": SWEEP_FORMAT, "layers": sorted(self.results), "timings": self.timings}, directory,
+                    "sweep")
         return directory
 
     @classmethod
     def load(cls, directory: str | Path) -> "ProbeSweep":
         """Read a sweep written by :meth:`save`."""
         directory = Path(directory)
-        d = read_json(directory / "sweep.json", "probe sweep")
-        if not isinstance(d, dict) or d.get("format") != SWEEP_FORMAT:
-            raise CorruptFileError(f"{directory / 'sweep.json'} is not a probe sweep (format {SWEEP_FORMAT}).")
-        layers = {int(L): _read_layer(directory / f"layer{int(L)}") for L in d["layers"]}
-        return cls(results={L: r for L, (r, _) in layers.items()}, probes={L: p for L, (_, p) in layers.items()},
-                   timings=dict(d.get("timings", {})))
+
+        def convert(d: dict[str, Any]) -> dict[str, Any]:  # the listed layers, each from its folder
+            layers = {int(L): _read_layer(directory / f"layer{int(L)}") for L in d["layers"]}
+            return {"results": {L: r for L, (r, _) in layers.items()}, "probes": {L: p for L, (_, p) in layers.items()},
+                    "timings": dict(d.get("timings", {}))}
+
+        return record_from_dict(cls, load_record(directory, "sweep", "probe sweep"), SWEEP_FORMAT, "a probe sweep",
+                                "sweep", "; save the sweep again", convert)
 
     def metrics(self, model_name: str) -> dict[str, Any]:
         """The ``metrics.json`` record: best layer's numbers plus the per-layer curve."""
@@ -349,7 +351,7 @@ def fit_layers(residuals: Residuals, layers: list[int], *, device: str | torch.d
     if device is None and isinstance(kept, torch.Tensor):
         device = kept.device
     dev = torch.device(check_device(device))
-    n, d = residuals.data["train"].shape[0], residuals.d_model
+    n, d = kept.shape[0], residuals.d_model
     probes: dict[int, WordIndexProbe] = {}
     # float64 X, Z and a temporary; the batched solver's preconditioner and its temporaries, three [d + 1, d + 1]
     for group in _layer_groups(list(layers), n * d * 8 * 3 + (d + 1) ** 2 * 8 * 3, dev):
