@@ -7,7 +7,9 @@ layer of a large model never needs the whole tensor in RAM.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,65 +248,74 @@ def collect_residuals(
     keep_on_device = bool(keep_on_device) and engine.device.type != "meta"  # (on the CPU: torch tensors)
     spill = not keep_on_device and total_bytes > max_memory_mb * 2**20
     spill_root = Path(spill_dir or tempfile.mkdtemp(prefix="wordpos-resid-")) if spill else None
+    own_spill = spill_root is not None and spill_dir is None  # our temporary folder: removed with the result
     bar = tqdm(total=sum(len(data.split(s)) for s in splits), desc=f"residuals ({len(layers)} layers)",
                unit="prompt", disable=not progress)
-    for split in splits:
-        ps = data.split(split)
-        prompt, pos = ps.positions(positions)
-        n = len(prompt)
-        shape = (n, len(layers), d_model)
-        if keep_on_device:
-            buf = None  # the split is the concatenation of its batches, on the device
-        elif spill_root is not None:
-            spill_root.mkdir(parents=True, exist_ok=True)
-            buf = np.lib.format.open_memmap(spill_root / f"resid_{split}.npy", mode="w+", dtype=dtype, shape=shape)
-        else:
-            buf = np.empty(shape, dtype=dtype)
-        labels[split] = ps.word_index[prompt, pos].numpy()
-        abs_pos[split] = pos.numpy()
-        prompt_idx[split] = prompt.numpy()
-        # samples are in prompt order, so each batch of prompts fills one contiguous slice
-        starts = np.searchsorted(prompt.numpy(), np.arange(0, len(ps) + 1))
-        rows_all, cols_all = prompt.to(engine.device), pos.to(engine.device)  # one transfer per split
-        pending: list[Tensor] = []  # gathered on the device, not yet on the host
-        p0 = 0  # first sample of ``pending``
-
-        def flush(upto: int) -> None:
-            nonlocal p0
-            if pending:
-                buf[p0:upto] = torch.cat(pending).cpu().numpy()  # the one sync per chunk
-                pending.clear()
-            p0 = upto
-
-        for b0 in range(0, len(ps), batch_size):
-            b1 = min(b0 + batch_size, len(ps))
-            width = int(ps.lengths[b0:b1].max())
-            toks = ps.tokens[b0:b1, :width].to(engine.device, non_blocking=True)
-            _, cache = engine.run(toks, cache=names, stop_at_layer=stop)
-            s0, s1 = int(starts[b0]), int(starts[b1])
-            rows, cols = rows_all[s0:s1] - b0, cols_all[s0:s1]
-            stacked = torch.stack([cache[nm][rows, cols] for nm in names], dim=1).to(out_dtype)  # [sample, layer, d]
-            del cache
+    try:
+        for split in splits:
+            ps = data.split(split)
+            prompt, pos = ps.positions(positions)
+            n = len(prompt)
+            shape = (n, len(layers), d_model)
             if keep_on_device:
-                pending.append(stacked)
-            elif chunk is None:  # host device: write in place
-                buf[s0:s1] = stacked.numpy()
-                p0 = s1
+                buf = None  # the split is the concatenation of its batches, on the device
+            elif spill_root is not None:
+                spill_root.mkdir(parents=True, exist_ok=True)
+                buf = np.lib.format.open_memmap(spill_root / f"resid_{split}.npy", mode="w+", dtype=dtype, shape=shape)
             else:
-                pending.append(stacked)
-                if s1 - p0 >= chunk:
-                    flush(s1)
-            bar.update(b1 - b0)
-        if keep_on_device:
-            out[split] = torch.cat(pending) if pending else torch.empty(shape, dtype=out_dtype, device=engine.device)
-            pending.clear()
-            continue
-        flush(n)
-        if isinstance(buf, np.memmap):
-            buf.flush()
-        out[split] = buf
-    bar.close()
+                buf = np.empty(shape, dtype=dtype)
+            labels[split] = ps.word_index[prompt, pos].numpy()
+            abs_pos[split] = pos.numpy()
+            prompt_idx[split] = prompt.numpy()
+            # samples are in prompt order, so each batch of prompts fills one contiguous slice
+            starts = np.searchsorted(prompt.numpy(), np.arange(0, len(ps) + 1))
+            rows_all, cols_all = prompt.to(engine.device), pos.to(engine.device)  # one transfer per split
+            pending: list[Tensor] = []  # gathered on the device, not yet on the host
+            p0 = 0  # first sample of ``pending``
+
+            def flush(upto: int) -> None:
+                nonlocal p0
+                if pending:
+                    buf[p0:upto] = torch.cat(pending).cpu().numpy()  # the one sync per chunk
+                    pending.clear()
+                p0 = upto
+
+            for b0 in range(0, len(ps), batch_size):
+                b1 = min(b0 + batch_size, len(ps))
+                width = int(ps.lengths[b0:b1].max())
+                toks = ps.tokens[b0:b1, :width].to(engine.device, non_blocking=True)
+                _, cache = engine.run(toks, cache=names, stop_at_layer=stop)
+                s0, s1 = int(starts[b0]), int(starts[b1])
+                rows, cols = rows_all[s0:s1] - b0, cols_all[s0:s1]
+                stacked = torch.stack([cache[nm][rows, cols] for nm in names], dim=1).to(out_dtype)  # [sample, layer, d]
+                del cache
+                if keep_on_device:
+                    pending.append(stacked)
+                elif chunk is None:  # host device: write in place
+                    buf[s0:s1] = stacked.numpy()
+                    p0 = s1
+                else:
+                    pending.append(stacked)
+                    if s1 - p0 >= chunk:
+                        flush(s1)
+                bar.update(b1 - b0)
+            if keep_on_device:
+                out[split] = torch.cat(pending) if pending else torch.empty(shape, dtype=out_dtype, device=engine.device)
+                pending.clear()
+                continue
+            flush(n)
+            if isinstance(buf, np.memmap):
+                buf.flush()
+            out[split] = buf
+        bar.close()
+    except BaseException:
+        if own_spill:  # a failed or interrupted collection leaves no half-written spill files behind
+            shutil.rmtree(spill_root, ignore_errors=True)
+        raise
     meta = {"stop_at_layer": stop, "batch_size": batch_size, "spilled_to": str(spill_root) if spill_root else None,
             "on_device": str(engine.device) if keep_on_device else None}
-    return Residuals(layers=layers, kind=kind, positions=positions, data=out, labels=labels, abs_pos=abs_pos,
-                     prompt_idx=prompt_idx, model_name=engine.name, meta=meta)
+    res = Residuals(layers=layers, kind=kind, positions=positions, data=out, labels=labels, abs_pos=abs_pos,
+                    prompt_idx=prompt_idx, model_name=engine.name, meta=meta)
+    if own_spill:  # (arrays taken out of it stay readable on POSIX: a mapped file outlives its name)
+        weakref.finalize(res, shutil.rmtree, str(spill_root), True)
+    return res

@@ -23,6 +23,7 @@ but its probe and circuit numbers mean nothing.
 from __future__ import annotations
 
 import argparse
+import atexit
 import gzip
 import json
 import os
@@ -42,6 +43,14 @@ MODELS = ("organism", "smollm2-135m", "smollm2-arch", "planted")
 
 
 # ------------------------------------------------------------------------------------------------- models
+def scratch_dir(prefix: str) -> Path:
+    """A temporary folder removed when the script ends (a random-weight SmolLM2-135M in it is ~540 MB: twenty
+    benchmark runs that kept theirs filled a disk)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def build_smollm2_arch(directory: Path, seed: int = 0, width: int | None = None) -> Path:
     """A randomly initialised LlamaForCausalLM with SmolLM2-135M's config and tokenizer, as an HF directory;
     ``width`` (a multiple of the 9 heads) makes it that narrow, layers and heads kept (``scripts/count_ops.py``)."""

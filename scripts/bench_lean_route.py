@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,13 +33,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from bench import build_smollm2_arch
+    from bench import build_smollm2_arch, scratch_dir
     from wordpos.patching import lean_route
     from wordpos.patching.ablation import ablate_heads
     from wordpos.probing import WordIndexDataset, WordIndexProbe, as_engine, collect_residuals, load_model
 
     torch.set_num_threads(args.threads)
-    model = load_model(str(build_smollm2_arch(Path(tempfile.mkdtemp()) / "m", width=args.width)), device="cpu")
+    path = build_smollm2_arch(scratch_dir("wordpos-lean-route-") / "m", width=args.width)
+    model = load_model(str(path), device="cpu")
     engine = as_engine(model)
     data = WordIndexDataset.default(engine.tokenizer, n_prompts=args.prompts, seed=0)
     acts = collect_residuals(model, data, layers=[args.layer], progress=False)

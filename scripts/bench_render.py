@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -61,16 +62,19 @@ def main(argv: list[str] | None = None) -> dict:
                                                     png=True),
     }
     runs = []
-    with deferred_images(enabled=False):
-        for _ in range(1 + args.repeats):
-            gc.collect()  # (a collection inside a part would time the heap, not the part)
-            times = {}
-            for name, fn in parts.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name] = time.perf_counter() - t0
-            times["all"] = sum(times.values())
-            runs.append(times)
+    try:
+        with deferred_images(enabled=False):
+            for _ in range(1 + args.repeats):
+                gc.collect()  # (a collection inside a part would time the heap, not the part)
+                times = {}
+                for name, fn in parts.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    times[name] = time.perf_counter() - t0
+                times["all"] = sum(times.values())
+                runs.append(times)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
     best = {k: min(r[k] for r in runs[1:]) if args.repeats else runs[0][k] for k in runs[0]}
     rec = {"edges": args.edges, "graph": {"layers": args.layers, "heads": args.heads, "kv_heads": args.kv_heads,
                                           "probe_layer": args.probe_layer, "valid_edges": int(g.valid.sum())},

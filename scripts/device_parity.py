@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import build_smollm2_arch  # noqa: E402
+from bench import build_smollm2_arch, scratch_dir  # noqa: E402
 
 TOL = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}  # relative to the sweep's largest |effect|
 
@@ -220,7 +219,7 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="wordpos-parity-"))
+    work = scratch_dir("wordpos-parity-")
     arch = str(build_smollm2_arch(work / "smollm2-arch"))
     rows = [solver_case(args.device)]
     print(json.dumps(rows[0]), flush=True)

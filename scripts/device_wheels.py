@@ -40,7 +40,8 @@ PROBE = r"""
 import json, sys, tempfile
 sys.path.insert(0, sys.argv[1] + "/scripts")
 from wordpos.circuit.cli import main
-main(["run", "--out", tempfile.mkdtemp() + "/run", "--quiet"])
+with tempfile.TemporaryDirectory() as tmp:
+    main(["run", "--out", tmp + "/run", "--quiet"])
 from wordpos.probing.engines import make_engine
 make_engine("organism", "nnsight", "cpu", False)
 import bench, device_parity, profile_circuit  # noqa: F401

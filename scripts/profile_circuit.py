@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import _sync, build_smollm2_arch, device_name, profile_text  # noqa: E402
+from bench import _sync, build_smollm2_arch, device_name, profile_text, scratch_dir  # noqa: E402
 
 
 def _timed(fn, device: str) -> tuple[float, object]:
@@ -166,7 +165,7 @@ def main() -> None:
 
     if args.sdpa_default:
         LeanBlocks.sdpa_backends = None
-    work = Path(tempfile.mkdtemp(prefix="wordpos-profile-"))
+    work = scratch_dir("wordpos-profile-")
     path = str(build_smollm2_arch(work / "smollm2-arch")) if args.model == "smollm2-arch" else args.model
     model = load_model(path, device=args.device, dtype=args.dtype)
     L = args.layer

@@ -6,6 +6,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 "$PY" -c 'import sys; assert sys.version_info >= (3, 11), "wordpos needs Python 3.11+"'
+installed() { .venv/bin/python -c "import torch, transformer_lens, nnsight, wordpos.probing" >/dev/null 2>&1; }
+if ! installed; then  # a fresh install writes ~2 GB into .venv and unpacks wheels in the temporary folder
+  "$PY" - "${NEED_GB:-3}" <<'PYEOF' || exit 1
+import os, shutil, sys, tempfile
+need = float(sys.argv[1])
+for where in sorted({os.path.realpath("."), os.path.realpath(tempfile.gettempdir())}):
+    free = shutil.disk_usage(where).free / 2**30
+    if free < need:
+        sys.exit(f"setup.sh: only {free:.1f} GB free on the disk holding {where}; installing torch, transformer_lens "
+                 f"and nnsight needs about {need:g} GB. Free some space (old virtual environments, scratch folders, "
+                 f"`pip cache purge`) and run it again, or set NEED_GB=0 to try anyway.")
+PYEOF
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 .venv/bin/python -m pip install -q ${TORCH_SPEC:-torch==2.13.0} 2>&1 | grep -v "is ignored" || true

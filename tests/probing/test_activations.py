@@ -1,8 +1,10 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from wordpos.probing import ConfigError, DatasetConfig, WordIndexDataset, collect_residuals
+from wordpos.probing import ConfigError, DatasetConfig, WordIndexDataset, as_engine, collect_residuals
 
 
 def test_matches_run_with_cache_at_word_final_tokens(tiny_model, small_data):
@@ -33,6 +35,43 @@ def test_spilling_to_disk_gives_identical_results(tiny_model, small_data, tmp_pa
     assert isinstance(b.data["train"], np.memmap)
     assert torch.equal(a.train(1), b.train(1))
 
+
+
+def test_default_spill_folder_is_removed_with_the_result_or_on_failure(tiny_model, small_data, tmp_path, monkeypatch):
+    """The temporary spill folder (a 4096-prompt sweep writes GBs there) goes when the result is dropped, and at
+    once when the collection fails part-way; a folder the caller named is left alone."""
+    import gc
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # mkdtemp's default parent, for this test only
+    a = collect_residuals(tiny_model, small_data, layers=[1], progress=False)
+    b = collect_residuals(tiny_model, small_data, layers=[1], progress=False, max_memory_mb=0.01)
+    spilled = Path(b.meta["spilled_to"])
+    assert spilled.parent == tmp_path and (spilled / "resid_train.npy").is_file()
+    train = b.data["train"]  # an array taken out of the result stays readable after its folder goes
+    del b
+    gc.collect()
+    assert not spilled.exists()
+    assert torch.equal(torch.from_numpy(np.asarray(train[:, 0])), a.train(1))
+
+    calls = {"n": 0}
+    run = type(as_engine(tiny_model)).run
+
+    def failing_run(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(as_engine(tiny_model)), "run", failing_run)
+    with pytest.raises(KeyboardInterrupt):
+        collect_residuals(tiny_model, small_data, layers=[1], progress=False, max_memory_mb=0.01, batch_size=8)
+    assert not any(p.name.startswith("wordpos-resid-") for p in tmp_path.iterdir())
+    kept = tmp_path / "mine"
+    c = collect_residuals(tiny_model, small_data, layers=[1], progress=False, max_memory_mb=0.01, spill_dir=kept)
+    del c
+    gc.collect()
+    assert (kept / "resid_train.npy").is_file()
 
 def test_batch_size_does_not_change_results(tiny_model, small_data):
     a = collect_residuals(tiny_model, small_data, layers=[1], progress=False, batch_size=7)
