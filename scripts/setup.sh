@@ -11,7 +11,10 @@ if ! installed; then  # a fresh install writes ~2 GB into .venv and unpacks whee
   "$PY" - "${NEED_GB:-3}" <<'PYEOF' || exit 1
 import os, shutil, sys, tempfile
 need = float(sys.argv[1])
-for where in sorted({os.path.realpath("."), os.path.realpath(tempfile.gettempdir())}):
+disks = {}  # one check per disk: this checkout's (.venv) first, then the temporary folder's
+for where in (os.path.realpath("."), os.path.realpath(tempfile.gettempdir())):
+    disks.setdefault(os.stat(where).st_dev, where)
+for where in disks.values():
     free = shutil.disk_usage(where).free / 2**30
     if free < need:
         sys.exit(f"setup.sh: only {free:.1f} GB free on the disk holding {where}; installing torch, transformer_lens "
