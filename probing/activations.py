@@ -222,7 +222,7 @@ def collect_residuals(
     (default: on an accelerator when they take at most a quarter of its free memory) they stay there, since the
     probe fits run there too, and :meth:`Residuals.to_host` or ``save`` copy them when needed; otherwise they go to
     the host in few large copies. Host memory is bounded by ``max_memory_mb``: beyond it results go to a
-    memory-mapped file in ``spill_dir`` (a temporary directory by default).
+    memory-mapped file in ``spill_dir`` (by default a temporary folder, removed when the result is).
     """
     engine = as_engine(model)
     if kind not in ("resid_pre", "resid_mid", "resid_post"):
