@@ -9,9 +9,11 @@ the fix (a :class:`probing.errors.WordposError`), not a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,18 +53,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         heap.resume()
 
 
+@contextlib.contextmanager
+def _library_bars(show: bool) -> Iterator[None]:
+    """``--quiet`` also hides the libraries' own bars (transformers' "Loading weights", the hub's downloads),
+    restored afterwards for a caller in the same process."""
+    if show:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def _main(argv: Sequence[str] | None) -> int:
-    from wordpos.probing.errors import WordposError
+    from wordpos.probing.errors import DiskFullError, WordposError
+    from wordpos.probing.io import disk_full_error
 
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
-        return int(args.func(args) or 0)
+        try:
+            with _library_bars(not getattr(args, "quiet", False)):
+                return int(args.func(args) or 0)
+        except OSError as e:  # a full disk met outside wordpos' own writers (a library's cache, say) reads the same
+            full = disk_full_error(e, Path(getattr(args, "out", None) or Path.cwd()) / "-", f"{args.command}'s output",
+                                   atomic=False)
+            if full is None or args.verbose:
+                raise
+            raise full from e
     except WordposError as e:
         if args.verbose:
             raise
-        print(f"wordpos {args.command}: error: {e}", file=sys.stderr)
+        resume = (" What finished is saved: the same command resumes from it."
+                  if isinstance(e, DiskFullError) and getattr(args, "out", None) else "")
+        print(f"wordpos {args.command}: error: {e}{resume}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished stages are saved and a re-run resumes from them", file=sys.stderr)

@@ -25,6 +25,7 @@ from wordpos.probing import hooks as H
 from wordpos.probing.datasets import SPLITS, Positions, WordIndexDataset
 from wordpos.probing.engines import Engine, as_engine
 from wordpos.probing.errors import ConfigError, CorruptFileError
+from wordpos.probing.io import check_free_space, preallocate
 from wordpos.probing.reprs import array_summary, clipped, short_repr
 
 
@@ -249,6 +250,10 @@ def collect_residuals(
     spill = not keep_on_device and total_bytes > max_memory_mb * 2**20
     spill_root = Path(spill_dir or tempfile.mkdtemp(prefix="wordpos-resid-")) if spill else None
     own_spill = spill_root is not None and spill_dir is None  # our temporary folder: removed with the result
+    if spill_root is not None:  # a memory map on a full disk kills the process (SIGBUS): refuse before any forward
+        check_free_space(spill_root, total_bytes, f"spilling {total:,} residual vectors ({len(layers)} layers) to disk",
+                         "pass spill_dir= a folder on a disk with room, or raise max_memory_mb to keep them in memory")
+    spilled: list[Path] = []  # the spill files this call made: removed if it fails
     bar = tqdm(total=sum(len(data.split(s)) for s in splits), desc=f"residuals ({len(layers)} layers)",
                unit="prompt", disable=not progress)
     try:
@@ -261,7 +266,9 @@ def collect_residuals(
                 buf = None  # the split is the concatenation of its batches, on the device
             elif spill_root is not None:
                 spill_root.mkdir(parents=True, exist_ok=True)
-                buf = np.lib.format.open_memmap(spill_root / f"resid_{split}.npy", mode="w+", dtype=dtype, shape=shape)
+                spilled.append(spill_root / f"resid_{split}.npy")
+                buf = np.lib.format.open_memmap(spilled[-1], mode="w+", dtype=dtype, shape=shape)
+                preallocate(spilled[-1], buf.offset + buf.nbytes)  # the disk's room taken now, not at each write
             else:
                 buf = np.empty(shape, dtype=dtype)
             labels[split] = ps.word_index[prompt, pos].numpy()
@@ -287,7 +294,8 @@ def collect_residuals(
                 _, cache = engine.run(toks, cache=names, stop_at_layer=stop)
                 s0, s1 = int(starts[b0]), int(starts[b1])
                 rows, cols = rows_all[s0:s1] - b0, cols_all[s0:s1]
-                stacked = torch.stack([cache[nm][rows, cols] for nm in names], dim=1).to(out_dtype)  # [sample, layer, d]
+                stacked = torch.stack([cache[nm][rows, cols] for nm in names], dim=1)  # [sample, layer, d]
+                stacked = stacked.to(out_dtype)
                 del cache
                 if keep_on_device:
                     pending.append(stacked)
@@ -300,7 +308,8 @@ def collect_residuals(
                         flush(s1)
                 bar.update(b1 - b0)
             if keep_on_device:
-                out[split] = torch.cat(pending) if pending else torch.empty(shape, dtype=out_dtype, device=engine.device)
+                out[split] = (torch.cat(pending) if pending
+                              else torch.empty(shape, dtype=out_dtype, device=engine.device))
                 pending.clear()
                 continue
             flush(n)
@@ -308,9 +317,11 @@ def collect_residuals(
                 buf.flush()
             out[split] = buf
         bar.close()
-    except BaseException:
-        if own_spill:  # a failed or interrupted collection leaves no half-written spill files behind
+    except BaseException:  # a failed or interrupted collection leaves no half-written spill files behind
+        if own_spill:
             shutil.rmtree(spill_root, ignore_errors=True)
+        for path in spilled:
+            path.unlink(missing_ok=True)
         raise
     meta = {"stop_at_layer": stop, "batch_size": batch_size, "spilled_to": str(spill_root) if spill_root else None,
             "on_device": str(engine.device) if keep_on_device else None}

@@ -6,6 +6,8 @@ line instead of a traceback, and a notebook user can ``except WordposError``.
 
 from __future__ import annotations
 
+import errno
+
 
 class WordposError(Exception):
     """Base class: the message says what was wrong, what was received and how to fix it."""
@@ -29,3 +31,13 @@ class RunDirError(WordposError):
 
 class CorruptFileError(WordposError):
     """A saved file (results, cache, graph) is truncated, malformed or from something else."""
+
+
+class DiskFullError(WordposError, OSError):
+    """The disk being written to is full (or over quota). Raised before the write where the size is known, else
+    when the write fails; the half-written file is removed and what was written before is intact. An ``OSError``
+    with ``errno`` ENOSPC, so code that handles a full disk already catches it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno.ENOSPC

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import numbers
 import os
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from wordpos.probing.errors import ConfigError, CorruptFileError, RunDirError
+from wordpos.probing.errors import ConfigError, CorruptFileError, DiskFullError, RunDirError
 
 RUN_MARKER = "config.json"
 
@@ -60,6 +61,75 @@ def file_mode() -> int:
     return 0o666 & ~current_umask()
 
 
+def _size(n: float) -> str:
+    return f"{n / 2**20:.1f} MB" if n < 2**30 else f"{n / 2**30:.1f} GB"
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing parent outside the atomic writers' temporary folders (the folder a user
+    knows, on the disk a new file there lands on)."""
+    path = Path(os.path.abspath(path))
+    while path != path.parent and (not path.exists() or any(
+            part.startswith(".") and part.endswith((".partial", ".tmp")) for part in path.parts)):
+        path = path.parent
+    return path
+
+
+def disk_full_error(e: OSError, path: str | os.PathLike, what: str | None = None,
+                    atomic: bool = True) -> DiskFullError | None:
+    """The one-line :class:`DiskFullError` for ``e`` raised while writing ``path`` (``what``: how to name it when
+    ``e`` does not name its file; ``atomic``: it was one of the atomic writers, which remove their partial file), or
+    ``None`` when ``e`` is not a full disk. numpy's ``tofile`` reports a full disk as a short write without an errno
+    ("N requested and M written")."""
+    if isinstance(e, DiskFullError):
+        return e
+    short_write = e.errno is None and "requested and" in str(e) and "written" in str(e)
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT) and not short_write:
+        return None
+    target = Path(e.filename) if isinstance(e.filename, (str, os.PathLike)) else Path(path)
+    what = target.name if isinstance(e.filename, (str, os.PathLike)) or what is None else what
+    where = _existing(target.parent)
+    kept = ": the half-written file was removed and nothing written before was changed" if atomic else ""
+    return DiskFullError(f"no space left on the disk holding {where} while writing {what} "
+                         f"({_size(shutil.disk_usage(where).free)} free){kept}. Free some space there (or write to "
+                         "another disk) and run it again.")
+
+
+def check_free_space(path: str | os.PathLike, need_bytes: int, what: str, fix: str) -> None:
+    """Refuse, before writing anything, ``need_bytes`` more than the disk holding ``path`` has free."""
+    where = _existing(Path(path))
+    free = shutil.disk_usage(where).free
+    if need_bytes > free:
+        raise DiskFullError(f"{what} needs {_size(need_bytes)} on the disk holding {where}, which has "
+                            f"{_size(free)} free; {fix}.")
+
+
+def preallocate(path: str | os.PathLike, size: int) -> None:
+    """Reserve ``size`` bytes of disk for the (sparse) file ``path``, so that a full disk fails here with a
+    :class:`DiskFullError` instead of killing the process (SIGBUS) in a later write to a memory map of it."""
+    if size <= 0 or not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, size)
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # a filesystem without it: nothing reserved
+                return
+            raise disk_full_error(e, path) or e
+
+
+@contextlib.contextmanager
+def _disk_full_as_error(path: Path) -> Iterator[None]:
+    """Re-raise a full disk met while writing ``path`` as a :class:`DiskFullError` (other errors as they are)."""
+    try:
+        yield
+    except OSError as e:
+        err = disk_full_error(e, path)
+        if err is None or err is e:
+            raise
+        raise err from e
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path`` in one step,
@@ -68,18 +138,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     ``mkstemp`` creates the temporary file 0600; before the rename it gets the mode the user's umask gives
     any new file, so a shared run directory or a served report stays readable to others."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        if tmp_path.exists():
-            os.chmod(tmp_path, file_mode())
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+    with _disk_full_as_error(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        try:
+            yield tmp_path
+            if tmp_path.exists():
+                os.chmod(tmp_path, file_mode())
+            os.replace(tmp_path, path)
+        finally:
+            if tmp_path.exists():
+                tmp_path.unlink()
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -163,17 +234,18 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     the rename, the directory and everything in it get the modes the user's umask gives new directories and
     files (executables keep their x bits), so a cache or run shared between users stays readable."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
-    try:
-        yield tmp
-        _apply_umask_modes(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with _disk_full_as_error(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+        try:
+            yield tmp
+            _apply_umask_modes(tmp)
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _apply_umask_modes(root: Path) -> None:
