@@ -60,15 +60,31 @@ def _library_bars(show: bool) -> Iterator[None]:
     if show:
         yield
         return
+    from huggingface_hub import utils as hub_utils
     from transformers.utils import logging as hf_logging
 
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
+    was, hub_was_off = hf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()  # (it turns the hub's off too)
     try:
         yield
     finally:
         if was:
-            hf_logging.enable_progress_bar()
+            hf_logging.enable_progress_bar()  # (and the hub's on: put back what the caller had)
+        if hub_was_off:
+            hub_utils.disable_progress_bars()
+
+
+def _low_output_disk(out: str | None) -> Path | None:
+    """Where a full disk that an error does not place most likely is: the output folder's, when it is nearly full
+    (under 256 MB free); ``None`` (say nothing of where) otherwise."""
+    import shutil
+
+    from wordpos.probing.io import existing_parent
+
+    if out is None:
+        return None
+    where = existing_parent(Path(out))
+    return Path(out) / "-" if shutil.disk_usage(where).free < 256 * 2**20 else None
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -83,16 +99,19 @@ def _main(argv: Sequence[str] | None) -> int:
             with _library_bars(not getattr(args, "quiet", False)):
                 return int(args.func(args) or 0)
         except OSError as e:  # a full disk met outside wordpos' own writers (a library's cache, say) reads the same
-            full = disk_full_error(e, Path(getattr(args, "out", None) or Path.cwd()) / "-", f"{args.command}'s output",
+            full = disk_full_error(e, _low_output_disk(getattr(args, "out", None)), f"{args.command}'s output",
                                    atomic=False)
-            if full is None or args.verbose:
+            if full is None or full is e or args.verbose:
                 raise
             raise full from e
     except WordposError as e:
         if args.verbose:
             raise
-        resume = (" What finished is saved: the same command resumes from it."
-                  if isinstance(e, DiskFullError) and getattr(args, "out", None) else "")
+        resume = ""
+        if isinstance(e, DiskFullError) and getattr(args, "out", None):
+            resume = (" What finished is saved: run the command again without --overwrite to resume from it."
+                      if getattr(args, "overwrite", False) else
+                      " What finished is saved: the same command resumes from it.")
         print(f"wordpos {args.command}: error: {e}{resume}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -7,6 +7,8 @@ layer of a large model never needs the whole tensor in RAM.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import tempfile
 import weakref
@@ -25,7 +27,7 @@ from wordpos.probing import hooks as H
 from wordpos.probing.datasets import SPLITS, Positions, WordIndexDataset
 from wordpos.probing.engines import Engine, as_engine
 from wordpos.probing.errors import ConfigError, CorruptFileError
-from wordpos.probing.io import check_free_space, preallocate
+from wordpos.probing.io import check_free_space, disk_full_as_error, preallocate
 from wordpos.probing.reprs import array_summary, clipped, short_repr
 
 
@@ -199,6 +201,33 @@ def _device_chunk_rows(device: torch.device, row_bytes: int) -> int | None:
     return None if free is None else max(int(free * 0.25 // max(row_bytes, 1)), 1)
 
 
+def _open_spill(path: Path, shape: tuple[int, ...], dtype: Any, temporary: bool) -> np.memmap:
+    """A ``.npy`` memory map at ``path`` with its disk space reserved (a full disk is a ``DiskFullError`` here, not a
+    SIGBUS at a later write into the map). A file this call created is removed again if making it fails; with
+    ``temporary``, the file (and its folder, once empty) goes when the last array using the map does."""
+    existed = path.exists()
+    try:
+        with disk_full_as_error(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            buf = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+            preallocate(path, buf.offset + buf.nbytes)
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        raise
+    if temporary:  # views and copies of the Residuals share ``buf``; on POSIX a mapped file outlives its name
+        weakref.finalize(buf, _remove_spill_file, str(path))
+    return buf
+
+
+def _remove_spill_file(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.dirname(path))  # the temporary folder, once its last file is gone
+
+
 @torch.inference_mode()
 def collect_residuals(
     model: Any,
@@ -248,11 +277,15 @@ def collect_residuals(
         keep_on_device = chunk is not None and total <= chunk
     keep_on_device = bool(keep_on_device) and engine.device.type != "meta"  # (on the CPU: torch tensors)
     spill = not keep_on_device and total_bytes > max_memory_mb * 2**20
-    spill_root = Path(spill_dir or tempfile.mkdtemp(prefix="wordpos-resid-")) if spill else None
-    own_spill = spill_root is not None and spill_dir is None  # our temporary folder: removed with the result
-    if spill_root is not None:  # a memory map on a full disk kills the process (SIGBUS): refuse before any forward
-        check_free_space(spill_root, total_bytes, f"spilling {total:,} residual vectors ({len(layers)} layers) to disk",
+    if spill:  # a memory map on a full disk kills the process (SIGBUS): refuse before any forward
+        named = Path(spill_dir) if spill_dir is not None else None
+        old_files = [named / f"resid_{s}.npy" for s in splits] if named is not None else []
+        reused = sum(f.stat().st_size for f in old_files if f.is_file())  # a re-run overwrites its own files
+        check_free_space(named or tempfile.gettempdir(), total_bytes - reused,
+                         f"spilling {total:,} residual vectors ({len(layers)} layer{'s' * (len(layers) != 1)}) to disk",
                          "pass spill_dir= a folder on a disk with room, or raise max_memory_mb to keep them in memory")
+    spill_root = Path(spill_dir or tempfile.mkdtemp(prefix="wordpos-resid-")) if spill else None
+    own_spill = spill_root is not None and spill_dir is None  # our temporary folder: removed with its arrays
     spilled: list[Path] = []  # the spill files this call made: removed if it fails
     bar = tqdm(total=sum(len(data.split(s)) for s in splits), desc=f"residuals ({len(layers)} layers)",
                unit="prompt", disable=not progress)
@@ -265,10 +298,8 @@ def collect_residuals(
             if keep_on_device:
                 buf = None  # the split is the concatenation of its batches, on the device
             elif spill_root is not None:
-                spill_root.mkdir(parents=True, exist_ok=True)
-                spilled.append(spill_root / f"resid_{split}.npy")
-                buf = np.lib.format.open_memmap(spilled[-1], mode="w+", dtype=dtype, shape=shape)
-                preallocate(spilled[-1], buf.offset + buf.nbytes)  # the disk's room taken now, not at each write
+                buf = _open_spill(spill_root / f"resid_{split}.npy", shape, dtype, own_spill)
+                spilled.append(spill_root / f"resid_{split}.npy")  # (after: a file it could not open is not ours)
             else:
                 buf = np.empty(shape, dtype=dtype)
             labels[split] = ps.word_index[prompt, pos].numpy()
@@ -321,12 +352,10 @@ def collect_residuals(
         if own_spill:
             shutil.rmtree(spill_root, ignore_errors=True)
         for path in spilled:
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
         raise
     meta = {"stop_at_layer": stop, "batch_size": batch_size, "spilled_to": str(spill_root) if spill_root else None,
             "on_device": str(engine.device) if keep_on_device else None}
-    res = Residuals(layers=layers, kind=kind, positions=positions, data=out, labels=labels, abs_pos=abs_pos,
-                    prompt_idx=prompt_idx, model_name=engine.name, meta=meta)
-    if own_spill:  # (arrays taken out of it stay readable on POSIX: a mapped file outlives its name)
-        weakref.finalize(res, shutil.rmtree, str(spill_root), True)
-    return res
+    return Residuals(layers=layers, kind=kind, positions=positions, data=out, labels=labels, abs_pos=abs_pos,
+                     prompt_idx=prompt_idx, model_name=engine.name, meta=meta)

@@ -10,6 +10,7 @@ import json
 import numbers
 import os
 import platform
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -65,39 +66,55 @@ def _size(n: float) -> str:
     return f"{n / 2**20:.1f} MB" if n < 2**30 else f"{n / 2**30:.1f} GB"
 
 
-def _existing(path: Path) -> Path:
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.(?:partial|tmp)$")  # atomic_dir's and atomic_path's temporaries
+
+
+def existing_parent(path: Path) -> Path:
     """``path`` or its nearest existing parent outside the atomic writers' temporary folders (the folder a user
     knows, on the disk a new file there lands on)."""
     path = Path(os.path.abspath(path))
-    while path != path.parent and (not path.exists() or any(
-            part.startswith(".") and part.endswith((".partial", ".tmp")) for part in path.parts)):
+    while path != path.parent and (not path.exists() or any(_TEMP_NAME.match(part) for part in path.parts)):
         path = path.parent
     return path
 
 
-def disk_full_error(e: OSError, path: str | os.PathLike, what: str | None = None,
+def _out_of_inodes(where: Path) -> bool:
+    try:
+        st = os.statvfs(where)
+    except (OSError, AttributeError):  # (no statvfs on Windows)
+        return False
+    return st.f_files > 0 and st.f_favail == 0
+
+
+def disk_full_error(e: OSError, path: str | os.PathLike | None, what: str | None = None,
                     atomic: bool = True) -> DiskFullError | None:
-    """The one-line :class:`DiskFullError` for ``e`` raised while writing ``path`` (``what``: how to name it when
-    ``e`` does not name its file; ``atomic``: it was one of the atomic writers, which remove their partial file), or
-    ``None`` when ``e`` is not a full disk. numpy's ``tofile`` reports a full disk as a short write without an errno
-    ("N requested and M written")."""
+    """The one-line :class:`DiskFullError` for ``e`` raised while writing ``path`` (``None``: unknown, and ``e``
+    does not name its file either; ``what``: how to name it when ``e`` does not name its file; ``atomic``: it was
+    one of the atomic writers, which remove their partial file), or ``None`` when ``e`` is not a full disk. numpy's
+    ``tofile`` reports a full disk as a short write without an errno ("N requested and M written")."""
     if isinstance(e, DiskFullError):
         return e
     short_write = e.errno is None and "requested and" in str(e) and "written" in str(e)
     if e.errno not in (errno.ENOSPC, errno.EDQUOT) and not short_write:
         return None
-    target = Path(e.filename) if isinstance(e.filename, (str, os.PathLike)) else Path(path)
-    what = target.name if isinstance(e.filename, (str, os.PathLike)) or what is None else what
-    where = _existing(target.parent)
+    named = Path(e.filename) if isinstance(e.filename, (str, os.PathLike)) else None
+    if named is not None and _TEMP_NAME.match(named.name) and path is not None:
+        named = None  # the writer's temporary: name the file it stands for
+    target = named or (Path(path) if path is not None else None)
     kept = ": the half-written file was removed and nothing written before was changed" if atomic else ""
-    return DiskFullError(f"no space left on the disk holding {where} while writing {what} "
-                         f"({_size(shutil.disk_usage(where).free)} free){kept}. Free some space there (or write to "
-                         "another disk) and run it again.")
+    if target is None:
+        return DiskFullError(f"a disk is full ({e}){kept}. Free some space and run it again.")
+    what = target.name if named is not None or what is None else what
+    where = existing_parent(target.parent)
+    full = ("no room for new files on the disk holding {where} (its inodes are used up)" if _out_of_inodes(where)
+            else "no space left on the disk holding {where}").format(where=where)
+    return DiskFullError(f"{full} while writing {what} ({_size(shutil.disk_usage(where).free)} free){kept}. Free "
+                         "some space there (or write to another disk) and run it again.")
 
 
 def check_free_space(path: str | os.PathLike, need_bytes: int, what: str, fix: str) -> None:
     """Refuse, before writing anything, ``need_bytes`` more than the disk holding ``path`` has free."""
-    where = _existing(Path(path))
+    where = existing_parent(Path(path))
     free = shutil.disk_usage(where).free
     if need_bytes > free:
         raise DiskFullError(f"{what} needs {_size(need_bytes)} on the disk holding {where}, which has "
@@ -119,7 +136,7 @@ def preallocate(path: str | os.PathLike, size: int) -> None:
 
 
 @contextlib.contextmanager
-def _disk_full_as_error(path: Path) -> Iterator[None]:
+def disk_full_as_error(path: Path) -> Iterator[None]:
     """Re-raise a full disk met while writing ``path`` as a :class:`DiskFullError` (other errors as they are)."""
     try:
         yield
@@ -138,7 +155,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     ``mkstemp`` creates the temporary file 0600; before the rename it gets the mode the user's umask gives
     any new file, so a shared run directory or a served report stays readable to others."""
     path = Path(path)
-    with _disk_full_as_error(path):
+    with disk_full_as_error(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
@@ -234,7 +251,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     the rename, the directory and everything in it get the modes the user's umask gives new directories and
     files (executables keep their x bits), so a cache or run shared between users stays readable."""
     path = Path(path)
-    with _disk_full_as_error(path):
+    with disk_full_as_error(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
         try:

@@ -38,8 +38,9 @@ def test_spilling_to_disk_gives_identical_results(tiny_model, small_data, tmp_pa
 
 
 def test_default_spill_folder_is_removed_with_the_result_or_on_failure(tiny_model, small_data, tmp_path, monkeypatch):
-    """The temporary spill folder (a 4096-prompt sweep writes GBs there) goes when the result is dropped, and at
-    once when the collection fails part-way; a folder the caller named is left alone."""
+    """The temporary spill folder (a 4096-prompt sweep writes GBs there) goes when the last array using it does
+    (the result, a copy of it, a view taken out of it), and at once when the collection fails part-way; a folder
+    the caller named is left alone."""
     import gc
     import tempfile
 
@@ -48,11 +49,18 @@ def test_default_spill_folder_is_removed_with_the_result_or_on_failure(tiny_mode
     b = collect_residuals(tiny_model, small_data, layers=[1], progress=False, max_memory_mb=0.01)
     spilled = Path(b.meta["spilled_to"])
     assert spilled.parent == tmp_path and (spilled / "resid_train.npy").is_file()
-    train = b.data["train"]  # an array taken out of the result stays readable after its folder goes
+    host = b.to_host()  # a copy sharing the maps
+    train = b.data["train"][:, 0]  # a view taken out of the result
     del b
     gc.collect()
+    assert (spilled / "resid_train.npy").is_file() and torch.equal(host.train(1), a.train(1))
+    del host
+    gc.collect()
+    assert not (spilled / "resid_test.npy").exists() and (spilled / "resid_train.npy").is_file()
+    assert torch.equal(torch.from_numpy(np.asarray(train)), a.train(1))
+    del train
+    gc.collect()
     assert not spilled.exists()
-    assert torch.equal(torch.from_numpy(np.asarray(train[:, 0])), a.train(1))
 
     calls = {"n": 0}
     run = type(as_engine(tiny_model)).run

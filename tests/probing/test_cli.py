@@ -47,3 +47,21 @@ def test_unknown_model(model, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(M, "_hub_reachable", lambda timeout=3.0: False)
     assert main(["probe", "--model", model, "--out", str(tmp_path / "r"), "--quiet"]) == 2
     assert "cannot be had" in capsys.readouterr().err
+
+
+def test_quiet_hides_the_libraries_bars_and_puts_back_the_callers_settings(tiny_gpt2_dir, tmp_path, capfd):
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    args = ["probe", "--model", str(tiny_gpt2_dir), "--layer", "1", "--n-prompts", "40"]
+    try:
+        hf_logging.enable_progress_bar()
+        hub_utils.disable_progress_bars()  # a caller's own choice for the hub
+        capfd.readouterr()
+        assert main(args + ["--out", str(tmp_path / "a"), "--quiet"]) == 0
+        assert "Loading weights" not in capfd.readouterr().err  # transformers' bar, hidden by --quiet
+        assert hf_logging.is_progress_bar_enabled() and hub_utils.are_progress_bars_disabled()
+    finally:
+        hf_logging.enable_progress_bar()
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    assert "Loading weights" in capfd.readouterr().err  # without --quiet the bar is there: the check above can fail

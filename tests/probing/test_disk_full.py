@@ -8,9 +8,11 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from wordpos.circuit.cli import main
@@ -56,6 +58,23 @@ def test_a_full_disk_inside_a_folder_being_built_names_the_folder_a_user_knows(t
     assert list((tmp_path / "ckpt").iterdir()) == []
 
 
+def test_a_writers_temporary_is_never_the_name_in_the_message_and_used_up_inodes_say_so(tmp_path, monkeypatch):
+    with pytest.raises(DiskFullError) as info:
+        with io.atomic_path(tmp_path / "f2.json") as tmp:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+    assert "while writing f2.json " in str(info.value) and ".tmp" not in str(info.value)
+    st = os.statvfs(tmp_path)
+    fields = {k: getattr(st, k) for k in dir(st) if k.startswith("f_") and k != "f_fsid"}
+    monkeypatch.setattr(io.os, "statvfs", lambda _p: SimpleNamespace(**{**fields, "f_files": 4, "f_favail": 0}))
+    with pytest.raises(DiskFullError, match="inodes are used up"):
+        _raise_in(tmp_path / "g.txt")
+
+
+def _raise_in(path):
+    with io.atomic_path(path):
+        _enospc()
+
+
 def test_the_spill_refuses_before_any_forward_when_the_disk_is_too_small(tiny_model, small_data, tmp_path,
                                                                          monkeypatch):
     engine_cls = type(as_engine(tiny_model))
@@ -68,7 +87,40 @@ def test_the_spill_refuses_before_any_forward_when_the_disk_is_too_small(tiny_mo
         collect_residuals(tiny_model, small_data, layers=[1], progress=False, max_memory_mb=0.01,
                           spill_dir=tmp_path / "spill")
     assert "max_memory_mb" in str(info.value) and calls == []
+    assert f"holding {tmp_path}," in str(info.value)  # the folder the caller knows, not a temporary one
     assert not (tmp_path / "spill").exists() or list((tmp_path / "spill").iterdir()) == []
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "t"))  # the default folder: refused before it is made
+    (tmp_path / "t").mkdir()
+    with pytest.raises(DiskFullError):
+        collect_residuals(tiny_model, small_data, layers=[1], progress=False, max_memory_mb=0.01)
+    assert list((tmp_path / "t").iterdir()) == []
+
+
+def test_a_rerun_into_the_same_spill_folder_counts_the_files_it_replaces(tiny_model, small_data, tmp_path,
+                                                                          monkeypatch):
+    spill = tmp_path / "spill"
+    a = collect_residuals(tiny_model, small_data, layers=[1], progress=False, max_memory_mb=0.01, spill_dir=spill)
+    size = sum(f.stat().st_size for f in spill.iterdir())
+    del a
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(io.shutil, "disk_usage", lambda _p: usage._replace(free=size // 2))  # room for half of it
+    b = collect_residuals(tiny_model, small_data, layers=[1], progress=False, max_memory_mb=0.01, spill_dir=spill)
+    assert b.train(1).shape[0] > 0
+
+
+def test_a_file_in_a_named_spill_folder_that_cannot_be_opened_is_left_alone(tiny_model, small_data, tmp_path,
+                                                                            monkeypatch):
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    (spill / "resid_train.npy").write_text("the user's")
+
+    def refuse(*_a, **_k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", refuse)
+    with pytest.raises(PermissionError):
+        collect_residuals(tiny_model, small_data, layers=[1], progress=False, max_memory_mb=0.01, spill_dir=spill)
+    assert (spill / "resid_train.npy").read_text() == "the user's"
 
 
 @pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="no posix_fallocate on this platform")
@@ -88,9 +140,16 @@ def test_the_cli_reports_a_full_disk_met_anywhere_in_one_line(tiny_gpt2_dir, tmp
     out = tmp_path / "run"
     assert main(["probe", "--model", str(tiny_gpt2_dir), "--layer", "1", "--out", str(out), "--n-prompts", "40",
                  "--quiet"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("wordpos probe: error: no space left on the disk holding ") and "\n" not in err
+    err = capsys.readouterr().err.strip()  # the error names no file, and --out's disk has room: no disk named
+    assert err.startswith("wordpos probe: error: a disk is full ([Errno 28]") and "\n" not in err
     assert "resumes" in err and "Traceback" not in err
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage._replace(free=2**20))  # --out's disk nearly full
+    assert main(["probe", "--model", str(tiny_gpt2_dir), "--layer", "1", "--out", str(out), "--n-prompts", "40",
+                 "--quiet", "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"wordpos probe: error: no space left on the disk holding {out} while writing probe's ")
+    assert err.endswith("run the command again without --overwrite to resume from it.")
 
 
 # ------------------------------------------------------------------ a real full disk (a small tmpfs), where allowed
