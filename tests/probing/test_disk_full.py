@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -155,12 +156,20 @@ def test_the_cli_reports_a_full_disk_met_anywhere_in_one_line(tiny_gpt2_dir, tmp
 # ------------------------------------------------------------------ a real full disk (a small tmpfs), where allowed
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 1 MB tmpfs (root on Linux only); ``resize(mb)`` grows it as freeing space would."""
+    """A 1 MB tmpfs (root on Linux only); ``resize(mb)`` grows it as freeing space would. Skipped where mounting,
+    resizing or unmounting one is not allowed (a container without the capability)."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    if sys.platform != "linux" or shutil.which("mount") is None or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(disk)], capture_output=True).returncode != 0:
+
+    def sh(*args: str) -> bool:
+        return subprocess.run(list(args), capture_output=True).returncode == 0
+
+    if sys.platform != "linux" or shutil.which("mount") is None or not sh("mount", "-t", "tmpfs", "-o", "size=1M",
+                                                                          "tmpfs", str(disk)):
         pytest.skip("cannot mount a small tmpfs here (needs root on Linux)")
+    if not sh("mount", "-o", "remount,size=1M", str(disk)):
+        sh("umount", "-l", str(disk))
+        pytest.skip("cannot resize a tmpfs here")
 
     def resize(mb: int) -> None:
         subprocess.run(["mount", "-o", f"remount,size={mb}M", str(disk)], check=True)
@@ -168,8 +177,8 @@ def small_disk(tmp_path):
     try:
         yield SimpleNamespace(path=disk, resize=resize)
     finally:
-        done = subprocess.run(["umount", "-l", str(disk)], capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
+        if not sh("umount", "-l", str(disk)):
+            warnings.warn(f"could not unmount the test's tmpfs at {disk}", stacklevel=1)
 
 
 @pytest.mark.slow
