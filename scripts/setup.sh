@@ -10,7 +10,10 @@ installed() { .venv/bin/python -c "import torch, transformer_lens, nnsight, word
 if ! installed; then  # a fresh install writes ~2 GB into .venv and unpacks wheels in the temporary folder
   "$PY" - "${NEED_GB:-3}" <<'PYEOF' || exit 1
 import os, shutil, sys, tempfile
-need = float(sys.argv[1])
+try:
+    need = float(sys.argv[1])
+except ValueError:
+    sys.exit(f"setup.sh: NEED_GB must be a number of gigabytes (e.g. NEED_GB=3, or 0 to skip the check), got {sys.argv[1]!r}.")
 disks = {}  # one check per disk: this checkout's (.venv) first, then the temporary folder's
 for where in (os.path.realpath("."), os.path.realpath(tempfile.gettempdir())):
     disks.setdefault(os.stat(where).st_dev, where)
