@@ -27,7 +27,7 @@ from wordpos.probing import hooks as H
 from wordpos.probing.datasets import SPLITS, Positions, WordIndexDataset
 from wordpos.probing.engines import Engine, as_engine
 from wordpos.probing.errors import ConfigError, CorruptFileError
-from wordpos.probing.io import check_free_space, disk_full_as_error, preallocate
+from wordpos.probing.io import atomic_path, check_free_space, disk_full_as_error, preallocate, read_json, write_json
 from wordpos.probing.reprs import array_summary, clipped, short_repr
 
 
@@ -114,8 +114,6 @@ class Residuals:
 
     def save(self, directory: str | Path) -> Path:
         """Write one ``.npy`` per split plus ``residuals.json`` (atomic per file)."""
-        from wordpos.probing.io import atomic_path, write_json
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         host = self.to_host()
@@ -133,8 +131,6 @@ class Residuals:
     @classmethod
     def load(cls, directory: str | Path, mmap: bool = True) -> "Residuals":
         """Read residuals written by :meth:`save`; ``mmap`` maps the arrays instead of reading them."""
-        from wordpos.probing.io import read_json
-
         directory = Path(directory)
         meta = read_json(directory / "residuals.json", "residual index")
         arrays: dict[str, dict[str, np.ndarray]] = {"resid": {}, "labels": {}, "abs_pos": {}, "prompt_idx": {}}
@@ -298,8 +294,9 @@ def collect_residuals(
             if keep_on_device:
                 buf = None  # the split is the concatenation of its batches, on the device
             elif spill_root is not None:
-                buf = _open_spill(spill_root / f"resid_{split}.npy", shape, dtype, own_spill)
-                spilled.append(spill_root / f"resid_{split}.npy")  # (after: a file it could not open is not ours)
+                path = spill_root / f"resid_{split}.npy"
+                buf = _open_spill(path, shape, dtype, own_spill)
+                spilled.append(path)  # (after: a file it could not open is not ours)
             else:
                 buf = np.empty(shape, dtype=dtype)
             labels[split] = ps.word_index[prompt, pos].numpy()

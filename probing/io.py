@@ -126,13 +126,12 @@ def preallocate(path: str | os.PathLike, size: int) -> None:
     :class:`DiskFullError` instead of killing the process (SIGBUS) in a later write to a memory map of it."""
     if size <= 0 or not hasattr(os, "posix_fallocate"):
         return
-    with open(path, "r+b") as f:
+    with open(path, "r+b") as f, disk_full_as_error(Path(path)):
         try:
             os.posix_fallocate(f.fileno(), 0, size)
         except OSError as e:
-            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # a filesystem without it: nothing reserved
-                return
-            raise disk_full_error(e, path) or e
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # (a filesystem without it: nothing reserved)
+                raise
 
 
 @contextlib.contextmanager
@@ -195,8 +194,7 @@ def read_json(path: str | os.PathLike, what: str = "result file") -> Any:
 
 
 def save_record(record: dict[str, Any], directory: str | os.PathLike, name: str) -> Path:
-    """Write a result's dict as ``{directory}/{name}.json`` (atomically), creating the directory."""
-    Path(directory).mkdir(parents=True, exist_ok=True)
+    """Write a result's dict as ``{directory}/{name}.json`` (atomically; the writer creates the directory)."""
     return write_json(Path(directory) / f"{name}.json", record)
 
 
@@ -315,7 +313,8 @@ def versions() -> dict[str, str]:
 
 
 def check_seed(seed: Any) -> None:
-    """A run's seed (every config that draws from numpy's generators checks it here): a non-negative integer (numpy's generators take no negative seeds)."""
+    """A run's seed (every config that draws from numpy's generators checks it here): a non-negative integer
+    (numpy's generators take no negative seeds)."""
     if not isinstance(seed, numbers.Integral) or seed < 0:
         raise ConfigError(f"seed must be a non-negative integer (numpy's generators take no negative seeds), got "
                           f"{seed!r}.")
