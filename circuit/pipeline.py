@@ -178,6 +178,7 @@ def _run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool, progre
     computed: dict[str, float] = dict(prev.get("compute_s", prev.get("timings_s", {})))  # older runs: timings_s
     computed["load model"] = timings["load model"]
     kw = dict(computed=computed, overwrite=overwrite)
+    edges_refused = None  # why edge patching would be wrong on this model (None: it is right)
     if config.circuit == "edges" and config.engine == "tl":
         # the edge circuit's modules (networkx among them, for its GEXF/GraphML exports) load here, before the
         # stages, as the patching stages' modules load with this module; timed on their own, not in the circuit's
@@ -185,6 +186,12 @@ def _run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool, progre
             from wordpos.circuit.edge_circuit import load_stage_modules
 
             load_stage_modules()
+        # and the model is checked for it (one short forward, cached per model), as the model is loaded: a check of
+        # the model, not circuit work
+        with _stage("edge check", timings, progress, computed=computed):
+            from wordpos.probing.engines.split_inputs import split_inputs_unsupported
+
+            edges_refused = split_inputs_unsupported(as_engine(model))
     with _stage("probe (all layers)", timings, progress, out / "probe" / "metrics.json", **kw):
         probe_run = run_probe(probe_config, out / "probe", model=model, overwrite=overwrite, progress=progress)
     metrics = probe_run.metrics
@@ -207,10 +214,15 @@ def _run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool, progre
     del shared
     with _stage("circuit", timings, progress, out / "circuit" / "circuit.json", **kw):
         edges = config.circuit == "edges"
+        why = None
         if edges and config.engine != "tl":  # per-head reader inputs exist on the TransformerLens engine only
+            why = (f"the edge circuit needs per-head q/k/v reader inputs, which only the TransformerLens engine has; "
+                   f"with --engine {config.engine}")
+        elif edges and edges_refused is not None:
+            why = edges_refused + ";"
+        if why is not None:
             edges = False
-            msg = (f"the edge circuit needs per-head q/k/v reader inputs, which only the TransformerLens engine has; "
-                   f"with --engine {config.engine} the run draws the head-level path-patching circuit instead")
+            msg = f"{why} the run draws the head-level path-patching circuit instead"
             log.warning(msg)
             if progress:
                 print(f"[wordpos run] note: {msg}", flush=True)

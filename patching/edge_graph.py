@@ -7,7 +7,9 @@ key/value head J (grouped-query attention has ``n_kv_heads`` of them per layer),
 and ``"probe"`` (the residual stream the probe reads, ``resid_post`` of the probe layer).
 
 An edge (w, r) exists iff w writes before r reads: w's layer < r's layer, or the same layer with w a head and
-r the MLP; ``input`` feeds every reader and every writer feeds ``probe``. Names are MIB style (``"w->r"``) and map
+r the MLP; ``input`` feeds every reader and every writer feeds ``probe``. In blocks that run attention and the MLP
+in parallel on the same input (``parallel_attn_mlp``: GPT-NeoX/Pythia, GPT-J, Phi, Falcon, ...) a layer's MLP does
+not read that layer's heads, so those edges do not exist (as in TransformerLens' own edge graph). Names are MIB style (``"w->r"``) and map
 one-to-one onto :meth:`EdgeGraph.to_networkx`, whose nodes are the writers and the readers (each reader node
 carries the ``component`` it belongs to: ``"a1.h1<v>"`` -> ``"a1.h1"``; with GQA ``"a3.h1<k>"`` -> ``"a3.kv1"``,
 with ``heads`` listing the query heads that share it).
@@ -61,6 +63,7 @@ class EdgeGraph:
     n_heads: int
     n_kv_heads: int
     probe_layer: int
+    parallel_attn_mlp: bool = False
     _w_index: dict[str, int] = field(init=False, repr=False, compare=False)
     _r_index: dict[str, int] = field(init=False, repr=False, compare=False)
 
@@ -78,7 +81,8 @@ class EdgeGraph:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def build(cls, n_layers: int, n_heads: int, n_kv_heads: int, probe_layer: int) -> "EdgeGraph":
+    def build(cls, n_layers: int, n_heads: int, n_kv_heads: int, probe_layer: int, *,
+              parallel_attn_mlp: bool = False) -> "EdgeGraph":
         """The graph of a model with these sizes (see the module docstring for the edge rule)."""
         if not 0 <= probe_layer < n_layers:
             raise ConfigError(f"probe_layer {probe_layer} is out of range: the model has {n_layers} layers "
@@ -107,13 +111,15 @@ class EdgeGraph:
         r_mlp.append(False)
         wl = torch.tensor(w_layer)[:, None]
         rl = torch.tensor(r_layer)[None, :]
-        same = (wl == rl) & torch.tensor(w_head)[:, None] & torch.tensor(r_mlp)[None, :]
-        valid = (wl < rl) | same
-        return cls(writers, readers, valid, n_layers, n_heads, n_kv_heads, probe_layer)
+        valid = wl < rl
+        if not parallel_attn_mlp:  # a layer's heads write before its MLP reads
+            valid |= (wl == rl) & torch.tensor(w_head)[:, None] & torch.tensor(r_mlp)[None, :]
+        return cls(writers, readers, valid, n_layers, n_heads, n_kv_heads, probe_layer, bool(parallel_attn_mlp))
 
     @classmethod
     def for_model(cls, dims: ModelDims, probe_layer: int) -> "EdgeGraph":
-        return cls.build(dims.n_layers, dims.n_heads, dims.n_kv_heads, probe_layer)
+        return cls.build(dims.n_layers, dims.n_heads, dims.n_kv_heads, probe_layer,
+                         parallel_attn_mlp=dims.parallel_attn_mlp)
 
     # ------------------------------------------------------------------ lookups
     def __repr__(self) -> str:
@@ -245,11 +251,12 @@ class EdgeGraph:
     # ------------------------------------------------------------------ export
     def to_dict(self) -> dict[str, Any]:
         return {"n_layers": self.n_layers, "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads,
-                "probe_layer": self.probe_layer}
+                "probe_layer": self.probe_layer, "parallel_attn_mlp": self.parallel_attn_mlp}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EdgeGraph":
-        return cls.build(int(d["n_layers"]), int(d["n_heads"]), int(d["n_kv_heads"]), int(d["probe_layer"]))
+        return cls.build(int(d["n_layers"]), int(d["n_heads"]), int(d["n_kv_heads"]), int(d["probe_layer"]),
+                         parallel_attn_mlp=bool(d.get("parallel_attn_mlp", False)))
 
     def node_attrs(self, name: str, role: Literal["writer", "reader"]) -> dict[str, Any]:
         """Attributes of a writer or reader node (role, kind, layer, component; readers also ``heads``)."""

@@ -49,7 +49,8 @@ from wordpos.probing import hooks as H
 from wordpos.probing.engines import Engine, as_engine
 from wordpos.probing.engines.lean import LeanBlocks, lean_unsupported
 from wordpos.probing.engines.split_inputs import (PrefixKV, head_out_weights, prefix_kv_unsupported, reader_hook,
-                                                  run_prefix, run_suffix, split_reader_inputs)
+                                                  run_prefix, run_suffix, split_inputs_unsupported,
+                                                  split_reader_inputs)
 from wordpos.probing.errors import ConfigError
 from wordpos.probing.progress import progress_bar
 
@@ -154,13 +155,16 @@ class EdgeRunner:
                               f"{type(ctx).__name__}.")
         check_context_model(model, ctx)
         self.engine = as_engine(model if model is not None else ctx.engine)
+        reason = split_inputs_unsupported(self.engine)  # once per model: the bridge fires every reader's hook and
+        if reason is not None:                          # the residual stream is the sum of the graph's writers
+            raise ConfigError(f"{reason}. Use the head-level circuit instead (wordpos run --circuit heads).")
         self.ctx = ctx
         self.probe_layer = int(ctx.probe.layer)
         dims = self.engine.dims
         self.graph = graph if graph is not None else EdgeGraph.for_model(dims, self.probe_layer)
         g = self.graph
-        if (g.n_layers, g.n_heads, g.n_kv_heads, g.probe_layer) != (dims.n_layers, dims.n_heads, dims.n_kv_heads,
-                                                                    self.probe_layer):
+        if (g.n_layers, g.n_heads, g.n_kv_heads, g.probe_layer, g.parallel_attn_mlp) != (
+                dims.n_layers, dims.n_heads, dims.n_kv_heads, self.probe_layer, dims.parallel_attn_mlp):
             raise ConfigError(f"the graph ({g.to_dict()}) is not this model's graph up to the probe's layer "
                               f"{self.probe_layer}; build it with EdgeGraph.for_model(engine.dims, probe.layer).")
         self.ablation = ablation
@@ -356,7 +360,8 @@ class EdgeRunner:
             sites = {}
             for site in ("q", "k", "v"):
                 sites[site] = (span(g.readers_of(L, site)), heads[0])  # readers, writers before them
-            sites["mlp"] = (span(g.readers_of(L, "mlp")), mlp)
+            # parallel blocks: the MLP reads the layer's input, before its heads write
+            sites["mlp"] = (span(g.readers_of(L, "mlp")), heads[0] if g.parallel_attn_mlp else mlp)
             self.r_sites.append(sites)
             q, k, v = (sites[site][0] for site in ("q", "k", "v"))
             if not (k.start == q.stop and v.start == k.stop):

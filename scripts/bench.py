@@ -312,7 +312,8 @@ def stage_work(run: Path, summary: dict[str, Any], n_layers: int, prompt_tokens:
 # --------------------------------------------------------------------------------------------------- main
 _SHORT_STAGES = {"probe": "probe (all layers)", "activation": "activation patching",
                  "attribution": "attribution patching", "path": "path patching", "attention": "attention evidence",
-                 "imports": "circuit imports", "ablation": "ablation", "circuit": "circuit", "report": "report"}
+                 "imports": "circuit imports", "check": "edge check", "ablation": "ablation", "circuit": "circuit",
+                 "report": "report"}
 
 
 def _stage_names(names: Any) -> set[str]:

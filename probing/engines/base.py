@@ -38,6 +38,9 @@ class ModelDims:
     d_head: int
     n_ctx: int
     d_vocab: int
+    #: attention and MLP read the same residual (GPT-NeoX/Pythia, GPT-J, Phi, Falcon, ...): a layer's MLP does not
+    #: see that layer's heads, so the edge graph has no head -> same-layer MLP edges
+    parallel_attn_mlp: bool = False
 
     def check_layer(self, layer: int, what: str = "layer") -> int:
         if not isinstance(layer, int) or not 0 <= layer < self.n_layers:

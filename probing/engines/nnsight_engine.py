@@ -81,6 +81,7 @@ def dims_from_config(config: Any) -> ModelDims:
         d_head=getattr(config, "head_dim", None) or d_model // n_heads,
         n_ctx=config.max_position_embeddings,
         d_vocab=config.vocab_size,
+        parallel_attn_mlp=arch_for(config).parallel_attn_mlp,
     )
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -66,13 +67,104 @@ def split_reader_inputs(engine: Any) -> Iterator[None]:
     bridge = _bridge(engine)
     cfg = bridge.cfg
     old = (bool(getattr(cfg, "use_split_qkv_input", False)), bool(getattr(cfg, "use_hook_mlp_in", False)))
-    bridge.set_use_split_qkv_input(True)
-    bridge.set_use_hook_mlp_in(True)
     try:
+        try:
+            bridge.set_use_split_qkv_input(True)
+            bridge.set_use_hook_mlp_in(True)
+        except NotImplementedError as e:  # TransformerLens has no per-head fork for this attention (GPT-J, ...)
+            raise ConfigError(f"{_no_fork(bridge, e)}. Use the head-level circuit instead (wordpos run --circuit "
+                              "heads).") from None
         yield
     finally:
         bridge.set_use_split_qkv_input(old[0])
         bridge.set_use_hook_mlp_in(old[1])
+
+
+def _no_fork(bridge: Any, err: Exception) -> str:
+    arch = getattr(bridge.cfg, "architecture", None) or "this architecture"
+    return (f"edge-level patching needs per-head q/k/v reader inputs, which TransformerLens' bridge does not offer "
+            f"for {arch} ({str(err).split('. ')[0]})")
+
+
+def split_inputs_unsupported(engine: Any) -> str | None:
+    """Why edge-level interventions cannot run on this engine's model, or would be wrong there (None when they are
+    right): the bridge must give per-reader inputs (:func:`split_reader_inputs`) and the model must be a sum of its
+    writers (:func:`writer_sum_mismatch`). Checked before an edge circuit runs anything; cached per model."""
+    try:
+        bridge = _bridge(engine)
+    except ConfigError as e:
+        return str(e)
+    if bridge in _CHECKED:
+        return _CHECKED[bridge]
+    old = bool(getattr(bridge.cfg, "use_split_qkv_input", False))
+    try:
+        bridge.set_use_split_qkv_input(True)
+    except NotImplementedError as e:
+        reason: str | None = _no_fork(bridge, e)
+    else:
+        reason = None
+    finally:
+        bridge.set_use_split_qkv_input(old)
+    if reason is None:
+        reason = writer_sum_mismatch(engine)
+    _CHECKED[bridge] = reason
+    return reason
+
+
+_CHECKED: "weakref.WeakKeyDictionary[Any, str | None]" = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def writer_sum_mismatch(engine: Any, n_layers: int | None = None) -> str | None:
+    """Why this model's residual stream is not the sum the edge graph assumes (None when it is), on two short random
+    prompts: every reader input the bridge exposes must be the residual stream that reader reads, up to a constant
+    (q/k/v: the layer's input; the MLP: the layer's input plus its heads' writes ``z_h · W_O[h]``, or the layer's input
+    alone where attention and MLP run in parallel), and each layer's output must be its input plus its heads' writes
+    and its MLP's output, up to a constant (the biases). Edge patching subtracts writers' outputs from reader inputs,
+    which is only right then; a model that normalises a branch before adding it (Gemma 2's post-norms) or feeds its
+    MLP a normalised input (Phi's shared norm) fails here instead of giving wrong circuits."""
+    from wordpos.probing import hooks as H
+
+    dims = engine.dims
+    n = dims.n_layers if n_layers is None else n_layers
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, dims.d_vocab, (2, 8), generator=g).to(engine.device)
+    names = []
+    for L in range(n):
+        names += [H.resid(L, "resid_pre"), H.resid(L, "resid_post"), H.attn_z(L), H.mlp_out(L),
+                  reader_hook(L, "q"), reader_hook(L, "k"), reader_hook(L, "v"), reader_hook(L, "mlp")]
+    with split_reader_inputs(engine):
+        _, c = engine.run(tokens, cache=names)
+    arch = getattr(getattr(engine.model, "cfg", None), "architecture", None) or "this model"
+    silent = [x for x in names if x not in c]
+    if silent:  # a reader whose hook exists but never fires would silently never be patched
+        return (f"edge-level patching reads and patches {silent[0]}, which TransformerLens' bridge for {arch} has "
+                f"but never runs" + (f" ({len(silent)} such hooks)" if len(silent) > 1 else ""))
+    W_O = head_out_weights(engine, n).double()
+    tol = 1e-4 if W_O.dtype == torch.float32 else 3e-2  # relative to the residual's scale
+
+    def off(x: Tensor) -> float:  # how far x is from one constant vector (over prompts and positions)
+        x = x.double()
+        return float((x - x[:1, :1]).abs().max())
+
+    for L in range(n):
+        pre, post = c[H.resid(L, "resid_pre")].double(), c[H.resid(L, "resid_post")].double()
+        heads = torch.einsum("btha,had->btd", c[H.attn_z(L)].double(), W_O[L])
+        mlp_out = c[H.mlp_out(L)].double()
+        scale = max(float(t.abs().max()) for t in (pre, post, heads, mlp_out)) + 1.0
+        mlp_in = pre if dims.parallel_attn_mlp else pre + heads
+        mlp_expected = "the layer's input" if dims.parallel_attn_mlp else "the layer's input plus its heads' writes"
+        checks = [(f"the q/k/v inputs of layer {L}'s heads", "the layer's input",
+                   c[reader_hook(L, x)].double() - pre[:, :, None]) for x in ("q", "k", "v")]
+        checks += [(f"layer {L}'s MLP input", mlp_expected, c[reader_hook(L, "mlp")].double() - mlp_in),
+                   (f"layer {L}'s output", "its input plus its heads' writes and its MLP's output",
+                    post - pre - heads - mlp_out)]
+        for what, expected, x in checks:
+            if off(x) > tol * scale:
+                return (f"edge-level patching assumes a residual stream that is the sum of its writers, and {arch} "
+                        f"breaks it: {what} is not {expected} (up to a bias; off by {off(x):.3g} at a residual "
+                        f"scale of {scale:.3g})")
+    return None
 
 
 def head_out_weights(engine: Any, layers: int | None = None) -> Float[Tensor, "layer head d_head d_model"]:

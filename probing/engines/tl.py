@@ -46,6 +46,7 @@ class TLEngine:
             d_head=cfg.d_head,
             n_ctx=cfg.n_ctx,
             d_vocab=cfg.d_vocab,
+            parallel_attn_mlp=bool(getattr(cfg, "parallel_attn_mlp", False)),
         )
         self.tokenizer = model.tokenizer
         self.device = torch.device(getattr(cfg, "device", None) or next(model.parameters()).device)
