@@ -9,8 +9,9 @@ Hugging Face model's own layers (called underneath the bridge's wrappers, norms 
 and rotary tables, in about a quarter of the operations. A reader's input is only materialised per head when it
 differs from the residual stream (or its gradient is asked for).
 
-Supported: Hugging Face ``gpt2`` and ``llama`` (RMSNorm, RoPE, grouped-query attention) decoder blocks with the
-standard attention (no soft-capping, sliding windows or q/k norms). :func:`lean_unsupported` says why another
+Supported: Hugging Face ``gpt2`` and ``llama`` (RMSNorm, RoPE, grouped-query attention) decoder blocks, and Llama's
+block as ``mistral`` and ``qwen2`` have it (Qwen2 with q/k/v biases), with the standard attention (no soft-capping,
+sliding windows or q/k norms). :func:`lean_unsupported` says why another
 model is not; the edge runner then keeps the bridge's hooks, and it checks the lean forward against a plain run
 before using it.
 """
@@ -27,7 +28,9 @@ from torch import Tensor
 
 from wordpos.probing.errors import ConfigError
 
-ARCHS = ("gpt2", "llama")
+ARCHS = ("gpt2", "llama", "mistral", "qwen2")
+ROPE_ARCHS = ("llama", "mistral", "qwen2")  # Llama's block: RMSNorm, RoPE, gated MLP (Qwen2: q/k/v biases)
+_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")  # the same module, under three names
 Site = Literal["q", "k", "v", "mlp"]
 # reader(layer, site, resid[, out]) -> that reader's input ([rows, pos, slots, d] for q/k/v, [rows, pos, d] for the
 # MLP), or None when it is the residual stream itself. Without gradients the q/k/v readers get ``out``, a view of
@@ -41,6 +44,18 @@ Writer = Callable[[int, str, Tensor], None]
 ZEdit = Callable[[int, Tensor], "Tensor | None"]
 # tap(layer, resid): sees the residual entering each block (TransformerLens' hook_resid_pre), to keep it
 Tap = Callable[[int, Tensor], None]
+
+
+def _sliding(cfg: Any) -> bool:
+    """Whether some layer attends through a sliding window shorter than the model's context (Mistral v0.1, Qwen2 with
+    ``use_sliding_window``): the lean forward masks causally only."""
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None) or []
+    if any(t not in ("full_attention", None) for t in types):
+        return True
+    if getattr(cfg, "model_type", None) == "qwen2" and not getattr(cfg, "use_sliding_window", False):
+        return False
+    return isinstance(window, int) and window < int(getattr(cfg, "max_position_embeddings", 0) or 0)
 
 
 def lean_unsupported(engine: Any) -> str | None:
@@ -57,7 +72,9 @@ def lean_unsupported(engine: Any) -> str | None:
     if arch == "gpt2" and (getattr(cfg, "scale_attn_by_inverse_layer_idx", False)
                            or getattr(cfg, "reorder_and_upcast_attn", False) or not getattr(cfg, "scale_attn_weights", True)):
         return "this GPT-2 config scales or upcasts attention in a non-standard way"
-    if arch == "llama":
+    if arch in ROPE_ARCHS:
+        if _sliding(cfg):
+            return "sliding-window attention (the lean forward's mask is the full causal one)"
         if getattr(cfg, "pretraining_tp", 1) not in (None, 1):
             return "tensor-parallel Llama weights (pretraining_tp > 1)"
         if getattr(cfg, "mlp_bias", False) is None:  # pragma: no cover - defensive
@@ -119,7 +136,7 @@ def _norm_fn(mod: Any) -> Callable[[Tensor], Tensor]:
     if type(mod) is torch.nn.LayerNorm:
         return lambda x: F.layer_norm(x, mod.normalized_shape, mod.weight, mod.bias, mod.eps)
     w, eps = getattr(mod, "weight", None), getattr(mod, "variance_epsilon", None)
-    if (type(mod).__name__ == "LlamaRMSNorm" and isinstance(w, Tensor) and w.dim() == 1
+    if (type(mod).__name__ in _RMS_NORMS and isinstance(w, Tensor) and w.dim() == 1
             and isinstance(eps, float) and not _hooked(mod)):
         shape = (int(w.shape[0]),)
 
@@ -164,7 +181,7 @@ def _mlp_fn(mod: Any) -> Callable[[Tensor], Tensor]:
     if _hooked(mod):
         return mod
     name = type(mod).__name__
-    if name == "LlamaMLP" and callable(getattr(mod, "act_fn", None)):
+    if name in ("LlamaMLP", "MistralMLP", "Qwen2MLP") and callable(getattr(mod, "act_fn", None)):
         gate, up, down = (_linear_fn(getattr(mod, f"{n}_proj")) for n in ("gate", "up", "down"))
         act = mod.act_fn
         return lambda x: down(act(gate(x)) * up(x))
@@ -269,8 +286,9 @@ class LeanBlocks:
             ly.norm1, ly.norm2 = _norm_fn(ly.ln1), _norm_fn(ly.ln2)
             ly.mlp_fn, ly.o_fn = _mlp_fn(ly.mlp), _linear_fn(ly.o_proj)
             ly.qkv_fns = (_linear_fn(ly.qkv),) if ly.qkv is not None else tuple(_linear_fn(m) for m in ly.qkv_split)
-        self.rotary = getattr(getattr(self.hf, "model", None), "rotary_emb", None) if self.arch == "llama" else None
-        self.softmax_fp32 = self.arch == "llama"
+        rope = self.arch in ROPE_ARCHS
+        self.rotary = getattr(getattr(self.hf, "model", None), "rotary_emb", None) if rope else None
+        self.softmax_fp32 = self.arch in ROPE_ARCHS
         # a forward's mask and rotary tables, by (start, positions, dtype, device): the same few shapes recur
         # through a circuit search (the tables of a RoPE that Hugging Face updates with the length, "dynamic" and
         # "longrope", depend on more than that: not kept)

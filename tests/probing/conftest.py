@@ -20,9 +20,24 @@ def tiny_llama_dir(tmp_path_factory, gpt2_tok):
     return path
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama", "llama-float32"])
-def model(request, tiny_gpt2_dir, tiny_llama_dir):
+@pytest.fixture(scope="module")
+def tiny_qwen2_dir(tmp_path_factory, gpt2_tok):
+    """Llama's block with q/k/v biases (Qwen2), grouped-query."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(4)
+    cfg = Qwen2Config(vocab_size=len(gpt2_tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    path = tmp_path_factory.mktemp("lean-qwen2")
+    Qwen2ForCausalLM(cfg).eval().save_pretrained(path)
+    gpt2_tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama", "llama-float32", "qwen2"])
+def model(request, tiny_gpt2_dir, tiny_llama_dir, tiny_qwen2_dir):
     """float64, and the Llama also in float32: there the lean blocks take the fused attention kernel (with
     grouped-query heads), in float64 Hugging Face's float32 softmax."""
-    m = load_model(tiny_gpt2_dir if request.param == "gpt2" else tiny_llama_dir, device="cpu")
+    path = {"gpt2": tiny_gpt2_dir, "qwen2": tiny_qwen2_dir}.get(request.param, tiny_llama_dir)
+    m = load_model(path, device="cpu")
     return m if request.param.endswith("float32") else m.to(torch.float64)

@@ -117,10 +117,18 @@ def test_patched_reader_inputs_and_head_outputs_equal_the_bridges_hooks(model):
         assert (heads[(L, "heads")] - want).abs().max() < _rel(model) * max(1.0, float(want.abs().max()))
 
 
-def test_unsupported_models_say_why():
+def test_unsupported_models_say_why(tmp_path, gpt2_tok):
     assert "not the TransformerLens engine" in lean_unsupported(object())
     with pytest.raises(ConfigError, match="lean forward cannot run"):
         LeanBlocks(object(), 1)
+    # a sliding window shorter than the context (Mistral v0.1's 4096 of 32768): the lean mask is the causal one
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(vocab_size=len(gpt2_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, sliding_window=8)
+    MistralForCausalLM(cfg).save_pretrained(tmp_path)
+    gpt2_tok.save_pretrained(tmp_path)
+    assert "sliding-window" in lean_unsupported(as_engine(load_model(tmp_path, device="cpu")))
 
 
 def test_attention_backends_name_real_kernels_and_leave_out_cudnn():
