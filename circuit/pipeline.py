@@ -19,6 +19,7 @@ from wordpos.patching.heads import parse_heads
 from wordpos.patching.experiment import PatchConfig, load_probe, run_patching
 from wordpos.patching.results import EffectResult
 from wordpos.patching.sizing import Sizing
+from wordpos.probing.errors import ConfigError
 from wordpos.probing.experiment import ProbeConfig, run_probe
 from wordpos.probing.io import (check_seed, config_identity, prepare_run_dir, read_json, remove_replaced_outputs,
                                 write_json)
@@ -226,6 +227,8 @@ def _run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool, progre
             log.warning(msg)
             if progress:
                 print(f"[wordpos run] note: {msg}", flush=True)
+        if not overwrite:
+            check_resumed_circuit(out / "circuit", edges, dims.parallel_attn_mlp, edges_refused)
         if edges:
             circuit_summary = edge_circuit_run_stage(config, out, model=model, overwrite=overwrite,
                                                      probe_path=probe_path, progress=progress)
@@ -318,6 +321,28 @@ def attention_stage(config: RunConfig, out: Path, heads: list[tuple[int, int]], 
         save_figures({"patterns": fig}, adir)
     write_json(adir / "evidence.json", summary)
     return summary
+
+
+def check_resumed_circuit(cdir: Path, edges: bool, parallel_attn_mlp: bool, refused: str | None = None) -> None:
+    """Refuse to resume a circuit that an earlier wordpos computed wrongly for this model: an edge circuit on the
+    sequential graph where attention and MLP run in parallel, or an edge circuit where edge patching is now refused
+    (``refused``, :func:`~wordpos.probing.engines.split_inputs.split_inputs_unsupported`)."""
+    if not (cdir / "circuit.json").exists():
+        return
+    summary = read_json(cdir / "circuit.json", "circuit summary")
+    if summary.get("kind") != "edge":
+        return
+    fix = (f"Remove {cdir} and run the same command again: the other stages are kept and only the circuit is "
+           "recomputed.")
+    if not edges:
+        raise ConfigError(f"{cdir} holds an edge circuit from an earlier run, but edge patching is wrong on this model "
+                          f"({refused or 'see the note above'}). {fix}")
+    saved = cdir / "edge_circuit.json"
+    graph = read_json(saved, "edge circuit").get("graph", {}) if saved.exists() else {}
+    if bool(graph.get("parallel_attn_mlp", False)) != bool(parallel_attn_mlp):
+        raise ConfigError(f"{cdir} holds an edge circuit computed on the sequential edge graph (head -> same-layer MLP "
+                          "edges), but this model runs attention and MLP in parallel, so that circuit patched paths "
+                          f"the model does not have (an earlier wordpos). {fix}")
 
 
 def edge_circuit_run_stage(config: RunConfig, out: Path, *, model: Any = None, overwrite: bool = False,
