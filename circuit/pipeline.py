@@ -228,7 +228,14 @@ def _run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool, progre
             if progress:
                 print(f"[wordpos run] note: {msg}", flush=True)
         if not overwrite:
-            check_resumed_circuit(out / "circuit", edges, dims.parallel_attn_mlp, edges_refused)
+            check_resumed_circuit(out / "circuit", dims.parallel_attn_mlp, edges_refused)
+            done = out / "circuit" / "circuit.json"
+            if edges and done.exists() and read_json(done, "circuit summary").get("kind") != "edge":
+                msg = (f"{out / 'circuit'} holds the head-level circuit of an earlier run (its model was not served "
+                       "edges then); it is kept. Remove that folder and run again for the edge circuit.")
+                log.warning(msg)
+                if progress:
+                    print(f"[wordpos run] note: {msg}", flush=True)
         if edges:
             circuit_summary = edge_circuit_run_stage(config, out, model=model, overwrite=overwrite,
                                                      probe_path=probe_path, progress=progress)
@@ -323,7 +330,7 @@ def attention_stage(config: RunConfig, out: Path, heads: list[tuple[int, int]], 
     return summary
 
 
-def check_resumed_circuit(cdir: Path, edges: bool, parallel_attn_mlp: bool, refused: str | None = None) -> None:
+def check_resumed_circuit(cdir: Path, parallel_attn_mlp: bool, refused: str | None = None) -> None:
     """Refuse to resume a circuit that an earlier wordpos computed wrongly for this model: an edge circuit on the
     sequential graph where attention and MLP run in parallel, or an edge circuit where edge patching is now refused
     (``refused``, :func:`~wordpos.probing.engines.split_inputs.split_inputs_unsupported`)."""
@@ -334,9 +341,9 @@ def check_resumed_circuit(cdir: Path, edges: bool, parallel_attn_mlp: bool, refu
         return
     fix = (f"Remove {cdir} and run the same command again: the other stages are kept and only the circuit is "
            "recomputed.")
-    if not edges:
+    if refused is not None:  # (another engine's run, which cannot draw edges, still resumes a valid one)
         raise ConfigError(f"{cdir} holds an edge circuit from an earlier run, but edge patching is wrong on this model "
-                          f"({refused or 'see the note above'}). {fix}")
+                          f"({refused}). {fix}")
     saved = cdir / "edge_circuit.json"
     graph = read_json(saved, "edge circuit").get("graph", {}) if saved.exists() else {}
     if bool(graph.get("parallel_attn_mlp", False)) != bool(parallel_attn_mlp):

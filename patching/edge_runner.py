@@ -165,9 +165,10 @@ class EdgeRunner:
         g = self.graph
         if (g.n_layers, g.n_heads, g.n_kv_heads, g.probe_layer, g.parallel_attn_mlp) != (
                 dims.n_layers, dims.n_heads, dims.n_kv_heads, self.probe_layer, dims.parallel_attn_mlp):
-            old = (" (it gives this model's parallel attention/MLP blocks head -> same-layer MLP edges: scores and "
-                   "circuits saved by an earlier wordpos for it are wrong; score the edges again)"
-                   if g.parallel_attn_mlp != dims.parallel_attn_mlp else "")
+            old = "" if g.parallel_attn_mlp == dims.parallel_attn_mlp else (
+                " (it gives this model's parallel attention/MLP blocks head -> same-layer MLP edges: scores and circuits "
+                "saved by an earlier wordpos for it are wrong; score the edges again)" if dims.parallel_attn_mlp else
+                " (it is the graph of a model with parallel attention/MLP blocks; this model's blocks are sequential)")
             raise ConfigError(f"the graph ({g.to_dict()}) is not this model's graph up to the probe's layer "
                               f"{self.probe_layer}{old}; build it with EdgeGraph.for_model(engine.dims, probe.layer).")
         self.ablation = ablation

@@ -108,6 +108,8 @@ def split_inputs_unsupported(engine: Any) -> str | None:
         bridge.set_use_split_qkv_input(old)
     if reason is None:
         reason = writer_sum_mismatch(engine)
+    if isinstance(reason, _CheckFailed):
+        return str(reason)
     _CHECKED[bridge] = reason
     return reason
 
@@ -120,52 +122,68 @@ def writer_sum_mismatch(engine: Any, n_layers: int | None = None) -> str | None:
     """Why this model's residual stream is not the sum the edge graph assumes (None when it is), on two short random
     prompts: every reader input the bridge exposes must be the residual stream that reader reads, up to a constant
     (q/k/v: the layer's input; the MLP: the layer's input plus its heads' writes ``z_h · W_O[h]``, or the layer's input
-    alone where attention and MLP run in parallel), and each layer's output must be its input plus its heads' writes
-    and its MLP's output, up to a constant (the biases). Edge patching subtracts writers' outputs from reader inputs,
-    which is only right then; a model that normalises a branch before adding it (Gemma 2's post-norms) or feeds its
-    MLP a normalised input (Phi's shared norm) fails here instead of giving wrong circuits.
+    alone where attention and MLP run in parallel), each layer's output must be its input plus its heads' writes and
+    its MLP's output, up to a constant (the biases), and every norm of a decoder layer must read the residual stream
+    (the layer's input or the MLP's), not a branch. Edge patching subtracts writers' outputs from reader inputs, which
+    is only right then; a model that normalises a branch before adding it (Gemma 2's, GLM-4's and OLMo 2's post-norms)
+    or feeds its MLP a normalised input (Phi's shared norm) fails here instead of giving wrong circuits.
 
     Each position is measured against its own scale (the largest entry of the terms summed there), so a few huge
-    activations elsewhere do not loosen the bound: 1e-4 in float32/float64 (SmolLM2-135M: 7e-8), 3e-2 in half
-    precision (SmolLM2-135M in bfloat16: 4e-3). Decoder layers with a norm after their MLP (``post_feedforward_layernorm``:
-    Gemma 2/3, OLMo 2) are refused by name as well, since in half precision a small post-norm can hide in rounding."""
+    activations elsewhere do not loosen the bound: 1e-4 in float32/float64 (SmolLM2-135M: 4e-7), 3e-2 in half
+    precision (SmolLM2-135M in bfloat16: 8.5e-3). A norm's input is the residual itself (no arithmetic), so that part
+    is exact in any precision, where a small post-norm under a large residual would hide in the sums' rounding."""
     from wordpos.probing import hooks as H
 
     dims = engine.dims
     n = dims.n_layers if n_layers is None else n_layers
     arch = getattr(getattr(engine.model, "cfg", None), "architecture", None) or "this model"
+    blocks = engine.model.blocks
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, dims.d_vocab, (2, 8), generator=g).to(engine.device)
     names = []
     for L in range(n):
         names += [H.resid(L, "resid_pre"), H.resid(L, "resid_post"), H.attn_z(L), H.mlp_out(L),
                   reader_hook(L, "q"), reader_hook(L, "k"), reader_hook(L, "v"), reader_hook(L, "mlp")]
+    norm_in: dict[tuple[int, str], Tensor] = {}  # (layer, norm's name in its decoder layer) -> what it read
+    handles = []
+    for L in range(n):
+        layer = getattr(blocks[L], "original_component", blocks[L])
+        for name, child in layer.named_children():
+            if "norm" in type(child).__name__.lower():
+                handles.append(child.register_forward_pre_hook(
+                    lambda _m, args, key=(L, name): norm_in.setdefault(key, args[0].detach().clone())
+                    if args and isinstance(args[0], Tensor) else None))
     try:
         with split_reader_inputs(engine):
             _, c = engine.run(tokens, cache=names)
-        c = {k: v.detach().double() for k, v in c.items()}  # (copies: a later in-place op cannot change them)
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure of the check's forward is a reason not to patch edges
-        return (f"edge-level patching's check could not run {arch} with per-reader inputs "
-                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        return _post_mlp_norm(blocks[:n], arch) or _CheckFailed(
+            f"edge-level patching's check could not run {arch} with per-reader inputs "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    finally:
+        for h in handles:
+            h.remove()
     silent = [x for x in names if x not in c]
     if silent:  # a reader whose hook exists but never fires would silently never be patched
         return (f"edge-level patching reads and patches {silent[0]}, which TransformerLens' bridge for {arch} does "
                 f"not run" + (f" ({len(silent)} such hooks)" if len(silent) > 1 else ""))
-    blocks = engine.model.blocks
     half = blocks[0].attn.W_O.dtype not in (torch.float32, torch.float64)
     tol = 3e-2 if half else 1e-4
-    for L in range(n):
-        pre, post, mlp_out = c[H.resid(L, "resid_pre")], c[H.resid(L, "resid_post")], c[H.mlp_out(L)]
-        heads = torch.einsum("btha,had->btd", c[H.attn_z(L)], blocks[L].attn.W_O.detach().double())
+    prefix = f"edge-level patching assumes a residual stream that is the sum of its writers, and {arch} breaks it: "
+    for L in range(n):  # (one layer at a time in float64)
+        d = {k: c[k].detach().double() for k in names[8 * L:8 * L + 8]}
+        pre, post, mlp_out = d[H.resid(L, "resid_pre")], d[H.resid(L, "resid_post")], d[H.mlp_out(L)]
+        mlp_read = d[reader_hook(L, "mlp")]
+        heads = torch.einsum("btha,had->btd", d[H.attn_z(L)], blocks[L].attn.W_O.detach().double())
         # each position's own scale: the largest entry of the terms summed there
-        scale = torch.stack([t.abs().amax(-1) for t in (pre, post, heads, mlp_out)]).amax(0) + 1e-6  # [b, t]
+        scale = torch.stack([t.abs().amax(-1) for t in (pre, post, heads, mlp_out, mlp_read)]).amax(0) + 1e-6
         mlp_in = pre if dims.parallel_attn_mlp else pre + heads
         mlp_expected = "the layer's input" if dims.parallel_attn_mlp else "the layer's input plus its heads' writes"
         checks = [(f"the q/k/v inputs of layer {L}'s heads", "the layer's input",
-                   (c[reader_hook(L, x)] - pre[:, :, None]).flatten(2)) for x in ("q", "k", "v")]
-        checks += [(f"layer {L}'s MLP input", mlp_expected, c[reader_hook(L, "mlp")] - mlp_in),
+                   (d[reader_hook(L, x)] - pre[:, :, None]).flatten(2)) for x in ("q", "k", "v")]
+        checks += [(f"layer {L}'s MLP input", mlp_expected, mlp_read - mlp_in),
                    (f"layer {L}'s output", "its input plus its heads' writes and its MLP's output",
                     post - pre - heads - mlp_out)]
         ref = int(scale.flatten().argmin())  # the biases, read where rounding is smallest (not at a huge activation)
@@ -173,10 +191,36 @@ def writer_sum_mismatch(engine: Any, n_layers: int | None = None) -> str | None:
             # off that constant, relative to each position's scale
             off = float(((x - x.flatten(0, 1)[ref]).abs().amax(-1) / scale).max())
             if not off <= tol:  # (NaN fails too)
-                return (f"edge-level patching assumes a residual stream that is the sum of its writers, and {arch} "
-                        f"breaks it: {what} is not {expected} (up to a bias; off by {off:.3g} of the residual's "
-                        f"scale at a position, bound {tol:g})")
-    for b in blocks:  # (after the measurement, which names the part when it sees it)
+                return (prefix + f"{what} is not {expected} (up to a bias; off by {off:.3g} of the residual's scale "
+                        f"at a position, bound {tol:g})")
+        for (Ln, name), x in norm_in.items():
+            if Ln != L:
+                continue
+            x = x.double()
+            if x.shape[:2] != pre.shape[:2]:
+                continue  # (not a [batch, pos, ...] residual: nothing to compare)
+            x = x.flatten(2, -2) if x.dim() > 4 else x
+            if x.dim() == 4:  # a per-head fork of the residual: [batch, pos, slot, d]
+                rel = [((x - r[:, :, None]).abs().amax((-2, -1)) / scale).max() for r in (pre, mlp_read)]
+            elif x.shape[-1] == pre.shape[-1]:
+                rel = [((x - r).abs().amax(-1) / scale).max() for r in (pre, mlp_read)]
+            else:
+                continue
+            off = float(min(rel))
+            if not off <= tol:
+                return (prefix + f"layer {L}'s {name} normalises a branch, not the residual stream (its input is "
+                        f"neither the layer's input nor the MLP's: off by {off:.3g} of the residual's scale)")
+    return _post_mlp_norm(blocks[:n], arch)
+
+
+class _CheckFailed(str):
+    """A reason from a check that could not run (not cached: it may be transient, e.g. out of memory)."""
+
+
+def _post_mlp_norm(blocks: Any, arch: str) -> str | None:
+    """Decoder layers with a norm after their MLP (``post_feedforward_layernorm``: Gemma 2/3, OLMo 2), by name: the
+    norm-input check above may not see it when the bridge runs that norm in its own code."""
+    for b in blocks:
         layer = getattr(b, "original_component", b)
         if getattr(layer, "post_feedforward_layernorm", None) is not None:
             return (f"edge-level patching assumes a residual stream that is the sum of its writers, and {arch} "

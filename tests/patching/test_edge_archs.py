@@ -25,6 +25,8 @@ ARCHS = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2)),  # q/k/v biases, GQA
     "phi": ("PhiConfig", "PhiForCausalLM", dict()),  # one norm feeds attention and MLP: the bridge never fires mlp_in
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(num_key_value_heads=2, head_dim=16)),  # post-norms
+    # post-norms under other names
+    "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(num_key_value_heads=2, head_dim=16, pad_token_id=0, eos_token_id=0)),
     "gptj": ("GPTJConfig", "GPTJForCausalLM", dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=64)),
 }
 
@@ -165,7 +167,23 @@ def test_a_post_norm_hidden_under_a_large_residual_is_still_refused(arch_dir, dt
         model.original_model.model.embed_tokens.weight.mul_(2500)
     why = writer_sum_mismatch(as_engine(model))
     assert why is not None
-    assert ("off by" in why) if dtype == torch.float32 else ("post_feedforward_layernorm" in why or "off by" in why)
+    assert ("off by" in why) if dtype == torch.float32 else ("normalises a branch" in why)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch", ["glm4", "gemma2"])
+def test_post_norms_are_refused_in_half_precision_by_what_the_norms_read(arch_dir, arch, dtype):
+    """Under a residual 20,000 times larger than the branches, a post-norm's effect on the sums is within half
+    precision's rounding; its input (a branch, not the residual stream) is not. GLM-4's post-norms are not named
+    like Gemma 2's (``post_self_attn_layernorm``, ``post_mlp_layernorm``)."""
+    from wordpos.probing import as_engine, load_model
+    from wordpos.probing.engines.split_inputs import writer_sum_mismatch
+
+    model = load_model(arch_dir(arch), device="cpu").to(dtype)
+    with torch.no_grad():
+        model.original_model.model.embed_tokens.weight.mul_(20000)
+    why = writer_sum_mismatch(as_engine(model))
+    assert why is not None and "normalises a branch" in why and "\n" not in why
 
 
 def test_the_check_passes_the_models_it_should_in_half_precision(arch_dir, tiny_gpt2_dir):
@@ -214,7 +232,32 @@ def test_an_edge_circuit_is_not_resumed_where_edge_patching_is_now_refused(tmp_p
     cdir.mkdir()
     (cdir / "circuit.json").write_text(json.dumps({"kind": "edge"}))
     with pytest.raises(ConfigError, match="edge patching is wrong on this model \\(post-norms\\)"):
-        check_resumed_circuit(cdir, False, False, "post-norms")
-    check_resumed_circuit(cdir, True, False)  # a sequential model's edge circuit (no graph record: an earlier one)
+        check_resumed_circuit(cdir, False, "post-norms")
+    check_resumed_circuit(cdir, False)  # a sequential model's edge circuit (no graph record: an earlier one), or one
+    # resumed by another engine (which checks nothing: refused is None)
     (cdir / "circuit.json").write_text(json.dumps({"heads": ["0.1"]}))  # a head-level circuit: nothing to refuse
-    check_resumed_circuit(cdir, False, True, "post-norms")
+    check_resumed_circuit(cdir, True, "post-norms")
+
+
+def test_a_check_that_could_not_run_is_a_refusal_and_is_not_remembered(arch_dir, monkeypatch):
+    from wordpos.probing import as_engine, load_model
+    from wordpos.probing.engines import split_inputs
+
+    engine = as_engine(load_model(arch_dir("qwen2"), device="cpu"))
+    real = type(engine).run
+
+    def out_of_memory(self, *a, **k):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(type(engine), "run", out_of_memory)
+    why = split_inputs.split_inputs_unsupported(engine)
+    assert why is not None and "could not run" in why and "out of memory" in why
+    monkeypatch.setattr(type(engine), "run", real)
+    assert split_inputs.split_inputs_unsupported(engine) is None  # checked again, not the remembered failure
+
+
+def test_a_parallel_graph_on_a_sequential_model_says_so(arch_ctx):
+    model, ctx = arch_ctx("gpt_neox_sequential")
+    g = EdgeGraph.build(2, 4, 4, 1, parallel_attn_mlp=True)
+    with pytest.raises(ConfigError, match="this model's blocks are sequential"):
+        EdgeRunner(model, ctx, g)
