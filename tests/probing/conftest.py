@@ -7,31 +7,29 @@ import torch
 from wordpos.probing import load_model
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory, gpt2_tok):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _tiny(tmp_path_factory, gpt2_tok, name: str, seed: int, n_layers: int):
+    """A tiny grouped-query model of ``name``'s Llama-like block (4 query / 2 key-value heads, d_model 64), saved."""
+    import transformers
 
-    torch.manual_seed(3)
-    cfg = LlamaConfig(vocab_size=len(gpt2_tok), hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
-    path = tmp_path_factory.mktemp("lean-llama")
-    LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, f"{name}Config")(
+        vocab_size=len(gpt2_tok), hidden_size=64, intermediate_size=96, num_hidden_layers=n_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    path = tmp_path_factory.mktemp(f"lean-{name.lower()}")
+    getattr(transformers, f"{name}ForCausalLM")(cfg).eval().save_pretrained(path)
     gpt2_tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory, gpt2_tok):
+    return _tiny(tmp_path_factory, gpt2_tok, "Llama", 3, 3)
 
 
 @pytest.fixture(scope="module")
 def tiny_qwen2_dir(tmp_path_factory, gpt2_tok):
-    """Llama's block with q/k/v biases (Qwen2), grouped-query."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(4)
-    cfg = Qwen2Config(vocab_size=len(gpt2_tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
-    path = tmp_path_factory.mktemp("lean-qwen2")
-    Qwen2ForCausalLM(cfg).eval().save_pretrained(path)
-    gpt2_tok.save_pretrained(path)
-    return path
+    """Llama's block with q/k/v biases (Qwen2)."""
+    return _tiny(tmp_path_factory, gpt2_tok, "Qwen2", 4, 2)
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama", "llama-float32", "qwen2"])
