@@ -221,21 +221,16 @@ def _run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool, progre
                    f"with --engine {config.engine}")
         elif edges and edges_refused is not None:
             why = edges_refused + ";"
+        notes = []
         if why is not None:
             edges = False
-            msg = f"{why} the run draws the head-level path-patching circuit instead"
+            notes.append(f"{why} the run draws the head-level path-patching circuit instead")
+        if not overwrite:
+            notes.append(check_resumed_circuit(out / "circuit", dims.parallel_attn_mlp, edges_refused, edges))
+        for msg in filter(None, notes):
             log.warning(msg)
             if progress:
                 print(f"[wordpos run] note: {msg}", flush=True)
-        if not overwrite:
-            check_resumed_circuit(out / "circuit", dims.parallel_attn_mlp, edges_refused)
-            done = out / "circuit" / "circuit.json"
-            if edges and done.exists() and read_json(done, "circuit summary").get("kind") != "edge":
-                msg = (f"{out / 'circuit'} holds the head-level circuit of an earlier run (its model was not served "
-                       "edges then); it is kept. Remove that folder and run again for the edge circuit.")
-                log.warning(msg)
-                if progress:
-                    print(f"[wordpos run] note: {msg}", flush=True)
         if edges:
             circuit_summary = edge_circuit_run_stage(config, out, model=model, overwrite=overwrite,
                                                      probe_path=probe_path, progress=progress)
@@ -330,15 +325,18 @@ def attention_stage(config: RunConfig, out: Path, heads: list[tuple[int, int]], 
     return summary
 
 
-def check_resumed_circuit(cdir: Path, parallel_attn_mlp: bool, refused: str | None = None) -> None:
+def check_resumed_circuit(cdir: Path, parallel_attn_mlp: bool, refused: str | None = None,
+                          edges: bool = False) -> str | None:
     """Refuse to resume a circuit that an earlier wordpos computed wrongly for this model: an edge circuit on the
     sequential graph where attention and MLP run in parallel, or an edge circuit where edge patching is now refused
-    (``refused``, :func:`~wordpos.probing.engines.split_inputs.split_inputs_unsupported`)."""
+    (``refused``, :func:`~wordpos.probing.engines.split_inputs.split_inputs_unsupported`). Returns a note when a
+    run that draws ``edges`` resumes an earlier head-level circuit (kept), else None."""
     if not (cdir / "circuit.json").exists():
-        return
+        return None
     summary = read_json(cdir / "circuit.json", "circuit summary")
     if summary.get("kind") != "edge":
-        return
+        return (f"{cdir} holds the head-level circuit of an earlier run (its model was not served edges then); it is "
+                "kept. Remove that folder and run again for the edge circuit.") if edges else None
     fix = (f"Remove {cdir} and run the same command again: the other stages are kept and only the circuit is "
            "recomputed.")
     if refused is not None:  # (another engine's run, which cannot draw edges, still resumes a valid one)
@@ -350,6 +348,7 @@ def check_resumed_circuit(cdir: Path, parallel_attn_mlp: bool, refused: str | No
         raise ConfigError(f"{cdir} holds an edge circuit computed on the sequential edge graph (head -> same-layer MLP "
                           "edges), but this model runs attention and MLP in parallel, so that circuit patched paths "
                           f"the model does not have (an earlier wordpos). {fix}")
+    return None
 
 
 def edge_circuit_run_stage(config: RunConfig, out: Path, *, model: Any = None, overwrite: bool = False,

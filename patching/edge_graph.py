@@ -9,10 +9,10 @@ and ``"probe"`` (the residual stream the probe reads, ``resid_post`` of the prob
 An edge (w, r) exists iff w writes before r reads: w's layer < r's layer, or the same layer with w a head and
 r the MLP; ``input`` feeds every reader and every writer feeds ``probe``. In blocks that run attention and the MLP
 in parallel on the same input (``parallel_attn_mlp``: GPT-NeoX/Pythia, GPT-J, Phi, Falcon, ...) a layer's MLP does
-not read that layer's heads, so those edges do not exist (as in TransformerLens' own edge graph). Names are MIB style (``"w->r"``) and map
-one-to-one onto :meth:`EdgeGraph.to_networkx`, whose nodes are the writers and the readers (each reader node
-carries the ``component`` it belongs to: ``"a1.h1<v>"`` -> ``"a1.h1"``; with GQA ``"a3.h1<k>"`` -> ``"a3.kv1"``,
-with ``heads`` listing the query heads that share it).
+not read that layer's heads, so those edges do not exist (as in TransformerLens' own edge graph). Names are MIB
+style (``"w->r"``) and map one-to-one onto :meth:`EdgeGraph.to_networkx`, whose nodes are the writers and the
+readers (each reader node carries the ``component`` it belongs to: ``"a1.h1<v>"`` -> ``"a1.h1"``; with GQA
+``"a3.h1<k>"`` -> ``"a3.kv1"``, with ``heads`` listing the query heads that share it).
 """
 
 from __future__ import annotations

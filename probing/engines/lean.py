@@ -11,9 +11,8 @@ differs from the residual stream (or its gradient is asked for).
 
 Supported: Hugging Face ``gpt2`` and ``llama`` (RMSNorm, RoPE, grouped-query attention) decoder blocks, and Llama's
 block as ``mistral`` and ``qwen2`` have it (Qwen2 with q/k/v biases), with the standard attention (no soft-capping,
-sliding windows or q/k norms). :func:`lean_unsupported` says why another
-model is not; the edge runner then keeps the bridge's hooks, and it checks the lean forward against a plain run
-before using it.
+sliding windows or q/k norms). :func:`lean_unsupported` says why another model is not; the edge runner then keeps
+the bridge's hooks, and it checks the lean forward against a plain run before using it.
 """
 
 from __future__ import annotations
@@ -30,7 +29,8 @@ from wordpos.probing.errors import ConfigError
 
 ARCHS = ("gpt2", "llama", "mistral", "qwen2")
 ROPE_ARCHS = ("llama", "mistral", "qwen2")  # Llama's block: RMSNorm, RoPE, gated MLP (Qwen2: q/k/v biases)
-_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")  # the same module, under three names
+_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")  # the same modules, under three names
+_GATED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")
 Site = Literal["q", "k", "v", "mlp"]
 # reader(layer, site, resid[, out]) -> that reader's input ([rows, pos, slots, d] for q/k/v, [rows, pos, d] for the
 # MLP), or None when it is the residual stream itself. Without gradients the q/k/v readers get ``out``, a view of
@@ -181,7 +181,7 @@ def _mlp_fn(mod: Any) -> Callable[[Tensor], Tensor]:
     if _hooked(mod):
         return mod
     name = type(mod).__name__
-    if name in ("LlamaMLP", "MistralMLP", "Qwen2MLP") and callable(getattr(mod, "act_fn", None)):
+    if name in _GATED_MLPS and callable(getattr(mod, "act_fn", None)):
         gate, up, down = (_linear_fn(getattr(mod, f"{n}_proj")) for n in ("gate", "up", "down"))
         act = mod.act_fn
         return lambda x: down(act(gate(x)) * up(x))
@@ -288,7 +288,7 @@ class LeanBlocks:
             ly.qkv_fns = (_linear_fn(ly.qkv),) if ly.qkv is not None else tuple(_linear_fn(m) for m in ly.qkv_split)
         rope = self.arch in ROPE_ARCHS
         self.rotary = getattr(getattr(self.hf, "model", None), "rotary_emb", None) if rope else None
-        self.softmax_fp32 = self.arch in ROPE_ARCHS
+        self.softmax_fp32 = rope
         # a forward's mask and rotary tables, by (start, positions, dtype, device): the same few shapes recur
         # through a circuit search (the tables of a RoPE that Hugging Face updates with the length, "dynamic" and
         # "longrope", depend on more than that: not kept)

@@ -68,22 +68,26 @@ def split_reader_inputs(engine: Any) -> Iterator[None]:
     cfg = bridge.cfg
     old = (bool(getattr(cfg, "use_split_qkv_input", False)), bool(getattr(cfg, "use_hook_mlp_in", False)))
     try:
-        try:
-            bridge.set_use_split_qkv_input(True)
-            bridge.set_use_hook_mlp_in(True)
-        except NotImplementedError as e:  # TransformerLens has no per-head fork for this attention (GPT-J, ...)
-            raise ConfigError(f"{_no_fork(bridge, e)}. Use the head-level circuit instead (wordpos run --circuit "
-                              "heads).") from None
+        why = _enable_fork(bridge)
+        if why is not None:
+            raise ConfigError(f"{why}. Use the head-level circuit instead (wordpos run --circuit heads).")
         yield
     finally:
         bridge.set_use_split_qkv_input(old[0])
         bridge.set_use_hook_mlp_in(old[1])
 
 
-def _no_fork(bridge: Any, err: Exception) -> str:
-    arch = getattr(bridge.cfg, "architecture", None) or "this architecture"
-    return (f"edge-level patching needs per-head q/k/v reader inputs, which TransformerLens' bridge does not offer "
-            f"for {arch} ({str(err).split('. ')[0]})")
+def _enable_fork(bridge: Any) -> str | None:
+    """Turn on the bridge's per-head q/k/v fork and MLP-input hook; why it cannot (None when it did). The caller
+    restores the settings."""
+    try:
+        bridge.set_use_split_qkv_input(True)
+        bridge.set_use_hook_mlp_in(True)
+    except NotImplementedError as e:  # TransformerLens has no per-head fork for this attention (GPT-J, ...)
+        arch = getattr(bridge.cfg, "architecture", None) or "this architecture"
+        return (f"edge-level patching needs per-head q/k/v reader inputs, which TransformerLens' bridge does not "
+                f"offer for {arch} ({str(e).split('. ')[0]})")
+    return None
 
 
 def split_inputs_unsupported(engine: Any) -> str | None:
@@ -97,15 +101,12 @@ def split_inputs_unsupported(engine: Any) -> str | None:
                 f"gives (make_engine(model, engine='tl')) and {type(engine).__name__} does not")
     if bridge in _CHECKED:
         return _CHECKED[bridge]
-    old = bool(getattr(bridge.cfg, "use_split_qkv_input", False))
+    old = (bool(getattr(bridge.cfg, "use_split_qkv_input", False)), bool(getattr(bridge.cfg, "use_hook_mlp_in", False)))
     try:
-        bridge.set_use_split_qkv_input(True)
-    except NotImplementedError as e:
-        reason: str | None = _no_fork(bridge, e)
-    else:
-        reason = None
+        reason = _enable_fork(bridge)
     finally:
-        bridge.set_use_split_qkv_input(old)
+        bridge.set_use_split_qkv_input(old[0])
+        bridge.set_use_hook_mlp_in(old[1])
     if reason is None:
         reason = writer_sum_mismatch(engine)
     if isinstance(reason, _CheckFailed):
@@ -144,14 +145,14 @@ def writer_sum_mismatch(engine: Any, n_layers: int | None = None) -> str | None:
     for L in range(n):
         names += [H.resid(L, "resid_pre"), H.resid(L, "resid_post"), H.attn_z(L), H.mlp_out(L),
                   reader_hook(L, "q"), reader_hook(L, "k"), reader_hook(L, "v"), reader_hook(L, "mlp")]
-    norm_in: dict[tuple[int, str], Tensor] = {}  # (layer, norm's name in its decoder layer) -> what it read
+    norm_in: list[dict[str, Tensor]] = [{} for _ in range(n)]  # per layer: norm's name in its layer -> what it read
     handles = []
     for L in range(n):
         layer = getattr(blocks[L], "original_component", blocks[L])
         for name, child in layer.named_children():
             if "norm" in type(child).__name__.lower():
                 handles.append(child.register_forward_pre_hook(
-                    lambda _m, args, key=(L, name): norm_in.setdefault(key, args[0].detach().clone())
+                    lambda _m, args, seen=norm_in[L], name=name: seen.setdefault(name, args[0].detach().clone())
                     if args and isinstance(args[0], Tensor) else None))
     try:
         with split_reader_inputs(engine):
@@ -193,9 +194,7 @@ def writer_sum_mismatch(engine: Any, n_layers: int | None = None) -> str | None:
             if not off <= tol:  # (NaN fails too)
                 return (prefix + f"{what} is not {expected} (up to a bias; off by {off:.3g} of the residual's scale "
                         f"at a position, bound {tol:g})")
-        for (Ln, name), x in norm_in.items():
-            if Ln != L:
-                continue
+        for name, x in norm_in[L].items():
             x = x.double()
             if x.shape[:2] != pre.shape[:2]:
                 continue  # (not a [batch, pos, ...] residual: nothing to compare)

@@ -237,6 +237,7 @@ def test_an_edge_circuit_is_not_resumed_where_edge_patching_is_now_refused(tmp_p
     # resumed by another engine (which checks nothing: refused is None)
     (cdir / "circuit.json").write_text(json.dumps({"heads": ["0.1"]}))  # a head-level circuit: nothing to refuse
     check_resumed_circuit(cdir, True, "post-norms")
+    assert "head-level circuit of an earlier run" in check_resumed_circuit(cdir, False, None, True)  # kept, noted
 
 
 def test_a_check_that_could_not_run_is_a_refusal_and_is_not_remembered(arch_dir, monkeypatch):
